@@ -1,0 +1,861 @@
+//! Go machinery's typed values: the `{"Type": "int64", "Value": 1}` pairs used for task arguments and
+//! results, and their mapping to Rust types.
+//!
+//! Go tags every value with the name of its Go type (reference §3.2). We derive the tag of a Rust type from
+//! its `Deserialize` implementation: a probe deserializer records which `deserialize_*` method the type
+//! asks for (`deserialize_i64` → `int64`, a sequence of `u8` → `[]uint8`, ...). Any other shape (structs,
+//! maps, options, enums, ...) travels with the tag `json`, which only Rust peers understand.
+
+use std::cell::Cell;
+use std::fmt;
+
+use base64::Engine as _;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Number, Value};
+
+use crate::signature::Arg;
+use crate::state::TaskResult;
+
+/// A scalar Go type that has a machinery type tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Scalar {
+    Bool,
+    Int,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Uint,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Float32,
+    Float64,
+    String,
+}
+
+impl Scalar {
+    /// The Go spelling of this type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scalar::Bool => "bool",
+            Scalar::Int => "int",
+            Scalar::Int8 => "int8",
+            Scalar::Int16 => "int16",
+            Scalar::Int32 => "int32",
+            Scalar::Int64 => "int64",
+            Scalar::Uint => "uint",
+            Scalar::Uint8 => "uint8",
+            Scalar::Uint16 => "uint16",
+            Scalar::Uint32 => "uint32",
+            Scalar::Uint64 => "uint64",
+            Scalar::Float32 => "float32",
+            Scalar::Float64 => "float64",
+            Scalar::String => "string",
+        }
+    }
+
+    fn slice_str(self) -> &'static str {
+        match self {
+            Scalar::Bool => "[]bool",
+            Scalar::Int => "[]int",
+            Scalar::Int8 => "[]int8",
+            Scalar::Int16 => "[]int16",
+            Scalar::Int32 => "[]int32",
+            Scalar::Int64 => "[]int64",
+            Scalar::Uint => "[]uint",
+            Scalar::Uint8 => "[]uint8",
+            Scalar::Uint16 => "[]uint16",
+            Scalar::Uint32 => "[]uint32",
+            Scalar::Uint64 => "[]uint64",
+            Scalar::Float32 => "[]float32",
+            Scalar::Float64 => "[]float64",
+            Scalar::String => "[]string",
+        }
+    }
+
+    fn parse(tag: &str) -> Option<Scalar> {
+        Some(match tag {
+            "bool" => Scalar::Bool,
+            "int" => Scalar::Int,
+            "int8" => Scalar::Int8,
+            "int16" => Scalar::Int16,
+            "int32" => Scalar::Int32,
+            "int64" => Scalar::Int64,
+            "uint" => Scalar::Uint,
+            "uint8" => Scalar::Uint8,
+            "uint16" => Scalar::Uint16,
+            "uint32" => Scalar::Uint32,
+            "uint64" => Scalar::Uint64,
+            "float32" => Scalar::Float32,
+            "float64" => Scalar::Float64,
+            "string" => Scalar::String,
+            _ => return None,
+        })
+    }
+}
+
+/// The type tag of a value on the wire: one of Go machinery's 29 tags, or `json` for any other serde type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TypeTag {
+    /// A Go scalar such as `int64` or `string`.
+    Scalar(Scalar),
+    /// A Go slice of a scalar such as `[]int64`; `[]uint8` values travel as base64 strings.
+    Slice(Scalar),
+    /// Any other serde type, encoded as plain JSON (understood by Rust peers only).
+    Json,
+}
+
+impl TypeTag {
+    /// The tag as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TypeTag::Scalar(s) => s.as_str(),
+            TypeTag::Slice(s) => s.slice_str(),
+            TypeTag::Json => "json",
+        }
+    }
+
+    /// Parses a wire tag; `[]byte` is Go's alias of `[]uint8`. Unknown tags give `None`.
+    pub fn parse(tag: &str) -> Option<TypeTag> {
+        if tag == "json" {
+            return Some(TypeTag::Json);
+        }
+        if tag == "[]byte" {
+            return Some(TypeTag::Slice(Scalar::Uint8));
+        }
+        match tag.strip_prefix("[]") {
+            Some(inner) => Scalar::parse(inner).map(TypeTag::Slice),
+            None => Scalar::parse(tag).map(TypeTag::Scalar),
+        }
+    }
+
+    /// The tag of the Rust type `T`.
+    pub fn of<T: DeserializeOwned>() -> TypeTag {
+        match Shape::of::<T>() {
+            Shape::Value(tag) => tag,
+            Shape::Unit | Shape::Tuple(_) | Shape::Any => TypeTag::Json,
+        }
+    }
+}
+
+impl fmt::Display for TypeTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a Rust output type maps onto a task's list of results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `()`: no result.
+    Unit,
+    /// A tuple of this many elements: one result per element, as Go stores multiple return values.
+    Tuple(usize),
+    /// One value with this tag.
+    Value(TypeTag),
+    /// A self-describing type such as `serde_json::Value`: takes whatever results there are.
+    Any,
+}
+
+impl Shape {
+    /// The shape of `T`, found by probing its `Deserialize` implementation.
+    pub fn of<T: DeserializeOwned>() -> Shape {
+        let out = Cell::new(None);
+        // The probe always stops the deserializer with an error once it has seen what it needs.
+        let _ = T::deserialize(Probe { out: &out });
+        match out.get() {
+            Some(Probed::Scalar(s)) => Shape::Value(TypeTag::Scalar(s)),
+            Some(Probed::Seq(Some(s))) => Shape::Value(TypeTag::Slice(s)),
+            Some(Probed::Unit) => Shape::Unit,
+            Some(Probed::Tuple(n)) => Shape::Tuple(n),
+            Some(Probed::Any) => Shape::Any,
+            Some(Probed::Seq(None)) | Some(Probed::Other) | None => Shape::Value(TypeTag::Json),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Probed {
+    Scalar(Scalar),
+    Seq(Option<Scalar>),
+    Unit,
+    Tuple(usize),
+    Any,
+    Other,
+}
+
+/// The error the probe stops every deserialization with; it carries nothing so probing never allocates.
+#[derive(Debug)]
+struct Stop;
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("type probe finished")
+    }
+}
+
+impl std::error::Error for Stop {}
+
+impl de::Error for Stop {
+    fn custom<T: fmt::Display>(_msg: T) -> Self {
+        Stop
+    }
+}
+
+struct Probe<'a> {
+    out: &'a Cell<Option<Probed>>,
+}
+
+impl Probe<'_> {
+    fn found<V>(self, probed: Probed) -> Result<V, Stop> {
+        self.out.set(Some(probed));
+        Err(Stop)
+    }
+}
+
+macro_rules! probe_as {
+    ($($method:ident => $probed:expr),* $(,)?) => {
+        $(fn $method<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Stop> {
+            self.found($probed)
+        })*
+    };
+}
+
+impl<'de> Deserializer<'de> for Probe<'_> {
+    type Error = Stop;
+
+    probe_as! {
+        deserialize_any => Probed::Any,
+        deserialize_bool => Probed::Scalar(Scalar::Bool),
+        deserialize_i8 => Probed::Scalar(Scalar::Int8),
+        deserialize_i16 => Probed::Scalar(Scalar::Int16),
+        deserialize_i32 => Probed::Scalar(Scalar::Int32),
+        deserialize_i64 => Probed::Scalar(Scalar::Int64),
+        deserialize_i128 => Probed::Other,
+        deserialize_u8 => Probed::Scalar(Scalar::Uint8),
+        deserialize_u16 => Probed::Scalar(Scalar::Uint16),
+        deserialize_u32 => Probed::Scalar(Scalar::Uint32),
+        deserialize_u64 => Probed::Scalar(Scalar::Uint64),
+        deserialize_u128 => Probed::Other,
+        deserialize_f32 => Probed::Scalar(Scalar::Float32),
+        deserialize_f64 => Probed::Scalar(Scalar::Float64),
+        deserialize_char => Probed::Scalar(Scalar::String),
+        deserialize_str => Probed::Scalar(Scalar::String),
+        deserialize_string => Probed::Scalar(Scalar::String),
+        deserialize_bytes => Probed::Seq(Some(Scalar::Uint8)),
+        deserialize_byte_buf => Probed::Seq(Some(Scalar::Uint8)),
+        deserialize_option => Probed::Other,
+        deserialize_unit => Probed::Unit,
+        deserialize_map => Probed::Other,
+        deserialize_identifier => Probed::Other,
+        deserialize_ignored_any => Probed::Other,
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: V,
+    ) -> Result<V::Value, Stop> {
+        self.found(Probed::Other)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Stop> {
+        // A newtype is transparent in JSON, so it takes the tag of what it wraps.
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Stop> {
+        let element = Cell::new(None);
+        let _ = visitor.visit_seq(ProbeSeq { out: &element });
+        let probed = match element.get() {
+            Some(Probed::Scalar(s)) => Probed::Seq(Some(s)),
+            _ => Probed::Seq(None),
+        };
+        self.found(probed)
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, _: V) -> Result<V::Value, Stop> {
+        self.found(Probed::Tuple(len))
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: usize,
+        _: V,
+    ) -> Result<V::Value, Stop> {
+        self.found(Probed::Other)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Stop> {
+        self.found(Probed::Other)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Stop> {
+        self.found(Probed::Other)
+    }
+}
+
+/// A sequence whose first element is probed (and whose probing stops the sequence).
+struct ProbeSeq<'a> {
+    out: &'a Cell<Option<Probed>>,
+}
+
+impl<'de> SeqAccess<'de> for ProbeSeq<'_> {
+    type Error = Stop;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Stop> {
+        let nested = Cell::new(None);
+        let result = seed.deserialize(Probe { out: &nested });
+        // Only a plain scalar element makes a Go slice type; anything nested is `json`.
+        self.out.set(match nested.get() {
+            Some(Probed::Scalar(s)) => Some(Probed::Scalar(s)),
+            _ => Some(Probed::Other),
+        });
+        result.map(Some)
+    }
+}
+
+/// A value that could not be turned into JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode {rust_type} as a task value: {source}")]
+pub struct EncodeError {
+    rust_type: &'static str,
+    #[source]
+    source: serde_json::Error,
+}
+
+/// Encodes a Rust value as a wire value with its type tag.
+pub fn encode_value<T: Serialize + DeserializeOwned>(
+    value: &T,
+) -> Result<(TypeTag, Value), EncodeError> {
+    let tag = TypeTag::of::<T>();
+    let mut json = serde_json::to_value(value).map_err(|source| EncodeError {
+        rust_type: std::any::type_name::<T>(),
+        source,
+    })?;
+    apply_go_conventions(tag, &mut json);
+    Ok((tag, json))
+}
+
+/// Encodes one task argument.
+pub fn encode_arg<T: Serialize + DeserializeOwned>(
+    name: &str,
+    value: &T,
+) -> Result<Arg, EncodeError> {
+    let (tag, value) = encode_value(value)?;
+    Ok(Arg::new(name, tag.as_str(), value))
+}
+
+/// Encodes each element of a `Vec<T>` as its own argument, as Go's variadic functions expect.
+pub fn encode_variadic_args<T: Serialize + DeserializeOwned>(
+    name: &str,
+    values: &[T],
+) -> Result<Vec<Arg>, EncodeError> {
+    values.iter().map(|v| encode_arg(name, v)).collect()
+}
+
+/// Encodes one task result.
+pub fn encode_result<T: Serialize + DeserializeOwned>(
+    value: &T,
+) -> Result<TaskResult, EncodeError> {
+    let (tag, value) = encode_value(value)?;
+    Ok(TaskResult::new(tag.as_str(), value))
+}
+
+/// Rewrites serde's JSON into the form Go writes: integral floats without a fraction, `[]uint8` as base64.
+fn apply_go_conventions(tag: TypeTag, json: &mut Value) {
+    match tag {
+        TypeTag::Scalar(s @ (Scalar::Float32 | Scalar::Float64)) => go_float(s, json),
+        TypeTag::Slice(s @ (Scalar::Float32 | Scalar::Float64)) => {
+            if let Value::Array(items) = json {
+                items.iter_mut().for_each(|item| go_float(s, item));
+            }
+        }
+        TypeTag::Slice(Scalar::Uint8) => {
+            if let Value::Array(items) = json {
+                let bytes: Option<Vec<u8>> = items
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()))
+                    .collect();
+                if let Some(bytes) = bytes {
+                    *json = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Go writes `float64(3)` as `3` and a `float32` in its shortest `float32` form (`0.1`, not
+/// `0.10000000149011612`).
+fn go_float(kind: Scalar, json: &mut Value) {
+    let Some(mut f) = json.as_f64() else { return };
+    if kind == Scalar::Float32 {
+        if let Ok(shortest) = (f as f32).to_string().parse::<f64>() {
+            f = shortest;
+        }
+    }
+    // Go switches to exponent notation at 1e21; below that an integral float is written as an integer.
+    let number = if f.fract() == 0.0 && f.abs() < 1e21 {
+        if f >= i64::MIN as f64 && f <= i64::MAX as f64 {
+            Some(Number::from(f as i64))
+        } else if f >= 0.0 && f <= u64::MAX as f64 {
+            Some(Number::from(f as u64))
+        } else {
+            Number::from_f64(f)
+        }
+    } else {
+        Number::from_f64(f)
+    };
+    if let Some(number) = number {
+        *json = Value::Number(number);
+    }
+}
+
+/// Turns a Go `[]uint8`/`[]byte` value sent as a base64 string back into an array of numbers.
+fn normalize<'v>(type_tag: &str, value: &'v Value) -> std::borrow::Cow<'v, Value> {
+    use std::borrow::Cow;
+    match value {
+        Value::String(text) if type_tag == "[]uint8" || type_tag == "[]byte" => {
+            match base64::engine::general_purpose::STANDARD.decode(text) {
+                Ok(bytes) => Cow::Owned(Value::Array(bytes.into_iter().map(Value::from).collect())),
+                Err(_) => Cow::Borrowed(value),
+            }
+        }
+        _ => Cow::Borrowed(value),
+    }
+}
+
+/// Decodes a wire value into `T`, accepting Go's encodings (base64 bytes, integral floats).
+pub fn decode_value<T: DeserializeOwned>(
+    type_tag: &str,
+    value: &Value,
+) -> Result<T, serde_json::Error> {
+    T::deserialize(normalize(type_tag, value).as_ref())
+}
+
+/// What the arguments of a task did not satisfy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArgError {
+    /// The message carries fewer or more arguments than the task takes.
+    #[error("task {task}: expected {expected} arguments, got {found}")]
+    Count {
+        /// The task name.
+        task: String,
+        /// What the task takes (`"2"`, or `"at least 1"` for a trailing `Vec`).
+        expected: String,
+        /// How many arguments the message carries.
+        found: usize,
+    },
+    /// An argument has the wrong type or value.
+    #[error("task {task}: argument {index}: expected {expected}, got {found}")]
+    Type {
+        /// The task name.
+        task: String,
+        /// The 1-based position of the argument.
+        index: usize,
+        /// The expected Go type tag (or `json (RustType)`).
+        expected: String,
+        /// The received tag and value, e.g. `string "x"`.
+        found: String,
+    },
+}
+
+/// Reads a task's arguments in order, with the errors a worker reports for bad input.
+#[derive(Debug)]
+pub struct ArgReader<'a> {
+    task: &'a str,
+    args: &'a [Arg],
+    pos: usize,
+    arity: usize,
+    variadic: bool,
+}
+
+impl<'a> ArgReader<'a> {
+    /// A reader for a task that takes `arity` parameters, the last of which is a `Vec<T>` if `variadic`.
+    pub fn new(task: &'a str, args: &'a [Arg], arity: usize, variadic: bool) -> Self {
+        ArgReader {
+            task,
+            args,
+            pos: 0,
+            arity,
+            variadic,
+        }
+    }
+
+    fn count_error(&self) -> ArgError {
+        let expected = if self.variadic {
+            format!("at least {}", self.arity.saturating_sub(1))
+        } else {
+            self.arity.to_string()
+        };
+        ArgError::Count {
+            task: self.task.to_owned(),
+            expected,
+            found: self.args.len(),
+        }
+    }
+
+    fn type_error<T: DeserializeOwned>(&self, index: usize, arg: &Arg) -> ArgError {
+        let expected = match TypeTag::of::<T>() {
+            TypeTag::Json => format!("json ({})", std::any::type_name::<T>()),
+            tag => tag.as_str().to_owned(),
+        };
+        ArgError::Type {
+            task: self.task.to_owned(),
+            index: index + 1,
+            expected,
+            found: describe(&arg.type_tag, &arg.value),
+        }
+    }
+
+    /// Reads the next argument as a `T`.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<T, ArgError> {
+        let index = self.pos;
+        let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
+        self.pos += 1;
+        decode_value(&arg.type_tag, &arg.value).map_err(|_| self.type_error::<T>(index, arg))
+    }
+
+    /// Reads all remaining arguments into a `Vec<T>`: one slice argument, trailing scalar arguments of `T`
+    /// (Go's variadic calls, and results appended by chains and chords), or a mix of both, in order.
+    pub fn rest<T: DeserializeOwned>(&mut self) -> Result<Vec<T>, ArgError> {
+        let mut out = Vec::new();
+        while let Some(arg) = self.args.get(self.pos) {
+            let index = self.pos;
+            self.pos += 1;
+            let value = normalize(&arg.type_tag, &arg.value);
+            if value.is_array() {
+                if let Ok(items) = Vec::<T>::deserialize(value.as_ref()) {
+                    out.extend(items);
+                    continue;
+                }
+            }
+            match T::deserialize(value.as_ref()) {
+                Ok(item) => out.push(item),
+                Err(_) => return Err(self.type_error::<Vec<T>>(index, arg)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks that every argument was used.
+    pub fn finish(&self) -> Result<(), ArgError> {
+        if self.pos < self.args.len() {
+            return Err(self.count_error());
+        }
+        Ok(())
+    }
+}
+
+/// `string "x"`, `int64 3`, ... for error messages; long values are cut.
+fn describe(type_tag: &str, value: &Value) -> String {
+    let mut text = value.to_string();
+    if text.len() > 64 {
+        let mut cut = 61;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    if type_tag.is_empty() {
+        format!("untyped {text}")
+    } else {
+        format!("{type_tag} {text}")
+    }
+}
+
+/// Why a task's results could not be read as the expected Rust type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResultDecodeError {
+    /// The task stored a different number of results than the output type has.
+    #[error("expected {expected} results, got {found}")]
+    Count {
+        /// How many results the output type takes.
+        expected: usize,
+        /// How many the task stored.
+        found: usize,
+    },
+    /// A result does not decode as the expected type.
+    #[error("result {index}: expected {expected}, got {found}: {source}")]
+    Type {
+        /// The 1-based position of the result.
+        index: usize,
+        /// The expected Rust type.
+        expected: &'static str,
+        /// The stored tag and value.
+        found: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Decodes a task's stored results into its Rust output type: `()` for none, a tuple for several (Go's
+/// multiple return values), otherwise exactly one.
+pub fn decode_results<T: DeserializeOwned>(results: &[TaskResult]) -> Result<T, ResultDecodeError> {
+    let type_error = |index: usize, found: String, source| ResultDecodeError::Type {
+        index,
+        expected: std::any::type_name::<T>(),
+        found,
+        source,
+    };
+    match Shape::of::<T>() {
+        Shape::Unit => T::deserialize(&Value::Null).map_err(|e| type_error(0, "nothing".into(), e)),
+        Shape::Tuple(n) => {
+            if results.len() != n {
+                return Err(ResultDecodeError::Count {
+                    expected: n,
+                    found: results.len(),
+                });
+            }
+            let items: Vec<Value> = results
+                .iter()
+                .map(|r| normalize(&r.type_tag, &r.value).into_owned())
+                .collect();
+            T::deserialize(&Value::Array(items)).map_err(|e| type_error(1, "tuple".into(), e))
+        }
+        Shape::Any => {
+            let value = match results {
+                [] => Value::Null,
+                [one] => normalize(&one.type_tag, &one.value).into_owned(),
+                many => Value::Array(
+                    many.iter()
+                        .map(|r| normalize(&r.type_tag, &r.value).into_owned())
+                        .collect(),
+                ),
+            };
+            T::deserialize(&value).map_err(|e| type_error(1, "results".into(), e))
+        }
+        Shape::Value(_) => match results {
+            [] => T::deserialize(&Value::Null).map_err(|_| ResultDecodeError::Count {
+                expected: 1,
+                found: 0,
+            }),
+            [one] => decode_value(&one.type_tag, &one.value)
+                .map_err(|e| type_error(1, describe(&one.type_tag, &one.value), e)),
+            many => Err(ResultDecodeError::Count {
+                expected: 1,
+                found: many.len(),
+            }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Point {
+        x: i32,
+        y: i32,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct UserId(u64);
+
+    #[test]
+    fn tags_follow_go_names() {
+        assert_eq!(TypeTag::of::<bool>().as_str(), "bool");
+        assert_eq!(TypeTag::of::<i8>().as_str(), "int8");
+        assert_eq!(TypeTag::of::<i64>().as_str(), "int64");
+        assert_eq!(TypeTag::of::<u64>().as_str(), "uint64");
+        assert_eq!(TypeTag::of::<f32>().as_str(), "float32");
+        assert_eq!(TypeTag::of::<String>().as_str(), "string");
+        assert_eq!(TypeTag::of::<Vec<i64>>().as_str(), "[]int64");
+        assert_eq!(TypeTag::of::<Vec<u8>>().as_str(), "[]uint8");
+        assert_eq!(TypeTag::of::<Vec<String>>().as_str(), "[]string");
+        assert_eq!(TypeTag::of::<UserId>().as_str(), "uint64");
+        assert_eq!(TypeTag::of::<Point>().as_str(), "json");
+        assert_eq!(TypeTag::of::<Vec<Point>>().as_str(), "json");
+        assert_eq!(TypeTag::of::<Option<i64>>().as_str(), "json");
+        assert_eq!(Shape::of::<()>(), Shape::Unit);
+        assert_eq!(Shape::of::<(String, i64)>(), Shape::Tuple(2));
+        assert_eq!(Shape::of::<Value>(), Shape::Any);
+    }
+
+    #[test]
+    fn parses_all_29_go_tags() {
+        let scalars = [
+            "bool", "int", "int8", "int16", "int32", "int64", "uint", "uint8", "uint16", "uint32",
+            "uint64", "float32", "float64", "string",
+        ];
+        let mut count = 0;
+        for s in scalars {
+            assert_eq!(TypeTag::parse(s).unwrap().as_str(), s);
+            let slice = format!("[]{s}");
+            assert_eq!(TypeTag::parse(&slice).unwrap().as_str(), slice);
+            count += 2;
+        }
+        assert_eq!(
+            TypeTag::parse("[]byte"),
+            Some(TypeTag::Slice(Scalar::Uint8))
+        );
+        count += 1;
+        assert_eq!(count, 29);
+        assert_eq!(TypeTag::parse("map[string]int"), None);
+    }
+
+    #[test]
+    fn encodes_values_the_way_go_does() {
+        assert_eq!(encode_value(&3.0f64).unwrap().1, json!(3));
+        assert_eq!(encode_value(&0.1f32).unwrap().1, json!(0.1));
+        assert_eq!(encode_value(&4.2f64).unwrap().1, json!(4.2));
+        assert_eq!(encode_value(&vec![1.0f64, 2.5]).unwrap().1, json!([1, 2.5]));
+        assert_eq!(
+            encode_value(&b"hello".to_vec()).unwrap(),
+            (TypeTag::Slice(Scalar::Uint8), json!("aGVsbG8="))
+        );
+        assert_eq!(
+            encode_value(&u64::MAX).unwrap().1,
+            json!(18446744073709551615u64)
+        );
+        assert_eq!(
+            encode_value(&Point { x: 1, y: 2 }).unwrap(),
+            (TypeTag::Json, json!({"x": 1, "y": 2}))
+        );
+    }
+
+    #[test]
+    fn decodes_go_encodings() {
+        assert_eq!(
+            decode_value::<Vec<u8>>("[]uint8", &json!("aGVsbG8=")).unwrap(),
+            b"hello"
+        );
+        assert_eq!(
+            decode_value::<Vec<u8>>("[]uint8", &json!([104, 105])).unwrap(),
+            b"hi"
+        );
+        assert_eq!(decode_value::<f64>("float64", &json!(3)).unwrap(), 3.0);
+        assert!(decode_value::<i64>("int64", &json!(1.5)).is_err());
+        assert!(decode_value::<u8>("int64", &json!(300)).is_err());
+    }
+
+    fn arg(tag: &str, value: Value) -> Arg {
+        Arg::new("", tag, value)
+    }
+
+    #[test]
+    fn reader_reports_task_index_expected_and_found() {
+        let args = [arg("int64", json!(1)), arg("string", json!("x"))];
+        let mut reader = ArgReader::new("add", &args, 2, false);
+        assert_eq!(reader.next::<i64>().unwrap(), 1);
+        let err = reader.next::<i64>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "task add: argument 2: expected int64, got string \"x\""
+        );
+    }
+
+    #[test]
+    fn reader_reports_wrong_arity() {
+        let args = [
+            arg("int64", json!(1)),
+            arg("int64", json!(2)),
+            arg("int64", json!(3)),
+        ];
+        let mut reader = ArgReader::new("add", &args, 2, false);
+        reader.next::<i64>().unwrap();
+        reader.next::<i64>().unwrap();
+        assert_eq!(
+            reader.finish().unwrap_err().to_string(),
+            "task add: expected 2 arguments, got 3"
+        );
+        let mut short = ArgReader::new("add", &args[..1], 2, false);
+        short.next::<i64>().unwrap();
+        assert_eq!(
+            short.next::<i64>().unwrap_err().to_string(),
+            "task add: expected 2 arguments, got 1"
+        );
+    }
+
+    #[test]
+    fn rest_accepts_slice_and_variadic_forms() {
+        let slice = [arg("[]int64", json!([1, 2, 3]))];
+        assert_eq!(
+            ArgReader::new("sum", &slice, 1, true)
+                .rest::<i64>()
+                .unwrap(),
+            vec![1, 2, 3]
+        );
+        let variadic = [arg("int64", json!(1)), arg("int64", json!(2))];
+        assert_eq!(
+            ArgReader::new("sum", &variadic, 1, true)
+                .rest::<i64>()
+                .unwrap(),
+            vec![1, 2]
+        );
+        let mixed = [arg("[]int64", json!([1, 2])), arg("int64", json!(3))];
+        assert_eq!(
+            ArgReader::new("sum", &mixed, 1, true)
+                .rest::<i64>()
+                .unwrap(),
+            vec![1, 2, 3]
+        );
+        let empty: [Arg; 0] = [];
+        assert!(ArgReader::new("sum", &empty, 1, true)
+            .rest::<i64>()
+            .unwrap()
+            .is_empty());
+        let bad = [arg("string", json!("x"))];
+        let err = ArgReader::new("sum", &bad, 1, true)
+            .rest::<i64>()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "task sum: argument 1: expected []int64, got string \"x\""
+        );
+    }
+
+    #[test]
+    fn results_decode_by_shape() {
+        let two = [
+            TaskResult::new("string", json!("foo")),
+            TaskResult::new("string", json!("bar")),
+        ];
+        let (a, b): (String, String) = decode_results(&two).unwrap();
+        assert_eq!((a.as_str(), b.as_str()), ("foo", "bar"));
+        assert!(decode_results::<String>(&two).is_err());
+        decode_results::<()>(&[]).unwrap();
+        let one = [TaskResult::new("[]uint8", json!("aGVsbG8="))];
+        assert_eq!(decode_results::<Vec<u8>>(&one).unwrap(), b"hello");
+        assert_eq!(
+            decode_results::<Value>(&two).unwrap(),
+            json!(["foo", "bar"])
+        );
+        assert!(matches!(
+            decode_results::<i64>(&[]),
+            Err(ResultDecodeError::Count {
+                expected: 1,
+                found: 0
+            })
+        ));
+    }
+}

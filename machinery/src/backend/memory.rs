@@ -1,0 +1,301 @@
+//! The in-process result backend (`memory://`), the default. Like the memory broker, `memory://name` is
+//! shared by every server of the process that names it, and `memory://` is private to one server.
+//! Records expire after `results_expire_in` seconds; waiting for a result is woken by the write itself.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Backend, BackendError};
+use crate::config::Config;
+use crate::state::{GroupMeta, TaskState};
+
+/// The in-process result backend.
+#[derive(Clone)]
+pub struct MemoryBackend {
+    shared: Arc<Shared>,
+    expire_in: Duration,
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("expire_in", &self.expire_in)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    records: Mutex<Records>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct Records {
+    states: HashMap<String, (TaskState, Instant)>,
+    groups: HashMap<String, (GroupMeta, Instant)>,
+    finished_members: HashMap<String, HashSet<String>>,
+    writes: u64,
+}
+
+impl Records {
+    /// Drops expired records every so often, so a long-running process does not grow without bound.
+    fn sweep(&mut self, now: Instant) {
+        self.writes += 1;
+        if self.writes % 1024 != 0 {
+            return;
+        }
+        self.states.retain(|_, (_, expires)| *expires > now);
+        self.groups.retain(|_, (_, expires)| *expires > now);
+        let groups = &self.groups;
+        self.finished_members
+            .retain(|group, _| groups.contains_key(group));
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Records> {
+        self.records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Shared>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+impl MemoryBackend {
+    /// A backend for `memory://` (private) or `memory://name` (shared by name in this process).
+    pub fn connect(url: &str, config: &Config) -> Arc<dyn Backend> {
+        Arc::new(MemoryBackend::new(
+            url,
+            Duration::from_secs(config.results_expire_in_secs()),
+        ))
+    }
+
+    /// Creates or joins the instance named by `url`; records expire after `expire_in`.
+    pub fn new(url: &str, expire_in: Duration) -> Self {
+        let name = url
+            .split_once("://")
+            .map(|(_, rest)| rest)
+            .unwrap_or("")
+            .trim_matches('/');
+        let shared = if name.is_empty() {
+            Arc::new(Shared::default())
+        } else {
+            let mut registry = registry().lock().unwrap_or_else(|p| p.into_inner());
+            registry.retain(|_, weak| weak.strong_count() > 0);
+            match registry.get(name).and_then(Weak::upgrade) {
+                Some(shared) => shared,
+                None => {
+                    let shared = Arc::new(Shared::default());
+                    registry.insert(name.to_owned(), Arc::downgrade(&shared));
+                    shared
+                }
+            }
+        };
+        MemoryBackend { shared, expire_in }
+    }
+
+    fn live_state(records: &Records, uuid: &str, now: Instant) -> Option<TaskState> {
+        records
+            .states
+            .get(uuid)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(state, _)| state.clone())
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
+        self.set_states(std::slice::from_ref(state)).await
+    }
+
+    async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
+        let now = Instant::now();
+        {
+            let mut records = self.shared.lock();
+            for state in states {
+                let mut state = state.clone();
+                if let Some(previous) = Self::live_state(&records, &state.task_uuid, now) {
+                    state.merge_from_previous(&previous);
+                }
+                records
+                    .states
+                    .insert(state.task_uuid.clone(), (state, now + self.expire_in));
+                records.sweep(now);
+            }
+        }
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
+        Ok(Self::live_state(
+            &self.shared.lock(),
+            task_uuid,
+            Instant::now(),
+        ))
+    }
+
+    async fn wait_for_completion(
+        &self,
+        task_uuid: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskState>, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let state = Self::live_state(&self.shared.lock(), task_uuid, Instant::now());
+            if state.as_ref().is_some_and(TaskState::is_completed) {
+                return Ok(state);
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(state),
+            }
+        }
+    }
+
+    async fn init_group(&self, meta: &GroupMeta) -> Result<(), BackendError> {
+        let now = Instant::now();
+        let mut records = self.shared.lock();
+        records.groups.insert(
+            meta.group_uuid.clone(),
+            (meta.clone(), now + self.expire_in),
+        );
+        records.sweep(now);
+        Ok(())
+    }
+
+    async fn get_group(&self, group_uuid: &str) -> Result<Option<GroupMeta>, BackendError> {
+        let now = Instant::now();
+        Ok(self
+            .shared
+            .lock()
+            .groups
+            .get(group_uuid)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(meta, _)| meta.clone()))
+    }
+
+    async fn complete_group_member(
+        &self,
+        group_uuid: &str,
+        task_uuid: &str,
+        group_task_count: u32,
+    ) -> Result<bool, BackendError> {
+        let mut records = self.shared.lock();
+        let finished = records
+            .finished_members
+            .entry(group_uuid.to_owned())
+            .or_default();
+        finished.insert(task_uuid.to_owned());
+        if finished.len() < group_task_count as usize {
+            return Ok(false);
+        }
+        let Some((meta, _)) = records.groups.get_mut(group_uuid) else {
+            return Err(BackendError::UnknownGroup(group_uuid.to_owned()));
+        };
+        if meta.chord_triggered {
+            return Ok(false);
+        }
+        meta.chord_triggered = true;
+        Ok(true)
+    }
+
+    async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
+        self.shared.lock().states.remove(task_uuid);
+        Ok(())
+    }
+
+    async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError> {
+        let mut records = self.shared.lock();
+        records.groups.remove(group_uuid);
+        records.finished_members.remove(group_uuid);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn states_merge_and_expire() {
+        let backend = MemoryBackend::new("memory://", Duration::from_millis(50));
+        backend
+            .set_state(&TaskState::pending("t1", "add"))
+            .await
+            .unwrap();
+        backend
+            .set_state(&TaskState::started("t1", ""))
+            .await
+            .unwrap();
+        let state = backend.get_state("t1").await.unwrap().unwrap();
+        assert_eq!(state.task_name, "add");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(backend.get_state("t1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn waiting_is_woken_by_the_final_write() {
+        let backend = MemoryBackend::new("memory://", Duration::from_secs(60));
+        let writer = backend.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            writer
+                .set_state(&TaskState::success("t", "x", vec![]))
+                .await
+                .unwrap();
+        });
+        let state = backend
+            .wait_for_completion("t", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(state.is_completed());
+        task.await.unwrap();
+        let missing = backend
+            .wait_for_completion("nope", Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert!(missing.is_none());
+    }
+
+    #[tokio::test]
+    async fn group_completion_fires_once_and_counts_members_once() {
+        let backend = MemoryBackend::new("memory://", Duration::from_secs(60));
+        backend
+            .init_group(&GroupMeta::new("g", vec!["a".into(), "b".into()]))
+            .await
+            .unwrap();
+        assert!(!backend.complete_group_member("g", "a", 2).await.unwrap());
+        assert!(!backend.complete_group_member("g", "a", 2).await.unwrap());
+        assert!(backend.complete_group_member("g", "b", 2).await.unwrap());
+        assert!(!backend.complete_group_member("g", "b", 2).await.unwrap());
+        assert!(
+            backend
+                .get_group("g")
+                .await
+                .unwrap()
+                .unwrap()
+                .chord_triggered
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! Result backends store task states and group records. Each implementation sits in its own module and is
+//! chosen at run time from the result backend URL's scheme ([`connect`]).
+
+pub mod memory;
+pub mod null;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{Config, ConfigError};
+use crate::state::{GroupMeta, TaskState};
+
+/// A boxed error from a backend's client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend could not be reached.
+    #[error("cannot connect to result backend {url}: {source}")]
+    Connect {
+        /// The URL, without password.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// An operation failed.
+    #[error("result backend {operation} failed: {source}")]
+    Operation {
+        /// What we were doing.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored record is not valid JSON of the expected shape.
+    #[error("result backend record {key}: {source}")]
+    Decode {
+        /// The key.
+        key: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record is larger than the backend can store.
+    #[error("result backend record {key} is {size} bytes; the limit is {limit} bytes")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// Its size.
+        size: usize,
+        /// The backend's limit.
+        limit: usize,
+    },
+    /// This backend does not keep results (the `null` backend).
+    #[error("the {backend} result backend does not store {what}")]
+    NotStored {
+        /// The backend kind.
+        backend: &'static str,
+        /// What it does not store.
+        what: &'static str,
+    },
+    /// The group record is missing.
+    #[error("group {0} is not in the result backend")]
+    UnknownGroup(String),
+}
+
+impl BackendError {
+    /// An operation error from any client error.
+    pub fn operation(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        BackendError::Operation {
+            operation,
+            source: source.into(),
+        }
+    }
+}
+
+/// A result backend.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs and errors (`memory`, `redis`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Stores a task's state, replacing the previous one. Backends that can (Redis, memory) keep the
+    /// previous record's task name and creation time when the new one has none, as Go's Redis backend does.
+    async fn set_state(&self, state: &TaskState) -> Result<(), BackendError>;
+
+    /// Stores several states at once (a batch of RECEIVED states, a group's PENDING states).
+    async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
+        for state in states {
+            self.set_state(state).await?;
+        }
+        Ok(())
+    }
+
+    /// The stored state of a task, if any.
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
+
+    /// Waits until the task is SUCCESS or FAILURE, or `timeout` passes; returns the last state seen.
+    ///
+    /// The default polls with a short, growing interval (1 ms to 50 ms); backends that can be notified
+    /// do better.
+    async fn wait_for_completion(
+        &self,
+        task_uuid: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskState>, BackendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut interval = Duration::from_millis(1);
+        loop {
+            let state = self.get_state(task_uuid).await?;
+            if state.as_ref().is_some_and(TaskState::is_completed) {
+                return Ok(state);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(state);
+            }
+            tokio::time::sleep(interval.min(deadline - now)).await;
+            interval = (interval * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Stores a new group record (written by the sender before the members are published).
+    async fn init_group(&self, meta: &GroupMeta) -> Result<(), BackendError>;
+
+    /// The group record, if any.
+    async fn get_group(&self, group_uuid: &str) -> Result<Option<GroupMeta>, BackendError>;
+
+    /// The states of a group's members in group order (missing states are skipped).
+    async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
+        let meta = self
+            .get_group(group_uuid)
+            .await?
+            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        let mut states = Vec::with_capacity(meta.task_uuids.len());
+        for uuid in &meta.task_uuids {
+            if let Some(state) = self.get_state(uuid).await? {
+                states.push(state);
+            }
+        }
+        Ok(states)
+    }
+
+    /// Records that member `task_uuid` of the group has finished (its final state is stored), and
+    /// returns `true` to exactly one caller per group: the one whose call completes the group. Calling
+    /// again for the same member (a redelivered message) counts it once. The group record's
+    /// `ChordTriggered` flag is set by the winning call.
+    async fn complete_group_member(
+        &self,
+        group_uuid: &str,
+        task_uuid: &str,
+        group_task_count: u32,
+    ) -> Result<bool, BackendError>;
+
+    /// Deletes a task's state.
+    async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError>;
+
+    /// Deletes a group record.
+    async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError>;
+}
+
+/// The URL schemes of the result backends in this build.
+pub fn supported_schemes() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut schemes = vec!["memory://", "null"];
+    schemes
+}
+
+/// Connects to the backend named by `config.result_backend`; the memory backend may share the memory
+/// broker's instance name.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> {
+    let url = config.result_backend.trim();
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
+    match scheme {
+        "memory" | "" | "eager" => Ok(memory::MemoryBackend::connect(url, config)),
+        "null" => Ok(Arc::new(null::NullBackend)),
+        _ => Err(ConfigError::UnknownScheme {
+            role: "result backend",
+            url: url.to_owned(),
+            supported: supported_schemes().join(", "),
+        }
+        .into()),
+    }
+}

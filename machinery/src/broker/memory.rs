@@ -1,0 +1,518 @@
+//! The in-process broker (`memory://`), the default: queues in memory, shared by every [`Server`] of the
+//! process that names the same instance (`memory://` alone is private to one server; `memory://name`
+//! is shared by name).
+//!
+//! It keeps the same promises as the network brokers, so code tested on it behaves the same elsewhere:
+//! messages taken by a consumer stay in flight until acknowledged, and return to the queue when the
+//! consumer closes or is dropped; ETAs are honoured; dead letters keep their reason.
+//!
+//! [`Server`]: crate::Server
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+
+use super::{
+    Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, Delivery, Outgoing,
+    QueueStats,
+};
+use crate::config::Config;
+
+/// The in-process broker.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+    name: String,
+    default_queue: String,
+}
+
+impl fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    /// Delayed messages by (ETA, sequence number), with their queue.
+    delayed: BTreeMap<(DateTime<Utc>, u64), (String, Vec<u8>)>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Entry>,
+    in_flight: HashMap<u64, (u64, Entry)>,
+    dead: Vec<DeadLetter>,
+}
+
+struct Entry {
+    id: u64,
+    body: Vec<u8>,
+    redelivered: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters more
+        // than losing the whole broker, so a poisoned lock is simply taken over.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn push(&mut self, queue: &str, body: Vec<u8>) {
+        let id = self.next_id();
+        self.queues
+            .entry(queue.to_owned())
+            .or_default()
+            .ready
+            .push_back(Entry {
+                id,
+                body,
+                redelivered: false,
+            });
+    }
+
+    fn promote_due(&mut self, now: DateTime<Utc>) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (queue, body) = entry.remove();
+            self.push(&queue, body);
+        }
+    }
+
+    fn earliest_eta(&self) -> Option<DateTime<Utc>> {
+        self.delayed.keys().next().map(|(eta, _)| *eta)
+    }
+
+    /// Puts back everything `consumer` holds, in the order it was taken, at the head of its queue.
+    fn return_in_flight(&mut self, queue: &str, consumer: u64) -> usize {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return 0;
+        };
+        let mut mine: Vec<u64> = q
+            .in_flight
+            .iter()
+            .filter(|(_, (owner, _))| *owner == consumer)
+            .map(|(id, _)| *id)
+            .collect();
+        mine.sort_by_key(|id| Reverse(*id));
+        let count = mine.len();
+        for id in mine {
+            if let Some((_, mut entry)) = q.in_flight.remove(&id) {
+                entry.redelivered = true;
+                q.ready.push_front(entry);
+            }
+        }
+        count
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Shared>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+impl MemoryBroker {
+    /// A broker for `memory://` (a private instance) or `memory://name` (shared by name in this process).
+    pub fn connect(url: &str, config: &Config) -> Arc<dyn Broker> {
+        Arc::new(MemoryBroker::new(url, &config.default_queue))
+    }
+
+    /// Creates or joins the instance named by `url`.
+    pub fn new(url: &str, default_queue: &str) -> Self {
+        let name = url
+            .split_once("://")
+            .map(|(_, rest)| rest)
+            .unwrap_or("")
+            .trim_matches('/');
+        let shared = if name.is_empty() {
+            Arc::new(Shared::default())
+        } else {
+            let mut registry = registry().lock().unwrap_or_else(|p| p.into_inner());
+            registry.retain(|_, weak| weak.strong_count() > 0);
+            match registry.get(name).and_then(Weak::upgrade) {
+                Some(shared) => shared,
+                None => {
+                    let shared = Arc::new(Shared::default());
+                    registry.insert(name.to_owned(), Arc::downgrade(&shared));
+                    shared
+                }
+            }
+        };
+        MemoryBroker {
+            shared,
+            name: name.to_owned(),
+            default_queue: default_queue.to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn route(&self, routing_key: &str) -> String {
+        if routing_key.is_empty() {
+            self.default_queue.clone()
+        } else {
+            routing_key.to_owned()
+        }
+    }
+
+    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+        {
+            let mut state = self.shared.lock();
+            match message.eta {
+                Some(eta) if eta > Utc::now() => {
+                    let seq = state.next_id();
+                    state
+                        .delayed
+                        .insert((eta, seq), (message.routing_key, message.body));
+                }
+                _ => state.push(&message.routing_key, message.body),
+            }
+        }
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
+        let id = self.shared.lock().next_id();
+        Ok(Box::new(MemoryConsumer {
+            shared: self.shared.clone(),
+            queue: options.queue,
+            id,
+        }))
+    }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
+        let state = self.shared.lock();
+        let delayed = state.delayed.values().filter(|(q, _)| q == queue).count() as u64;
+        let q = state.queues.get(queue);
+        Ok(QueueStats {
+            queue: queue.to_owned(),
+            pending: q.map_or(0, |q| q.ready.len() as u64),
+            delayed: Some(delayed),
+            in_flight: Some(q.map_or(0, |q| q.in_flight.len() as u64)),
+            dead: Some(q.map_or(0, |q| q.dead.len() as u64)),
+        })
+    }
+
+    async fn pending(&self, queue: &str, limit: usize) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let state = self.shared.lock();
+        Ok(state
+            .queues
+            .get(queue)
+            .map(|q| q.ready.iter().take(limit).map(|e| e.body.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let state = self.shared.lock();
+        Ok(state
+            .queues
+            .get(queue)
+            .map(|q| q.dead.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut state = self.shared.lock();
+        Ok(state.queues.get_mut(queue).map_or(0, |q| {
+            let n = q.ready.len() as u64;
+            q.ready.clear();
+            n
+        }))
+    }
+}
+
+/// A consumer of one in-memory queue.
+struct MemoryConsumer {
+    shared: Arc<Shared>,
+    queue: String,
+    id: u64,
+}
+
+impl fmt::Debug for MemoryConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryConsumer")
+            .field("queue", &self.queue)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl MemoryConsumer {
+    /// Takes up to `max` ready messages; none are taken if the queue is empty.
+    fn take(&self, max: usize) -> (Vec<Delivery>, Option<DateTime<Utc>>) {
+        let mut state = self.shared.lock();
+        state.promote_due(Utc::now());
+        let earliest = state.earliest_eta();
+        let queue = state.queues.entry(self.queue.clone()).or_default();
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let Some(entry) = queue.ready.pop_front() else {
+                break;
+            };
+            let delivery = Delivery::new(
+                entry.body.clone(),
+                entry.redelivered,
+                Box::new(MemoryAcker {
+                    shared: self.shared.clone(),
+                    queue: self.queue.clone(),
+                    id: entry.id,
+                }),
+            );
+            queue.in_flight.insert(entry.id, (self.id, entry));
+            batch.push(delivery);
+        }
+        (batch, earliest)
+    }
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        let max = max.max(1);
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            // Taking happens without an await after it, so dropping this future never loses a message.
+            let (batch, earliest) = self.take(max);
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            match earliest {
+                Some(eta) => {
+                    let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<(), BrokerError> {
+        drop(self);
+        Ok(())
+    }
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        let returned = self.shared.lock().return_in_flight(&self.queue, self.id);
+        if returned > 0 {
+            tracing::debug!(queue = %self.queue, returned, "returned unacknowledged messages to the queue");
+            self.shared.changed.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MemoryAcker {
+    shared: Arc<Shared>,
+    queue: String,
+    id: u64,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+impl MemoryAcker {
+    /// Removes the message from the in-flight set; `false` if it is no longer there (its consumer closed
+    /// and it went back to the queue).
+    fn settle(&self, state: &mut State) -> bool {
+        state
+            .queues
+            .get_mut(&self.queue)
+            .is_some_and(|q| q.in_flight.remove(&self.id).is_some())
+    }
+}
+
+#[async_trait]
+impl Acknowledger for MemoryAcker {
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        self.settle(&mut self.shared.lock());
+        Ok(())
+    }
+
+    async fn requeue(self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
+        {
+            let mut state = self.shared.lock();
+            if self.settle(&mut state) {
+                state.push(&self.queue, body);
+            }
+        }
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn dead_letter(
+        self: Box<Self>,
+        body: Vec<u8>,
+        reason: String,
+    ) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        if self.settle(&mut state) {
+            let queue = state.queues.entry(self.queue.clone()).or_default();
+            queue.dead.push(DeadLetter {
+                queue: self.queue.clone(),
+                reason,
+                at: Utc::now(),
+                body,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn message(queue: &str, body: &str) -> Outgoing {
+        Outgoing {
+            uuid: String::new(),
+            name: String::new(),
+            routing_key: queue.into(),
+            body: body.as_bytes().to_vec(),
+            eta: None,
+            priority: 0,
+            headers: Default::default(),
+        }
+    }
+
+    fn options(queue: &str) -> ConsumeOptions {
+        ConsumeOptions {
+            queue: queue.into(),
+            consumer_tag: "t".into(),
+            concurrency: 1,
+            prefetch: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_are_capped_and_fifo() {
+        let broker = MemoryBroker::new("memory://", "q");
+        for i in 0..5 {
+            broker.publish(message("q", &i.to_string())).await.unwrap();
+        }
+        let mut consumer = broker.consume(options("q")).await.unwrap();
+        let batch = consumer.next_batch(3).await.unwrap();
+        let bodies: Vec<_> = batch
+            .iter()
+            .map(|d| String::from_utf8(d.body.clone()).unwrap())
+            .collect();
+        assert_eq!(bodies, ["0", "1", "2"]);
+        let stats = broker.queue_stats("q").await.unwrap();
+        assert_eq!((stats.pending, stats.in_flight), (2, Some(3)));
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_messages_return_when_the_consumer_closes() {
+        let broker = MemoryBroker::new("memory://", "q");
+        broker.publish(message("q", "a")).await.unwrap();
+        broker.publish(message("q", "b")).await.unwrap();
+        let mut consumer = broker.consume(options("q")).await.unwrap();
+        let mut batch = consumer.next_batch(2).await.unwrap();
+        batch.remove(0).ack().await.unwrap();
+        consumer.close().await.unwrap();
+        let mut again = broker.consume(options("q")).await.unwrap();
+        let batch = again.next_batch(10).await.unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].body, b"b");
+        assert!(batch[0].redelivered);
+    }
+
+    #[tokio::test]
+    async fn delayed_messages_wait_for_their_eta() {
+        let broker = MemoryBroker::new("memory://", "q");
+        let mut m = message("q", "later");
+        m.eta = Some(Utc::now() + chrono::Duration::milliseconds(150));
+        broker.publish(m).await.unwrap();
+        let mut consumer = broker.consume(options("q")).await.unwrap();
+        let started = std::time::Instant::now();
+        let batch = tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch[0].body, b"later");
+        assert!(
+            started.elapsed() >= Duration::from_millis(140),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn dead_letters_keep_their_reason_and_requeue_goes_to_the_tail() {
+        let broker = MemoryBroker::new("memory://", "q");
+        broker.publish(message("q", "bad")).await.unwrap();
+        broker.publish(message("q", "retry")).await.unwrap();
+        broker.publish(message("q", "other")).await.unwrap();
+        let mut consumer = broker.consume(options("q")).await.unwrap();
+        let mut batch = consumer.next_batch(2).await.unwrap();
+        let retry = batch.pop().unwrap();
+        batch.pop().unwrap().dead_letter("malformed").await.unwrap();
+        retry.requeue(b"retry2".to_vec()).await.unwrap();
+        assert_eq!(
+            broker.pending("q", 10).await.unwrap(),
+            vec![b"other".to_vec(), b"retry2".to_vec()]
+        );
+        let dead = broker.dead_letters("q", 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].reason.as_str(), dead[0].body.as_slice()),
+            ("malformed", b"bad".as_slice())
+        );
+    }
+
+    #[tokio::test]
+    async fn named_instances_are_shared_and_anonymous_ones_are_not() {
+        let a = MemoryBroker::new("memory://shared-test", "q");
+        let b = MemoryBroker::new("memory://shared-test", "q");
+        let c = MemoryBroker::new("memory://", "q");
+        a.publish(message("q", "x")).await.unwrap();
+        assert_eq!(b.queue_stats("q").await.unwrap().pending, 1);
+        assert_eq!(c.queue_stats("q").await.unwrap().pending, 0);
+    }
+}

@@ -1,0 +1,283 @@
+//! Brokers carry task messages from senders to workers. Each implementation sits in its own module and is
+//! chosen at run time from the broker URL's scheme ([`connect`]).
+//!
+//! Every broker honours the same contract, which the worker relies on:
+//! - [`Broker::publish`] stores the message durably before it returns, and delays it until its ETA.
+//! - A [`Consumer`] hands out [`Delivery`]s; a delivery stays owned by its consumer until it is
+//!   [acknowledged](Delivery::ack), [requeued](Delivery::requeue) or [dead-lettered](Delivery::dead_letter).
+//!   If the worker dies first, the message goes back to the queue (at-least-once delivery).
+//! - [`Consumer::next_batch`] is cancel-safe, and [`Consumer::close`] returns unfinished messages.
+
+pub mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, ConfigError};
+use crate::signature::Headers;
+
+/// A boxed error from a broker's client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The broker could not be reached.
+    #[error("cannot connect to broker {url}: {source}")]
+    Connect {
+        /// The URL, without password.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// An operation failed (connection lost, protocol error, ...).
+    #[error("broker {operation} failed: {source}")]
+    Operation {
+        /// What we were doing, e.g. `publish` or `fetch`.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The broker refused a message (for example an AMQP publisher nack).
+    #[error("broker rejected the message: {0}")]
+    Rejected(String),
+    /// The broker has been closed.
+    #[error("broker is closed")]
+    Closed,
+    /// This broker cannot do that (for example list delayed tasks).
+    #[error("the {broker} broker does not support {operation}")]
+    Unsupported {
+        /// The broker kind.
+        broker: &'static str,
+        /// The operation.
+        operation: &'static str,
+    },
+}
+
+impl BrokerError {
+    /// An operation error from any client error.
+    pub fn operation(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        BrokerError::Operation {
+            operation,
+            source: source.into(),
+        }
+    }
+}
+
+/// A message ready to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The task id, for logs and brokers that index by it.
+    pub uuid: String,
+    /// The task name, for logs.
+    pub name: String,
+    /// The queue / routing key, already adjusted by [`Broker::route`].
+    pub routing_key: String,
+    /// The Signature JSON.
+    pub body: Vec<u8>,
+    /// Deliver no earlier than this.
+    pub eta: Option<DateTime<Utc>>,
+    /// AMQP priority.
+    pub priority: u8,
+    /// The signature's headers (AMQP copies string values into message headers).
+    pub headers: Headers,
+}
+
+/// What to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// The queue (Redis list, AMQP queue).
+    pub queue: String,
+    /// Identifies this consumer (AMQP consumer tag, Redis in-flight list suffix).
+    pub consumer_tag: String,
+    /// How many tasks the worker runs at once.
+    pub concurrency: usize,
+    /// How many unacknowledged messages the broker may hand out (AMQP `basic.qos`).
+    pub prefetch: usize,
+}
+
+/// Counts for one queue, as far as the broker can tell (`None`: not known to this broker).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: String,
+    /// Messages waiting.
+    pub pending: u64,
+    /// Messages waiting for their ETA.
+    pub delayed: Option<u64>,
+    /// Messages taken by workers and not yet acknowledged.
+    pub in_flight: Option<u64>,
+    /// Messages in the dead-letter place.
+    pub dead: Option<u64>,
+}
+
+/// A message the worker gave up on, with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The queue it came from.
+    pub queue: String,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The original message body.
+    pub body: Vec<u8>,
+}
+
+/// A message broker.
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs and errors (`memory`, `redis`, `amqp`).
+    fn kind(&self) -> &'static str;
+
+    /// The routing key a signature is published with (Go's `AdjustRoutingKey`): by default the
+    /// signature's own, or the default queue when it has none.
+    fn route(&self, routing_key: &str) -> String;
+
+    /// Publishes one message; a future ETA delays it.
+    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError>;
+
+    /// Publishes several messages (a group); brokers may batch them.
+    async fn publish_many(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+        for message in messages {
+            self.publish(message).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming a queue.
+    async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError>;
+
+    /// Counts for a queue.
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
+        let _ = queue;
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "queue statistics",
+        })
+    }
+
+    /// Up to `limit` messages waiting in a queue, oldest first, without taking them.
+    async fn pending(&self, queue: &str, limit: usize) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let _ = (queue, limit);
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "listing pending messages",
+        })
+    }
+
+    /// Up to `limit` dead letters of a queue, oldest first.
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let _ = (queue, limit);
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "listing dead letters",
+        })
+    }
+
+    /// Deletes every waiting message of a queue; returns how many.
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let _ = queue;
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "purging a queue",
+        })
+    }
+}
+
+/// A running subscription to a queue.
+#[async_trait]
+pub trait Consumer: Send + fmt::Debug {
+    /// Waits until at least one message is available and returns up to `max` of them (never more: the
+    /// worker asks for as many as it has free slots).
+    ///
+    /// Cancel-safe: if the future is dropped, no message is lost; anything the broker already moved to
+    /// this consumer is returned by [`Consumer::close`]. An error is transient: the worker logs it, backs
+    /// off and calls again, so the consumer must reconnect by itself.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// Stops consuming. Messages taken but not yet acknowledged go back to the queue.
+    async fn close(self: Box<Self>) -> Result<(), BrokerError>;
+}
+
+/// What a broker does with a delivery once the worker is done with it.
+#[async_trait]
+pub trait Acknowledger: Send + Sync + fmt::Debug {
+    /// The message was handled (its final state is stored): forget it.
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError>;
+    /// Put `body` (the message, possibly with changed headers) back at the tail of the queue and forget
+    /// the original, in one step where the broker allows it.
+    async fn requeue(self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError>;
+    /// Move the message to the dead-letter place with this reason.
+    async fn dead_letter(self: Box<Self>, body: Vec<u8>, reason: String)
+        -> Result<(), BrokerError>;
+}
+
+/// One message handed to the worker.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message body (Signature JSON, if well-formed).
+    pub body: Vec<u8>,
+    /// The broker delivered it before (AMQP redelivery, Redis recovery from a dead worker).
+    pub redelivered: bool,
+    acker: Box<dyn Acknowledger>,
+}
+
+impl Delivery {
+    /// A delivery of `body`, settled through `acker`.
+    pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledger>) -> Self {
+        Delivery {
+            body,
+            redelivered,
+            acker,
+        }
+    }
+
+    /// The message was handled: forget it.
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.acker.ack().await
+    }
+
+    /// Puts `body` back at the tail of the queue in place of this message.
+    pub async fn requeue(self, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.acker.requeue(body).await
+    }
+
+    /// Moves the message to the dead-letter place with this reason.
+    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), BrokerError> {
+        let Delivery { body, acker, .. } = self;
+        acker.dead_letter(body, reason.into()).await
+    }
+}
+
+/// The URL schemes of the brokers in this build.
+pub fn supported_schemes() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut schemes = vec!["memory://"];
+    schemes
+}
+
+/// Connects to the broker named by `config.broker`.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
+    let url = config.broker.trim();
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
+    match scheme {
+        "memory" | "" | "eager" => Ok(memory::MemoryBroker::connect(url, config)),
+        _ => Err(ConfigError::UnknownScheme {
+            role: "broker",
+            url: url.to_owned(),
+            supported: supported_schemes().join(", "),
+        }
+        .into()),
+    }
+}

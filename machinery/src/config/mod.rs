@@ -1,0 +1,245 @@
+//! Configuration: Go machinery's field set (reference §1), loaded from code, the environment (Go's variable
+//! names) or a YAML/TOML file.
+//!
+//! ```
+//! use machinery::Config;
+//!
+//! let config = Config::default();
+//! assert_eq!(config.broker, "memory://");
+//! assert_eq!(config.default_queue, "machinery_tasks");
+//! assert_eq!(config.results_expire_in, 3600);
+//! ```
+
+mod env;
+mod file;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Why a configuration could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// An environment variable has a value of the wrong kind.
+    #[error("environment variable {var}={value:?}: expected {expected}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
+    },
+    /// A configuration file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration file could not be parsed.
+    #[error("cannot parse configuration file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A configuration file has an extension we do not read.
+    #[error("configuration file {path}: unknown format; expected a .yaml, .yml or .toml file")]
+    Format {
+        /// The file.
+        path: String,
+    },
+    /// A broker or backend URL with a scheme this build does not support.
+    #[error("{role} URL {url:?}: unsupported scheme; this build supports {supported}")]
+    UnknownScheme {
+        /// `broker` or `result backend`.
+        role: &'static str,
+        /// The URL.
+        url: String,
+        /// The schemes this build supports, e.g. `memory://, redis://`.
+        supported: String,
+    },
+    /// A URL that does not parse.
+    #[error("{role} URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// `broker` or `result backend`.
+        role: &'static str,
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole configuration of a [`Server`](crate::Server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct Config {
+    /// Broker URL: `memory://` (in-process, the default), `redis://…`, `amqp://…`, … (env `BROKER`).
+    pub broker: String,
+    /// Lock URL for periodic tasks (env `LOCK`); empty means the broker's Redis if there is one.
+    pub lock: String,
+    /// Splits `broker` into several AMQP URLs tried in order (env `MULTIPLE_BROKER_SEPARATOR`, or Go's
+    /// misspelt `MULTIPLE_BROKEN_SEPARATOR`).
+    pub multiple_broker_separator: String,
+    /// The queue of signatures without a routing key, and of workers without a custom queue (env
+    /// `DEFAULT_QUEUE`).
+    pub default_queue: String,
+    /// Result backend URL: `memory://` (the default), `redis://…`, `amqp://…`, `memcache://…`, `null`
+    /// (env `RESULT_BACKEND`).
+    pub result_backend: String,
+    /// Seconds results are kept (env `RESULTS_EXPIRE_IN`; 0 means 3600, as in Go).
+    pub results_expire_in: u64,
+    /// AMQP settings.
+    pub amqp: AmqpConfig,
+    /// Redis settings.
+    pub redis: RedisConfig,
+    /// Do not handle SIGINT/SIGTERM in [`Worker::launch`](crate::Worker::launch) (env `NO_UNIX_SIGNALS`).
+    pub no_unix_signals: bool,
+    /// How many times a worker puts back a message whose task it does not know before it dead-letters it
+    /// (env `UNKNOWN_TASK_REQUEUES`). Go requeues forever.
+    pub unknown_task_requeues: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            broker: "memory://".into(),
+            lock: String::new(),
+            multiple_broker_separator: String::new(),
+            default_queue: "machinery_tasks".into(),
+            result_backend: "memory://".into(),
+            results_expire_in: 3600,
+            amqp: AmqpConfig::default(),
+            redis: RedisConfig::default(),
+            no_unix_signals: false,
+            unknown_task_requeues: 10,
+        }
+    }
+}
+
+impl Config {
+    /// The default configuration with these broker and result backend URLs.
+    pub fn new(broker: impl Into<String>, result_backend: impl Into<String>) -> Self {
+        Config {
+            broker: broker.into(),
+            result_backend: result_backend.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Sets the default queue.
+    pub fn with_default_queue(mut self, queue: impl Into<String>) -> Self {
+        self.default_queue = queue.into();
+        self
+    }
+
+    /// Results expire after this many seconds (0 means Go's default, 3600).
+    pub fn results_expire_in_secs(&self) -> u64 {
+        if self.results_expire_in == 0 {
+            3600
+        } else {
+            self.results_expire_in
+        }
+    }
+}
+
+/// AMQP (RabbitMQ) settings, Go's `AMQPConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct AmqpConfig {
+    /// Exchange name, declared durable (env `AMQP_EXCHANGE`).
+    pub exchange: String,
+    /// Exchange type; `direct` changes the routing (env `AMQP_EXCHANGE_TYPE`).
+    pub exchange_type: String,
+    /// Arguments of task queue declarations, e.g. `x-max-priority` (env `AMQP_QUEUE_DECLARE_ARGS`,
+    /// `k:v,k2:v2`).
+    pub queue_declare_args: Map<String, Value>,
+    /// Arguments of queue bindings (env `AMQP_QUEUE_BINDING_ARGS`, `k:v,k2:v2`).
+    pub queue_binding_args: Map<String, Value>,
+    /// The binding key of the worker's queue, and the default routing key on a direct exchange (env
+    /// `AMQP_BINDING_KEY`).
+    pub binding_key: String,
+    /// `basic.qos` prefetch per consumer; 0 means the worker's concurrency (env `AMQP_PREFETCH_COUNT`).
+    pub prefetch_count: u16,
+    /// Auto-delete the per-delay queues (env `AMQP_AUTO_DELETE`).
+    pub auto_delete: bool,
+    /// One fixed delay queue instead of one per delay (env `AMQP_DELAYED_QUEUE`).
+    pub delayed_queue: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            exchange: "machinery_exchange".into(),
+            exchange_type: "direct".into(),
+            queue_declare_args: Map::new(),
+            queue_binding_args: Map::new(),
+            binding_key: "machinery_task".into(),
+            prefetch_count: 3,
+            auto_delete: false,
+            delayed_queue: String::new(),
+        }
+    }
+}
+
+/// Redis settings, Go's `RedisConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// Idle connections kept (env `REDIS_MAX_IDLE`).
+    pub max_idle: u32,
+    /// Connection limit, 0 = unlimited (env `REDIS_MAX_ACTIVE`).
+    pub max_active: u32,
+    /// Seconds before an idle connection is closed (YAML `max_idle_timeout`, env `REDIS_IDLE_TIMEOUT`).
+    #[serde(rename = "max_idle_timeout")]
+    pub idle_timeout: u64,
+    /// Wait for a free connection when at `max_active` (env `REDIS_WAIT`).
+    pub wait: bool,
+    /// Read timeout in seconds (env `REDIS_READ_TIMEOUT`).
+    pub read_timeout: u64,
+    /// Write timeout in seconds (env `REDIS_WRITE_TIMEOUT`).
+    pub write_timeout: u64,
+    /// Connect timeout in seconds (env `REDIS_CONNECT_TIMEOUT`).
+    pub connect_timeout: u64,
+    /// Milliseconds a worker blocks waiting for a task (env `REDIS_NORMAL_TASKS_POLL_PERIOD`).
+    pub normal_tasks_poll_period: u64,
+    /// Milliseconds between polls of the delayed-task set (env `REDIS_DELAYED_TASKS_POLL_PERIOD`).
+    pub delayed_tasks_poll_period: u64,
+    /// The sorted set of delayed tasks (env `REDIS_DELAYED_TASKS_KEY`).
+    pub delayed_tasks_key: String,
+    /// `CLIENT SETNAME` of our connections (env `REDIS_CLIENT_NAME`).
+    pub client_name: String,
+    /// Sentinel master name (env `REDIS_MASTER_NAME`).
+    pub master_name: String,
+    /// Use Redis Cluster (env `REDIS_CLUSTER_ENABLED`, or v1's `REDIS_CLUSTER_MODE`).
+    #[serde(alias = "cluster_mode")]
+    pub cluster_enabled: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            max_idle: 3,
+            max_active: 0,
+            idle_timeout: 240,
+            wait: true,
+            read_timeout: 15,
+            write_timeout: 15,
+            connect_timeout: 15,
+            normal_tasks_poll_period: 1000,
+            delayed_tasks_poll_period: 500,
+            delayed_tasks_key: "delayed_tasks".into(),
+            client_name: String::new(),
+            master_name: String::new(),
+            cluster_enabled: false,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The [`Server`]: configuration, broker and result backend, and sending.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::backend::{self, Backend};
+use crate::broker::{self, Broker, Outgoing};
+use crate::config::Config;
+use crate::error::SendError;
+use crate::result::AsyncResult;
+use crate::signature::{new_task_uuid, Headers, Signature};
+use crate::state::TaskState;
+
+/// A handle to the broker and result backend named by a [`Config`]. Cheap to clone; share one per
+/// process.
+///
+/// ```
+/// # async fn demo() -> Result<(), machinery::Error> {
+/// use machinery::{Config, Server, Signature};
+///
+/// let server = Server::new(Config::default()).await?; // in-memory broker and backend
+/// let result = server.send(Signature::new("add")).await?;
+/// assert!(result.uuid().starts_with("task_"));
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn Backend>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("broker", &self.inner.broker)
+            .field("backend", &self.inner.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Connects to the broker and result backend that `config` names.
+    pub async fn new(config: Config) -> Result<Server, crate::Error> {
+        let broker = broker::connect(&config).await?;
+        let backend = backend::connect(&config).await?;
+        Ok(Server::from_parts(config, broker, backend))
+    }
+
+    /// A server over a broker and backend built by hand (custom implementations, tests).
+    pub fn from_parts(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn Backend>,
+    ) -> Server {
+        Server {
+            inner: Arc::new(Inner {
+                config,
+                broker,
+                backend,
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// The result backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// Sends a task: stores its PENDING state, then publishes it. The returned handle reads its result.
+    pub async fn send<T>(&self, signature: Signature<T>) -> Result<AsyncResult<T>, SendError> {
+        let mut signature = signature.erase();
+        self.publish(&mut signature).await?;
+        Ok(AsyncResult::new(
+            self.clone(),
+            signature.uuid,
+            signature.name,
+        ))
+    }
+
+    /// A handle to the result of a task sent earlier (by us, or by any client), by its id.
+    pub fn result<T>(&self, task_uuid: impl Into<String>) -> AsyncResult<T> {
+        AsyncResult::new(self.clone(), task_uuid.into(), String::new())
+    }
+
+    /// Fills in what Go's `SendTask` fills in (id, routing key, headers) and encodes the message.
+    pub(crate) fn prepare(&self, signature: &mut Signature) -> Result<Outgoing, SendError> {
+        if let Some(error) = &signature.encode_error {
+            return Err(SendError::Encode(error.clone()));
+        }
+        if signature.uuid.is_empty() {
+            signature.uuid = new_task_uuid();
+        }
+        signature.routing_key = self.inner.broker.route(&signature.routing_key);
+        let headers = signature.headers.get_or_insert_with(Headers::new).clone();
+        let body = signature.to_json().map_err(|source| SendError::Json {
+            task: signature.name.clone(),
+            source,
+        })?;
+        Ok(Outgoing {
+            uuid: signature.uuid.clone(),
+            name: signature.name.clone(),
+            routing_key: signature.routing_key.clone(),
+            body,
+            eta: signature.eta,
+            priority: signature.priority,
+            headers,
+        })
+    }
+
+    /// Stores PENDING and publishes; used for sends, callbacks and retries alike.
+    pub(crate) async fn publish(&self, signature: &mut Signature) -> Result<(), SendError> {
+        let outgoing = self.prepare(signature)?;
+        let pending = TaskState::pending(&signature.uuid, &signature.name);
+        self.inner
+            .backend
+            .set_state(&pending)
+            .await
+            .map_err(|source| SendError::Backend {
+                task: signature.name.clone(),
+                source,
+            })?;
+        self.inner
+            .broker
+            .publish(outgoing)
+            .await
+            .map_err(|source| SendError::Broker {
+                task: signature.name.clone(),
+                source,
+            })?;
+        tracing::debug!(task.name = %signature.name, task.uuid = %signature.uuid, queue = %signature.routing_key, "sent task");
+        Ok(())
+    }
+}

@@ -1,0 +1,624 @@
+//! The task message: Go machinery's `tasks.Signature`, its `Arg`s and `Headers`.
+//!
+//! [`Signature<T>`] is both the wire struct and the typed handle users build with `my_task::signature(..)`:
+//! `T` is the Rust type the task returns, so sending it gives an [`AsyncResult<T>`](crate::AsyncResult). It
+//! serializes with Go's exact keys, in Go's order, every key present; it reads Go's JSON tolerantly (keys in
+//! any case, `null`s, unknown keys). The default `T = serde_json::Value` is the untyped form used for
+//! callbacks nested in other messages and for messages built by task name.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::gotime;
+use crate::wire::{wire_fields, Lenient};
+
+/// The free-form `Headers` map of a signature. Go's tracing stores string values here; we keep every
+/// value, understood or not, when a message is re-published.
+pub type Headers = serde_json::Map<String, Value>;
+
+/// One task argument: `{"Name": "", "Type": "int64", "Value": 1}`.
+///
+/// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](crate::args::TypeTag)).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Arg {
+    /// The parameter name, informational only.
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// The Go type tag, e.g. `int64`, `[]string`, or `json`.
+    #[serde(rename = "Type")]
+    pub type_tag: String,
+    /// The JSON value.
+    #[serde(rename = "Value")]
+    pub value: Value,
+}
+
+impl Arg {
+    /// An argument with the given name, type tag and value.
+    pub fn new(name: impl Into<String>, type_tag: impl Into<String>, value: Value) -> Self {
+        Arg {
+            name: name.into(),
+            type_tag: type_tag.into(),
+            value,
+        }
+    }
+}
+
+wire_fields!(
+    enum ArgField {
+        Name = "Name",
+        Type = "Type",
+        Value = "Value",
+    }
+);
+
+impl<'de> Deserialize<'de> for Arg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ArgVisitor;
+        impl<'de> Visitor<'de> for ArgVisitor {
+            type Value = Arg;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a machinery Arg object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Arg, A::Error> {
+                let mut arg = Arg::new("", "", Value::Null);
+                while let Some(key) = map.next_key::<ArgField>()? {
+                    match key {
+                        ArgField::Name => arg.name = map.next_value::<Lenient<String>>()?.0,
+                        ArgField::Type => arg.type_tag = map.next_value::<Lenient<String>>()?.0,
+                        ArgField::Value => arg.value = map.next_value()?,
+                        ArgField::Unknown => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(arg)
+            }
+        }
+        d.deserialize_map(ArgVisitor)
+    }
+}
+
+/// A task message, wire-compatible with Go machinery's `tasks.Signature`.
+///
+/// Build typed ones with the functions `#[task]` generates (`add::signature(1, 2)`), or untyped ones by
+/// name with [`Signature::new`]. Builder methods set the options:
+///
+/// ```
+/// use std::time::Duration;
+/// use machinery::Signature;
+///
+/// let sig = Signature::new("add")
+///     .routing_key("math")
+///     .countdown(Duration::from_secs(5))
+///     .retries(3)
+///     .priority(7)
+///     .header("tenant", "acme");
+/// assert_eq!(sig.retry_count, 3);
+/// assert!(sig.eta.is_some());
+/// ```
+pub struct Signature<T = Value> {
+    /// The task id: `task_<uuid4>` (chord callbacks `chord_<uuid4>`); filled in when sent if empty.
+    pub uuid: String,
+    /// The registered task name the worker looks up.
+    pub name: String,
+    /// The queue (Redis list / AMQP routing key); empty means the default.
+    pub routing_key: String,
+    /// Run no earlier than this instant.
+    pub eta: Option<DateTime<Utc>>,
+    /// The group this task belongs to, `group_<uuid4>`, or empty.
+    pub group_uuid: String,
+    /// The number of tasks in that group.
+    pub group_task_count: u32,
+    /// The arguments, in parameter order.
+    pub args: Vec<Arg>,
+    /// Free-form headers; `None` is written as `null` (Go's nil map).
+    pub headers: Option<Headers>,
+    /// The AMQP message priority (0–255).
+    pub priority: u8,
+    /// If set, this task's results are not appended to the arguments of its `OnSuccess` callbacks.
+    pub immutable: bool,
+    /// How many more times the task is retried after a failure.
+    pub retry_count: u32,
+    /// The last retry delay in seconds; the next is the next Fibonacci number.
+    pub retry_timeout: u32,
+    /// Sent after success, with this task's results appended (unless it is immutable). Chains nest here.
+    pub on_success: Vec<Signature>,
+    /// Sent after the final failure, with the error text prepended as a `string` argument.
+    pub on_error: Vec<Signature>,
+    /// The chord callback, carried by every member of a chord's group.
+    pub chord_callback: Option<Box<Signature>>,
+    /// SQS FIFO message group id (kept for Go compatibility).
+    pub broker_message_group_id: String,
+    /// SQS receipt handle (kept for Go compatibility).
+    pub sqs_receipt_handle: String,
+    /// SQS: keep the message after a final failure (kept for Go compatibility).
+    pub stop_task_deletion_on_error: bool,
+    /// A worker that does not know this task drops the message instead of requeueing it.
+    pub ignore_when_task_not_registered: bool,
+    /// An argument that could not be encoded; `send` reports it.
+    pub(crate) encode_error: Option<String>,
+    _output: PhantomData<fn() -> T>,
+}
+
+impl Signature {
+    /// An untyped signature for the task registered as `name`, with no arguments.
+    pub fn new(name: impl Into<String>) -> Self {
+        Signature::with_args(name, Vec::new())
+    }
+}
+
+impl<T> Signature<T> {
+    /// A signature for the task `name` with these arguments.
+    pub fn with_args(name: impl Into<String>, args: Vec<Arg>) -> Self {
+        Signature {
+            uuid: String::new(),
+            name: name.into(),
+            routing_key: String::new(),
+            eta: None,
+            group_uuid: String::new(),
+            group_task_count: 0,
+            args,
+            headers: None,
+            priority: 0,
+            immutable: false,
+            retry_count: 0,
+            retry_timeout: 0,
+            on_success: Vec::new(),
+            on_error: Vec::new(),
+            chord_callback: None,
+            broker_message_group_id: String::new(),
+            sqs_receipt_handle: String::new(),
+            stop_task_deletion_on_error: false,
+            ignore_when_task_not_registered: false,
+            encode_error: None,
+            _output: PhantomData,
+        }
+    }
+
+    /// The same message with another output type.
+    pub fn retype<U>(self) -> Signature<U> {
+        Signature {
+            uuid: self.uuid,
+            name: self.name,
+            routing_key: self.routing_key,
+            eta: self.eta,
+            group_uuid: self.group_uuid,
+            group_task_count: self.group_task_count,
+            args: self.args,
+            headers: self.headers,
+            priority: self.priority,
+            immutable: self.immutable,
+            retry_count: self.retry_count,
+            retry_timeout: self.retry_timeout,
+            on_success: self.on_success,
+            on_error: self.on_error,
+            chord_callback: self.chord_callback,
+            broker_message_group_id: self.broker_message_group_id,
+            sqs_receipt_handle: self.sqs_receipt_handle,
+            stop_task_deletion_on_error: self.stop_task_deletion_on_error,
+            ignore_when_task_not_registered: self.ignore_when_task_not_registered,
+            encode_error: self.encode_error,
+            _output: PhantomData,
+        }
+    }
+
+    /// The untyped form, as nested callbacks carry it.
+    pub fn erase(self) -> Signature {
+        self.retype()
+    }
+
+    /// Sets the task id (normally generated when sent).
+    pub fn with_uuid(mut self, uuid: impl Into<String>) -> Self {
+        self.uuid = uuid.into();
+        self
+    }
+
+    /// Sends the task to this queue (Redis list, AMQP routing key) instead of the default one.
+    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
+        self.routing_key = key.into();
+        self
+    }
+
+    /// Runs the task no earlier than `eta`.
+    pub fn eta(mut self, eta: DateTime<Utc>) -> Self {
+        self.eta = Some(eta);
+        self
+    }
+
+    /// Runs the task no earlier than `delay` from now.
+    pub fn countdown(mut self, delay: Duration) -> Self {
+        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        self.eta = Utc::now().checked_add_signed(delay);
+        self
+    }
+
+    /// Retries the task up to `count` times after a failure (Fibonacci back-off unless the task says
+    /// otherwise).
+    pub fn retries(mut self, count: u32) -> Self {
+        self.retry_count = count;
+        self
+    }
+
+    /// Sets the retry delay that the back-off starts from (whole seconds on the wire, rounded up).
+    pub fn retry_timeout(mut self, timeout: Duration) -> Self {
+        let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        self.retry_timeout = u32::try_from(secs).unwrap_or(u32::MAX);
+        self
+    }
+
+    /// Sets the AMQP priority (brokers without priorities ignore it).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.headers
+            .get_or_insert_with(Headers::new)
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// Marks the task immutable: its results are not appended to its `OnSuccess` callbacks' arguments.
+    pub fn immutable(mut self) -> Self {
+        self.immutable = true;
+        self
+    }
+
+    /// Adds a callback sent after this task succeeds (with its results appended unless it is immutable).
+    pub fn on_success<U>(mut self, callback: Signature<U>) -> Self {
+        self.on_success.push(callback.erase());
+        self
+    }
+
+    /// Adds a callback sent after this task finally fails, with the error text as its first argument.
+    pub fn on_error<U>(mut self, callback: Signature<U>) -> Self {
+        self.on_error.push(callback.erase());
+        self
+    }
+
+    /// A header's value, if it is present.
+    pub fn header_value(&self, key: &str) -> Option<&Value> {
+        self.headers.as_ref().and_then(|h| h.get(key))
+    }
+
+    /// Encodes the message as Go machinery's JSON.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// Decodes a message from JSON, tolerantly.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    pub(crate) fn set_encode_error(&mut self, error: String) {
+        self.encode_error.get_or_insert(error);
+    }
+}
+
+/// A new task id, `task_<uuid4>`.
+pub fn new_task_uuid() -> String {
+    format!("task_{}", uuid::Uuid::new_v4())
+}
+
+/// A new group id, `group_<uuid4>`.
+pub fn new_group_uuid() -> String {
+    format!("group_{}", uuid::Uuid::new_v4())
+}
+
+/// A new chord callback id, `chord_<uuid4>`.
+pub fn new_chord_uuid() -> String {
+    format!("chord_{}", uuid::Uuid::new_v4())
+}
+
+impl<T> Clone for Signature<T> {
+    fn clone(&self) -> Self {
+        Signature {
+            uuid: self.uuid.clone(),
+            name: self.name.clone(),
+            routing_key: self.routing_key.clone(),
+            eta: self.eta,
+            group_uuid: self.group_uuid.clone(),
+            group_task_count: self.group_task_count,
+            args: self.args.clone(),
+            headers: self.headers.clone(),
+            priority: self.priority,
+            immutable: self.immutable,
+            retry_count: self.retry_count,
+            retry_timeout: self.retry_timeout,
+            on_success: self.on_success.clone(),
+            on_error: self.on_error.clone(),
+            chord_callback: self.chord_callback.clone(),
+            broker_message_group_id: self.broker_message_group_id.clone(),
+            sqs_receipt_handle: self.sqs_receipt_handle.clone(),
+            stop_task_deletion_on_error: self.stop_task_deletion_on_error,
+            ignore_when_task_not_registered: self.ignore_when_task_not_registered,
+            encode_error: self.encode_error.clone(),
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<T> PartialEq for Signature<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.uuid == other.uuid
+            && self.name == other.name
+            && self.routing_key == other.routing_key
+            && self.eta == other.eta
+            && self.group_uuid == other.group_uuid
+            && self.group_task_count == other.group_task_count
+            && self.args == other.args
+            && self.headers == other.headers
+            && self.priority == other.priority
+            && self.immutable == other.immutable
+            && self.retry_count == other.retry_count
+            && self.retry_timeout == other.retry_timeout
+            && self.on_success == other.on_success
+            && self.on_error == other.on_error
+            && self.chord_callback == other.chord_callback
+            && self.broker_message_group_id == other.broker_message_group_id
+            && self.sqs_receipt_handle == other.sqs_receipt_handle
+            && self.stop_task_deletion_on_error == other.stop_task_deletion_on_error
+            && self.ignore_when_task_not_registered == other.ignore_when_task_not_registered
+    }
+}
+
+impl<T> fmt::Debug for Signature<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Signature");
+        s.field("uuid", &self.uuid).field("name", &self.name);
+        if !self.routing_key.is_empty() {
+            s.field("routing_key", &self.routing_key);
+        }
+        if let Some(eta) = &self.eta {
+            s.field("eta", eta);
+        }
+        if !self.group_uuid.is_empty() {
+            s.field("group_uuid", &self.group_uuid)
+                .field("group_task_count", &self.group_task_count);
+        }
+        s.field("args", &self.args);
+        if self.retry_count > 0 {
+            s.field("retry_count", &self.retry_count)
+                .field("retry_timeout", &self.retry_timeout);
+        }
+        if !self.on_success.is_empty() {
+            s.field("on_success", &self.on_success);
+        }
+        if !self.on_error.is_empty() {
+            s.field("on_error", &self.on_error);
+        }
+        if let Some(cb) = &self.chord_callback {
+            s.field("chord_callback", cb);
+        }
+        s.finish_non_exhaustive()
+    }
+}
+
+/// `[]` and Go's nil slice are the same to every reader; we write Go's `null` for an empty list.
+struct NullIfEmpty<'a, E>(&'a [E]);
+
+impl<E: Serialize> Serialize for NullIfEmpty<'_, E> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_empty() {
+            s.serialize_none()
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+struct EtaField<'a>(&'a Option<DateTime<Utc>>);
+
+impl Serialize for EtaField<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        gotime::serialize_opt(self.0, s)
+    }
+}
+
+impl<T> Serialize for Signature<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Signature", 19)?;
+        st.serialize_field("UUID", &self.uuid)?;
+        st.serialize_field("Name", &self.name)?;
+        st.serialize_field("RoutingKey", &self.routing_key)?;
+        st.serialize_field("ETA", &EtaField(&self.eta))?;
+        st.serialize_field("GroupUUID", &self.group_uuid)?;
+        st.serialize_field("GroupTaskCount", &self.group_task_count)?;
+        st.serialize_field("Args", &NullIfEmpty(&self.args))?;
+        st.serialize_field("Headers", &self.headers)?;
+        st.serialize_field("Priority", &self.priority)?;
+        st.serialize_field("Immutable", &self.immutable)?;
+        st.serialize_field("RetryCount", &self.retry_count)?;
+        st.serialize_field("RetryTimeout", &self.retry_timeout)?;
+        st.serialize_field("OnSuccess", &NullIfEmpty(&self.on_success))?;
+        st.serialize_field("OnError", &NullIfEmpty(&self.on_error))?;
+        st.serialize_field("ChordCallback", &self.chord_callback)?;
+        st.serialize_field("BrokerMessageGroupId", &self.broker_message_group_id)?;
+        st.serialize_field("SQSReceiptHandle", &self.sqs_receipt_handle)?;
+        st.serialize_field("StopTaskDeletionOnError", &self.stop_task_deletion_on_error)?;
+        st.serialize_field(
+            "IgnoreWhenTaskNotRegistered",
+            &self.ignore_when_task_not_registered,
+        )?;
+        st.end()
+    }
+}
+
+wire_fields!(
+    enum SigField {
+        Uuid = "UUID",
+        Name = "Name",
+        RoutingKey = "RoutingKey",
+        Eta = "ETA",
+        GroupUuid = "GroupUUID",
+        GroupTaskCount = "GroupTaskCount",
+        Args = "Args",
+        Headers = "Headers",
+        Priority = "Priority",
+        Immutable = "Immutable",
+        RetryCount = "RetryCount",
+        RetryTimeout = "RetryTimeout",
+        OnSuccess = "OnSuccess",
+        OnError = "OnError",
+        ChordCallback = "ChordCallback",
+        BrokerMessageGroupId = "BrokerMessageGroupId",
+        SqsReceiptHandle = "SQSReceiptHandle",
+        StopTaskDeletionOnError = "StopTaskDeletionOnError",
+        IgnoreWhenTaskNotRegistered = "IgnoreWhenTaskNotRegistered",
+    }
+);
+
+struct EtaValue(Option<DateTime<Utc>>);
+
+impl<'de> Deserialize<'de> for EtaValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        gotime::deserialize_opt(d).map(EtaValue)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Signature<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SigVisitor<T>(PhantomData<fn() -> T>);
+        impl<'de, T> Visitor<'de> for SigVisitor<T> {
+            type Value = Signature<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a machinery Signature object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signature<T>, A::Error> {
+                let mut sig = Signature::with_args(String::new(), Vec::new());
+                while let Some(key) = map.next_key::<SigField>()? {
+                    match key {
+                        SigField::Uuid => sig.uuid = map.next_value::<Lenient<String>>()?.0,
+                        SigField::Name => sig.name = map.next_value::<Lenient<String>>()?.0,
+                        SigField::RoutingKey => {
+                            sig.routing_key = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::Eta => sig.eta = map.next_value::<EtaValue>()?.0,
+                        SigField::GroupUuid => {
+                            sig.group_uuid = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::GroupTaskCount => {
+                            sig.group_task_count = map.next_value::<Lenient<u32>>()?.0
+                        }
+                        SigField::Args => {
+                            sig.args = map.next_value::<Option<Vec<Arg>>>()?.unwrap_or_default()
+                        }
+                        SigField::Headers => sig.headers = map.next_value()?,
+                        SigField::Priority => sig.priority = map.next_value::<Lenient<u8>>()?.0,
+                        SigField::Immutable => sig.immutable = map.next_value::<Lenient<bool>>()?.0,
+                        SigField::RetryCount => {
+                            sig.retry_count = map.next_value::<Lenient<u32>>()?.0
+                        }
+                        SigField::RetryTimeout => {
+                            sig.retry_timeout = map.next_value::<Lenient<u32>>()?.0
+                        }
+                        SigField::OnSuccess => {
+                            sig.on_success = map
+                                .next_value::<Option<Vec<Signature>>>()?
+                                .unwrap_or_default()
+                        }
+                        SigField::OnError => {
+                            sig.on_error = map
+                                .next_value::<Option<Vec<Signature>>>()?
+                                .unwrap_or_default()
+                        }
+                        SigField::ChordCallback => sig.chord_callback = map.next_value()?,
+                        SigField::BrokerMessageGroupId => {
+                            sig.broker_message_group_id = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::SqsReceiptHandle => {
+                            sig.sqs_receipt_handle = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::StopTaskDeletionOnError => {
+                            sig.stop_task_deletion_on_error = map.next_value::<Lenient<bool>>()?.0
+                        }
+                        SigField::IgnoreWhenTaskNotRegistered => {
+                            sig.ignore_when_task_not_registered =
+                                map.next_value::<Lenient<bool>>()?.0
+                        }
+                        SigField::Unknown => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(sig)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Signature<T>, E> {
+                Err(E::custom("a machinery Signature cannot be null"))
+            }
+        }
+        d.deserialize_map(SigVisitor(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_keys_in_any_case_and_ignores_unknown_ones() {
+        let sig: Signature = serde_json::from_str(
+            r#"{"uuid":"task_1","name":"add","args":[{"type":"int64","value":1}],"extra":{"x":1},"retrycount":2}"#,
+        )
+        .unwrap();
+        assert_eq!(sig.uuid, "task_1");
+        assert_eq!(sig.name, "add");
+        assert_eq!(sig.args, vec![Arg::new("", "int64", json!(1))]);
+        assert_eq!(sig.retry_count, 2);
+    }
+
+    #[test]
+    fn nulls_are_zero_values() {
+        let sig: Signature = serde_json::from_str(
+            r#"{"UUID":null,"Name":"x","ETA":null,"Args":null,"Headers":null,"OnSuccess":null,"Priority":null}"#,
+        )
+        .unwrap();
+        assert_eq!(sig.uuid, "");
+        assert!(sig.args.is_empty() && sig.headers.is_none() && sig.eta.is_none());
+    }
+
+    #[test]
+    fn writes_every_key_in_go_order() {
+        let json = String::from_utf8(Signature::new("add").with_uuid("task_1").to_json().unwrap())
+            .unwrap();
+        assert_eq!(
+            json,
+            r#"{"UUID":"task_1","Name":"add","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":null,"Headers":null,"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        assert!(Signature::<Value>::from_json(b"not json").is_err());
+        assert!(Signature::<Value>::from_json(b"null").is_err());
+        assert!(Signature::<Value>::from_json(br#"{"ETA":"tomorrow"}"#).is_err());
+        assert!(Signature::<Value>::from_json(br#"{"Priority":300}"#).is_err());
+    }
+
+    #[test]
+    fn retry_timeout_rounds_up_to_whole_seconds() {
+        assert_eq!(
+            Signature::new("x")
+                .retry_timeout(Duration::from_millis(1500))
+                .retry_timeout,
+            2
+        );
+        assert_eq!(
+            Signature::new("x")
+                .retry_timeout(Duration::from_secs(3))
+                .retry_timeout,
+            3
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! What a worker does with one delivery: decode it, run the task, store the outcome, send follow-up
+//! tasks (callbacks, chord callback, retry), and only then acknowledge it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+
+use super::registry::Registry;
+use super::Hooks;
+use crate::backend::BackendError;
+use crate::broker::Delivery;
+use crate::retry::{fibonacci_next, Backoff};
+use crate::signature::{Arg, Signature};
+use crate::state::{State, TaskResult, TaskState};
+use crate::task::{FailureKind, TaskContext, TaskDef, TaskFailure, TaskOutcome};
+use crate::Server;
+
+/// The header in which a worker counts how often it put back a message whose task it does not know.
+pub const UNKNOWN_TASK_REQUEUES_HEADER: &str = "machinery_unknown_task_requeues";
+
+/// What every delivery of one worker needs.
+pub(crate) struct WorkerContext {
+    pub(crate) server: Server,
+    pub(crate) registry: Registry,
+    pub(crate) queue: String,
+    pub(crate) hooks: Hooks,
+}
+
+impl std::error::Error for TaskFailure {}
+
+pub(crate) async fn process(ctx: &WorkerContext, delivery: Delivery) {
+    let signature = match Signature::from_json(&delivery.body) {
+        Ok(signature) => signature,
+        Err(error) => {
+            let reason = format!("malformed message: {error}");
+            tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a message that is not a task signature");
+            settle("dead-letter", delivery.dead_letter(reason)).await;
+            return;
+        }
+    };
+    let Some(def) = ctx.registry.get(&signature.name) else {
+        unknown_task(ctx, signature, delivery).await;
+        return;
+    };
+    let span = tracing::info_span!(
+        "task",
+        task.name = %signature.name,
+        task.uuid = %signature.uuid,
+        task.retry = signature.retry_count,
+        queue = %ctx.queue,
+        outcome = tracing::field::Empty,
+    );
+    run_task(ctx, def, signature, delivery)
+        .instrument(span)
+        .await;
+}
+
+/// Go requeues unknown tasks forever (a busy loop); we requeue a bounded number of times, counting in a
+/// header, so that another worker that knows the task can take it, then dead-letter it.
+async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Delivery) {
+    if signature.ignore_when_task_not_registered {
+        tracing::info!(task.name = %signature.name, task.uuid = %signature.uuid, "dropping a task this worker does not know (IgnoreWhenTaskNotRegistered)");
+        settle("ack", delivery.ack()).await;
+        return;
+    }
+    let requeues = signature
+        .header_value(UNKNOWN_TASK_REQUEUES_HEADER)
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let limit = u64::from(ctx.server.config().unknown_task_requeues);
+    if requeues >= limit {
+        let reason = format!(
+            "unknown task name {:?}: no worker on queue {} knows it (requeued {requeues} times; this worker knows {})",
+            signature.name,
+            ctx.queue,
+            ctx.registry.names().join(", ")
+        );
+        tracing::warn!(task.uuid = %signature.uuid, %reason, "dead-lettering a task no worker knows");
+        settle("dead-letter", delivery.dead_letter(reason)).await;
+        return;
+    }
+    let signature = signature.header(UNKNOWN_TASK_REQUEUES_HEADER, requeues + 1);
+    match signature.to_json() {
+        Ok(body) => {
+            tracing::debug!(task.name = %signature.name, requeues = requeues + 1, "requeueing a task this worker does not know");
+            settle("requeue", delivery.requeue(body)).await;
+        }
+        Err(error) => {
+            settle(
+                "dead-letter",
+                delivery.dead_letter(format!("cannot re-encode message: {error}")),
+            )
+            .await
+        }
+    }
+}
+
+async fn run_task(
+    ctx: &WorkerContext,
+    def: &'static TaskDef,
+    signature: Signature,
+    delivery: Delivery,
+) {
+    let backend = ctx.server.backend();
+    let name = signature.name.clone();
+    let uuid = signature.uuid.clone();
+    if let Err(error) = backend.set_state(&TaskState::received(&uuid, &name)).await {
+        tracing::warn!(%error, "cannot store RECEIVED");
+    }
+    if let Err(error) = backend.set_state(&TaskState::started(&uuid, &name)).await {
+        tracing::warn!(%error, "cannot store STARTED");
+    }
+    if let Some(hook) = &ctx.hooks.pre_task {
+        hook(&signature);
+    }
+    let signature = Arc::new(signature);
+    let outcome = call(ctx, def, signature.clone()).await;
+    let final_state = match outcome {
+        Ok(results) => succeeded(ctx, &signature, results).await,
+        Err(failure) => failed(ctx, &signature, failure).await,
+    };
+    let Some(final_state) = final_state else {
+        // The outcome could not be stored: leave the task to run again rather than lose it.
+        tracing::error!("the outcome could not be stored; the message goes back to the queue");
+        settle("requeue", delivery.requeue(signature_body(&signature))).await;
+        return;
+    };
+    tracing::Span::current().record("outcome", final_state.state.as_str());
+    if let Some(hook) = &ctx.hooks.post_task {
+        hook(&signature, &final_state);
+    }
+    settle("ack", delivery.ack()).await;
+}
+
+fn signature_body(signature: &Signature) -> Vec<u8> {
+    signature.to_json().unwrap_or_default()
+}
+
+/// Runs the handler in its own task, so that a panic becomes a FAILURE and a time limit can cancel it.
+async fn call(
+    ctx: &WorkerContext,
+    def: &'static TaskDef,
+    signature: Arc<Signature>,
+) -> TaskOutcome {
+    let task_context = TaskContext::new(signature.clone(), ctx.server.clone());
+    let args: Vec<Arg> = signature.args.clone();
+    let handle = AbortOnDropHandle::new(tokio::spawn(
+        (def.handler)(task_context, args).in_current_span(),
+    ));
+    let joined = match def.options.timeout {
+        Some(limit) => match tokio::time::timeout(limit, handle).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                return Err(TaskFailure::new(
+                    FailureKind::TimeLimit,
+                    format!(
+                        "task {} exceeded its time limit of {limit:?} and was cancelled",
+                        def.name
+                    ),
+                ))
+            }
+        },
+        None => handle.await,
+    };
+    match joined {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_panic() => {
+            let payload = error.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "task panicked".to_owned());
+            Err(TaskFailure::new(FailureKind::Panic, message))
+        }
+        Err(error) => Err(TaskFailure::new(
+            FailureKind::Panic,
+            format!("task was cancelled: {error}"),
+        )),
+    }
+}
+
+/// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member.
+async fn succeeded(
+    ctx: &WorkerContext,
+    signature: &Signature,
+    results: Vec<TaskResult>,
+) -> Option<TaskState> {
+    let state = TaskState::success(&signature.uuid, &signature.name, results.clone());
+    store_final(ctx, &state).await.ok()?;
+    tracing::debug!("task succeeded");
+    for callback in &signature.on_success {
+        let mut callback = callback.clone();
+        if !signature.immutable {
+            callback.args.extend(results.iter().map(result_arg));
+        }
+        send_follow_up(ctx, "OnSuccess callback", &mut callback).await;
+    }
+    group_member_finished(ctx, signature).await;
+    Some(state)
+}
+
+/// Retries the task if it may be retried, else stores FAILURE and sends the error callbacks.
+async fn failed(
+    ctx: &WorkerContext,
+    signature: &Signature,
+    failure: TaskFailure,
+) -> Option<TaskState> {
+    if failure.is_retryable() && signature.retry_count > 0 {
+        return retry(ctx, signature, &failure).await;
+    }
+    let state = TaskState::failure(&signature.uuid, &signature.name, failure.message.clone());
+    store_final(ctx, &state).await.ok()?;
+    tracing::info!(error = %failure.message, kind = ?failure.kind, "task failed");
+    ctx.hooks.error(&failure);
+    for callback in &signature.on_error {
+        let mut callback = callback.clone();
+        callback
+            .args
+            .insert(0, Arg::new("", "string", failure.message.clone().into()));
+        send_follow_up(ctx, "OnError callback", &mut callback).await;
+    }
+    group_member_finished(ctx, signature).await;
+    Some(state)
+}
+
+/// Go's retry: RETRY state, one retry fewer, the next Fibonacci delay (or the delay the task asked for),
+/// and the same message (same id) again with an ETA.
+async fn retry(
+    ctx: &WorkerContext,
+    signature: &Signature,
+    failure: &TaskFailure,
+) -> Option<TaskState> {
+    let state = TaskState::retry(&signature.uuid, &signature.name);
+    store_final(ctx, &state).await.ok()?;
+    let mut again = signature.clone();
+    again.retry_count -= 1;
+    let delay = match failure.retry_after {
+        Some(delay) => delay,
+        None => {
+            again.retry_timeout = fibonacci_next(again.retry_timeout);
+            Duration::from_secs(u64::from(again.retry_timeout))
+        }
+    };
+    again.eta =
+        Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX));
+    tracing::info!(error = %failure.message, retry_in = ?delay, retries_left = again.retry_count, "task failed; retrying");
+    match ctx.server.publish(&mut again).await {
+        Ok(()) => Some(state),
+        Err(error) => {
+            tracing::error!(%error, "cannot schedule the retry");
+            ctx.hooks.error(&error);
+            None
+        }
+    }
+}
+
+/// A group member finished: if it was the last, and the group is a chord, send the callback with the
+/// members' results in group order.
+async fn group_member_finished(ctx: &WorkerContext, signature: &Signature) {
+    if signature.group_uuid.is_empty() {
+        return;
+    }
+    let Some(callback) = &signature.chord_callback else {
+        return;
+    };
+    let backend = ctx.server.backend();
+    let fire = retry_io("complete group member", || {
+        backend.complete_group_member(
+            &signature.group_uuid,
+            &signature.uuid,
+            signature.group_task_count,
+        )
+    })
+    .await;
+    match fire {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(error) => {
+            tracing::error!(%error, group = %signature.group_uuid, "cannot record chord progress; the chord callback may not fire");
+            ctx.hooks.error(&error);
+            return;
+        }
+    }
+    let states = match backend.group_states(&signature.group_uuid).await {
+        Ok(states) => states,
+        Err(error) => {
+            tracing::error!(%error, group = %signature.group_uuid, "cannot read the group's states; the chord callback is not sent");
+            ctx.hooks.error(&error);
+            return;
+        }
+    };
+    if let Some(failed) = states.iter().find(|s| s.state != State::Success) {
+        tracing::warn!(group = %signature.group_uuid, member = %failed.task_uuid, error = %failed.error, "a chord member failed; the chord callback is not sent");
+        return;
+    }
+    let mut callback = (**callback).clone();
+    if !callback.immutable {
+        for state in &states {
+            callback
+                .args
+                .extend(state.results.iter().flatten().map(result_arg));
+        }
+    }
+    send_follow_up(ctx, "chord callback", &mut callback).await;
+}
+
+fn result_arg(result: &TaskResult) -> Arg {
+    Arg::new("", result.type_tag.clone(), result.value.clone())
+}
+
+async fn send_follow_up(ctx: &WorkerContext, what: &str, signature: &mut Signature) {
+    if let Err(error) = ctx.server.publish(signature).await {
+        tracing::error!(%error, callback = %signature.name, "cannot send the {what}");
+        ctx.hooks.error(&error);
+    }
+}
+
+/// Stores a final state, retrying for a while: acknowledging without it would lose the outcome.
+async fn store_final(ctx: &WorkerContext, state: &TaskState) -> Result<(), BackendError> {
+    let backend = ctx.server.backend();
+    retry_io("store final state", || backend.set_state(state))
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, state = %state.state, "cannot store the task's state");
+            ctx.hooks.error(&error);
+            error
+        })
+}
+
+async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut attempts = 0;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(error @ BackendError::NotStored { .. }) => return Err(error),
+            Err(error) if attempts >= 6 => return Err(error),
+            Err(error) => {
+                attempts += 1;
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "{what} failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn settle<F: Future<Output = Result<(), crate::broker::BrokerError>>>(what: &str, op: F) {
+    if let Err(error) = op.await {
+        tracing::warn!(%error, "cannot {what} the message; the broker will deliver it again");
+    }
+}

@@ -1,0 +1,103 @@
+//! The worker loop: fetch as many messages as there are free slots, run each in its own task, and on
+//! shutdown drain or cancel what runs and close the consumer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::process::{self, WorkerContext};
+use super::Stopped;
+use crate::broker::Consumer;
+use crate::retry::Backoff;
+
+/// The most messages fetched in one call, however many slots are free.
+const MAX_BATCH: usize = 128;
+
+pub(super) async fn run(
+    context: Arc<WorkerContext>,
+    mut consumer: Box<dyn Consumer>,
+    concurrency: usize,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) -> Stopped {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut running = JoinSet::new();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        while let Some(done) = running.try_join_next() {
+            report_crash(done);
+        }
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        let batch = tokio::select! {
+            batch = consumer.next_batch(permits.len()) => batch,
+            _ = stop.cancelled() => break,
+        };
+        match batch {
+            Ok(deliveries) => {
+                backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+                for (delivery, permit) in deliveries.into_iter().zip(permits) {
+                    let context = context.clone();
+                    running.spawn(async move {
+                        process::process(&context, delivery).await;
+                        drop(permit);
+                    });
+                }
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, queue = %context.queue, "fetching from the broker failed");
+                context.hooks.error(&error);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+    }
+
+    tracing::info!(queue = %context.queue, running = running.len(), "worker stopping; waiting for running tasks");
+    let mut aborted = 0;
+    loop {
+        tokio::select! {
+            done = running.join_next() => match done {
+                Some(done) => report_crash(done),
+                None => break,
+            },
+            _ = abort.cancelled() => {
+                aborted = running.len();
+                running.abort_all();
+                while running.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    if let Err(error) = consumer.close().await {
+        tracing::warn!(%error, queue = %context.queue, "closing the consumer failed; unfinished messages return when the broker notices");
+    }
+    tracing::info!(queue = %context.queue, aborted, "worker stopped");
+    Stopped { aborted }
+}
+
+fn report_crash(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done {
+        if error.is_panic() {
+            tracing::error!(%error, "a worker task panicked outside the task itself; its message returns to the queue");
+        }
+    }
+}

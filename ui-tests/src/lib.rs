@@ -1,0 +1,1 @@
+//! trybuild cases of the `#[task]` attribute live in `tests/`.
