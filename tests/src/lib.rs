@@ -1,1 +1,100 @@
-//! Shared helpers of the integration tests.
+//! Shared helpers of the integration tests in `tests/tests/`.
+//!
+//! Service-backed tests call [`require`] first. When the server is unreachable the test fails if
+//! `CI=true` or `MACHINERY_REQUIRE_SERVICES=1` (the README's test command sets it); otherwise it prints a
+//! loud `SKIPPED` line and returns early, so a developer without the servers can still run the rest.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// A server the tests may need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Redis on `MACHINERY_TEST_REDIS_ADDR` (default `127.0.0.1:6379`).
+    Redis,
+    /// RabbitMQ on `MACHINERY_TEST_AMQP_ADDR` (default `127.0.0.1:5672`).
+    RabbitMq,
+    /// memcached on `MACHINERY_TEST_MEMCACHE_ADDR` (default `127.0.0.1:11211`).
+    Memcached,
+    /// A second memcached on `MACHINERY_TEST_MEMCACHE2_ADDR` (default `127.0.0.1:11212`).
+    Memcached2,
+}
+
+impl Service {
+    /// `host:port`.
+    pub fn addr(self) -> String {
+        let (var, default) = match self {
+            Service::Redis => ("MACHINERY_TEST_REDIS_ADDR", "127.0.0.1:6379"),
+            Service::RabbitMq => ("MACHINERY_TEST_AMQP_ADDR", "127.0.0.1:5672"),
+            Service::Memcached => ("MACHINERY_TEST_MEMCACHE_ADDR", "127.0.0.1:11211"),
+            Service::Memcached2 => ("MACHINERY_TEST_MEMCACHE2_ADDR", "127.0.0.1:11212"),
+        };
+        std::env::var(var).unwrap_or_else(|_| default.to_owned())
+    }
+
+    /// The URL machinery uses for this service.
+    pub fn url(self) -> String {
+        match self {
+            Service::Redis => format!("redis://{}", self.addr()),
+            Service::RabbitMq => format!("amqp://guest:guest@{}/", self.addr()),
+            Service::Memcached | Service::Memcached2 => format!("memcache://{}", self.addr()),
+        }
+    }
+
+    fn reachable(self) -> bool {
+        let Ok(addrs) = self.addr().to_socket_addrs() else {
+            return false;
+        };
+        addrs
+            .into_iter()
+            .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+    }
+}
+
+/// Whether unreachable services must fail tests (`CI=true` or `MACHINERY_REQUIRE_SERVICES=1`).
+pub fn services_required() -> bool {
+    let set =
+        |var: &str| std::env::var(var).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    set("CI") || set("MACHINERY_REQUIRE_SERVICES")
+}
+
+/// Checks that `service` is reachable. Returns `false` (after printing `SKIPPED`) when it is not and
+/// services are not required; panics when they are.
+pub fn require(service: Service, test: &str) -> bool {
+    if service.reachable() {
+        return true;
+    }
+    let message = format!(
+        "{test}: {service:?} is not reachable at {}; run scripts/services.sh up (the README's test command does)",
+        service.addr()
+    );
+    if services_required() {
+        panic!("{message}");
+    }
+    eprintln!("SKIPPED {message}");
+    false
+}
+
+/// A name no other test (or test run) uses, for queues, exchanges and key prefixes.
+pub fn unique(prefix: &str) -> String {
+    let id = machinery::signature::new_task_uuid();
+    format!("{prefix}_{}", &id[5..13])
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
