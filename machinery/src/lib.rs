@@ -49,6 +49,10 @@ pub mod broker;
 pub mod config;
 mod error;
 pub mod gotime;
+#[cfg(feature = "redis")]
+mod redis_conn;
+#[cfg(feature = "redis")]
+pub mod redis_url;
 mod result;
 pub mod retry;
 mod server;

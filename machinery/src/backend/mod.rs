@@ -3,6 +3,8 @@
 
 pub mod memory;
 pub mod null;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -163,12 +165,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes a group record.
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError>;
+
+    /// This backend as `Any`, for implementations that recognise each other (a broker and a backend on one
+    /// server fuse their writes). `None` by default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// The URL schemes of the result backends in this build.
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut schemes = vec!["memory://", "null"];
+    #[cfg(feature = "redis")]
+    schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     schemes
 }
 
@@ -180,6 +190,10 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
     match scheme {
         "memory" | "" | "eager" => Ok(memory::MemoryBackend::connect(url, config)),
         "null" => Ok(Arc::new(null::NullBackend)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+socket" => {
+            Ok(Arc::new(redis::RedisBackend::connect(config).await?))
+        }
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: url.to_owned(),
