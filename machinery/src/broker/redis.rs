@@ -21,6 +21,7 @@
 //! Needs Redis 6.2 or newer (`LMOVE`, `LPOP` with a count). Redis Cluster is not supported: the scripts
 //! touch keys of several queues.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -506,6 +507,9 @@ impl Broker for RedisBroker {
             blocking: None,
             background: None,
             stop: CancellationToken::new(),
+            outstanding: Outstanding::default(),
+            busy: false,
+            reconcile: false,
             heartbeat_timeout,
         };
         // A consumer that had this tag before and died left its messages in our in-flight list: they go
@@ -749,6 +753,12 @@ struct RedisConsumer {
     blocking: Option<(MultiplexedConnection, i64)>,
     background: Option<AbortOnDropHandle<()>>,
     stop: CancellationToken,
+    /// Hashes of the bodies handed to the worker and not yet settled, with counts.
+    outstanding: Outstanding,
+    /// A `next_batch` call is under way (still true at the next call if the previous one was dropped).
+    busy: bool,
+    /// A dropped call may have moved messages into our in-flight list without handing them out.
+    reconcile: bool,
     heartbeat_timeout: Duration,
 }
 
@@ -816,13 +826,85 @@ impl RedisConsumer {
     }
 
     fn delivery(&self, body: Vec<u8>, redelivered: bool) -> Delivery {
+        let hash = body_hash(&body);
+        self.outstanding.add(hash);
         let acker = RedisAcker {
             inner: self.inner.clone(),
             queue: self.keys.queue.clone(),
             inflight: self.inflight.clone(),
             original: body.clone(),
+            outstanding: self.outstanding.clone(),
+            hash,
         };
         Delivery::new(body, redelivered, Box::new(acker))
+    }
+
+    /// Cuts the blocking connection, so that a `BLMOVE` left waiting by a dropped call can no longer move a
+    /// message into our in-flight list.
+    async fn cut_blocking_connection(&mut self) {
+        if let Some((conn, id)) = self.blocking.take() {
+            drop(conn);
+            let mut admin = self.inner.conn.clone();
+            let killed: Result<redis::Value, RedisError> = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(&mut admin)
+                .await;
+            if let Err(error) = killed {
+                tracing::debug!(%error, "could not kill the blocking fetch connection (already gone?)");
+            }
+        }
+    }
+
+    /// After a dropped call: the messages in our in-flight list that were never handed out (up to `max`).
+    async fn orphans(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        self.cut_blocking_connection().await;
+        // Snapshot first: a delivery settled meanwhile leaves the list before it leaves the snapshot.
+        let mut handed_out = self.outstanding.snapshot();
+        let mut conn = self.inner.conn.clone();
+        let listed: Vec<Vec<u8>> = conn
+            .lrange(&self.inflight, 0, -1)
+            .await
+            .map_err(op("fetch"))?;
+        let mut orphans = Vec::new();
+        for body in listed {
+            let hash = body_hash(&body);
+            match handed_out.get_mut(&hash) {
+                Some(count) if *count > 0 => *count -= 1,
+                _ => orphans.push(body),
+            }
+        }
+        self.reconcile = orphans.len() > max;
+        if !orphans.is_empty() {
+            tracing::debug!(queue = %self.keys.queue, orphans = orphans.len(), "handing out messages taken by an abandoned fetch");
+        }
+        Ok(orphans
+            .into_iter()
+            .take(max)
+            .map(|body| self.delivery(body, false))
+            .collect())
+    }
+
+    async fn next_batch_inner(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        if self.reconcile {
+            let orphans = self.orphans(max).await?;
+            if !orphans.is_empty() {
+                return Ok(orphans);
+            }
+        }
+        let batch = self.fetch(max, None).await?;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        loop {
+            if let Some(body) = self.wait_for_one().await? {
+                if max == 1 {
+                    return Ok(vec![self.delivery(body, false)]);
+                }
+                return self.fetch(max - 1, Some(body)).await;
+            }
+        }
     }
 
     async fn blocking_connection(&mut self) -> Result<&mut MultiplexedConnection, BrokerError> {
@@ -869,19 +951,16 @@ impl RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        let max = max.clamp(1, MAX_FETCH);
-        let batch = self.fetch(max, None).await?;
-        if !batch.is_empty() {
-            return Ok(batch);
+        // Cancel safety: a call dropped while its script or BLMOVE ran on the server may have moved
+        // messages into our in-flight list without handing them out. The next call notices (`busy` is
+        // still set), and hands out whatever is in the list but not outstanding.
+        if self.busy {
+            self.reconcile = true;
         }
-        loop {
-            if let Some(body) = self.wait_for_one().await? {
-                if max == 1 {
-                    return Ok(vec![self.delivery(body, false)]);
-                }
-                return self.fetch(max - 1, Some(body)).await;
-            }
-        }
+        self.busy = true;
+        let result = self.next_batch_inner(max.clamp(1, MAX_FETCH)).await;
+        self.busy = false;
+        result
     }
 
     async fn close(mut self: Box<Self>) -> Result<(), BrokerError> {
@@ -890,19 +969,7 @@ impl Consumer for RedisConsumer {
         // A BLMOVE whose future was dropped may still be waiting on the server, and would move a message
         // into our in-flight list after we emptied it. Killing that connection first makes the release
         // below the last word.
-        if let Some((conn, id)) = self.blocking.take() {
-            drop(conn);
-            let mut admin = self.inner.conn.clone();
-            let killed: Result<redis::Value, RedisError> = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ID")
-                .arg(id)
-                .query_async(&mut admin)
-                .await;
-            if let Err(error) = killed {
-                tracing::debug!(%error, "could not kill the blocking fetch connection (already gone?)");
-            }
-        }
+        self.cut_blocking_connection().await;
         let returned = self.release().await?;
         if returned > 0 {
             tracing::info!(queue = %self.keys.queue, returned, "returned unacknowledged messages to the queue");
@@ -918,6 +985,41 @@ impl Drop for RedisConsumer {
     }
 }
 
+/// Counts of the deliveries a consumer handed out and that are not settled yet, by body hash.
+#[derive(Debug, Clone, Default)]
+struct Outstanding(Arc<std::sync::Mutex<HashMap<u64, usize>>>);
+
+impl Outstanding {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, hash: u64) {
+        *self.lock().entry(hash).or_default() += 1;
+    }
+
+    fn remove(&self, hash: u64) {
+        let mut map = self.lock();
+        if let Some(count) = map.get_mut(&hash) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&hash);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> HashMap<u64, usize> {
+        self.lock().clone()
+    }
+}
+
+fn body_hash(body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Settles one delivery.
 struct RedisAcker {
     inner: Arc<Inner>,
@@ -925,6 +1027,16 @@ struct RedisAcker {
     inflight: String,
     /// The bytes as taken, which identify the message in the in-flight list.
     original: Vec<u8>,
+    outstanding: Outstanding,
+    hash: u64,
+}
+
+impl Drop for RedisAcker {
+    fn drop(&mut self) {
+        // After the settling command (the methods own the acker until it is done), or when the delivery
+        // is dropped unsettled: either way the consumer no longer hands this message out.
+        self.outstanding.remove(self.hash);
+    }
 }
 
 impl fmt::Debug for RedisAcker {
