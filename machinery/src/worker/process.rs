@@ -108,11 +108,13 @@ async fn run_task(
     let backend = ctx.server.backend();
     let name = signature.name.clone();
     let uuid = signature.uuid.clone();
-    if let Err(error) = backend.set_state(&TaskState::received(&uuid, &name)).await {
-        tracing::warn!(%error, "cannot store RECEIVED");
-    }
-    if let Err(error) = backend.set_state(&TaskState::started(&uuid, &name)).await {
-        tracing::warn!(%error, "cannot store STARTED");
+    // RECEIVED and STARTED in one call: backends that pipeline (Redis) write both in one round trip.
+    let early = [
+        TaskState::received(&uuid, &name),
+        TaskState::started(&uuid, &name),
+    ];
+    if let Err(error) = backend.set_states(&early).await {
+        tracing::warn!(%error, "cannot store RECEIVED and STARTED");
     }
     if let Some(hook) = &ctx.hooks.pre_task {
         hook(&signature);
