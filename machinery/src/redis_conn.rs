@@ -27,6 +27,14 @@ pub(crate) async fn manager(
     client: &Client,
     config: &RedisConfig,
 ) -> RedisResult<ConnectionManager> {
+    // The manager retries its first connection for seconds; a wrong URL or password should fail at once,
+    // so one plain connection is tried first.
+    let probe = AsyncConnectionConfig::new().set_connection_timeout(secs(config.connect_timeout));
+    drop(
+        client
+            .get_multiplexed_async_connection_with_config(&probe)
+            .await?,
+    );
     let settings = redis::aio::ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_millis(100))
         .set_max_delay(Duration::from_secs(2))

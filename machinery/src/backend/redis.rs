@@ -607,13 +607,15 @@ impl Notifier {
                 Ok(pubsub) => {
                     backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
                     let (mut sink, mut stream) = pubsub.split();
+                    // Publish the sink first, then subscribe whoever is waiting: a waiter that registers in
+                    // between subscribes itself, or is in this list (a double SUBSCRIBE is harmless).
+                    *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink.clone());
                     let channels: Vec<String> = shared.waiters().keys().cloned().collect();
                     if !channels.is_empty() {
                         if let Err(error) = sink.subscribe(&channels).await {
                             tracing::debug!(%error, "cannot resubscribe to completion channels");
                         }
                     }
-                    *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink.clone());
                     // Anything announced while we were away: let every waiter look again.
                     for (_, notify) in shared.waiters().values() {
                         notify.notify_waiters();
