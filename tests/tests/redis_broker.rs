@@ -640,14 +640,9 @@ async fn a_worker_whose_connections_are_killed_reconnects_and_loses_nothing() {
     worker_config.broker = url.clone();
     worker_config.result_backend = url;
     let worker_server = Server::new(worker_config).await.unwrap();
-    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = errors.clone();
     let running = Worker::new(&worker_server)
         .register(&SLEEP_MS)
         .concurrency(5)
-        .error_handler(move |_| {
-            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        })
         .start()
         .await
         .unwrap();
@@ -656,11 +651,11 @@ async fn a_worker_whose_connections_are_killed_reconnects_and_loses_nothing() {
     let count = 150;
     for i in 0..count {
         let sig: Signature =
-            Signature::with_args("sleep_ms", vec![int(10)]).with_uuid(names.task(i));
+            Signature::with_args("sleep_ms", vec![int(20)]).with_uuid(names.task(i));
         sender.send(sig).await.unwrap();
     }
     let mut conn = raw().await;
-    let mut kills = 0;
+    let mut kills = Vec::new();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let killed: i64 = redis::cmd("CLIENT")
@@ -670,11 +665,13 @@ async fn a_worker_whose_connections_are_killed_reconnects_and_loses_nothing() {
             .query_async(&mut conn)
             .await
             .unwrap();
-        kills += killed;
+        kills.push(killed);
     }
+    // Each kill cuts every connection the worker has; finding some again at the next kill shows that it
+    // reconnected in between.
     assert!(
-        kills >= 3,
-        "the worker's connections were cut ({kills} killed)"
+        kills.iter().all(|&k| k >= 1),
+        "connections killed per round: {kills:?}"
     );
     let backend = sender.backend().clone();
     let ids: Vec<String> = (0..count).map(|i| names.task(i)).collect();
@@ -703,7 +700,6 @@ async fn a_worker_whose_connections_are_killed_reconnects_and_loses_nothing() {
         (0, Some(0), Some(0)),
         "nothing left behind or lost"
     );
-    assert!(errors.load(std::sync::atomic::Ordering::Relaxed) > 0 || kills > 0);
     drop_acl_user(&user).await;
     names.cleanup().await;
 }
