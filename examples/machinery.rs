@@ -103,7 +103,9 @@ async fn main() -> Result<(), BoxError> {
             send(&server).await?;
             running.shutdown(Duration::from_secs(10)).await?;
         }
-        Some(other) => return Err(format!("unknown command {other:?}; expected `worker` or `send`").into()),
+        Some(other) => {
+            return Err(format!("unknown command {other:?}; expected `worker` or `send`").into())
+        }
     }
     Ok(())
 }
@@ -114,8 +116,12 @@ fn worker(server: &Server) -> Worker {
         .consumer_tag("machinery_worker")
         .concurrency(10)
         .error_handler(|error| tracing::error!("I am an error handler: {error}"))
-        .pre_task_handler(|sig: &Signature| tracing::info!("I am a start of task handler for: {}", sig.name))
-        .post_task_handler(|sig: &Signature, _| tracing::info!("I am an end of task handler for: {}", sig.name))
+        .pre_task_handler(|sig: &Signature| {
+            tracing::info!("I am a start of task handler for: {}", sig.name)
+        })
+        .post_task_handler(|sig: &Signature, _| {
+            tracing::info!("I am an end of task handler for: {}", sig.name)
+        })
 }
 
 /// Sends the tasks of Go's example and prints their results.
@@ -125,13 +131,22 @@ async fn send(server: &Server) -> Result<(), BoxError> {
     let sum = add::send(server, vec![1, 1]).await?.get(timeout).await?;
     println!("1 + 1 = {sum}");
 
-    let sum = sum_ints::send(server, vec![1, 2]).await?.get(timeout).await?;
+    let sum = sum_ints::send(server, vec![1, 2])
+        .await?
+        .get(timeout)
+        .await?;
     println!("sum([1, 2]) = {sum}");
 
-    let sum = sum_floats::send(server, vec![1.5, 2.7]).await?.get(timeout).await?;
+    let sum = sum_floats::send(server, vec![1.5, 2.7])
+        .await?
+        .get(timeout)
+        .await?;
     println!("sum([1.5, 2.7]) = {sum}");
 
-    let text = concat::send(server, vec!["foo".into(), "bar".into()]).await?.get(timeout).await?;
+    let text = concat::send(server, vec!["foo".into(), "bar".into()])
+        .await?
+        .get(timeout)
+        .await?;
     println!("concat([\"foo\", \"bar\"]) = {text}");
 
     let parts = split::send(server, "foo").await?.get(timeout).await?;
@@ -139,7 +154,9 @@ async fn send(server: &Server) -> Result<(), BoxError> {
 
     match panic_task::send(server).await?.get(timeout).await {
         Ok(value) => println!("Task panicked and returned value = {value}"),
-        Err(machinery::ResultError::Failed { error, .. }) => println!("Task panicked and returned error = {error}"),
+        Err(machinery::ResultError::Failed { error, .. }) => {
+            println!("Task panicked and returned error = {error}")
+        }
         Err(other) => return Err(other.into()),
     }
 

@@ -25,7 +25,11 @@ async fn auto_with_two_tasks_of_one_name_fails_at_start_naming_both() {
     let server = Server::new(Config::default()).await.unwrap();
     let err = Worker::auto(&server).start().await.unwrap_err();
     match &err {
-        WorkerError::DuplicateTask { name, first, second } => {
+        WorkerError::DuplicateTask {
+            name,
+            first,
+            second,
+        } => {
             assert_eq!(name, "process");
             assert_eq!(first, "worker_duplicate_names::billing::charge");
             assert_eq!(second, "worker_duplicate_names::shipping::ship");
@@ -33,8 +37,18 @@ async fn auto_with_two_tasks_of_one_name_fails_at_start_naming_both() {
         other => panic!("expected DuplicateTask, got {other:?}"),
     }
     let message = err.to_string();
-    assert!(message.contains("billing::charge") && message.contains("shipping::ship"), "{message}");
+    assert!(
+        message.contains("billing::charge") && message.contains("shipping::ship"),
+        "{message}"
+    );
     // Registering just one of them is fine.
-    let running = Worker::new(&server).register(billing::charge::task()).start().await.unwrap();
-    running.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
+    let running = Worker::new(&server)
+        .register(billing::charge::task())
+        .start()
+        .await
+        .unwrap();
+    running
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
 }
