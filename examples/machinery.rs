@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use machinery::{task, Config, Server, Signature, TaskError, Worker};
+use machinery::{task, Chain, Chord, Config, Group, Server, Signature, TaskError, Worker};
 
 /// Adds its arguments (a Go variadic function: `add(1, 1)` sends two `int64` arguments).
 #[task(variadic)]
@@ -151,6 +151,22 @@ async fn send(server: &Server) -> Result<(), BoxError> {
 
     let parts = split::send(server, "foo").await?.get(timeout).await?;
     println!("split([\"foo\"]) = [{}]", parts.join(" "));
+
+    let group = Group::new([add::signature(vec![1, 1]), add::signature(vec![2, 2]), add::signature(vec![5, 6])]);
+    let sums = server.send_group(group.clone()).await?.get(timeout).await?;
+    for (expression, sum) in ["1 + 1", "2 + 2", "5 + 6"].iter().zip(sums) {
+        println!("{expression} = {sum}");
+    }
+
+    let product = server.send_chord(Chord::new(group, multiply::partial())).await?.get(timeout).await?;
+    println!("(1 + 1) * (2 + 2) * (5 + 6) = {product}");
+
+    let chain = Chain::new(add::signature(vec![1, 1]))
+        .then(add::partial_with(vec![2, 2]))
+        .then(add::partial_with(vec![5, 6]))
+        .then(multiply::partial_with(vec![4]));
+    let result = server.send_chain(chain).await?.get(timeout).await?;
+    println!("(((1 + 1) + (2 + 2)) + (5 + 6)) * 4 = {result}");
 
     match panic_task::send(server).await?.get(timeout).await {
         Ok(value) => println!("Task panicked and returned value = {value}"),

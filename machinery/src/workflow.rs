@@ -184,6 +184,15 @@ impl<In, O> ChainStep<In> for Partial<In, O> {
     }
 }
 
+/// A task whose last parameter is `Vec<T>` also follows a step returning one `T`: the output is appended as
+/// one more element (Go's variadic form, which is how Go chains feed variadic tasks).
+impl<T, O> ChainStep<T> for Partial<Vec<T>, O> {
+    type Output = O;
+    fn into_step(self) -> (Signature, bool) {
+        (self.signature.erase(), true)
+    }
+}
+
 /// A complete signature takes no previous result (the previous step is marked immutable on the wire, so
 /// Go workers do not append it either).
 impl<In, O> ChainStep<In> for Signature<O> {
