@@ -42,6 +42,7 @@ const OPTIONS: TaskOptions = TaskOptions {
     retries: 0,
     retry_timeout: 0,
     timeout: None,
+    backoff: None,
 };
 
 static SLEEP_MS: TaskDef = TaskDef {

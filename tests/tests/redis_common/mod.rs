@@ -109,6 +109,7 @@ const OPTIONS: TaskOptions = TaskOptions {
     retries: 0,
     retry_timeout: 0,
     timeout: None,
+    backoff: None,
 };
 
 fn add(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
