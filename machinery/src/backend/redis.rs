@@ -33,7 +33,7 @@ use crate::gotime;
 use crate::redis_conn::{self, is_noscript, Lua};
 use crate::redis_url::RedisUrl;
 use crate::retry::Backoff;
-use crate::state::{GroupMeta, TaskState};
+use crate::state::{GroupMeta, TaskState, REVOKED_ERROR};
 
 /// The key Go machinery's workers lock (redsync) around their chord trigger.
 pub const GO_CHORD_LOCK_KEY: &str = "TriggerChordMutex";
@@ -74,24 +74,31 @@ struct Scripts {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     // KEYS: task uuid. ARGV: JSON text before the TaskName value, the TaskName value (JSON) or '' to keep
     // the previous one, text between, the CreatedAt value (JSON) or '' to keep the previous one, text
-    // after, expiry in seconds, channel to announce on or ''.
-    // Writes the state as one SET ... EX, taking the missing values from the previous record. Only the two
-    // strings are read from the old record; the new JSON text is stored as we wrote it.
+    // after, expiry in seconds, channel to announce on or '', and the revocation error text or ''.
+    // Writes the state as one SET ... EX, taking the missing values from the previous record, and returns
+    // 1; with a revocation text, writes nothing and returns 0 if the previous record is that revocation.
+    // Only strings are read from the old record; the new JSON text is stored exactly as we wrote it.
     set_state: Lua::new(
         r#"
 local name, created = ARGV[2], ARGV[4]
-if name == '' or created == '' then
-  local prev_name, prev_created = '', '0001-01-01T00:00:00Z'
-  local old = redis.call('GET', KEYS[1])
-  if old then
-    local ok, t = pcall(cjson.decode, old)
-    if ok and type(t) == 'table' then
-      if type(t['TaskName']) == 'string' then prev_name = t['TaskName'] end
-      if type(t['CreatedAt']) == 'string' then prev_created = t['CreatedAt'] end
-    end
+local old = nil
+if name == '' or created == '' or ARGV[8] ~= '' then
+  local raw = redis.call('GET', KEYS[1])
+  if raw then
+    local ok, t = pcall(cjson.decode, raw)
+    if ok and type(t) == 'table' then old = t end
   end
-  if name == '' then name = cjson.encode(prev_name) end
-  if created == '' then created = cjson.encode(prev_created) end
+end
+if ARGV[8] ~= '' and old and old['State'] == 'FAILURE' and old['Error'] == ARGV[8] then return 0 end
+if name == '' then
+  local prev = ''
+  if old and type(old['TaskName']) == 'string' then prev = old['TaskName'] end
+  name = cjson.encode(prev)
+end
+if created == '' then
+  local prev = '0001-01-01T00:00:00Z'
+  if old and type(old['CreatedAt']) == 'string' then prev = old['CreatedAt'] end
+  created = cjson.encode(prev)
 end
 redis.call('SET', KEYS[1], ARGV[1] .. name .. ARGV[3] .. created .. ARGV[5], 'EX', ARGV[6])
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], KEYS[1]) end
@@ -245,12 +252,22 @@ impl RedisBackend {
     /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
     /// record and nobody needs telling, else the `set_state` script.
     pub(crate) fn state_cmd(&self, state: &TaskState) -> Result<redis::Cmd, BackendError> {
+        self.state_cmd_unless_revoked(state, false)
+    }
+
+    /// [`RedisBackend::state_cmd`], or with `unless_revoked` the script that refuses to replace a
+    /// revocation (it returns 0 then).
+    fn state_cmd_unless_revoked(
+        &self,
+        state: &TaskState,
+        unless_revoked: bool,
+    ) -> Result<redis::Cmd, BackendError> {
         let pieces = state_pieces(state).map_err(|source| BackendError::Decode {
             key: state.task_uuid.clone(),
             source,
         })?;
         let completed = state.is_completed();
-        if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed {
+        if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !unless_revoked {
             let mut json = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
             for piece in &pieces {
                 json.extend_from_slice(piece);
@@ -269,9 +286,14 @@ impl RedisBackend {
         };
         let [prefix, name, middle, created, suffix] = pieces;
         let expire = self.inner.expire_secs.to_string().into_bytes();
+        let revoked = if unless_revoked {
+            REVOKED_ERROR.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(SCRIPTS.set_state.cmd(
             &[state.task_uuid.as_bytes()],
-            &[prefix, name, middle, created, suffix, expire, channel],
+            &[prefix, name, middle, created, suffix, expire, channel, revoked],
         ))
     }
 
@@ -337,6 +359,22 @@ impl Backend for RedisBackend {
             pipe.add_command(self.state_cmd(state)?).ignore();
         }
         self.run_pipeline("set task state", &pipe).await
+    }
+
+    async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
+        // The revocation check and the write in one script: one round trip, and no window in which a
+        // revocation could slip between them.
+        let cmd = self.state_cmd_unless_revoked(state, true)?;
+        let mut conn = self.inner.conn.clone();
+        let written: i64 = match cmd.query_async(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                self.load_scripts(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+        .map_err(op("set task state"))?;
+        Ok(written == 1)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
