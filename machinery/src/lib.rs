@@ -49,12 +49,12 @@ pub mod broker;
 pub mod config;
 mod error;
 pub mod gotime;
+pub mod lock;
+pub mod periodic;
 #[cfg(feature = "redis")]
 mod redis_conn;
 #[cfg(feature = "redis")]
 pub mod redis_url;
-pub mod lock;
-pub mod periodic;
 mod result;
 pub mod retry;
 mod server;

@@ -566,7 +566,10 @@ async fn two_hundred_member_chords_under_three_workers_call_back_once() {
 
 #[tokio::test]
 async fn received_is_refused_in_one_step_for_a_revoked_task() {
-    if !require(Service::Redis, "received_is_refused_in_one_step_for_a_revoked_task") {
+    if !require(
+        Service::Redis,
+        "received_is_refused_in_one_step_for_a_revoked_task",
+    ) {
         return;
     }
     let names = Names::new("rk_revoke");
@@ -574,19 +577,41 @@ async fn received_is_refused_in_one_step_for_a_revoked_task() {
     let backend = server.backend();
     let live = names.task("live");
     let revoked = names.task("revoked");
-    backend.set_state(&TaskState::pending(&live, "add")).await.unwrap();
-    backend.set_state(&TaskState::pending(&revoked, "add")).await.unwrap();
+    backend
+        .set_state(&TaskState::pending(&live, "add"))
+        .await
+        .unwrap();
+    backend
+        .set_state(&TaskState::pending(&revoked, "add"))
+        .await
+        .unwrap();
     server.revoke(&revoked).await.unwrap();
     let before = raw_get(&revoked).await;
 
-    assert!(backend.set_received(&TaskState::received(&live, "")).await.unwrap());
+    assert!(backend
+        .set_received(&TaskState::received(&live, ""))
+        .await
+        .unwrap());
     let state = backend.get_state(&live).await.unwrap().unwrap();
-    assert_eq!((state.state, state.task_name.as_str()), (State::Received, "add"));
+    assert_eq!(
+        (state.state, state.task_name.as_str()),
+        (State::Received, "add")
+    );
 
-    assert!(!backend.set_received(&TaskState::received(&revoked, "")).await.unwrap());
-    assert_eq!(raw_get(&revoked).await, before, "the revocation is left as it was");
+    assert!(!backend
+        .set_received(&TaskState::received(&revoked, ""))
+        .await
+        .unwrap());
+    assert_eq!(
+        raw_get(&revoked).await,
+        before,
+        "the revocation is left as it was"
+    );
     let state = backend.get_state(&revoked).await.unwrap().unwrap();
     assert!(state.is_revoked());
-    assert_eq!(state.task_name, "add", "revoke keeps the sender's task name");
+    assert_eq!(
+        state.task_name, "add",
+        "revoke keeps the sender's task name"
+    );
     names.cleanup().await;
 }

@@ -293,7 +293,9 @@ impl RedisBackend {
         };
         Ok(SCRIPTS.set_state.cmd(
             &[state.task_uuid.as_bytes()],
-            &[prefix, name, middle, created, suffix, expire, channel, revoked],
+            &[
+                prefix, name, middle, created, suffix, expire, channel, revoked,
+            ],
         ))
     }
 
