@@ -111,6 +111,24 @@ pub fn handler_future<F: Future<Output = TaskOutcome> + Send + 'static>(
 /// Compile-time check that a task's future can move between worker threads.
 pub fn assert_send<F: Send>(_: &F) {}
 
+/// The handler's way to await a task's future: requires it to be `Send` (the call is spanned on the
+/// task's name, so "future cannot be sent between threads safely" points there) and hands it back as a
+/// future whose `Send` the handler can rely on, so a non-`Send` task gives that one error and no other.
+pub fn send_future<F: Future + Send>(future: F) -> impl Future<Output = F::Output> + Send {
+    future
+}
+
+/// Implemented by `#[task]` on the task's `Args` type: the handler that decodes the arguments, runs the
+/// task and encodes its output.
+///
+/// The handler is written next to the function (where the function and the types of its parameters are
+/// in scope, even inside a block) and the task's module reaches it through this impl, since a module
+/// declared in a block cannot name the block's items.
+pub trait TaskHandler {
+    /// Decodes `args`, runs the task and encodes its output.
+    fn handle(ctx: TaskContext, args: Vec<Arg>) -> HandlerFuture;
+}
+
 /// Compile-time check that a parameter type can travel as a task argument.
 pub fn assert_arg<T: Serialize + DeserializeOwned + Send + 'static>() {}
 
