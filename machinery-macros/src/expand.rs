@@ -66,6 +66,7 @@ fn fallback(item: TokenStream, task: &Task, error: syn::Error) -> TokenStream {
     let ok = &task.output.ty;
     let (generics, where_clause) = (&task.generics.params, &task.generics.where_clause);
     let server = server_ident(task);
+    let send_output = send_output(task, &private);
     let error = error.to_compile_error();
     let docs = Docs::new(task);
     let (module_doc, send_doc, signature_doc) = (&docs.module, &docs.send, &docs.signature);
@@ -93,10 +94,10 @@ fn fallback(item: TokenStream, task: &Task, error: syn::Error) -> TokenStream {
             }
 
             #[doc = #send_doc]
-            pub async fn send<#generics>(
-                #server: &#private::Server,
+            pub fn send<'__machinery, #generics>(
+                #server: &'__machinery #private::Server,
                 #(#params),*
-            ) -> ::core::result::Result<#private::AsyncResult<#ok>, #private::SendError> #where_clause {
+            ) -> #send_output #where_clause {
                 ::core::unreachable!()
             }
         }
@@ -174,24 +175,27 @@ fn module(task: &Task) -> TokenStream {
     let serde = format!("{}", quote!(#private::serde));
     let name = &task.name;
     let ok = &task.output.ty;
-    let fields = task.params.iter().map(|Param { ident, ty, .. }| {
-        let doc = format!("The argument `{}`.", ident.unraw());
-        quote! {
-            #[doc = #doc]
-            pub #ident: #ty
-        }
-    });
+    let (fields, field_helpers): (Vec<_>, Vec<_>) = task
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, param)| args_field(i, param, &private))
+        .unzip();
     let (params, conversions) = params(task);
     let idents: Vec<&Ident> = task.params.iter().map(|p| &p.ident).collect();
     let last = task.params.len().checked_sub(1);
     let encoded = task.params.iter().enumerate().map(|(i, param)| {
         let Param {
-            ident, wire_name, ..
+            ident,
+            wire_name,
+            kind,
+            ..
         } = param;
-        if task.variadic && Some(i) == last {
-            quote!(#private::encode_variadic(#wire_name, &#ident))
-        } else {
-            quote!(#private::encode_arg(#wire_name, &#ident))
+        match kind {
+            ParamKind::Rest(elem) if task.variadic && Some(i) == last => {
+                quote!((&&#private::Probe::<#elem>::new()).encode_variadic(#wire_name, &#ident))
+            }
+            _ => quote!((&&#private::Probe::of(&#ident)).encode_arg(#wire_name, &#ident)),
         }
     });
     let queue = match &task.queue {
@@ -204,6 +208,7 @@ fn module(task: &Task) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     let server = server_ident(task);
+    let send_output = send_output(task, &private);
     let docs = Docs::new(task);
     let (module_doc, send_doc, signature_doc) = (&docs.module, &docs.send, &docs.signature);
     let args_doc = format!(
@@ -227,6 +232,8 @@ fn module(task: &Task) -> TokenStream {
                 #(#fields,)*
             }
 
+            #(#field_helpers)*
+
             /// The task as the worker knows it (`Worker::register(task())`).
             pub static TASK: #private::TaskDef = #private::TaskDef {
                 name: NAME,
@@ -249,20 +256,70 @@ fn module(task: &Task) -> TokenStream {
             #[doc = #signature_doc]
             #[allow(clippy::too_many_arguments)]
             pub fn signature(#(#params),*) -> #private::Signature<#ok> {
+                #[allow(unused_imports)]
+                use #private::{Checked as _, Unchecked as _};
                 #(#conversions)*
                 #private::signature(&self::TASK, ::std::vec![#(#encoded),*])
             }
 
             #[doc = #send_doc]
             #[allow(clippy::too_many_arguments)]
-            pub async fn send(
-                #server: &#private::Server,
+            pub fn send<'__machinery>(
+                #server: &'__machinery #private::Server,
                 #(#params),*
-            ) -> ::core::result::Result<#private::AsyncResult<#ok>, #private::SendError> {
-                #server.send(self::signature(#(#idents),*)).await
+            ) -> #send_output {
+                let __machinery_signature = self::signature(#(#idents),*);
+                ::std::boxed::Box::pin(#server.send(__machinery_signature))
             }
         }
     }
+}
+
+/// The type `send` returns: a boxed future rather than an `async fn`'s, whose type would carry the
+/// `impl Into<String>` parameters and repeat a wrong argument's error at the call and at its `.await`.
+fn send_output(task: &Task, private: &TokenStream) -> TokenStream {
+    let ok = &task.output.ty;
+    quote! {
+        ::core::pin::Pin<::std::boxed::Box<
+            dyn ::core::future::Future<
+                Output = ::core::result::Result<#private::AsyncResult<#ok>, #private::SendError>,
+            > + ::core::marker::Send + '__machinery,
+        >>
+    }
+}
+
+/// A field of `Args`, and the functions it is serialized and deserialized with: they reach serde through
+/// `__private::Probe`, so a type without serde gets the hidden check's error only.
+fn args_field(index: usize, param: &Param, private: &TokenStream) -> (TokenStream, TokenStream) {
+    let Param { ident, ty, .. } = param;
+    let doc = format!("The argument `{}`.", ident.unraw());
+    let serialize = format_ident!("__machinery_serialize_{}", index);
+    let deserialize = format_ident!("__machinery_deserialize_{}", index);
+    let (serialize_name, deserialize_name) = (serialize.to_string(), deserialize.to_string());
+    let field = quote! {
+        #[doc = #doc]
+        #[serde(serialize_with = #serialize_name, deserialize_with = #deserialize_name)]
+        pub #ident: #ty
+    };
+    let helpers = quote! {
+        fn #serialize<__MachineryS: #private::serde::Serializer>(
+            value: &#ty,
+            serializer: __MachineryS,
+        ) -> ::core::result::Result<__MachineryS::Ok, __MachineryS::Error> {
+            #[allow(unused_imports)]
+            use #private::{Checked as _, Unchecked as _};
+            (&&#private::Probe::<#ty>::new()).serialize(value, serializer)
+        }
+
+        fn #deserialize<'de, __MachineryD: #private::serde::Deserializer<'de>>(
+            deserializer: __MachineryD,
+        ) -> ::core::result::Result<#ty, __MachineryD::Error> {
+            #[allow(unused_imports)]
+            use #private::{Checked as _, Unchecked as _};
+            (&&#private::Probe::<#ty>::new()).deserialize(deserializer)
+        }
+    };
+    (field, helpers)
 }
 
 /// The handler, the compile-time checks and the registration, beside the function.
@@ -289,8 +346,12 @@ fn handler(task: &Task, private: &TokenStream) -> TokenStream {
     let ident = &task.ident;
     let types: Vec<&Type> = task.params.iter().map(|p| &p.ty).collect();
     let reads = task.params.iter().map(|Param { ty, kind, .. }| match kind {
-        ParamKind::Rest(elem) => quote!(__machinery_reader.rest::<#elem>()?),
-        ParamKind::Plain | ParamKind::String => quote!(__machinery_reader.next::<#ty>()?),
+        ParamKind::Rest(elem) => {
+            quote!((&&#private::Probe::<#elem>::new()).rest(&mut __machinery_reader)?)
+        }
+        ParamKind::Plain | ParamKind::String => {
+            quote!((&&#private::Probe::<#ty>::new()).next(&mut __machinery_reader)?)
+        }
     });
     let arity = task.params.len();
     let last_is_vec = matches!(
@@ -304,45 +365,37 @@ fn handler(task: &Task, private: &TokenStream) -> TokenStream {
         .map(|i| format_ident!("__machinery_arg{}", i))
         .collect();
     let context = task.takes_context.then(|| quote!(&__machinery_ctx,));
-    // The call is spanned on the function's name, so a future that is not `Send` is reported there.
+    // Spanned on the function's name, so a future that is not `Send` is reported there.
     let call = quote_spanned! {task.ident.span()=>
         #private::send_future(#ident(#context #(#values),*))
     };
-    let output_span = task
-        .return_type
-        .as_ref()
-        .map(Spanned::span)
-        .unwrap_or(task.ident.span());
     let encode = match &task.output.shape {
         Shape::Unit => quote! {{
             let _ = __machinery_output;
             ::core::result::Result::Ok(::std::vec::Vec::new())
         }},
-        Shape::Single => quote_spanned! {output_span=>
-            #private::encode_output(&__machinery_output)
+        Shape::Single => quote! {
+            (&&#private::Probe::of(&__machinery_output)).encode_output(&__machinery_output)
         },
         Shape::Tuple(n) => {
             let results = (0..*n).map(|i| {
                 let i = Index::from(i);
-                quote!(#private::encode_result(&__machinery_output.#i))
+                quote! {
+                    (&&#private::Probe::of(&__machinery_output.#i))
+                        .encode_result(&__machinery_output.#i)
+                }
             });
             quote! {
                 #private::encode_outputs(::std::vec![#(#results),*])
             }
         }
     };
-    let error_span = task
-        .error
-        .as_ref()
-        .map(Spanned::span)
-        .unwrap_or(output_span);
-    let failure = quote_spanned! {error_span=>
-        #private::failure(&__machinery_error, &__machinery_ctx)
-    };
     quote! {
         fn __machinery_decode(
             __machinery_args: &[#private::Arg],
         ) -> ::core::result::Result<(#(#types,)*), #private::ArgError> {
+            #[allow(unused_imports)]
+            use #private::{Checked as _, Unchecked as _};
             let mut __machinery_reader =
                 #private::ArgReader::new(#ident::NAME, __machinery_args, #arity, #last_is_vec);
             let __machinery_values = (#(#reads,)*);
@@ -355,6 +408,8 @@ fn handler(task: &Task, private: &TokenStream) -> TokenStream {
                 __machinery_ctx: #private::TaskContext,
                 __machinery_args: ::std::vec::Vec<#private::Arg>,
             ) -> #private::HandlerFuture {
+                #[allow(unused_imports)]
+                use #private::{Checked as _, CheckedError as _, Unchecked as _, UncheckedError as _};
                 let (#(#values,)*) = match __machinery_decode(&__machinery_args) {
                     ::core::result::Result::Ok(values) => values,
                     ::core::result::Result::Err(error) => {
@@ -367,7 +422,10 @@ fn handler(task: &Task, private: &TokenStream) -> TokenStream {
                     match #call.await {
                         ::core::result::Result::Ok(__machinery_output) => #encode,
                         ::core::result::Result::Err(__machinery_error) => {
-                            ::core::result::Result::Err(#failure)
+                            ::core::result::Result::Err(
+                                (&&#private::Probe::of(&__machinery_error))
+                                    .failure(&__machinery_error, &__machinery_ctx),
+                            )
                         }
                     }
                 })
@@ -390,9 +448,14 @@ fn checks(task: &Task, private: &TokenStream) -> TokenStream {
     let outputs = outputs.into_iter().map(|ty| {
         quote_spanned! {ty.span()=> #private::assert_output::<#ty>();}
     });
-    let error = task.error.as_ref().map(|ty| {
-        quote_spanned! {ty.span()=> #private::assert_error::<#ty>();}
-    });
+    let error = match (&task.error, &task.return_type) {
+        (Some(ty), _) => quote_spanned! {ty.span()=> #private::assert_error::<#ty>();},
+        // `io::Result<T>` and the like: the error type is found from the return type.
+        (None, Some(ty)) => quote_spanned! {ty.span()=>
+            #private::assert_result_error(::core::marker::PhantomData::<#ty>);
+        },
+        (None, None) => TokenStream::new(),
+    };
     quote! {
         #[allow(dead_code)]
         fn __machinery_checks() {
