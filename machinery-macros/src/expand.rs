@@ -148,17 +148,18 @@ fn server_ident(task: &Task) -> Ident {
 fn params(task: &Task) -> (Vec<TokenStream>, Vec<TokenStream>) {
     task.params
         .iter()
-        .map(
-            |Param {
-                 ident, ty, kind, ..
-             }| match kind {
+        .map(|param| {
+            let Param { binding, ty, .. } = param;
+            match param.kind {
                 ParamKind::String => (
-                    quote!(#ident: impl ::core::convert::Into<#ty>),
-                    quote!(let #ident: #ty = ::core::convert::Into::into(#ident);),
+                    quote!(#binding: impl ::core::convert::Into<#ty>),
+                    quote!(let #binding: #ty = ::core::convert::Into::into(#binding);),
                 ),
-                ParamKind::Plain | ParamKind::Rest(_) => (quote!(#ident: #ty), TokenStream::new()),
-            },
-        )
+                ParamKind::Plain | ParamKind::Rest(_) => {
+                    (quote!(#binding: #ty), TokenStream::new())
+                }
+            }
+        })
         .unzip()
 }
 
@@ -182,20 +183,20 @@ fn module(task: &Task) -> TokenStream {
         .map(|(i, param)| args_field(i, param, &private))
         .unzip();
     let (params, conversions) = params(task);
-    let idents: Vec<&Ident> = task.params.iter().map(|p| &p.ident).collect();
+    let bindings: Vec<&Ident> = task.params.iter().map(|p| &p.binding).collect();
     let last = task.params.len().checked_sub(1);
     let encoded = task.params.iter().enumerate().map(|(i, param)| {
         let Param {
-            ident,
+            binding,
             wire_name,
             kind,
             ..
         } = param;
         match kind {
             ParamKind::Rest(elem) if task.variadic && Some(i) == last => {
-                quote!((&&#private::Probe::<#elem>::new()).encode_variadic(#wire_name, &#ident))
+                quote!((&&#private::Probe::<#elem>::new()).encode_variadic(#wire_name, &#binding))
             }
-            _ => quote!((&&#private::Probe::of(&#ident)).encode_arg(#wire_name, &#ident)),
+            _ => quote!((&&#private::Probe::of(&#binding)).encode_arg(#wire_name, &#binding)),
         }
     });
     let queue = match &task.queue {
@@ -268,7 +269,7 @@ fn module(task: &Task) -> TokenStream {
                 #server: &'__machinery #private::Server,
                 #(#params),*
             ) -> #send_output {
-                let __machinery_signature = self::signature(#(#idents),*);
+                let __machinery_signature = self::signature(#(#bindings),*);
                 ::std::boxed::Box::pin(#server.send(__machinery_signature))
             }
         }

@@ -13,6 +13,9 @@ use syn::{
 
 use crate::parse::{Errors, Options, TaskFn};
 
+/// The constants and statics the generated module defines (a parameter of `send` cannot be named so).
+const GENERATED_CONSTANTS: [&str; 2] = ["NAME", "TASK"];
+
 /// A task, as the expansion needs it.
 pub(crate) struct Task {
     /// The function's `#[cfg(..)]` attributes, repeated on everything generated for it.
@@ -47,8 +50,11 @@ pub(crate) struct Task {
 
 /// One parameter that travels in the message.
 pub(crate) struct Param {
-    /// The name of the field in `Args` and of the parameter of `send`/`signature`.
+    /// The name of the field in `Args`.
     pub(crate) ident: Ident,
+    /// The name of the parameter of `send`/`signature`: `ident`, unless that is the name of a constant
+    /// of the generated module (`NAME`, `TASK`), which a parameter pattern cannot bind.
+    pub(crate) binding: Ident,
     /// The name written into the message's `Name` key.
     pub(crate) wire_name: String,
     pub(crate) ty: Type,
@@ -128,9 +134,15 @@ impl Task {
             } else {
                 ParamKind::Plain
             };
+            let binding = if GENERATED_CONSTANTS.iter().any(|c| ident == c) {
+                format_ident!("__machinery_{}", ident.to_string().to_lowercase())
+            } else {
+                ident.clone()
+            };
             params.push(Param {
                 wire_name: ident.unraw().to_string(),
                 ident,
+                binding,
                 ty: (*typed.ty).clone(),
                 kind,
             });
