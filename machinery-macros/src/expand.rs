@@ -466,3 +466,102 @@ fn checks(task: &Task, private: &TokenStream) -> TokenStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(attr: TokenStream, item: TokenStream) -> String {
+        task(attr, item).to_string()
+    }
+
+    #[test]
+    fn the_function_is_emitted_untouched_first() {
+        let item = quote! {
+            /// Docs.
+            #[inline]
+            pub async fn add(a: i64, b: i64) -> Result<i64, TaskError> { let x = a + b; Ok(x) }
+        };
+        let out = expand(TokenStream::new(), item.clone());
+        assert!(out.starts_with(&item.to_string()), "{out}");
+    }
+
+    #[test]
+    fn runtime_items_are_reached_through_the_crate_option() {
+        let item = quote!(
+            async fn add(a: i64, s: String, v: Vec<i64>) -> Result<(i64, String), E> {
+                todo!()
+            }
+        );
+        let default = expand(TokenStream::new(), item.clone());
+        assert!(default.contains(":: machinery :: __private ::"));
+        let facade = expand(quote!(crate = "my::facade", variadic), item);
+        assert!(!facade.contains("machinery ::"), "{facade}");
+        assert!(facade.contains("my :: facade :: __private :: inventory :: submit !"));
+        assert!(facade.contains("# [serde (crate = \"my :: facade :: __private :: serde\")]"));
+    }
+
+    #[test]
+    fn std_items_are_named_by_absolute_paths() {
+        let out = expand(
+            TokenStream::new(),
+            quote! {
+                async fn add(
+                    a: i64,
+                    s: ::std::string::String,
+                    v: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<(i64, ::std::string::String), E> { todo!() }
+            },
+        );
+        // After the user's function (which uses no prelude name itself): no bare prelude name the
+        // user could shadow.
+        let generated = &out[out.find("mod add").unwrap()..];
+        for bare in [
+            " Ok (",
+            " Err (",
+            " Some (",
+            " None",
+            " Vec <",
+            " Box <",
+            " Option <",
+            " Result <",
+            " String >",
+        ] {
+            let leaks: Vec<_> = generated
+                .match_indices(bare)
+                .filter(|(i, _)| !generated[..*i].ends_with("::"))
+                .collect();
+            assert!(leaks.is_empty(), "{bare:?} in {generated}");
+        }
+    }
+
+    #[test]
+    fn errors_come_with_the_function_and_a_stub_module() {
+        let item = quote!(
+            fn add(a: i64, b: &str) -> i64 {
+                a
+            }
+        );
+        let out = expand(quote!(queue = 1), item.clone());
+        assert!(out.starts_with(&item.to_string()));
+        assert_eq!(out.matches("compile_error !").count(), 4, "{out}");
+        assert!(out.contains("pub fn send <"));
+        assert!(out.contains("pub fn signature <"));
+        assert!(
+            !out.contains("inventory"),
+            "no registration of a broken task"
+        );
+    }
+
+    #[test]
+    fn not_a_function_keeps_the_item_and_says_what_is_expected() {
+        let out = expand(
+            TokenStream::new(),
+            quote!(
+                struct S;
+            ),
+        );
+        assert!(out.starts_with("struct S ;"));
+        assert!(out.contains("`#[task]` applies to an `async fn`"));
+    }
+}

@@ -69,7 +69,7 @@ pub(crate) enum ParamKind {
     String,
     /// `Vec<T>` (the last parameter only): the worker reads it from one slice argument or from trailing
     /// scalar arguments of `T`.
-    Rest(Type),
+    Rest(Box<Type>),
 }
 
 /// The task's output: the `T` of its `Result<T, E>`.
@@ -130,7 +130,7 @@ impl Task {
             } else if let (true, Some(elem)) =
                 (index + 1 == sig.inputs.len(), vec_element(&typed.ty))
             {
-                ParamKind::Rest(elem.clone())
+                ParamKind::Rest(Box::new(elem.clone()))
             } else {
                 ParamKind::Plain
             };
@@ -432,4 +432,290 @@ fn type_text(ty: &Type) -> String {
     ]
     .iter()
     .fold(text, |text, (from, to)| text.replace(from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proc_macro2::TokenStream;
+    use quote::{quote, ToTokens};
+
+    fn validate(attr: TokenStream, item: TokenStream) -> (Task, Vec<String>) {
+        let mut errors = Errors::default();
+        let options = Options::parse(attr, &mut errors);
+        let func: TaskFn = syn::parse2(item).unwrap();
+        let task = Task::new(&func, options, &mut errors);
+        let messages = match errors.finish() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+        };
+        (task, messages)
+    }
+
+    fn errors_of(item: TokenStream) -> Vec<String> {
+        validate(TokenStream::new(), item).1
+    }
+
+    #[test]
+    fn a_plain_task() {
+        let (task, errors) = validate(
+            quote!(),
+            quote!(
+                pub async fn add(a: i64, mut b: i64) -> Result<i64, TaskError> {
+                    Ok(a + b)
+                }
+            ),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(task.name, "add");
+        assert_eq!(task.root.to_token_stream().to_string(), ":: machinery");
+        assert!(!task.takes_context);
+        let names: Vec<_> = task.params.iter().map(|p| p.wire_name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(matches!(task.output.shape, Shape::Single));
+        assert!(task.error.is_some());
+        assert_eq!(task.timeout, None);
+    }
+
+    #[test]
+    fn parameter_kinds() {
+        let (task, errors) = validate(
+            quote!(variadic),
+            quote!(
+                async fn f(
+                    ctx: &machinery::TaskContext,
+                    s: std::string::String,
+                    n: i64,
+                    r#type: u8,
+                    rest: Vec<u8>,
+                ) -> Result<(), E> {
+                }
+            ),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(task.takes_context);
+        assert!(task.variadic);
+        let kinds: Vec<_> = task
+            .params
+            .iter()
+            .map(|p| match p.kind {
+                ParamKind::Plain => "plain",
+                ParamKind::String => "string",
+                ParamKind::Rest(_) => "rest",
+            })
+            .collect();
+        assert_eq!(kinds, ["string", "plain", "plain", "rest"]);
+        assert_eq!(
+            task.params[2].wire_name, "type",
+            "raw identifiers lose their r#"
+        );
+        assert!(matches!(task.output.shape, Shape::Unit));
+    }
+
+    #[test]
+    fn only_the_last_vec_is_read_as_the_rest() {
+        let (task, _) = validate(
+            quote!(),
+            quote!(
+                async fn f(a: Vec<i64>, b: i64) -> Result<(), E> {}
+            ),
+        );
+        assert!(matches!(task.params[0].kind, ParamKind::Plain));
+    }
+
+    #[test]
+    fn destructured_parameters_get_positional_names() {
+        let (task, errors) = validate(
+            quote!(),
+            quote!(
+                async fn f((a, b): (i64, i64), _: u8) -> Result<(), E> {}
+            ),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let names: Vec<_> = task.params.iter().map(|p| p.ident.to_string()).collect();
+        assert_eq!(names, ["arg1", "arg2"]);
+    }
+
+    #[test]
+    fn parameters_named_like_generated_constants_get_other_bindings() {
+        let (task, _) = validate(
+            quote!(),
+            quote!(
+                async fn f(NAME: i64, TASK: i64, name: i64) -> Result<(), E> {}
+            ),
+        );
+        let bindings: Vec<_> = task.params.iter().map(|p| p.binding.to_string()).collect();
+        assert_eq!(bindings, ["__machinery_name", "__machinery_task", "name"]);
+    }
+
+    #[test]
+    fn result_forms() {
+        for (ret, shape_is_tuple, error_written) in [
+            (quote!(Result<(String, i64), TaskError>), true, true),
+            (quote!(anyhow::Result<i64>), false, false),
+            (quote!(std::io::Result<Vec<u8>>), false, false),
+            (quote!(MyResult<i64>), false, false),
+        ] {
+            let (task, errors) = validate(quote!(), quote!(async fn f() -> #ret {}));
+            assert!(errors.is_empty(), "{ret}: {errors:?}");
+            assert_eq!(
+                matches!(task.output.shape, Shape::Tuple(2)),
+                shape_is_tuple,
+                "{ret}"
+            );
+            assert_eq!(task.error.is_some(), error_written, "{ret}");
+        }
+    }
+
+    #[test]
+    fn each_signature_error_has_its_message() {
+        let cases = [
+            (
+                quote!(
+                    fn f() -> Result<(), E> {}
+                ),
+                "`#[task]` functions must be `async fn`",
+            ),
+            (
+                quote!(
+                    async unsafe fn f() -> Result<(), E> {}
+                ),
+                "`#[task]` functions cannot be `unsafe`",
+            ),
+            (
+                quote!(
+                    async fn f<T>(t: T) -> Result<(), E> {}
+                ),
+                "`#[task]` functions cannot be generic",
+            ),
+            (
+                quote!(
+                    async fn f<const N: usize>() -> Result<(), E> {}
+                ),
+                "`#[task]` functions cannot be generic",
+            ),
+            (
+                quote!(
+                    async fn f<'a>(t: Cow<'a, str>) -> Result<(), E> {}
+                ),
+                "`#[task]` functions cannot have lifetime parameters",
+            ),
+            (
+                quote!(
+                    async fn f(t: Cow<'_, str>) -> Result<(), E> {}
+                ),
+                "`#[task]` parameters cannot borrow",
+            ),
+            (
+                quote!(
+                    async fn f(&self) -> Result<(), E> {}
+                ),
+                "`#[task]` functions cannot take `self`",
+            ),
+            (
+                quote!(
+                    async fn f(t: impl Display) -> Result<(), E> {}
+                ),
+                "`#[task]` parameters cannot be `impl Trait`",
+            ),
+            (
+                quote!(
+                    async fn f(t: &str) -> Result<(), E> {}
+                ),
+                "take `String` instead of `&str`",
+            ),
+            (
+                quote!(
+                    async fn f(t: &[u8]) -> Result<(), E> {}
+                ),
+                "take `Vec<u8>` instead of a slice",
+            ),
+            (
+                quote!(
+                    async fn f(t: Vec<&Point>) -> Result<(), E> {}
+                ),
+                "take `Point` by value",
+            ),
+            (
+                quote!(
+                    async fn f(a: i64, c: &TaskContext) -> Result<(), E> {}
+                ),
+                "`&TaskContext` must be the first parameter",
+            ),
+            (
+                quote!(
+                    async fn f(c: &mut TaskContext) -> Result<(), E> {}
+                ),
+                "take the task context as `&TaskContext`",
+            ),
+            (
+                quote!(
+                    async fn f() {}
+                ),
+                "`#[task]` functions must return a `Result`",
+            ),
+            (
+                quote!(
+                    async fn f() -> Option<i64> {}
+                ),
+                "`#[task]` functions must return `Result<T, E>`",
+            ),
+            (
+                quote!(
+                    async fn f() -> Result {}
+                ),
+                "`#[task]` functions must return `Result<T, E>`",
+            ),
+            (
+                quote!(
+                    async fn f() -> Result<impl Serialize, E> {}
+                ),
+                "`#[task]` functions cannot return `impl Trait`",
+            ),
+        ];
+        for (item, expected) in cases {
+            let errors = errors_of(item.clone());
+            assert_eq!(errors.len(), 1, "{item}: {errors:?}");
+            assert!(
+                errors[0].contains(expected),
+                "{item}: {:?} should contain {expected:?}",
+                errors[0]
+            );
+        }
+    }
+
+    #[test]
+    fn variadic_needs_a_last_vec() {
+        let (task, errors) = validate(
+            quote!(variadic),
+            quote!(
+                async fn f(a: i64) -> Result<(), E> {}
+            ),
+        );
+        assert!(!task.variadic);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("`variadic` needs a last parameter of type `Vec<T>`"));
+        assert!(errors[0].ends_with("`a` is not written `Vec<T>`"));
+        let (_, errors) = validate(
+            quote!(variadic),
+            quote!(
+                async fn f() -> Result<(), E> {}
+            ),
+        );
+        assert!(errors[0].ends_with("the function takes no arguments"));
+    }
+
+    #[test]
+    fn option_and_signature_errors_are_reported_together() {
+        let (task, errors) = validate(
+            quote!(name = "", bogus),
+            quote!(
+                fn f(a: &str) -> i64 {}
+            ),
+        );
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        // The stub keeps what could be read: the parameter, and the written type as the output.
+        assert_eq!(task.params.len(), 1);
+        assert_eq!(task.output.ty.to_token_stream().to_string(), "i64");
+    }
 }
