@@ -304,20 +304,20 @@ fn args_field(index: usize, param: &Param, private: &TokenStream) -> (TokenStrea
     };
     let helpers = quote! {
         fn #serialize<__MachineryS: #private::serde::Serializer>(
-            value: &#ty,
-            serializer: __MachineryS,
+            __machinery_value: &#ty,
+            __machinery_serializer: __MachineryS,
         ) -> ::core::result::Result<__MachineryS::Ok, __MachineryS::Error> {
             #[allow(unused_imports)]
             use #private::{Checked as _, Unchecked as _};
-            (&&#private::Probe::<#ty>::new()).serialize(value, serializer)
+            (&&#private::Probe::<#ty>::new()).serialize(__machinery_value, __machinery_serializer)
         }
 
         fn #deserialize<'de, __MachineryD: #private::serde::Deserializer<'de>>(
-            deserializer: __MachineryD,
+            __machinery_deserializer: __MachineryD,
         ) -> ::core::result::Result<#ty, __MachineryD::Error> {
             #[allow(unused_imports)]
             use #private::{Checked as _, Unchecked as _};
-            (&&#private::Probe::<#ty>::new()).deserialize(deserializer)
+            (&&#private::Probe::<#ty>::new()).deserialize(__machinery_deserializer)
         }
     };
     (field, helpers)
@@ -412,10 +412,10 @@ fn handler(task: &Task, private: &TokenStream) -> TokenStream {
                 #[allow(unused_imports)]
                 use #private::{Checked as _, CheckedError as _, Unchecked as _, UncheckedError as _};
                 let (#(#values,)*) = match __machinery_decode(&__machinery_args) {
-                    ::core::result::Result::Ok(values) => values,
-                    ::core::result::Result::Err(error) => {
+                    ::core::result::Result::Ok(__machinery_values) => __machinery_values,
+                    ::core::result::Result::Err(__machinery_error) => {
                         return #private::handler_future(::core::future::ready(
-                            ::core::result::Result::Err(#private::bad_arguments(error)),
+                            ::core::result::Result::Err(#private::bad_arguments(__machinery_error)),
                         ));
                     }
                 };

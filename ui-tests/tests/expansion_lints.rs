@@ -68,6 +68,13 @@ mod private {
     }
 }
 
+/// Configured out: the `#[cfg]` below `#[task]` applies to everything generated, or this would not build.
+#[task]
+#[cfg(any())]
+pub async fn configured_out(a: i64) -> Result<i64, TaskError> {
+    Ok(a)
+}
+
 #[tokio::test]
 async fn the_functions_stay_callable() {
     assert_eq!(public::add(1, 2).await.unwrap(), 3);

@@ -24,6 +24,13 @@ use shadows::*;
 
 type Result<T> = ::core::result::Result<T, machinery::TaskError>;
 
+// Constants named like the generated code's locals would turn its bindings into constant patterns.
+const value: i64 = 0;
+const values: i64 = 0;
+const error: i64 = 0;
+const serializer: i64 = 0;
+const deserializer: i64 = 0;
+
 #[machinery::task]
 async fn collide(
     server: i64,
@@ -33,9 +40,9 @@ async fn collide(
     reader: i64,
     NAME: i64,
     TASK: i64,
-    values: std::vec::Vec<i64>,
+    numbers: std::vec::Vec<i64>,
 ) -> Result<(std::string::String, i64)> {
-    let total = server + args + ctx + reader + NAME + TASK + values.iter().sum::<i64>();
+    let total = server + args + ctx + reader + NAME + TASK + numbers.iter().sum::<i64>();
     ::core::result::Result::Ok((signature, total))
 }
 
