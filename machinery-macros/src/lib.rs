@@ -29,7 +29,8 @@ use proc_macro::TokenStream;
 /// - `Args`: a serde struct of the parameters;
 /// - `TASK` and `task()`: the [`TaskDef`] a worker runs (registered for `Worker::auto`);
 /// - `signature(..)`: a typed `Signature<T>` to adjust or to use in workflows;
-/// - `send(&server, ..)`: sends the task and returns a typed `AsyncResult<T>`.
+/// - `send(&server, ..)`: a `Send` future (boxed, so a wrong argument is reported once, at the argument)
+///   that sends the task and gives a typed `AsyncResult<T>`.
 ///
 /// A `String` parameter takes `impl Into<String>` in `send` and `signature`. An optional first parameter
 /// `ctx: &TaskContext` is passed by the worker and is not an argument. The function must be `async`,
@@ -47,6 +48,10 @@ use proc_macro::TokenStream;
 /// - `variadic`: `send` spreads the last `Vec<T>` parameter into one argument per element, as a Go
 ///   worker's variadic function expects;
 /// - `crate = "my_facade::machinery"`: where the machinery crate is, for crates that re-export it.
+///
+/// Trait requirements are checked by hidden items spanned on the cause: a parameter or output type
+/// without serde, an error type without `Display`, or a future that is not `Send` is reported once, on
+/// that type or on the function's name.
 ///
 /// A task defined inside a block (a test function, say) works as long as the types of its parameters
 /// and output can be named from the enclosing module, since the generated module sees that module's

@@ -173,7 +173,7 @@ impl Task {
         };
 
         let variadic = match &options.variadic {
-            Some(given) => {
+            Some(option) => {
                 let last_is_vec = matches!(
                     params.last(),
                     Some(Param {
@@ -187,7 +187,7 @@ impl Task {
                         None => "the function takes no arguments".to_owned(),
                     };
                     errors.spanned(
-                        &given.key,
+                        option,
                         format_args!(
                             "`variadic` needs a last parameter of type `Vec<T>`, whose elements it sends as separate arguments; {found}"
                         ),
@@ -209,20 +209,20 @@ impl Task {
             ident: sig.ident.clone(),
             name: options
                 .name
-                .map_or_else(|| sig.ident.unraw().to_string(), |n| n.value.value()),
+                .map_or_else(|| sig.ident.unraw().to_string(), |n| n.value()),
             root: options
                 .krate
-                .map_or_else(|| syn::parse_quote!(::machinery), |k| k.value),
+                .unwrap_or_else(|| syn::parse_quote!(::machinery)),
             takes_context,
             params,
             output,
             error,
             return_type,
             generics: sig.generics.clone(),
-            queue: options.queue.map(|q| q.value.value()),
-            retries: options.retries.map_or(0, |r| r.value),
-            retry_timeout: options.retry_timeout.map_or(0, |r| r.value),
-            timeout: options.timeout.map(|t| t.value),
+            queue: options.queue.map(|q| q.value()),
+            retries: options.retries.unwrap_or(0),
+            retry_timeout: options.retry_timeout.unwrap_or(0),
+            timeout: options.timeout,
             variadic,
         }
     }
@@ -344,6 +344,12 @@ fn check_param_type(ty: &Type, errors: &mut Errors) {
                 )
             };
             errors.spanned(ty, message);
+        }
+        Type::Path(_) if last_segment(ty).is_some_and(|s| s.ident == "TaskContext") => {
+            errors.spanned(
+                ty,
+                "take the task context as `&TaskContext`, the first parameter",
+            );
         }
         Type::ImplTrait(_) => errors.spanned(
             ty,

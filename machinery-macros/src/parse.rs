@@ -103,25 +103,19 @@ impl OptionName {
     }
 }
 
-/// One option as written, with the tokens to point errors at.
-pub(crate) struct Given<T> {
-    pub(crate) value: T,
-    /// The option's name (errors about the option as a whole point here).
-    pub(crate) key: Path,
-}
-
 /// The options as written, each checked on its own (a missing option is `None`).
 #[derive(Default)]
 pub(crate) struct Options {
-    pub(crate) name: Option<Given<LitStr>>,
-    pub(crate) queue: Option<Given<LitStr>>,
-    pub(crate) retries: Option<Given<u32>>,
+    pub(crate) name: Option<LitStr>,
+    pub(crate) queue: Option<LitStr>,
+    pub(crate) retries: Option<u32>,
     /// Whole seconds.
-    pub(crate) retry_timeout: Option<Given<u32>>,
+    pub(crate) retry_timeout: Option<u32>,
     /// Milliseconds.
-    pub(crate) timeout: Option<Given<u64>>,
-    pub(crate) variadic: Option<Given<()>>,
-    pub(crate) krate: Option<Given<Path>>,
+    pub(crate) timeout: Option<u64>,
+    /// The option's name, for errors about it (`variadic` with no `Vec<T>` to spread).
+    pub(crate) variadic: Option<Path>,
+    pub(crate) krate: Option<Path>,
 }
 
 impl Options {
@@ -172,7 +166,6 @@ impl Options {
     }
 
     fn set(&mut self, option: OptionName, meta: &Meta) -> syn::Result<()> {
-        let key = meta.path().clone();
         let bad = |tokens: &dyn ToTokens| {
             syn::Error::new_spanned(
                 tokens,
@@ -182,7 +175,7 @@ impl Options {
         if option == OptionName::Variadic {
             return match meta {
                 Meta::Path(_) => {
-                    self.variadic = Some(Given { value: (), key });
+                    self.variadic = Some(meta.path().clone());
                     Ok(())
                 }
                 _ => Err(bad(meta)),
@@ -206,10 +199,7 @@ impl Options {
                 } else {
                     &mut self.queue
                 };
-                *slot = Some(Given {
-                    value: lit.clone(),
-                    key,
-                });
+                *slot = Some(lit.clone());
             }
             OptionName::Retries => {
                 let n = integer(value, option)?;
@@ -219,7 +209,7 @@ impl Options {
                         format_args!("`retries` is too large; the largest is {}", u32::MAX),
                     )
                 })?;
-                self.retries = Some(Given { value: n, key });
+                self.retries = Some(n);
             }
             OptionName::RetryTimeout => {
                 let seconds = match string_literal(value) {
@@ -237,10 +227,7 @@ impl Options {
                         ),
                     )
                 })?;
-                self.retry_timeout = Some(Given {
-                    value: seconds,
-                    key,
-                });
+                self.retry_timeout = Some(seconds);
             }
             OptionName::Timeout => {
                 let millis = match string_literal(value) {
@@ -257,7 +244,7 @@ impl Options {
                         "`timeout` must be longer than zero; leave it out for no time limit",
                     ));
                 }
-                self.timeout = Some(Given { value: millis, key });
+                self.timeout = Some(millis);
             }
             OptionName::Crate => {
                 let lit = string_literal(value).ok_or_else(|| bad(value))?;
@@ -270,7 +257,7 @@ impl Options {
                         ),
                     )
                 })?;
-                self.krate = Some(Given { value: path, key });
+                self.krate = Some(path);
             }
             OptionName::Variadic => unreachable!("handled above"),
         }
@@ -438,23 +425,19 @@ mod tests {
             crate = "facade::machinery"
         ));
         assert!(result.is_ok());
-        assert_eq!(o.name.unwrap().value.value(), "Add");
-        assert_eq!(o.queue.unwrap().value.value(), "q");
-        assert_eq!(o.retries.unwrap().value, 3);
-        assert_eq!(
-            o.retry_timeout.unwrap().value,
-            2,
-            "rounded up to whole seconds"
-        );
-        assert_eq!(o.timeout.unwrap().value, 2_000);
+        assert_eq!(o.name.unwrap().value(), "Add");
+        assert_eq!(o.queue.unwrap().value(), "q");
+        assert_eq!(o.retries.unwrap(), 3);
+        assert_eq!(o.retry_timeout.unwrap(), 2, "rounded up to whole seconds");
+        assert_eq!(o.timeout.unwrap(), 2_000);
         assert!(o.variadic.is_some());
         assert_eq!(
-            o.krate.unwrap().value.to_token_stream().to_string(),
+            o.krate.unwrap().to_token_stream().to_string(),
             "facade :: machinery"
         );
         let (o, _) = options(quote!(retry_timeout = 7, timeout = "1m"));
-        assert_eq!(o.retry_timeout.unwrap().value, 7);
-        assert_eq!(o.timeout.unwrap().value, 60_000);
+        assert_eq!(o.retry_timeout.unwrap(), 7);
+        assert_eq!(o.timeout.unwrap(), 60_000);
     }
 
     #[test]
