@@ -531,6 +531,7 @@ macro_rules! on_setup {
 macro_rules! on_every_setup {
     ($($name:ident),* $(,)?) => {
         on_setup!(memory, machinery_tests::setups::Setup::Memory, [$($name),*]);
+        on_setup!(redis, machinery_tests::setups::Setup::Redis, [$($name),*]);
     };
 }
 
