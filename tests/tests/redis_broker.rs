@@ -290,6 +290,54 @@ async fn a_dropped_next_batch_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_message_taken_by_a_dropped_call_is_handed_out_by_the_next_call() {
+    if !require(
+        Service::Redis,
+        "a_message_taken_by_a_dropped_call_is_handed_out_by_the_next_call",
+    ) {
+        return;
+    }
+    let names = Names::new("rb_orphan");
+    let broker = broker(&names).await;
+    let mut consumer = broker.consume(options(&names.queue, "c1")).await.unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(200), consumer.next_batch(5)).await;
+    assert!(dropped.is_err(), "nothing to take yet");
+    broker.publish(outgoing(&names.queue, "m")).await.unwrap();
+    let conn = raw().await;
+    let inflight = format!("machinery:inflight:{}:c1", names.queue);
+    // The abandoned BLMOVE is still waiting on the server and takes the message into our in-flight list.
+    wait_until(
+        "the abandoned BLMOVE to take the message",
+        Duration::from_secs(5),
+        || {
+            let mut conn = conn.clone();
+            let inflight = inflight.clone();
+            async move { conn.llen::<_, u64>(&inflight).await.unwrap() == 1 }
+        },
+    )
+    .await;
+    let batch = next(&mut consumer, 5).await;
+    assert_eq!(batch.len(), 1);
+    assert_eq!(
+        batch[0].body, b"m",
+        "handed out, not left stranded in flight"
+    );
+    for d in batch {
+        d.ack().await.unwrap();
+    }
+    let stats = broker.queue_stats(&names.queue).await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    // Nothing else is handed out twice: the next call waits.
+    broker.publish(outgoing(&names.queue, "n")).await.unwrap();
+    let batch = next(&mut consumer, 5).await;
+    let bodies: Vec<&[u8]> = batch.iter().map(|d| d.body.as_slice()).collect();
+    assert_eq!(bodies, [b"n"]);
+    drop(batch);
+    consumer.close().await.unwrap();
+    names.cleanup().await;
+}
+
+#[tokio::test]
 async fn live_consumers_recover_the_messages_of_a_dead_one() {
     if !require(
         Service::Redis,
@@ -308,6 +356,13 @@ async fn live_consumers_recover_the_messages_of_a_dead_one() {
         .unwrap();
     let taken = next(&mut dying, 2).await;
     assert_eq!(taken.len(), 2);
+    let heartbeat = format!("machinery:heartbeat:{}:dying", names.queue);
+    let mut conn = raw().await;
+    let pttl: i64 = conn.pttl(&heartbeat).await.unwrap();
+    assert!(
+        (1..=1000).contains(&pttl),
+        "a live consumer's heartbeat key has a TTL: {pttl}"
+    );
     // The consumer dies without closing: its heartbeat stops and expires after 1 s.
     drop(taken);
     drop(dying);
@@ -329,7 +384,6 @@ async fn live_consumers_recover_the_messages_of_a_dead_one() {
         "recovered within a few heartbeat periods: {:?}",
         started.elapsed()
     );
-    let mut conn = raw().await;
     let consumers: Vec<String> = conn
         .smembers(format!("machinery:consumers:{}", names.queue))
         .await
@@ -339,6 +393,54 @@ async fn live_consumers_recover_the_messages_of_a_dead_one() {
         d.ack().await.unwrap();
     }
     live.close().await.unwrap();
+    let live_heartbeat: bool = conn
+        .exists(format!("machinery:heartbeat:{}:live", names.queue))
+        .await
+        .unwrap();
+    assert!(!live_heartbeat, "close() deletes the heartbeat");
+    names.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_takes_no_more_messages_than_it_has_free_slots() {
+    if !require(
+        Service::Redis,
+        "a_worker_takes_no_more_messages_than_it_has_free_slots",
+    ) {
+        return;
+    }
+    let names = Names::new("rb_prefetch");
+    let server = Server::new(names.config()).await.unwrap();
+    for i in 0..8 {
+        let sig: Signature =
+            Signature::with_args("sleep_ms", vec![int(60)]).with_uuid(names.task(i));
+        server.send(sig).await.unwrap();
+    }
+    let running = Worker::new(&server)
+        .register(&SLEEP_MS)
+        .concurrency(2)
+        .start()
+        .await
+        .unwrap();
+    // Go's Redis worker pops up to 2 x concurrency + 1 messages ahead; ours takes one per free slot.
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = server.broker().queue_stats(&names.queue).await.unwrap();
+        let in_flight = stats.in_flight.unwrap_or(0);
+        most = most.max(in_flight);
+        assert!(
+            in_flight <= 2,
+            "{in_flight} messages in flight with concurrency 2"
+        );
+        if stats.pending == 0 && in_flight == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tasks did not finish: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(most, 2, "both slots were used");
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
     names.cleanup().await;
 }
 
