@@ -57,8 +57,10 @@ async fn typed_tasks_round_trip_over_redis() {
         .unwrap();
     let timeout = Duration::from_secs(10);
     let sum = add::send(&server, 40, 2).await.unwrap();
+    let mut ids = vec![sum.uuid().to_owned()];
     assert_eq!(sum.get(timeout).await.unwrap(), 42);
     let text = shout::send(&server, "hi").await.unwrap();
+    ids.push(text.uuid().to_owned());
     assert_eq!(text.get(timeout).await.unwrap(), "HI");
     let bytes = reverse_bytes::send(&server, vec![1u8, 2, 3]).await.unwrap();
     let uuid = bytes.uuid().to_owned();
@@ -73,6 +75,8 @@ async fn typed_tasks_round_trip_over_redis() {
     running.shutdown(Duration::from_secs(5)).await.unwrap();
     let stats = server.broker().queue_stats(&names.queue).await.unwrap();
     assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    ids.push(uuid);
+    let _: () = conn.del(ids).await.unwrap();
     names.cleanup().await;
 }
 
