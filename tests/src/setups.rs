@@ -32,7 +32,7 @@ impl Setup {
                 // expire soon, since these tests do not delete their keys.
                 config.redis.delayed_tasks_key = format!("{queue}_delayed");
                 config.redis.delayed_tasks_poll_period = 50;
-                config.results_expire_in = 300;
+                config.results_expire_in = 60;
                 config
             }
         };
