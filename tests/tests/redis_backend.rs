@@ -607,6 +607,32 @@ async fn received_is_refused_in_one_step_for_a_revoked_task() {
         before,
         "the revocation is left as it was"
     );
+    let (received, started) = (
+        TaskState::received(&revoked, ""),
+        TaskState::started(&revoked, ""),
+    );
+    assert!(!backend
+        .set_received_and_started(&received, &started)
+        .await
+        .unwrap());
+    assert_eq!(
+        raw_get(&revoked).await,
+        before,
+        "neither RECEIVED nor STARTED replaced it"
+    );
+    let (received, started) = (
+        TaskState::received(&live, ""),
+        TaskState::started(&live, ""),
+    );
+    assert!(backend
+        .set_received_and_started(&received, &started)
+        .await
+        .unwrap());
+    let state = backend.get_state(&live).await.unwrap().unwrap();
+    assert_eq!(
+        (state.state, state.task_name.as_str()),
+        (State::Started, "add")
+    );
     let state = backend.get_state(&revoked).await.unwrap().unwrap();
     assert!(state.is_revoked());
     assert_eq!(

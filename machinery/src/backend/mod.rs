@@ -114,6 +114,22 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(true)
     }
 
+    /// Stores RECEIVED then STARTED, as a worker does before running a task, unless the task was
+    /// [revoked](crate::Server::revoke): then returns `false` and stores nothing. The default calls
+    /// [`Backend::set_received`] and [`Backend::set_state`]; backends that pipeline (Redis) write both in
+    /// one round trip.
+    async fn set_received_and_started(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<bool, BackendError> {
+        if !self.set_received(received).await? {
+            return Ok(false);
+        }
+        self.set_state(started).await?;
+        Ok(true)
+    }
+
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
 

@@ -379,6 +379,27 @@ impl Backend for RedisBackend {
         Ok(written == 1)
     }
 
+    async fn set_received_and_started(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<bool, BackendError> {
+        // Both revocation-checked writes in one pipeline: if the task was revoked, neither writes.
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.state_cmd_unless_revoked(received, true)?)
+            .add_command(self.state_cmd_unless_revoked(started, true)?);
+        let mut conn = self.inner.conn.clone();
+        let (first, _): (i64, i64) = match pipe.query_async(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                self.load_scripts(&mut conn).await?;
+                pipe.query_async(&mut conn).await
+            }
+            other => other,
+        }
+        .map_err(op("set task state"))?;
+        Ok(first == 1)
+    }
+
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
         let mut conn = self.inner.conn.clone();
         let raw: Option<Vec<u8>> = conn.get(task_uuid).await.map_err(op("get task state"))?;
