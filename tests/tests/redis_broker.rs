@@ -346,7 +346,9 @@ async fn live_consumers_recover_the_messages_of_a_dead_one() {
         return;
     }
     let names = Names::new("rb_recover");
-    let broker = broker(&names).await;
+    let mut config = names.config();
+    config.redis.heartbeat_timeout = 1000;
+    let broker = RedisBroker::connect(&config).await.unwrap();
     for body in ["a", "b", "c"] {
         broker.publish(outgoing(&names.queue, body)).await.unwrap();
     }

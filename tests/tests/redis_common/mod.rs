@@ -37,13 +37,15 @@ impl Names {
     }
 
     /// A configuration on the test Redis for both broker and backend, with this test's queue and delayed
-    /// key, a short heartbeat and short-lived results.
+    /// key, prompt delayed-task polling and short-lived results.
     pub fn config(&self) -> Config {
         let mut config =
             Config::new(Service::Redis.url(), Service::Redis.url()).with_default_queue(&self.queue);
         config.redis.delayed_tasks_key = self.delayed.clone();
         config.redis.delayed_tasks_poll_period = 50;
-        config.redis.heartbeat_timeout = 1000;
+        // Long enough that a busy test machine never makes a live worker look dead (tests of recovery
+        // shorten it).
+        config.redis.heartbeat_timeout = 5000;
         config.results_expire_in = 300;
         config
     }
