@@ -1,6 +1,8 @@
 //! Result backends store task states and group records. Each implementation sits in its own module and is
 //! chosen at run time from the result backend URL's scheme ([`connect`]).
 
+#[cfg(feature = "memcache")]
+pub mod memcache;
 pub mod memory;
 pub mod null;
 
@@ -169,6 +171,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut schemes = vec!["memory://", "null"];
+    #[cfg(feature = "memcache")]
+    schemes.push("memcache://");
     schemes
 }
 
@@ -180,6 +184,8 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
     match scheme {
         "memory" | "" | "eager" => Ok(memory::MemoryBackend::connect(url, config)),
         "null" => Ok(Arc::new(null::NullBackend)),
+        #[cfg(feature = "memcache")]
+        "memcache" => memcache::MemcacheBackend::connect(url, config).await,
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: url.to_owned(),
