@@ -29,7 +29,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 pub use self::client::MemcacheError;
-use self::client::{Client, StoreMode, Stored};
+use self::client::{Client, StoreMode, StoreReply};
 use super::{Backend, BackendError};
 use crate::config::{Config, ConfigError};
 use crate::gotime;
@@ -162,7 +162,7 @@ impl MemcacheBackend {
         mode: StoreMode,
         key: &str,
         value: &[u8],
-    ) -> Result<Stored, BackendError> {
+    ) -> Result<StoreReply, BackendError> {
         self.check_size(key, value)?;
         match self.client.store(mode, key, value, self.expiration()).await {
             Ok(stored) => Ok(stored),
@@ -234,7 +234,7 @@ impl MemcacheBackend {
                 .store(OP, StoreMode::Cas(cas), group_uuid, &value)
                 .await?
             {
-                Stored::Stored => return Ok(()),
+                StoreReply::Stored => return Ok(()),
                 _ => Self::cas_backoff(attempt).await,
             }
         }
@@ -330,9 +330,9 @@ impl Backend for MemcacheBackend {
                 }
             };
             match stored {
-                Stored::Stored => return Ok(()),
+                StoreReply::Stored => return Ok(()),
                 // Another writer got in between: read its record and merge again.
-                Stored::NotStored | Stored::Exists | Stored::NotFound => {
+                StoreReply::NotStored | StoreReply::Exists | StoreReply::NotFound => {
                     Self::cas_backoff(attempt).await
                 }
             }
@@ -475,12 +475,12 @@ impl Backend for MemcacheBackend {
             let value = Self::encode(&key, &progress)?;
             let mode = cas.map_or(StoreMode::Add, StoreMode::Cas);
             match self.store(OP, mode, &key, &value).await? {
-                Stored::Stored if completes => {
+                StoreReply::Stored if completes => {
                     self.mark_chord_triggered(group_uuid).await?;
                     return Ok(true);
                 }
-                Stored::Stored => return Ok(false),
-                Stored::NotStored | Stored::Exists | Stored::NotFound => {
+                StoreReply::Stored => return Ok(false),
+                StoreReply::NotStored | StoreReply::Exists | StoreReply::NotFound => {
                     Self::cas_backoff(attempt).await
                 }
             }

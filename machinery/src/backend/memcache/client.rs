@@ -111,7 +111,7 @@ pub enum MemcacheError {
 
 /// How a store command ended when memcached did not refuse it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stored {
+pub(crate) enum StoreReply {
     /// `STORED`.
     Stored,
     /// `NOT_STORED`: `add` of a key that exists (or `cas` of one evicted meanwhile).
@@ -326,7 +326,7 @@ impl Client {
         key: &str,
         value: &[u8],
         exptime: u32,
-    ) -> Result<Stored, MemcacheError> {
+    ) -> Result<StoreReply, MemcacheError> {
         check_key(key)?;
         self.server(key)?.store(mode, key, value, exptime).await
     }
@@ -430,7 +430,7 @@ impl Server {
         key: &str,
         value: &[u8],
         exptime: u32,
-    ) -> Result<Stored, MemcacheError> {
+    ) -> Result<StoreReply, MemcacheError> {
         let command = match mode {
             StoreMode::Set => "set",
             StoreMode::Add => "add",
@@ -569,7 +569,7 @@ impl Conn {
         key: &str,
         value: &[u8],
         exptime: u32,
-    ) -> Result<Stored, MemcacheError> {
+    ) -> Result<StoreReply, MemcacheError> {
         let line = match mode {
             StoreMode::Cas(cas) => format!("cas {key} 0 {exptime} {} {cas}\r\n", value.len()),
             _ => format!("{command} {key} 0 {exptime} {}\r\n", value.len()),
@@ -581,10 +581,10 @@ impl Conn {
         self.send(&request).await?;
         self.read_line(command).await?;
         match self.line.as_slice() {
-            b"STORED" => Ok(Stored::Stored),
-            b"NOT_STORED" => Ok(Stored::NotStored),
-            b"EXISTS" => Ok(Stored::Exists),
-            b"NOT_FOUND" => Ok(Stored::NotFound),
+            b"STORED" => Ok(StoreReply::Stored),
+            b"NOT_STORED" => Ok(StoreReply::NotStored),
+            b"EXISTS" => Ok(StoreReply::Exists),
+            b"NOT_FOUND" => Ok(StoreReply::NotFound),
             line if line.starts_with(b"SERVER_ERROR object too large") => {
                 Err(MemcacheError::TooLarge {
                     server: self.addr.to_string(),
