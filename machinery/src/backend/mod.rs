@@ -100,6 +100,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Stores RECEIVED unless the task was [revoked](crate::Server::revoke); returns `false`, storing
+    /// nothing, for a revoked task. The default reads then writes; backends may do it in one step.
+    async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
+        if self
+            .get_state(&state.task_uuid)
+            .await?
+            .is_some_and(|s| s.is_revoked())
+        {
+            return Ok(false);
+        }
+        self.set_state(state).await?;
+        Ok(true)
+    }
+
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
 

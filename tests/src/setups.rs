@@ -1,0 +1,32 @@
+//! The broker/backend combinations the capability tests run on.
+
+use std::time::Duration;
+
+use machinery::{Config, Server};
+
+use crate::{require, unique, Service};
+
+/// One broker/backend combination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// In-memory broker and backend.
+    Memory,
+}
+
+impl Setup {
+    /// A server on this setup with a queue of its own, or `None` (after printing `SKIPPED`) when its
+    /// services are unreachable and not required.
+    pub async fn server(self, test: &str) -> Option<Server> {
+        let queue = unique("wf");
+        let config = match self {
+            Setup::Memory => Config::default().with_default_queue(queue),
+        };
+        let _ = (require as fn(Service, &str) -> bool, test);
+        Some(Server::new(config).await.expect("server"))
+    }
+
+    /// How long results may take on this setup.
+    pub fn timeout(self) -> Duration {
+        Duration::from_secs(20)
+    }
+}
