@@ -533,6 +533,8 @@ impl<'a> ArgReader<'a> {
     }
 
     /// Reads the next argument as a `T`.
+    // Generic over the output type, so it cannot be `Iterator::next`; generated code calls it by this name.
+    #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<T, ArgError> {
         let index = self.pos;
         let arg = self.args.get(index).ok_or_else(|| self.count_error())?;

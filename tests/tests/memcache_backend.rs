@@ -196,6 +196,35 @@ async fn records_written_by_go_are_read() {
 }
 
 #[tokio::test]
+async fn received_is_not_stored_over_a_revocation() {
+    if !require(Service::Memcached, "memcache revocation") {
+        return;
+    }
+    let backend = single();
+    let uuid = new_task_uuid();
+    backend
+        .set_state(&TaskState::pending(&uuid, "cancel_me"))
+        .await
+        .unwrap();
+    assert!(backend
+        .set_received(&TaskState::received(&uuid, "cancel_me"))
+        .await
+        .unwrap());
+    assert_eq!(
+        backend.get_state(&uuid).await.unwrap().unwrap().state,
+        State::Received
+    );
+    backend.set_state(&TaskState::revoked(&uuid)).await.unwrap();
+    assert!(!backend
+        .set_received(&TaskState::received(&uuid, "cancel_me"))
+        .await
+        .unwrap());
+    let stored = backend.get_state(&uuid).await.unwrap().unwrap();
+    assert!(stored.is_revoked(), "{stored:?}");
+    assert_eq!(stored.task_name, "cancel_me");
+}
+
+#[tokio::test]
 async fn concurrent_writers_never_lose_the_task_name_or_creation_time() {
     if !require(Service::Memcached, "memcache concurrent merges") {
         return;
@@ -706,6 +735,7 @@ static SQUARE: TaskDef = TaskDef {
         retries: 0,
         retry_timeout: 0,
         timeout: None,
+        backoff: None,
     },
 };
 
@@ -718,8 +748,34 @@ static COLLECT: TaskDef = TaskDef {
         retries: 0,
         retry_timeout: 0,
         timeout: None,
+        backoff: None,
     },
 };
+
+static HUGE: TaskDef = TaskDef {
+    name: "memcache_test_huge",
+    rust_path: "memcache_backend::huge",
+    handler: huge,
+    options: TaskOptions {
+        queue: None,
+        retries: 3,
+        retry_timeout: 0,
+        timeout: None,
+        backoff: None,
+    },
+};
+
+static HUGE_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+fn huge(_: TaskContext, _: Vec<Arg>) -> HandlerFuture {
+    Box::pin(async move {
+        HUGE_RUNS.fetch_add(1, Ordering::SeqCst);
+        Ok(vec![TaskResult::new(
+            "string",
+            json!("z".repeat(2 * 1024 * 1024)),
+        )])
+    })
+}
 
 static COLLECT_CALLS: AtomicUsize = AtomicUsize::new(0);
 static COLLECTED: Mutex<Vec<i64>> = Mutex::new(Vec::new());
@@ -820,4 +876,40 @@ async fn three_workers_run_a_200_member_chord_and_its_callback_runs_once() {
         worker.shutdown(Duration::from_secs(10)).await.unwrap();
     }
     assert_eq!(COLLECT_CALLS.load(Ordering::SeqCst), 1);
+}
+
+/// A result too large for memcached fails the task with the reason, once; it is not dropped silently
+/// and the message is not run again and again.
+#[tokio::test]
+async fn a_result_too_large_for_memcached_fails_the_task_with_the_reason() {
+    if !require(Service::Memcached, "memcache worker too large") {
+        return;
+    }
+    let config = Config::new(
+        format!("memory://{}", unique("memcache_huge")),
+        Service::Memcached.url(),
+    );
+    let server = Server::new(config).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(&HUGE)
+        .concurrency(1)
+        .start()
+        .await
+        .unwrap();
+    let sent = server.send(Signature::new(HUGE.name)).await.unwrap();
+    let state = server
+        .backend()
+        .wait_for_completion(sent.uuid(), WAIT)
+        .await
+        .unwrap()
+        .expect("no state");
+    assert_eq!(state.state, State::Failure, "{state:?}");
+    assert!(
+        state.error.contains("cannot be stored") && state.error.contains("the limit is"),
+        "{}",
+        state.error
+    );
+    assert_eq!(state.task_name, HUGE.name);
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(HUGE_RUNS.load(Ordering::SeqCst), 1);
 }

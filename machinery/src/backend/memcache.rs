@@ -8,7 +8,8 @@
 //!
 //! What we do differently from Go, on purpose:
 //! - A state write that needs the previous record's task name and creation time (every state but
-//!   PENDING) reads it with `gets` and writes with `cas`, so concurrent writers cannot lose them.
+//!   PENDING) reads it with `gets` and writes with `cas`, so concurrent writers cannot lose them; RECEIVED
+//!   is refused in the same step when the task was revoked.
 //! - Chords fire exactly once: each member sets its bit in a per-group progress record
 //!   (`<group uuid>_chord_progress`) with `cas`; the write that completes the group names its member the
 //!   winner in that same write. Go's memcache backend uses a read-modify-write lock flag that two workers
@@ -212,6 +213,58 @@ impl MemcacheBackend {
         })
     }
 
+    /// Writes a task state: as it is if it has a name and a creation time, else merged into the previous
+    /// record with `gets`/`cas` (retried on conflict). With `unless_revoked`, returns `false` without
+    /// writing when the stored record is a revocation.
+    async fn write_state(
+        &self,
+        operation: &'static str,
+        state: &TaskState,
+        unless_revoked: bool,
+    ) -> Result<bool, BackendError> {
+        let key = state.task_uuid.as_str();
+        let value = Self::encode(key, state)?;
+        let complete = !state.task_name.is_empty() && state.created_at != gotime::zero_time();
+        if complete && !unless_revoked {
+            self.store(operation, StoreMode::Set, key, &value).await?;
+            return Ok(true);
+        }
+        self.check_size(key, &value)?;
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            let previous = self
+                .client
+                .gets(key)
+                .await
+                .map_err(|e| Self::op_error(operation, e))?;
+            let stored = match previous {
+                None => self.store(operation, StoreMode::Add, key, &value).await?,
+                Some((bytes, cas)) => {
+                    let mut merged = state.clone();
+                    match TaskState::from_json(&bytes) {
+                        Ok(previous) if unless_revoked && previous.is_revoked() => {
+                            return Ok(false)
+                        }
+                        Ok(previous) => merged.merge_from_previous(&previous),
+                        Err(error) => {
+                            tracing::warn!(task.uuid = %key, %error, "replacing a task state that is not valid JSON")
+                        }
+                    }
+                    let merged = Self::encode(key, &merged)?;
+                    self.store(operation, StoreMode::Cas(cas), key, &merged)
+                        .await?
+                }
+            };
+            match stored {
+                StoreReply::Stored => return Ok(true),
+                // Another writer got in between: read its record and merge again.
+                StoreReply::NotStored | StoreReply::Exists | StoreReply::NotFound => {
+                    Self::cas_backoff(attempt).await
+                }
+            }
+        }
+        Err(Self::too_much_contention(operation, key))
+    }
+
     /// Sets `ChordTriggered` on the group record (idempotent).
     async fn mark_chord_triggered(&self, group_uuid: &str) -> Result<(), BackendError> {
         const OP: &str = "mark chord triggered";
@@ -300,44 +353,14 @@ impl Backend for MemcacheBackend {
     /// Stores the state. PENDING (which carries the task name and creation time) is a plain `set`; later
     /// states, which Go builds without them, are merged into the previous record with `gets`/`cas`.
     async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
-        const OP: &str = "set state";
-        let key = state.task_uuid.as_str();
-        let value = Self::encode(key, state)?;
-        let complete = !state.task_name.is_empty() && state.created_at != gotime::zero_time();
-        if complete {
-            self.store(OP, StoreMode::Set, key, &value).await?;
-            return Ok(());
-        }
-        self.check_size(key, &value)?;
-        for attempt in 0..MAX_CAS_ATTEMPTS {
-            let previous = self
-                .client
-                .gets(key)
-                .await
-                .map_err(|e| Self::op_error(OP, e))?;
-            let stored = match previous {
-                None => self.store(OP, StoreMode::Add, key, &value).await?,
-                Some((bytes, cas)) => {
-                    let mut merged = state.clone();
-                    match TaskState::from_json(&bytes) {
-                        Ok(previous) => merged.merge_from_previous(&previous),
-                        Err(error) => {
-                            tracing::warn!(task.uuid = %key, %error, "replacing a task state that is not valid JSON")
-                        }
-                    }
-                    let merged = Self::encode(key, &merged)?;
-                    self.store(OP, StoreMode::Cas(cas), key, &merged).await?
-                }
-            };
-            match stored {
-                StoreReply::Stored => return Ok(()),
-                // Another writer got in between: read its record and merge again.
-                StoreReply::NotStored | StoreReply::Exists | StoreReply::NotFound => {
-                    Self::cas_backoff(attempt).await
-                }
-            }
-        }
-        Err(Self::too_much_contention(OP, key))
+        self.write_state("set state", state, false).await?;
+        Ok(())
+    }
+
+    /// Stores RECEIVED unless the stored record is a revocation, in one `gets`/`cas` step, so a
+    /// revocation written meanwhile is never overwritten.
+    async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
+        self.write_state("set received", state, true).await
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
