@@ -11,6 +11,8 @@ use crate::{require, unique, Service};
 pub enum Setup {
     /// In-memory broker and backend.
     Memory,
+    /// In-memory broker, memcached result backend (`MACHINERY_TEST_MEMCACHE_ADDR`).
+    MemoryMemcache,
 }
 
 impl Setup {
@@ -20,8 +22,13 @@ impl Setup {
         let queue = unique("wf");
         let config = match self {
             Setup::Memory => Config::default().with_default_queue(queue),
+            Setup::MemoryMemcache => {
+                if !require(Service::Memcached, test) {
+                    return None;
+                }
+                Config::new("memory://", Service::Memcached.url()).with_default_queue(queue)
+            }
         };
-        let _ = (require as fn(Service, &str) -> bool, test);
         Some(Server::new(config).await.expect("server"))
     }
 
