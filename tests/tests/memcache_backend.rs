@@ -662,6 +662,56 @@ async fn two_servers_hold_each_key_where_gomemcache_would_look_for_it() {
 }
 
 #[tokio::test]
+async fn a_batch_of_states_is_written_to_both_servers_and_merged_where_needed() {
+    if !require(Service::Memcached, "memcache set_states")
+        || !require(Service::Memcached2, "memcache set_states")
+    {
+        return;
+    }
+    let backend = backend_on(
+        &[Service::Memcached, Service::Memcached2],
+        Duration::from_secs(600),
+    );
+    let uuids: Vec<String> = (0..250).map(|_| new_task_uuid()).collect();
+    // What a group's sender writes: PENDING for every member (pipelined per server).
+    let pending: Vec<TaskState> = uuids
+        .iter()
+        .map(|u| TaskState::pending(u, "batch"))
+        .collect();
+    backend.set_states(&pending).await.unwrap();
+    for (uuid, state) in uuids.iter().zip(&pending) {
+        assert_eq!(backend.get_state(uuid).await.unwrap().as_ref(), Some(state));
+    }
+    // A mixed batch: worker-side states are merged; a task named twice keeps its order.
+    let mut mixed: Vec<TaskState> = uuids[..10]
+        .iter()
+        .map(|u| TaskState::received(u, ""))
+        .collect();
+    mixed.push(TaskState::started(&uuids[0], ""));
+    backend.set_states(&mixed).await.unwrap();
+    let first = backend.get_state(&uuids[0]).await.unwrap().unwrap();
+    assert_eq!(first.state, State::Started);
+    assert_eq!(
+        (first.task_name.as_str(), first.created_at),
+        ("batch", pending[0].created_at)
+    );
+    let ninth = backend.get_state(&uuids[9]).await.unwrap().unwrap();
+    assert_eq!(ninth.state, State::Received);
+    assert_eq!(ninth.task_name, "batch");
+
+    // One state too large refuses the batch with TooLarge before anything is sent.
+    let (fits, huge) = (new_task_uuid(), new_task_uuid());
+    let mut too_large = TaskState::pending(&huge, "batch");
+    too_large.error = "e".repeat(2 * 1024 * 1024);
+    let error = backend
+        .set_states(&[TaskState::pending(&fits, "batch"), too_large])
+        .await
+        .unwrap_err();
+    assert!(backend.get_state(&fits).await.unwrap().is_none());
+    assert!(matches!(error, BackendError::TooLarge { .. }), "{error}");
+}
+
+#[tokio::test]
 async fn a_chord_over_two_servers_fires_once() {
     if !require(Service::Memcached, "memcache two-server chord")
         || !require(Service::Memcached2, "memcache two-server chord")

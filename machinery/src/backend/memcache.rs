@@ -363,6 +363,47 @@ impl Backend for MemcacheBackend {
         self.write_state("set received", state, true).await
     }
 
+    /// Stores many states: those complete in themselves (PENDING, as a group's sender writes them) with
+    /// pipelined `set`s, one write per server and 100 states; the others one by one, merged.
+    async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
+        const OP: &str = "set states";
+        let mut seen = std::collections::HashSet::with_capacity(states.len());
+        if !states.iter().all(|s| seen.insert(s.task_uuid.as_str())) {
+            // A task written twice in one batch: keep the order, one by one.
+            for state in states {
+                self.write_state(OP, state, false).await?;
+            }
+            return Ok(());
+        }
+        let mut complete = Vec::with_capacity(states.len());
+        let mut partial = Vec::new();
+        for state in states {
+            if !state.task_name.is_empty() && state.created_at != gotime::zero_time() {
+                let value = Self::encode(&state.task_uuid, state)?;
+                self.check_size(&state.task_uuid, &value)?;
+                complete.push((state.task_uuid.as_str(), value));
+            } else {
+                partial.push(state);
+            }
+        }
+        let items: Vec<(&str, &[u8])> = complete.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        match self.client.set_many(&items, self.expiration()).await {
+            Ok(()) => {}
+            Err(MemcacheError::TooLarge { key, size, .. }) => {
+                return Err(BackendError::TooLarge {
+                    limit: self.client.max_value_len(&key).min(size.saturating_sub(1)),
+                    key,
+                    size,
+                })
+            }
+            Err(error) => return Err(Self::op_error(OP, error)),
+        }
+        for state in partial {
+            self.write_state(OP, state, false).await?;
+        }
+        Ok(())
+    }
+
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
         let bytes = self
             .client

@@ -331,6 +331,29 @@ impl Client {
         self.server(key)?.store(mode, key, value, exptime).await
     }
 
+    /// `set` of many items, pipelined: per server and batch of 100, all commands are written at once and
+    /// the replies read after. Fails on the first refusal.
+    pub(crate) async fn set_many(
+        &self,
+        items: &[(&str, &[u8])],
+        exptime: u32,
+    ) -> Result<(), MemcacheError> {
+        if self.servers.is_empty() {
+            return Err(MemcacheError::NoServers);
+        }
+        let mut per_server: Vec<Vec<(&str, &[u8])>> = vec![Vec::new(); self.servers.len()];
+        for &(key, value) in items {
+            check_key(key)?;
+            per_server[server_index(key, self.servers.len())].push((key, value));
+        }
+        for (server, items) in self.servers.iter().zip(per_server) {
+            for batch in items.chunks(GET_BATCH) {
+                server.set_many(batch, exptime).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// `delete`: whether the key existed.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, MemcacheError> {
         check_key(key)?;
@@ -440,6 +463,12 @@ impl Server {
         let result = self
             .timed(command, conn.store(command, mode, key, value, exptime))
             .await;
+        self.finish(conn, result)
+    }
+
+    async fn set_many(&self, items: &[(&str, &[u8])], exptime: u32) -> Result<(), MemcacheError> {
+        let mut conn = self.checkout().await?;
+        let result = self.timed("set", conn.set_many(items, exptime)).await;
         self.finish(conn, result)
     }
 
@@ -579,6 +608,15 @@ impl Conn {
         request.extend_from_slice(value);
         request.extend_from_slice(b"\r\n");
         self.send(&request).await?;
+        self.read_store_reply(command, key, value.len()).await
+    }
+
+    async fn read_store_reply(
+        &mut self,
+        command: &'static str,
+        key: &str,
+        size: usize,
+    ) -> Result<StoreReply, MemcacheError> {
         self.read_line(command).await?;
         match self.line.as_slice() {
             b"STORED" => Ok(StoreReply::Stored),
@@ -589,13 +627,38 @@ impl Conn {
                 Err(MemcacheError::TooLarge {
                     server: self.addr.to_string(),
                     key: key.to_owned(),
-                    size: value.len(),
+                    size,
                 })
             }
             line => Err(self
                 .refusal(command, key, line)
                 .unwrap_or_else(|| self.unexpected(command, line))),
         }
+    }
+
+    async fn set_many(
+        &mut self,
+        items: &[(&str, &[u8])],
+        exptime: u32,
+    ) -> Result<(), MemcacheError> {
+        let mut request = Vec::new();
+        for (key, value) in items {
+            request
+                .extend_from_slice(format!("set {key} 0 {exptime} {}\r\n", value.len()).as_bytes());
+            request.extend_from_slice(value);
+            request.extend_from_slice(b"\r\n");
+        }
+        self.send(&request).await?;
+        for (key, value) in items {
+            match self.read_store_reply("set", key, value.len()).await? {
+                StoreReply::Stored => {}
+                _ => {
+                    let line = self.line.clone();
+                    return Err(self.unexpected("set", &line));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn delete(&mut self, key: &str) -> Result<bool, MemcacheError> {
