@@ -748,6 +748,87 @@ async fn a_chord_over_two_servers_fires_once() {
     );
 }
 
+/// A memcached of this test's own on a free port, ended when dropped; `None` (after printing `SKIPPED`,
+/// or panicking when services are required) if the binary is missing.
+async fn own_memcached(port: u16) -> Option<tokio::process::Child> {
+    let spawned = tokio::process::Command::new("memcached")
+        // -u is required when running as root and ignored otherwise.
+        .args(["-u", "root", "-l", "127.0.0.1", "-U", "0", "-m", "16", "-p"])
+        .arg(port.to_string())
+        .kill_on_drop(true)
+        .spawn();
+    let child = match spawned {
+        Ok(child) => child,
+        Err(error) if machinery_tests::services_required() => {
+            panic!("cannot start memcached: {error}")
+        }
+        Err(error) => {
+            eprintln!("SKIPPED cannot start memcached: {error}");
+            return None;
+        }
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let up = eventually(Duration::from_secs(10), || async {
+        TcpStream::connect(&addr).await.is_ok()
+    })
+    .await;
+    assert!(up, "memcached did not come up on {addr}");
+    Some(child)
+}
+
+/// After a memcached restart every pooled connection is dead: reads go on working at once (a read that
+/// meets a dead connection is tried again on a new one, and the dead pool is dropped), and writes work
+/// again by the next call.
+#[tokio::test]
+async fn the_backend_recovers_from_a_server_restart() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let Some(mut first) = own_memcached(port).await else {
+        return;
+    };
+    let backend = Arc::new(MemcacheBackend::new(
+        vec![format!("127.0.0.1:{port}")],
+        Duration::from_secs(600),
+    ));
+    // Fill the pool with several connections.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let backend = backend.clone();
+        calls.spawn(async move {
+            let uuid = new_task_uuid();
+            backend
+                .set_state(&TaskState::pending(&uuid, "before"))
+                .await?;
+            backend.get_state(&uuid).await
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        assert!(joined.unwrap().unwrap().is_some());
+    }
+    first.kill().await.unwrap();
+    let Some(_second) = own_memcached(port).await else {
+        return;
+    };
+
+    let uuid = new_task_uuid();
+    assert!(backend.get_state(&uuid).await.unwrap().is_none());
+    backend
+        .set_state(&TaskState::pending(&uuid, "after"))
+        .await
+        .unwrap();
+    backend
+        .set_state(&TaskState::started(&uuid, ""))
+        .await
+        .unwrap();
+    let stored = backend.get_state(&uuid).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.task_name.as_str()),
+        (State::Started, "after")
+    );
+}
+
 #[tokio::test]
 async fn connecting_reports_bad_urls_and_unreachable_servers() {
     let error = Server::new(Config::new("memory://", "memcache://"))

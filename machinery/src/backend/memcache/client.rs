@@ -367,6 +367,27 @@ struct Item {
     cas: Option<u64>,
 }
 
+/// Runs one command: on a pooled connection under [`IO_TIMEOUT`], returning the connection to the pool
+/// only after a complete, expected reply. An I/O error empties the pool (after a server restart every
+/// idle connection is dead); an idempotent command that met it on a reused connection is tried once more
+/// on a new one.
+macro_rules! run {
+    ($server:expr, $command:expr, $idempotent:expr, |$conn:ident| $op:expr) => {{
+        let server: &Server = $server;
+        let (mut $conn, reused) = server.checkout().await?;
+        let mut result = server.timed($command, $op).await;
+        if matches!(result, Err(MemcacheError::Io { .. })) {
+            server.idle().clear();
+            if reused && $idempotent {
+                tracing::debug!(server = %server.addr, command = $command, "pooled connection failed; trying a new one");
+                $conn = server.connect().await?;
+                result = server.timed($command, $op).await;
+            }
+        }
+        server.finish($conn, result)
+    }};
+}
+
 impl Server {
     fn idle(&self) -> MutexGuard<'_, Vec<Conn>> {
         self.idle
@@ -374,10 +395,15 @@ impl Server {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn checkout(&self) -> Result<Conn, MemcacheError> {
+    /// An idle connection (`true`: reused) or a new one.
+    async fn checkout(&self) -> Result<(Conn, bool), MemcacheError> {
         if let Some(conn) = self.idle().pop() {
-            return Ok(conn);
+            return Ok((conn, true));
         }
+        Ok((self.connect().await?, false))
+    }
+
+    async fn connect(&self) -> Result<Conn, MemcacheError> {
         let stream =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.addr)).await {
                 Ok(Ok(stream)) => stream,
@@ -442,9 +468,7 @@ impl Server {
         command: &'static str,
         keys: &[&str],
     ) -> Result<Vec<Item>, MemcacheError> {
-        let mut conn = self.checkout().await?;
-        let result = self.timed(command, conn.retrieve(command, keys)).await;
-        self.finish(conn, result)
+        run!(self, command, true, |conn| conn.retrieve(command, keys))
     }
 
     async fn store(
@@ -459,29 +483,23 @@ impl Server {
             StoreMode::Add => "add",
             StoreMode::Cas(_) => "cas",
         };
-        let mut conn = self.checkout().await?;
-        let result = self
-            .timed(command, conn.store(command, mode, key, value, exptime))
-            .await;
-        self.finish(conn, result)
+        // `add` and `cas` may have been carried out before the connection failed: not repeated here (the
+        // backend's compare-and-swap loops read the record again instead).
+        let idempotent = mode == StoreMode::Set;
+        run!(self, command, idempotent, |conn| conn
+            .store(command, mode, key, value, exptime))
     }
 
     async fn set_many(&self, items: &[(&str, &[u8])], exptime: u32) -> Result<(), MemcacheError> {
-        let mut conn = self.checkout().await?;
-        let result = self.timed("set", conn.set_many(items, exptime)).await;
-        self.finish(conn, result)
+        run!(self, "set", true, |conn| conn.set_many(items, exptime))
     }
 
     async fn delete(&self, key: &str) -> Result<bool, MemcacheError> {
-        let mut conn = self.checkout().await?;
-        let result = self.timed("delete", conn.delete(key)).await;
-        self.finish(conn, result)
+        run!(self, "delete", true, |conn| conn.delete(key))
     }
 
     async fn settings(&self) -> Result<HashMap<String, String>, MemcacheError> {
-        let mut conn = self.checkout().await?;
-        let result = self.timed("stats settings", conn.settings()).await;
-        self.finish(conn, result)
+        run!(self, "stats settings", true, |conn| conn.settings())
     }
 }
 
