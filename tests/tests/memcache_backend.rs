@@ -335,9 +335,11 @@ async fn a_200_member_chord_completes_exactly_once_under_concurrent_and_repeated
             .chord_triggered
     );
 
-    // The last member, racing with redeliveries of others: exactly one winner.
+    // The last member, racing with redeliveries of others and with itself: exactly one winner.
     let winners = Arc::new(Mutex::new(Vec::new()));
-    for (i, uuid) in members.iter().enumerate().rev().take(60) {
+    // The last member is delivered twice at once (a duplicate delivery): still one winner.
+    let last = (199, &members[199]);
+    for (i, uuid) in members.iter().enumerate().rev().take(60).chain([last]) {
         let (backend, group, uuid, winners) = (
             backend.clone(),
             group.clone(),
@@ -364,13 +366,12 @@ async fn a_200_member_chord_completes_exactly_once_under_concurrent_and_repeated
             .chord_triggered
     );
 
-    // Afterwards: other members get false; the winner's own repeated call (a retry after a lost reply)
-    // gets true again, so a lost reply cannot lose the chord.
+    // Afterwards every call gets false, the winning member's too (a redelivery).
     assert!(!backend
         .complete_group_member(&group, &members[0], 200)
         .await
         .unwrap());
-    assert!(backend
+    assert!(!backend
         .complete_group_member(&group, &members[199], 200)
         .await
         .unwrap());
@@ -709,6 +710,40 @@ async fn a_batch_of_states_is_written_to_both_servers_and_merged_where_needed() 
         .unwrap_err();
     assert!(backend.get_state(&fits).await.unwrap().is_none());
     assert!(matches!(error, BackendError::TooLarge { .. }), "{error}");
+}
+
+/// The winning member's call can fail after it completed the group but before it set `ChordTriggered`
+/// (say, the connection dropped); its retry must still fire the chord, once.
+#[tokio::test]
+async fn a_retry_of_the_winning_call_fires_the_chord_if_the_first_did_not_set_the_flag() {
+    if !require(Service::Memcached, "memcache chord winner retry") {
+        return;
+    }
+    let backend = single();
+    let group = new_group_uuid();
+    let (a, b) = (new_task_uuid(), new_task_uuid());
+    backend
+        .init_group(&GroupMeta::new(&group, vec![a.clone(), b.clone()]))
+        .await
+        .unwrap();
+    assert!(!backend.complete_group_member(&group, &a, 2).await.unwrap());
+    assert!(backend.complete_group_member(&group, &b, 2).await.unwrap());
+    // Undo the flag, as if the winning call had failed before setting it.
+    let mut meta = backend.get_group(&group).await.unwrap().unwrap();
+    assert!(meta.chord_triggered);
+    meta.chord_triggered = false;
+    backend.init_group(&meta).await.unwrap();
+    assert!(!backend.complete_group_member(&group, &a, 2).await.unwrap());
+    assert!(backend.complete_group_member(&group, &b, 2).await.unwrap());
+    assert!(!backend.complete_group_member(&group, &b, 2).await.unwrap());
+    assert!(
+        backend
+            .get_group(&group)
+            .await
+            .unwrap()
+            .unwrap()
+            .chord_triggered
+    );
 }
 
 #[tokio::test]

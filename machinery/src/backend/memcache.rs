@@ -12,8 +12,8 @@
 //!   is refused in the same step when the task was revoked.
 //! - Chords fire exactly once: each member sets its bit in a per-group progress record
 //!   (`<group uuid>_chord_progress`) with `cas`; the write that completes the group names its member the
-//!   winner in that same write. Go's memcache backend uses a read-modify-write lock flag that two workers
-//!   can both pass.
+//!   winner in that same write, and the winner's call that flips `ChordTriggered` (again with `cas`) fires.
+//!   Go's memcache backend uses a read-modify-write lock flag that two workers can both pass.
 //! - A record too large for memcached is an error ([`BackendError::TooLarge`]), checked before sending and
 //!   again from the server's reply.
 //!
@@ -265,8 +265,8 @@ impl MemcacheBackend {
         Err(Self::too_much_contention(operation, key))
     }
 
-    /// Sets `ChordTriggered` on the group record (idempotent).
-    async fn mark_chord_triggered(&self, group_uuid: &str) -> Result<(), BackendError> {
+    /// Sets `ChordTriggered` on the group record; `true` only for the call that changed it from `false`.
+    async fn mark_chord_triggered(&self, group_uuid: &str) -> Result<bool, BackendError> {
         const OP: &str = "mark chord triggered";
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let Some((bytes, cas)) = self
@@ -279,7 +279,7 @@ impl MemcacheBackend {
             };
             let mut meta = Self::decode_group(group_uuid, &bytes)?;
             if meta.chord_triggered {
-                return Ok(());
+                return Ok(false);
             }
             meta.chord_triggered = true;
             let value = Self::encode(group_uuid, &meta)?;
@@ -287,7 +287,7 @@ impl MemcacheBackend {
                 .store(OP, StoreMode::Cas(cas), group_uuid, &value)
                 .await?
             {
-                StoreReply::Stored => return Ok(()),
+                StoreReply::Stored => return Ok(true),
                 _ => Self::cas_backoff(attempt).await,
             }
         }
@@ -456,9 +456,10 @@ impl Backend for MemcacheBackend {
     }
 
     /// Sets the member's bit in the group's progress record with `gets`/`cas`; the write that makes the
-    /// count reach `group_task_count` also names this member the winner, atomically, and the winner then
-    /// sets `ChordTriggered` on the group record. A redelivered member finds its bit set and counts once;
-    /// the winner's own repeated call (say, after a lost reply) gets `true` again, every other call `false`.
+    /// count reach `group_task_count` also names this member the winner, atomically. A call for the winning
+    /// member then sets `ChordTriggered` on the group record with `cas`, and the one call that changes it
+    /// from `false` gets `true`. A redelivered member finds its bit set and counts once; if the winning call
+    /// failed before setting the flag, its retry sets it and gets `true`.
     async fn complete_group_member(
         &self,
         group_uuid: &str,
@@ -503,8 +504,9 @@ impl Backend for MemcacheBackend {
                 }
             };
             if progress.winner == task_uuid {
-                self.mark_chord_triggered(group_uuid).await?;
-                return Ok(true);
+                // Another call for this member completed the group: a retry after that call failed
+                // before setting the flag, or a duplicate delivery. Whichever sets the flag fires.
+                return self.mark_chord_triggered(group_uuid).await;
             }
             if !progress.winner.is_empty() {
                 return Ok(false);
@@ -540,8 +542,7 @@ impl Backend for MemcacheBackend {
             let mode = cas.map_or(StoreMode::Add, StoreMode::Cas);
             match self.store(OP, mode, &key, &value).await? {
                 StoreReply::Stored if completes => {
-                    self.mark_chord_triggered(group_uuid).await?;
-                    return Ok(true);
+                    return self.mark_chord_triggered(group_uuid).await;
                 }
                 StoreReply::Stored => return Ok(false),
                 StoreReply::NotStored | StoreReply::Exists | StoreReply::NotFound => {
