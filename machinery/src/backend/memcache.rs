@@ -524,7 +524,7 @@ impl Backend for MemcacheBackend {
             let newly_finished = bitmap[byte] & bit == 0;
             bitmap[byte] |= bit;
             if newly_finished {
-                progress.count += 1;
+                progress.count = progress.count.saturating_add(1);
             }
             let completes = progress.count >= group_task_count;
             if !newly_finished && !completes {
