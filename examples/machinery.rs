@@ -152,13 +152,21 @@ async fn send(server: &Server) -> Result<(), BoxError> {
     let parts = split::send(server, "foo").await?.get(timeout).await?;
     println!("split([\"foo\"]) = [{}]", parts.join(" "));
 
-    let group = Group::new([add::signature(vec![1, 1]), add::signature(vec![2, 2]), add::signature(vec![5, 6])]);
+    let group = Group::new([
+        add::signature(vec![1, 1]),
+        add::signature(vec![2, 2]),
+        add::signature(vec![5, 6]),
+    ]);
     let sums = server.send_group(group.clone()).await?.get(timeout).await?;
     for (expression, sum) in ["1 + 1", "2 + 2", "5 + 6"].iter().zip(sums) {
         println!("{expression} = {sum}");
     }
 
-    let product = server.send_chord(Chord::new(group, multiply::partial())).await?.get(timeout).await?;
+    let product = server
+        .send_chord(Chord::new(group, multiply::partial()))
+        .await?
+        .get(timeout)
+        .await?;
     println!("(1 + 1) * (2 + 2) * (5 + 6) = {product}");
 
     let chain = Chain::new(add::signature(vec![1, 1]))

@@ -70,6 +70,7 @@ fn fallback(item: TokenStream, task: &Task, error: syn::Error) -> TokenStream {
     let error = error.to_compile_error();
     let docs = Docs::new(task);
     let (module_doc, send_doc, signature_doc) = (&docs.module, &docs.send, &docs.signature);
+    let partial_stubs = partial_stubs(task, &private, &params);
     quote! {
         #item
 
@@ -100,9 +101,36 @@ fn fallback(item: TokenStream, task: &Task, error: syn::Error) -> TokenStream {
             ) -> #send_output #where_clause {
                 ::core::unreachable!()
             }
+
+            #partial_stubs
         }
 
         #error
+    }
+}
+
+/// `partial`/`partial_with` with no body, next to macro errors. The open parameter's type is left generic:
+/// it may be the very type the error is about (a reference, say), which could not be written here.
+fn partial_stubs(task: &Task, private: &TokenStream, params: &[TokenStream]) -> TokenStream {
+    let Some(last) = task.params.last() else {
+        return TokenStream::new();
+    };
+    let ok = &task.output.ty;
+    let lead = &params[..params.len() - 1];
+    let with = matches!(last.kind, ParamKind::Rest(_)).then(|| {
+        quote! {
+            /// Stub emitted next to a `#[task]` error.
+            pub fn partial_with<__MachineryIn>(#(#params),*) -> #private::Partial<__MachineryIn, #ok> {
+                ::core::unreachable!()
+            }
+        }
+    });
+    quote! {
+        /// Stub emitted next to a `#[task]` error.
+        pub fn partial<__MachineryIn>(#(#lead),*) -> #private::Partial<__MachineryIn, #ok> {
+            ::core::unreachable!()
+        }
+        #with
     }
 }
 
@@ -184,21 +212,7 @@ fn module(task: &Task) -> TokenStream {
         .unzip();
     let (params, conversions) = params(task);
     let bindings: Vec<&Ident> = task.params.iter().map(|p| &p.binding).collect();
-    let last = task.params.len().checked_sub(1);
-    let encoded = task.params.iter().enumerate().map(|(i, param)| {
-        let Param {
-            binding,
-            wire_name,
-            kind,
-            ..
-        } = param;
-        match kind {
-            ParamKind::Rest(elem) if task.variadic && Some(i) == last => {
-                quote!((&&#private::Probe::<#elem>::new()).encode_variadic(#wire_name, &#binding))
-            }
-            _ => quote!((&&#private::Probe::of(&#binding)).encode_arg(#wire_name, &#binding)),
-        }
-    });
+    let encoded = encoded_list(task, &private);
     let queue = match &task.queue {
         Some(queue) => quote!(::core::option::Option::Some(#queue)),
         None => quote!(::core::option::Option::None),
@@ -208,8 +222,15 @@ fn module(task: &Task) -> TokenStream {
         Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
         None => quote!(::core::option::Option::None),
     };
+    let backoff = match &task.backoff {
+        Some(expr) => quote! {
+            ::core::option::Option::Some(&(#expr) as &'static dyn #private::BackoffStrategy)
+        },
+        None => quote!(::core::option::Option::None),
+    };
     let server = server_ident(task);
     let send_output = send_output(task, &private);
+    let partials = partials(task, &private, &params, &conversions, &encoded);
     let docs = Docs::new(task);
     let (module_doc, send_doc, signature_doc) = (&docs.module, &docs.send, &docs.signature);
     let args_doc = format!(
@@ -246,6 +267,7 @@ fn module(task: &Task) -> TokenStream {
                     retries: #retries,
                     retry_timeout: #retry_timeout,
                     timeout: #timeout,
+                    backoff: #backoff,
                 },
             };
 
@@ -272,8 +294,88 @@ fn module(task: &Task) -> TokenStream {
                 let __machinery_signature = self::signature(#(#bindings),*);
                 ::std::boxed::Box::pin(#server.send(__machinery_signature))
             }
+
+            #partials
         }
     }
+}
+
+/// The encoded arguments, one expression per parameter (a `variadic` last `Vec<T>` spread out).
+fn encoded_list(task: &Task, private: &TokenStream) -> Vec<TokenStream> {
+    let last = task.params.len().checked_sub(1);
+    task.params
+        .iter()
+        .enumerate()
+        .map(|(i, param)| {
+            let Param {
+                binding,
+                wire_name,
+                kind,
+                ..
+            } = param;
+            match kind {
+                ParamKind::Rest(elem) if task.variadic && Some(i) == last => {
+                    quote!((&&#private::Probe::<#elem>::new()).encode_variadic(#wire_name, &#binding))
+                }
+                _ => quote!((&&#private::Probe::of(&#binding)).encode_arg(#wire_name, &#binding)),
+            }
+        })
+        .collect()
+}
+
+/// `partial(..)`: every parameter but the last, which a chain step's previous output or a chord's
+/// collected results fill in; and, for a last `Vec<T>` parameter, `partial_with(.., head)`, whose vector
+/// starts with `head` and gets the previous output appended (Go's variadic chains).
+fn partials(
+    task: &Task,
+    private: &TokenStream,
+    params: &[TokenStream],
+    conversions: &[TokenStream],
+    encoded: &[TokenStream],
+) -> TokenStream {
+    let Some(last) = task.params.last() else {
+        return TokenStream::new();
+    };
+    let n = task.params.len() - 1;
+    let ok = &task.output.ty;
+    let last_ty = &last.ty;
+    let name = &task.name;
+    let (lead_params, lead_conversions, lead_encoded) =
+        (&params[..n], &conversions[..n], &encoded[..n]);
+    let partial_doc = format!(
+        "A message for the task `{name}` without its last argument, which the previous step of a `Chain` \
+         (or a `Chord`'s collected results) fills in."
+    );
+    let partial = quote! {
+        #[doc = #partial_doc]
+        #[allow(clippy::too_many_arguments)]
+        pub fn partial(#(#lead_params),*) -> #private::Partial<#last_ty, #ok> {
+            #[allow(unused_imports)]
+            use #private::{Checked as _, Unchecked as _};
+            #(#lead_conversions)*
+            #private::Partial::new(#private::signature(&self::TASK, ::std::vec![#(#lead_encoded),*]))
+        }
+    };
+    let with = match &last.kind {
+        ParamKind::Rest(_) => {
+            let with_doc = format!(
+                "A message for the task `{name}` whose last argument starts with these elements; a \
+                 `Chain`'s previous output is appended to it (how Go chains feed variadic tasks)."
+            );
+            quote! {
+                #[doc = #with_doc]
+                #[allow(clippy::too_many_arguments)]
+                pub fn partial_with(#(#params),*) -> #private::Partial<#last_ty, #ok> {
+                    #[allow(unused_imports)]
+                    use #private::{Checked as _, Unchecked as _};
+                    #(#conversions)*
+                    #private::Partial::new(#private::signature(&self::TASK, ::std::vec![#(#encoded),*]))
+                }
+            }
+        }
+        _ => TokenStream::new(),
+    };
+    quote!(#partial #with)
 }
 
 /// The type `send` returns: a boxed future rather than an `async fn`'s, whose type would carry the

@@ -30,7 +30,10 @@ use proc_macro::TokenStream;
 /// - `TASK` and `task()`: the [`TaskDef`] a worker runs (registered for `Worker::auto`);
 /// - `signature(..)`: a typed `Signature<T>` to adjust or to use in workflows;
 /// - `send(&server, ..)`: a `Send` future (boxed, so a wrong argument is reported once, at the argument)
-///   that sends the task and gives a typed `AsyncResult<T>`.
+///   that sends the task and gives a typed `AsyncResult<T>`;
+/// - `partial(..)`: every parameter but the last, as a `Partial<Last, T>` for chains and chords;
+/// - `partial_with(.., head)` for a last `Vec<E>` parameter: the vector starts with `head`, and a chain's
+///   previous output (an `E`) is appended to it.
 ///
 /// A `String` parameter takes `impl Into<String>` in `send` and `signature`. An optional first parameter
 /// `ctx: &TaskContext` is passed by the worker and is not an argument. The function must be `async`,
@@ -45,6 +48,9 @@ use proc_macro::TokenStream;
 /// - `retries = 3`: the retry count `send` sets;
 /// - `retry_timeout = 5` or `"5s"`: the retry timeout `send` sets, in whole seconds;
 /// - `timeout = "30s"` (`ms`, `s`, `m`, `h`, or whole seconds): the time limit of one run;
+/// - `backoff = EXPR`: a constant expression of a `machinery::retry::BackoffStrategy` type
+///   (`Exponential`, `Fixed`, or your own) that sets the delay between retries instead of Go's
+///   Fibonacci sequence;
 /// - `variadic`: `send` spreads the last `Vec<T>` parameter into one argument per element, as a Go
 ///   worker's variadic function expects;
 /// - `crate = "my_facade::machinery"`: where the machinery crate is, for crates that re-export it.

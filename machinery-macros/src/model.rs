@@ -44,6 +44,8 @@ pub(crate) struct Task {
     pub(crate) retry_timeout: u32,
     /// Milliseconds.
     pub(crate) timeout: Option<u64>,
+    /// The retry back-off strategy expression.
+    pub(crate) backoff: Option<syn::Expr>,
     /// `send` and `signature` spread the last `Vec<T>` parameter into one argument per element.
     pub(crate) variadic: bool,
 }
@@ -223,6 +225,7 @@ impl Task {
             retries: options.retries.unwrap_or(0),
             retry_timeout: options.retry_timeout.unwrap_or(0),
             timeout: options.timeout,
+            backoff: options.backoff,
             variadic,
         }
     }

@@ -49,18 +49,20 @@ pub(crate) enum OptionName {
     Retries,
     RetryTimeout,
     Timeout,
+    Backoff,
     Variadic,
     Crate,
 }
 
 impl OptionName {
     /// Every option, in the order the docs and error messages list them.
-    pub(crate) const ALL: [OptionName; 7] = [
+    pub(crate) const ALL: [OptionName; 8] = [
         OptionName::Name,
         OptionName::Queue,
         OptionName::Retries,
         OptionName::RetryTimeout,
         OptionName::Timeout,
+        OptionName::Backoff,
         OptionName::Variadic,
         OptionName::Crate,
     ];
@@ -73,6 +75,7 @@ impl OptionName {
             OptionName::Retries => "retries",
             OptionName::RetryTimeout => "retry_timeout",
             OptionName::Timeout => "timeout",
+            OptionName::Backoff => "backoff",
             OptionName::Variadic => "variadic",
             OptionName::Crate => "crate",
         }
@@ -95,6 +98,9 @@ impl OptionName {
             OptionName::Timeout => {
                 "a duration string or whole seconds, such as `timeout = \"30s\"`, `timeout = \"500ms\"` or `timeout = 30`"
             }
+            OptionName::Backoff => {
+                "a constant expression of a type implementing `machinery::retry::BackoffStrategy`, such as `backoff = MY_BACKOFF`"
+            }
             OptionName::Variadic => "no value: write `variadic`",
             OptionName::Crate => {
                 "a string literal holding a path, such as `crate = \"my_facade::machinery\"`"
@@ -113,6 +119,8 @@ pub(crate) struct Options {
     pub(crate) retry_timeout: Option<u32>,
     /// Milliseconds.
     pub(crate) timeout: Option<u64>,
+    /// A constant expression of a `BackoffStrategy` type.
+    pub(crate) backoff: Option<Expr>,
     /// The option's name, for errors about it (`variadic` with no `Vec<T>` to spread).
     pub(crate) variadic: Option<Path>,
     pub(crate) krate: Option<Path>,
@@ -245,6 +253,12 @@ impl Options {
                     ));
                 }
                 self.timeout = Some(millis);
+            }
+            OptionName::Backoff => {
+                if string_literal(value).is_some() {
+                    return Err(bad(value));
+                }
+                self.backoff = Some(value.clone());
             }
             OptionName::Crate => {
                 let lit = string_literal(value).ok_or_else(|| bad(value))?;
@@ -455,7 +469,7 @@ mod tests {
         ));
         let messages = messages(result);
         let expected = [
-            "unknown `#[task]` option `nme`; expected one of `name`, `queue`, `retries`, `retry_timeout`, `timeout`, `variadic`, `crate`",
+            "unknown `#[task]` option `nme`; expected one of `name`, `queue`, `retries`, `retry_timeout`, `timeout`, `backoff`, `variadic`, `crate`",
             "duplicate `#[task]` option `queue`",
             "`retries` cannot be negative",
             "invalid duration `soon`",

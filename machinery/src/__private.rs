@@ -18,6 +18,7 @@ pub use ::std;
 pub use crate::args::{ArgError, ArgReader, EncodeError};
 pub use crate::error::SendError;
 pub use crate::result::AsyncResult;
+pub use crate::retry::BackoffStrategy;
 pub use crate::server::Server;
 pub use crate::signature::{Arg, Signature};
 pub use crate::state::TaskResult;
@@ -25,6 +26,7 @@ pub use crate::task::{
     FailureKind, Handler, HandlerFuture, Registration, TaskContext, TaskDef, TaskFailure,
     TaskOptions, TaskOutcome,
 };
+pub use crate::workflow::Partial;
 
 /// Encodes one argument for `send`/`signature`.
 pub fn encode_arg<T: Serialize + DeserializeOwned>(
@@ -56,7 +58,7 @@ pub fn signature<T>(
             Err(e) => error = error.or(Some(format!("task {}: {e}", def.name))),
         }
     }
-    let mut sig = Signature::with_args(def.name, encoded);
+    let mut sig = Signature::with_args(def.name, encoded).retype::<T>();
     if let Some(queue) = def.options.queue {
         sig.routing_key = queue.to_owned();
     }

@@ -164,13 +164,6 @@ impl Signature {
         Signature::with_args(name, Vec::new())
     }
 
-    /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
-    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
-    }
-}
-
-impl<T> Signature<T> {
     /// A signature for the task `name` with these arguments.
     pub fn with_args(name: impl Into<String>, args: Vec<Arg>) -> Self {
         Signature {
@@ -198,6 +191,13 @@ impl<T> Signature<T> {
         }
     }
 
+    /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+impl<T> Signature<T> {
     /// The same message with another output type.
     pub fn retype<U>(self) -> Signature<U> {
         Signature {
@@ -514,7 +514,7 @@ impl<'de, T> Deserialize<'de> for Signature<T> {
                 f.write_str("a machinery Signature object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signature<T>, A::Error> {
-                let mut sig = Signature::with_args(String::new(), Vec::new());
+                let mut sig = Signature::with_args(String::new(), Vec::new()).retype::<T>();
                 while let Some(key) = map.next_key::<SigField>()? {
                     match key {
                         SigField::Uuid => sig.uuid = map.next_value::<Lenient<String>>()?.0,

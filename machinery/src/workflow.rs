@@ -170,6 +170,11 @@ pub struct Chain<T> {
 }
 
 /// Something that can follow a step whose output is `In` in a [`Chain`].
+#[diagnostic::on_unimplemented(
+    message = "this chain step cannot take the previous step's output, a `{In}`",
+    label = "the last parameter of this step's task must be `{In}` (or `Vec<{In}>`)",
+    note = "build the step with `my_task::partial(..)` from a task whose last parameter is `{In}`, or pass a complete `my_task::signature(..)`, which takes no previous output"
+)]
 pub trait ChainStep<In> {
     /// What the step returns.
     type Output;
