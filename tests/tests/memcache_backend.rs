@@ -12,8 +12,7 @@ use machinery::backend::memcache::{server_index, MemcacheBackend, CHORD_PROGRESS
 use machinery::backend::{Backend, BackendError};
 use machinery::signature::{new_group_uuid, new_task_uuid};
 use machinery::{
-    Arg, Config, FailureKind, GroupMeta, HandlerFuture, Server, Signature, State, TaskContext,
-    TaskDef, TaskFailure, TaskOptions, TaskResult, TaskState, Worker,
+    task, Chord, Config, Group, GroupMeta, Server, State, TaskError, TaskResult, TaskState, Worker,
 };
 use machinery_tests::{eventually, require, unique, Service};
 use serde_json::{json, Value};
@@ -890,81 +889,69 @@ async fn connecting_reports_bad_urls_and_unreachable_servers() {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Worker-level: real workers, the memory broker, the memcache backend.
+// Worker-level: real workers and `#[task]` functions, the memory broker, the memcache backend.
 
-static SQUARE: TaskDef = TaskDef {
-    name: "memcache_test_square",
-    rust_path: "memcache_backend::square",
-    handler: square,
-    options: TaskOptions {
-        queue: None,
-        retries: 0,
-        retry_timeout: 0,
-        timeout: None,
-        backoff: None,
-    },
-};
-
-static COLLECT: TaskDef = TaskDef {
-    name: "memcache_test_collect",
-    rust_path: "memcache_backend::collect",
-    handler: collect,
-    options: TaskOptions {
-        queue: None,
-        retries: 0,
-        retry_timeout: 0,
-        timeout: None,
-        backoff: None,
-    },
-};
-
-static HUGE: TaskDef = TaskDef {
-    name: "memcache_test_huge",
-    rust_path: "memcache_backend::huge",
-    handler: huge,
-    options: TaskOptions {
-        queue: None,
-        retries: 3,
-        retry_timeout: 0,
-        timeout: None,
-        backoff: None,
-    },
-};
-
-static HUGE_RUNS: AtomicUsize = AtomicUsize::new(0);
-
-fn huge(_: TaskContext, _: Vec<Arg>) -> HandlerFuture {
-    Box::pin(async move {
-        HUGE_RUNS.fetch_add(1, Ordering::SeqCst);
-        Ok(vec![TaskResult::new(
-            "string",
-            json!("z".repeat(2 * 1024 * 1024)),
-        )])
-    })
+#[task]
+async fn memcache_square(x: i64) -> Result<i64, TaskError> {
+    tokio::task::yield_now().await;
+    Ok(x * x)
 }
 
 static COLLECT_CALLS: AtomicUsize = AtomicUsize::new(0);
 static COLLECTED: Mutex<Vec<i64>> = Mutex::new(Vec::new());
 
-fn square(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
-    Box::pin(async move {
-        let x = args
-            .first()
-            .and_then(|arg| arg.value.as_i64())
-            .ok_or_else(|| TaskFailure::new(FailureKind::BadArguments, "expected one int64"))?;
-        tokio::task::yield_now().await;
-        Ok(vec![TaskResult::new("int64", json!(x * x))])
-    })
+#[task]
+async fn memcache_collect(squares: Vec<i64>) -> Result<i64, TaskError> {
+    COLLECT_CALLS.fetch_add(1, Ordering::SeqCst);
+    let sum = squares.iter().sum();
+    *COLLECTED.lock().unwrap() = squares;
+    Ok(sum)
 }
 
-fn collect(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
-    Box::pin(async move {
-        COLLECT_CALLS.fetch_add(1, Ordering::SeqCst);
-        let values: Vec<i64> = args.iter().filter_map(|a| a.value.as_i64()).collect();
-        let sum: i64 = values.iter().sum();
-        *COLLECTED.lock().unwrap() = values;
-        Ok(vec![TaskResult::new("int64", json!(sum))])
-    })
+static HUGE_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn memcache_huge() -> Result<String, TaskError> {
+    HUGE_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok("z".repeat(2 * 1024 * 1024))
+}
+
+#[task]
+async fn memcache_greet(name: String) -> Result<String, TaskError> {
+    Ok(format!("Hi, {name}"))
+}
+
+fn memory_broker_memcache_backend(name: &str) -> Config {
+    Config::new(
+        format!("memory://{}", unique(name)),
+        Service::Memcached.url(),
+    )
+}
+
+#[tokio::test]
+async fn a_task_result_comes_back_through_memcached() {
+    if !require(Service::Memcached, "memcache worker send/get") {
+        return;
+    }
+    let server = Server::new(memory_broker_memcache_backend("memcache_greet"))
+        .await
+        .unwrap();
+    let worker = Worker::new(&server)
+        .register(memcache_greet::task())
+        .start()
+        .await
+        .unwrap();
+    let result = memcache_greet::send(&server, "memcached").await.unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), "Hi, memcached");
+    let state = server
+        .backend()
+        .get_state(result.uuid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.task_name, "memcache_greet");
+    assert_eq!(state.state, State::Success);
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
 /// Three workers on one shared memory broker run a 200-member chord whose records live in memcached;
@@ -974,16 +961,14 @@ async fn three_workers_run_a_200_member_chord_and_its_callback_runs_once() {
     if !require(Service::Memcached, "memcache worker chord") {
         return;
     }
-    let config = Config::new(
-        format!("memory://{}", unique("memcache_chord")),
-        Service::Memcached.url(),
-    );
-    let server = Server::new(config).await.unwrap();
+    let server = Server::new(memory_broker_memcache_backend("memcache_chord"))
+        .await
+        .unwrap();
     let mut workers = Vec::new();
     for _ in 0..3 {
         let worker = Worker::new(&server)
-            .register(&SQUARE)
-            .register(&COLLECT)
+            .register(memcache_square::task())
+            .register(memcache_collect::task())
             .concurrency(8)
             .start()
             .await
@@ -991,46 +976,19 @@ async fn three_workers_run_a_200_member_chord_and_its_callback_runs_once() {
         workers.push(worker);
     }
 
-    let group = new_group_uuid();
-    let callback_uuid = machinery::signature::new_chord_uuid();
-    let callback = Signature::new(COLLECT.name).with_uuid(&callback_uuid);
-    let members: Vec<Signature> = (0..200i64)
-        .map(|i| {
-            let mut sig = Signature::with_args(SQUARE.name, vec![Arg::new("", "int64", json!(i))])
-                .with_uuid(new_task_uuid());
-            sig.group_uuid = group.clone();
-            sig.group_task_count = 200;
-            sig.chord_callback = Some(Box::new(callback.clone()));
-            sig
-        })
-        .collect();
-    let backend = server.backend();
-    backend
-        .init_group(&GroupMeta::new(
-            &group,
-            members.iter().map(|m| m.uuid.clone()).collect(),
-        ))
+    let group = Group::new((0..200).map(memcache_square::signature));
+    let chord = server
+        .send_chord(Chord::new(group, memcache_collect::partial()))
         .await
         .unwrap();
-    for member in members {
-        server.send(member).await.unwrap();
-    }
-
-    let state = backend
-        .wait_for_completion(&callback_uuid, WAIT)
-        .await
-        .unwrap()
-        .expect("the chord callback never ran");
-    assert_eq!(state.state, State::Success, "{state:?}");
     let expected: Vec<i64> = (0..200).map(|i| i * i).collect();
-    assert_eq!(
-        state.results.unwrap()[0].value,
-        json!(expected.iter().sum::<i64>())
-    );
+    assert_eq!(chord.get(WAIT).await.unwrap(), expected.iter().sum::<i64>());
     assert_eq!(*COLLECTED.lock().unwrap(), expected);
+    let group_uuid = chord.group().group_uuid().to_owned();
     assert!(
-        backend
-            .get_group(&group)
+        server
+            .backend()
+            .get_group(&group_uuid)
             .await
             .unwrap()
             .unwrap()
@@ -1051,31 +1009,30 @@ async fn a_result_too_large_for_memcached_fails_the_task_with_the_reason() {
     if !require(Service::Memcached, "memcache worker too large") {
         return;
     }
-    let config = Config::new(
-        format!("memory://{}", unique("memcache_huge")),
-        Service::Memcached.url(),
-    );
-    let server = Server::new(config).await.unwrap();
+    let server = Server::new(memory_broker_memcache_backend("memcache_huge"))
+        .await
+        .unwrap();
     let worker = Worker::new(&server)
-        .register(&HUGE)
+        .register(memcache_huge::task())
         .concurrency(1)
         .start()
         .await
         .unwrap();
-    let sent = server.send(Signature::new(HUGE.name)).await.unwrap();
+    let result = memcache_huge::send(&server).await.unwrap();
+    let error = result.get(WAIT).await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("cannot be stored") && text.contains("the limit is"),
+        "{text}"
+    );
     let state = server
         .backend()
-        .wait_for_completion(sent.uuid(), WAIT)
+        .get_state(result.uuid())
         .await
         .unwrap()
-        .expect("no state");
-    assert_eq!(state.state, State::Failure, "{state:?}");
-    assert!(
-        state.error.contains("cannot be stored") && state.error.contains("the limit is"),
-        "{}",
-        state.error
-    );
-    assert_eq!(state.task_name, HUGE.name);
+        .unwrap();
+    assert_eq!(state.state, State::Failure);
+    assert_eq!(state.task_name, "memcache_huge");
     worker.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(HUGE_RUNS.load(Ordering::SeqCst), 1);
 }
