@@ -13,6 +13,8 @@ pub enum Setup {
     Memory,
     /// Redis broker and Redis result backend (`MACHINERY_TEST_REDIS_ADDR`, default 127.0.0.1:6379).
     Redis,
+    /// In-memory broker, memcached result backend (`MACHINERY_TEST_MEMCACHE_ADDR`).
+    MemoryMemcache,
 }
 
 impl Setup {
@@ -34,6 +36,12 @@ impl Setup {
                 config.redis.delayed_tasks_poll_period = 50;
                 config.results_expire_in = 60;
                 config
+            }
+            Setup::MemoryMemcache => {
+                if !require(Service::Memcached, test) {
+                    return None;
+                }
+                Config::new("memory://", Service::Memcached.url()).with_default_queue(queue)
             }
         };
         Some(Server::new(config).await.expect("server"))

@@ -1,6 +1,8 @@
 //! Result backends store task states and group records. Each implementation sits in its own module and is
 //! chosen at run time from the result backend URL's scheme ([`connect`]).
 
+#[cfg(feature = "memcache")]
+pub mod memcache;
 pub mod memory;
 pub mod null;
 #[cfg(feature = "redis")]
@@ -209,6 +211,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     let mut schemes = vec!["memory://", "null"];
     #[cfg(feature = "redis")]
     schemes.extend(["redis://", "rediss://", "redis+socket://"]);
+    #[cfg(feature = "memcache")]
+    schemes.push("memcache://");
     schemes
 }
 
@@ -224,6 +228,8 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
         "redis" | "rediss" | "redis+socket" => {
             Ok(Arc::new(redis::RedisBackend::connect(config).await?))
         }
+        #[cfg(feature = "memcache")]
+        "memcache" => memcache::MemcacheBackend::connect(url, config).await,
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: url.to_owned(),

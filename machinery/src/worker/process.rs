@@ -125,7 +125,7 @@ async fn run_task(
     let signature = Arc::new(signature);
     let outcome = call(ctx, def, signature.clone()).await;
     let final_state = match outcome {
-        Ok(results) => succeeded(ctx, &signature, results).await,
+        Ok(results) => succeeded(ctx, def, &signature, results).await,
         Err(failure) => failed(ctx, def, &signature, failure).await,
     };
     let Some(final_state) = final_state else {
@@ -194,14 +194,24 @@ async fn call(
     }
 }
 
-/// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member.
+/// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member. Results
+/// too large for the backend make the task fail with that error (running it again would not help).
 async fn succeeded(
     ctx: &WorkerContext,
+    def: &'static TaskDef,
     signature: &Signature,
     results: Vec<TaskResult>,
 ) -> Option<TaskState> {
     let state = TaskState::success(&signature.uuid, &signature.name, results.clone());
-    store_final(ctx, &state).await.ok()?;
+    match store_final(ctx, &state).await {
+        Ok(()) => {}
+        Err(error @ BackendError::TooLarge { .. }) => {
+            let message = format!("the task's result cannot be stored: {error}");
+            let failure = TaskFailure::new(FailureKind::Encode, message);
+            return failed(ctx, def, signature, failure).await;
+        }
+        Err(_) => return None,
+    }
     tracing::debug!("task succeeded");
     for callback in &signature.on_success {
         let mut callback = callback.clone();
@@ -383,7 +393,10 @@ where
     loop {
         match op().await {
             Ok(value) => return Ok(value),
-            Err(error @ BackendError::NotStored { .. }) => return Err(error),
+            // Retrying cannot help these.
+            Err(error @ (BackendError::NotStored { .. } | BackendError::TooLarge { .. })) => {
+                return Err(error)
+            }
             Err(error) if attempts >= 6 => return Err(error),
             Err(error) => {
                 attempts += 1;
