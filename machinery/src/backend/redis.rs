@@ -73,23 +73,25 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     // KEYS: task uuid. ARGV: JSON text before the TaskName value, the TaskName value (JSON) or '' to keep
-    // the previous one, text between, the CreatedAt value (JSON) or '' to keep the previous one, text
-    // after, expiry in seconds, channel to announce on or '', and the revocation error text or ''.
-    // Writes the state as one SET ... EX, taking the missing values from the previous record, and returns
-    // 1; with a revocation text, writes nothing and returns 0 if the previous record is that revocation.
-    // Only strings are read from the old record; the new JSON text is stored exactly as we wrote it.
+    // the previous one, the CreatedAt value (JSON) or '' to keep the previous one, JSON text after it,
+    // expiry in seconds, channel to announce on or '', the revocation error text or '', then one or more
+    // "middles" (the text from after TaskName up to CreatedAt: State, Results, Error).
+    // Writes one state per middle, in order, each as SET ... EX, taking the missing values from the
+    // previous record, and returns 1; with a revocation text, writes nothing and returns 0 if the previous
+    // record is that revocation. Only strings are read from the old record; the JSON text we made is
+    // stored as it is.
     set_state: Lua::new(
         r#"
-local name, created = ARGV[2], ARGV[4]
+local name, created = ARGV[2], ARGV[3]
 local old = nil
-if name == '' or created == '' or ARGV[8] ~= '' then
+if name == '' or created == '' or ARGV[7] ~= '' then
   local raw = redis.call('GET', KEYS[1])
   if raw then
     local ok, t = pcall(cjson.decode, raw)
     if ok and type(t) == 'table' then old = t end
   end
 end
-if ARGV[8] ~= '' and old and old['State'] == 'FAILURE' and old['Error'] == ARGV[8] then return 0 end
+if ARGV[7] ~= '' and old and old['State'] == 'FAILURE' and old['Error'] == ARGV[7] then return 0 end
 if name == '' then
   local prev = ''
   if old and type(old['TaskName']) == 'string' then prev = old['TaskName'] end
@@ -100,8 +102,10 @@ if created == '' then
   if old and type(old['CreatedAt']) == 'string' then prev = old['CreatedAt'] end
   created = cjson.encode(prev)
 end
-redis.call('SET', KEYS[1], ARGV[1] .. name .. ARGV[3] .. created .. ARGV[5], 'EX', ARGV[6])
-if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], KEYS[1]) end
+for i = 8, #ARGV do
+  redis.call('SET', KEYS[1], ARGV[1] .. name .. ARGV[i] .. created .. ARGV[4], 'EX', ARGV[5])
+end
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], KEYS[1]) end
 return 1
 "#,
     ),
@@ -262,19 +266,12 @@ impl RedisBackend {
         state: &TaskState,
         unless_revoked: bool,
     ) -> Result<redis::Cmd, BackendError> {
-        let pieces = state_pieces(state).map_err(|source| BackendError::Decode {
-            key: state.task_uuid.clone(),
-            source,
-        })?;
+        let pieces = self.pieces(state)?;
         let completed = state.is_completed();
         if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !unless_revoked {
-            let mut json = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
-            for piece in &pieces {
-                json.extend_from_slice(piece);
-            }
             let mut cmd = redis::cmd("SET");
             cmd.arg(&state.task_uuid)
-                .arg(json)
+                .arg(pieces.concat())
                 .arg("EX")
                 .arg(self.inner.expire_secs);
             return Ok(cmd);
@@ -285,18 +282,40 @@ impl RedisBackend {
             Vec::new()
         };
         let [prefix, name, middle, created, suffix] = pieces;
+        Ok(self.script_cmd(
+            &state.task_uuid,
+            [prefix, name, created, suffix],
+            channel,
+            unless_revoked,
+            vec![middle],
+        ))
+    }
+
+    fn pieces(&self, state: &TaskState) -> Result<[Vec<u8>; 5], BackendError> {
+        state_pieces(state).map_err(|source| BackendError::Decode {
+            key: state.task_uuid.clone(),
+            source,
+        })
+    }
+
+    /// The `set_state` script writing one state per middle piece.
+    fn script_cmd(
+        &self,
+        task_uuid: &str,
+        [prefix, name, created, suffix]: [Vec<u8>; 4],
+        channel: Vec<u8>,
+        unless_revoked: bool,
+        middles: Vec<Vec<u8>>,
+    ) -> redis::Cmd {
         let expire = self.inner.expire_secs.to_string().into_bytes();
         let revoked = if unless_revoked {
             REVOKED_ERROR.as_bytes().to_vec()
         } else {
             Vec::new()
         };
-        Ok(SCRIPTS.set_state.cmd(
-            &[state.task_uuid.as_bytes()],
-            &[
-                prefix, name, middle, created, suffix, expire, channel, revoked,
-            ],
-        ))
+        let mut args = vec![prefix, name, created, suffix, expire, channel, revoked];
+        args.extend(middles);
+        SCRIPTS.set_state.cmd(&[task_uuid.as_bytes()], &args)
     }
 
     /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
@@ -384,20 +403,37 @@ impl Backend for RedisBackend {
         received: &TaskState,
         started: &TaskState,
     ) -> Result<bool, BackendError> {
-        // Both revocation-checked writes in one pipeline: if the task was revoked, neither writes.
-        let mut pipe = redis::pipe();
-        pipe.add_command(self.state_cmd_unless_revoked(received, true)?)
-            .add_command(self.state_cmd_unless_revoked(started, true)?);
+        // Both states differ only in their middle piece: one script call writes RECEIVED then STARTED,
+        // after one revocation check, reading the previous record once.
+        let [prefix, name, received_middle, created, suffix] = self.pieces(received)?;
+        let [s_prefix, s_name, started_middle, s_created, s_suffix] = self.pieces(started)?;
+        let shared =
+            (&prefix, &name, &created, &suffix) == (&s_prefix, &s_name, &s_created, &s_suffix);
+        if !shared || received.is_completed() || started.is_completed() {
+            // Not the worker's usual pair: two calls.
+            if !self.set_received(received).await? {
+                return Ok(false);
+            }
+            self.set_state(started).await?;
+            return Ok(true);
+        }
+        let cmd = self.script_cmd(
+            &received.task_uuid,
+            [prefix, name, created, suffix],
+            Vec::new(),
+            true,
+            vec![received_middle, started_middle],
+        );
         let mut conn = self.inner.conn.clone();
-        let (first, _): (i64, i64) = match pipe.query_async(&mut conn).await {
+        let written: i64 = match cmd.query_async(&mut conn).await {
             Err(error) if is_noscript(&error) => {
                 self.load_scripts(&mut conn).await?;
-                pipe.query_async(&mut conn).await
+                cmd.query_async(&mut conn).await
             }
             other => other,
         }
         .map_err(op("set task state"))?;
-        Ok(first == 1)
+        Ok(written == 1)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
