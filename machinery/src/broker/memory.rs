@@ -18,8 +18,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
 use super::{
-    Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, Delivery, Outgoing,
-    QueueStats,
+    Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, DelayedMessage,
+    Delivery, Outgoing, QueueStats, WorkerInfo,
 };
 use crate::config::Config;
 
@@ -50,6 +50,8 @@ struct State {
     queues: HashMap<String, Queue>,
     /// Delayed messages by (ETA, sequence number), with their queue.
     delayed: BTreeMap<(DateTime<Utc>, u64), (String, Vec<u8>)>,
+    /// Live consumers by id: (consumer tag, queue), for [`Broker::workers`].
+    consumers: HashMap<u64, (String, String)>,
     next_id: u64,
 }
 
@@ -204,7 +206,14 @@ impl Broker for MemoryBroker {
     }
 
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
-        let id = self.shared.lock().next_id();
+        let id = {
+            let mut state = self.shared.lock();
+            let id = state.next_id();
+            state
+                .consumers
+                .insert(id, (options.consumer_tag.clone(), options.queue.clone()));
+            id
+        };
         Ok(Box::new(MemoryConsumer {
             shared: self.shared.clone(),
             queue: options.queue,
@@ -254,6 +263,75 @@ impl Broker for MemoryBroker {
             q.ready.clear();
             n
         }))
+    }
+
+    /// Every queue that has held a message or had a consumer in this instance, the queues of delayed
+    /// messages, and the default queue.
+    async fn queues(&self) -> Result<Vec<String>, BrokerError> {
+        let state = self.shared.lock();
+        let mut queues: std::collections::BTreeSet<String> = state.queues.keys().cloned().collect();
+        queues.extend(state.delayed.values().map(|(queue, _)| queue.clone()));
+        queues.insert(self.default_queue.clone());
+        Ok(queues.into_iter().collect())
+    }
+
+    async fn delayed(&self, limit: usize) -> Result<Vec<DelayedMessage>, BrokerError> {
+        let state = self.shared.lock();
+        Ok(state
+            .delayed
+            .iter()
+            .take(limit)
+            .map(|((eta, _), (_, body))| DelayedMessage {
+                eta: *eta,
+                body: body.clone(),
+            })
+            .collect())
+    }
+
+    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError> {
+        let moved = {
+            let mut state = self.shared.lock();
+            let Some(q) = state.queues.get_mut(queue) else {
+                return Ok(0);
+            };
+            let (chosen, kept): (Vec<DeadLetter>, Vec<DeadLetter>) =
+                std::mem::take(&mut q.dead).into_iter().partition(|letter| {
+                    task_uuid.is_none_or(|uuid| super::has_task_uuid(&letter.body, uuid))
+                });
+            q.dead = kept;
+            let moved = chosen.len() as u64;
+            for letter in chosen {
+                state.push(queue, letter.body);
+            }
+            moved
+        };
+        if moved > 0 {
+            self.shared.changed.notify_waiters();
+        }
+        Ok(moved)
+    }
+
+    /// The live consumers of this instance (in-process, so always alive and without heartbeat).
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
+        let state = self.shared.lock();
+        let mut workers: Vec<WorkerInfo> = state
+            .consumers
+            .iter()
+            .map(|(id, (tag, queue))| WorkerInfo {
+                queue: queue.clone(),
+                consumer_tag: tag.clone(),
+                in_flight: state.queues.get(queue).map_or(0, |q| {
+                    q.in_flight
+                        .values()
+                        .filter(|(owner, _)| owner == id)
+                        .count() as u64
+                }),
+                heartbeat_age: None,
+                alive: true,
+            })
+            .collect();
+        workers.sort_by(|a, b| (&a.queue, &a.consumer_tag).cmp(&(&b.queue, &b.consumer_tag)));
+        Ok(workers)
     }
 }
 
@@ -335,7 +413,11 @@ impl Consumer for MemoryConsumer {
 
 impl Drop for MemoryConsumer {
     fn drop(&mut self) {
-        let returned = self.shared.lock().return_in_flight(&self.queue, self.id);
+        let returned = {
+            let mut state = self.shared.lock();
+            state.consumers.remove(&self.id);
+            state.return_in_flight(&self.queue, self.id)
+        };
         if returned > 0 {
             tracing::debug!(queue = %self.queue, returned, "returned unacknowledged messages to the queue");
             self.shared.changed.notify_waiters();
@@ -504,6 +586,60 @@ mod tests {
             (dead[0].reason.as_str(), dead[0].body.as_slice()),
             ("malformed", b"bad".as_slice())
         );
+    }
+
+    fn task(queue: &str, uuid: &str) -> Outgoing {
+        let body = format!(r#"{{"UUID":"{uuid}","Name":"add","RoutingKey":"{queue}"}}"#);
+        message(queue, &body)
+    }
+
+    #[tokio::test]
+    async fn inspection_lists_queues_delayed_messages_and_consumers() {
+        let broker = MemoryBroker::new("memory://", "default_q");
+        broker.publish(message("a", "1")).await.unwrap();
+        let mut later = message("b", "2");
+        later.eta = Some(Utc::now() + chrono::Duration::hours(1));
+        broker.publish(later).await.unwrap();
+        assert_eq!(broker.queues().await.unwrap(), ["a", "b", "default_q"]);
+        let delayed = broker.delayed(10).await.unwrap();
+        assert_eq!(delayed.len(), 1);
+        assert_eq!(delayed[0].body, b"2");
+        assert!(delayed[0].eta > Utc::now());
+
+        let mut consumer = broker.consume(options("a")).await.unwrap();
+        let _held = consumer.next_batch(1).await.unwrap();
+        let workers = broker.workers().await.unwrap();
+        assert_eq!(workers.len(), 1);
+        assert_eq!(
+            (workers[0].queue.as_str(), workers[0].consumer_tag.as_str()),
+            ("a", "t")
+        );
+        assert_eq!((workers[0].in_flight, workers[0].alive), (1, true));
+        drop(_held);
+        drop(consumer);
+        assert!(broker.workers().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn requeue_dead_moves_one_task_or_all_to_the_tail() {
+        let broker = MemoryBroker::new("memory://", "q");
+        for uuid in ["task_1", "task_2", "task_3"] {
+            broker.publish(task("q", uuid)).await.unwrap();
+        }
+        let mut consumer = broker.consume(options("q")).await.unwrap();
+        for delivery in consumer.next_batch(3).await.unwrap() {
+            delivery.dead_letter("unknown task").await.unwrap();
+        }
+        broker.publish(message("q", "fresh")).await.unwrap();
+        assert_eq!(broker.requeue_dead("q", Some("task_2")).await.unwrap(), 1);
+        assert_eq!(broker.requeue_dead("q", Some("task_9")).await.unwrap(), 0);
+        let pending = broker.pending("q", 10).await.unwrap();
+        assert_eq!(pending[0], b"fresh");
+        assert!(super::super::has_task_uuid(&pending[1], "task_2"));
+        assert_eq!(broker.requeue_dead("q", None).await.unwrap(), 2);
+        assert_eq!(broker.queue_stats("q").await.unwrap().dead, Some(0));
+        assert_eq!(broker.pending("q", 10).await.unwrap().len(), 4);
+        assert_eq!(broker.requeue_dead("nowhere", None).await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -146,6 +147,32 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
+/// A message waiting for its ETA ([`Broker::delayed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelayedMessage {
+    /// When it becomes due (the broker's own record: the Redis score, the memory broker's key).
+    pub eta: DateTime<Utc>,
+    /// The message body (Signature JSON, if well-formed).
+    pub body: Vec<u8>,
+}
+
+/// A consumer of a queue as the broker sees it ([`Broker::workers`]): one per worker process and queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The queue it consumes.
+    pub queue: String,
+    /// Its consumer tag (by default `machinery-<pid>-<uuid>`).
+    pub consumer_tag: String,
+    /// Messages it has taken and not yet acknowledged.
+    pub in_flight: u64,
+    /// How long ago it last renewed its heartbeat; `None` when the broker keeps no heartbeat time (the
+    /// memory broker, or a Redis heartbeat written by an older build).
+    pub heartbeat_age: Option<Duration>,
+    /// Whether its heartbeat is live. A dead consumer is still listed until a live one on its queue has
+    /// returned its in-flight messages to the queue.
+    pub alive: bool,
+}
+
 /// A message broker.
 #[async_trait]
 pub trait Broker: Send + Sync + fmt::Debug + 'static {
@@ -226,6 +253,43 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// The queues this broker can find by itself, sorted, for inspection tools (the default queue is
+    /// always among them). What "find" means depends on the broker: see each implementation.
+    async fn queues(&self) -> Result<Vec<String>, BrokerError> {
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "listing queues",
+        })
+    }
+
+    /// Up to `limit` messages waiting for their ETA, of every queue, earliest first, without taking them.
+    async fn delayed(&self, limit: usize) -> Result<Vec<DelayedMessage>, BrokerError> {
+        let _ = limit;
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "listing delayed messages",
+        })
+    }
+
+    /// Moves dead letters of `queue` back to the tail of the queue, unchanged: every one, or only those
+    /// whose message has the task id `task_uuid`. Returns how many moved. A message moves in one step
+    /// (never lost, never duplicated) where the broker allows it.
+    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError> {
+        let _ = (queue, task_uuid);
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "requeueing dead letters",
+        })
+    }
+
+    /// The consumers the broker knows of, live or dead, sorted by queue and tag.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "listing workers",
+        })
+    }
+
     /// This broker as `Any`, for implementations that recognise each other (a broker and a backend on one
     /// server fuse their writes). `None` by default.
     fn as_any(&self) -> Option<&dyn std::any::Any> {
@@ -296,6 +360,11 @@ impl Delivery {
         let Delivery { body, acker, .. } = self;
         acker.dead_letter(body, reason.into()).await
     }
+}
+
+/// Whether `body` is a task message with the id `task_uuid` (for [`Broker::requeue_dead`]).
+pub(crate) fn has_task_uuid(body: &[u8], task_uuid: &str) -> bool {
+    crate::signature::Signature::from_json(body).is_ok_and(|signature| signature.uuid == task_uuid)
 }
 
 /// The URL schemes of the brokers in this build.
