@@ -61,6 +61,7 @@ mod server;
 pub mod signature;
 pub mod state;
 mod task;
+pub mod telemetry;
 mod worker;
 mod workflow;
 

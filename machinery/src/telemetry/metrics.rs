@@ -79,15 +79,12 @@ pub(crate) fn in_flight(queue: &str, delta: f64) {
 }
 
 /// A sample of a queue's size.
+#[cfg(feature = "metrics")]
 pub(crate) fn queue_sampled(queue: &str, pending: u64, delayed: Option<u64>) {
-    #[cfg(feature = "metrics")]
-    {
-        gauge!("machinery_queue_depth", "queue" => queue.to_owned()).set(pending as f64);
-        if let Some(delayed) = delayed {
-            gauge!("machinery_queue_delayed", "queue" => queue.to_owned()).set(delayed as f64);
-        }
+    gauge!("machinery_queue_depth", "queue" => queue.to_owned()).set(pending as f64);
+    if let Some(delayed) = delayed {
+        gauge!("machinery_queue_delayed", "queue" => queue.to_owned()).set(delayed as f64);
     }
-    let _ = (queue, pending, delayed);
 }
 
 /// A worker fetched messages again after the broker had failed.

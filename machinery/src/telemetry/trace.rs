@@ -19,7 +19,8 @@ pub(crate) fn inject(headers: &mut Headers) {
     if !context.span().span_context().is_valid() {
         return;
     }
-    opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&context, &mut Injector(headers));
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&context, &mut Injector(headers));
 }
 
 /// Without the `otel` feature there is no trace context to write.
@@ -34,7 +35,8 @@ pub(crate) fn adopt_parent(span: &tracing::Span, headers: Option<&Headers>) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
     let Some(headers) = headers else { return };
-    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Extractor(headers));
+    let context =
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Extractor(headers));
     if context.span().span_context().is_valid() {
         // The span exists only to be a child; an error here means no OpenTelemetry layer is installed.
         let _ = span.set_parent(context);
