@@ -145,12 +145,13 @@ pub(crate) fn when(t: &DateTime<Utc>, now: DateTime<Utc>) -> String {
     let text = t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let delta = *t - now;
     let secs = delta.num_seconds();
+    // Rounded to the nearest unit: a countdown of 600 s seen a moment later is still "in 10m".
     let span = |s: i64| -> String {
         match s {
             0..=119 => format!("{s}s"),
-            120..=7199 => format!("{}m", s / 60),
-            7200..=172_799 => format!("{}h", s / 3600),
-            _ => format!("{}d", s / 86_400),
+            120..=7199 => format!("{}m", (s + 30) / 60),
+            7200..=172_799 => format!("{}h", (s + 1800) / 3600),
+            _ => format!("{}d", (s + 43_200) / 86_400),
         }
     };
     if secs >= 0 {
@@ -188,6 +189,16 @@ mod tests {
         assert_eq!(m.to_json()["raw"], "not json");
         assert_eq!(Message::decode(b"[1]").name(), "(not a task message)");
         assert!(Message::decode(&[0xff, 0]).to_json()["raw_base64"].is_string());
+    }
+
+    #[test]
+    fn times_show_how_far_from_now_rounded() {
+        let now = Utc::now();
+        let at = |secs: i64| when(&(now + chrono::Duration::seconds(secs)), now);
+        assert!(at(599).ends_with("(in 10m)"), "{}", at(599));
+        assert!(at(-5).ends_with("(5s ago)"));
+        assert!(at(3 * 86_400).ends_with("(in 3d)"));
+        assert_eq!(when(&gotime::zero_time(), now), "-");
     }
 
     #[test]
