@@ -533,6 +533,8 @@ impl<'a> ArgReader<'a> {
     }
 
     /// Reads the next argument as a `T`.
+    // Not an `Iterator`: each call decodes to a different type, chosen by the caller.
+    #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<T, ArgError> {
         let index = self.pos;
         let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
