@@ -8,6 +8,8 @@
 //!   If the worker dies first, the message goes back to the queue (at-least-once delivery).
 //! - [`Consumer::next_batch`] is cancel-safe, and [`Consumer::close`] returns unfinished messages.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 
 use std::fmt;
@@ -264,6 +266,8 @@ impl Delivery {
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut schemes = vec!["memory://"];
+    #[cfg(feature = "amqp")]
+    schemes.extend(["amqp://", "amqps://"]);
     schemes
 }
 
@@ -273,6 +277,8 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
     match scheme {
         "memory" | "" | "eager" => Ok(memory::MemoryBroker::connect(url, config)),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => amqp::AmqpBroker::connect(config).await,
         _ => Err(ConfigError::UnknownScheme {
             role: "broker",
             url: url.to_owned(),
