@@ -3,6 +3,8 @@
 //!
 //! - `probe(key: String, tag: i64, ms: i64) -> i64`: records its start and end under `key` (running count,
 //!   most running at once, the order tags started in), sleeps `ms`, returns `tag`.
+//! - `collect(key: String, values: ...i64) -> i64`: records a run under `key` and returns the sum of
+//!   the values (a chord callback: the members' results are appended to its arguments).
 //! - `sleep_add(a: i64, b: i64, ms: i64) -> i64`: appends a line to the file named by
 //!   `MACHINERY_TEST_MARKER` (if set) when it starts, sleeps `ms`, returns `a + b`.
 
@@ -89,6 +91,20 @@ fn probe_handler(_ctx: TaskContext, args: Vec<Arg>) -> HandlerFuture {
     })
 }
 
+fn collect_handler(_ctx: TaskContext, args: Vec<Arg>) -> HandlerFuture {
+    Box::pin(async move {
+        let mut reader = ArgReader::new("collect", &args, 2, true);
+        let key: String = reader.next().map_err(bad_args)?;
+        let values: Vec<i64> = reader.rest().map_err(bad_args)?;
+        update(&key, |r| {
+            r.started += 1;
+            r.finished += 1;
+            r.order.extend(values.iter().copied());
+        });
+        output(values.iter().sum())
+    })
+}
+
 fn sleep_add_handler(_ctx: TaskContext, args: Vec<Arg>) -> HandlerFuture {
     Box::pin(async move {
         let mut reader = ArgReader::new("sleep_add", &args, 3, false);
@@ -114,6 +130,14 @@ pub static PROBE: TaskDef = TaskDef {
     name: "probe",
     rust_path: "machinery_tests::tasks::probe",
     handler: probe_handler,
+    options: NO_OPTIONS,
+};
+
+/// `collect(key, values...) -> sum`.
+pub static COLLECT: TaskDef = TaskDef {
+    name: "collect",
+    rust_path: "machinery_tests::tasks::collect",
+    handler: collect_handler,
     options: NO_OPTIONS,
 };
 
@@ -147,4 +171,9 @@ pub fn sleep_add_signature(a: i64, b: i64, ms: i64) -> machinery::Signature {
             Arg::new("ms", "int64", ms.into()),
         ],
     )
+}
+
+/// The signature of `collect(key)`, to which a chord appends its members' results.
+pub fn collect_signature(key: &str) -> machinery::Signature {
+    machinery::Signature::with_args("collect", vec![Arg::new("key", "string", key.into())])
 }

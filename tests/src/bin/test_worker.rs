@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use machinery::{Config, Server, Worker};
-use machinery_tests::tasks::{PROBE, SLEEP_ADD};
+use machinery_tests::tasks::{COLLECT, PROBE, SLEEP_ADD};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -24,6 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let running = Worker::new(&server)
         .register(&PROBE)
         .register(&SLEEP_ADD)
+        .register(&COLLECT)
         .concurrency(concurrency)
         .start()
         .await?;
