@@ -4,6 +4,8 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -16,6 +18,7 @@ pub use ::std;
 pub use crate::args::{ArgError, ArgReader, EncodeError};
 pub use crate::error::SendError;
 pub use crate::result::AsyncResult;
+pub use crate::retry::BackoffStrategy;
 pub use crate::server::Server;
 pub use crate::signature::{Arg, Signature};
 pub use crate::state::TaskResult;
@@ -23,6 +26,7 @@ pub use crate::task::{
     FailureKind, Handler, HandlerFuture, Registration, TaskContext, TaskDef, TaskFailure,
     TaskOptions, TaskOutcome,
 };
+pub use crate::workflow::Partial;
 
 /// Encodes one argument for `send`/`signature`.
 pub fn encode_arg<T: Serialize + DeserializeOwned>(
@@ -54,7 +58,7 @@ pub fn signature<T>(
             Err(e) => error = error.or(Some(format!("task {}: {e}", def.name))),
         }
     }
-    let mut sig = Signature::with_args(def.name, encoded);
+    let mut sig = Signature::with_args(def.name, encoded).retype::<T>();
     if let Some(queue) = def.options.queue {
         sig.routing_key = queue.to_owned();
     }
@@ -110,6 +114,188 @@ pub fn handler_future<F: Future<Output = TaskOutcome> + Send + 'static>(
 
 /// Compile-time check that a task's future can move between worker threads.
 pub fn assert_send<F: Send>(_: &F) {}
+
+/// The handler's way to run a task's future: requires it to be `Send` (the call is spanned on the task's
+/// name, so "future cannot be sent between threads safely" points there and into the task's body) and
+/// boxes it as a `dyn Future + Send`, so the handler's own future raises no second error. (An
+/// `impl Future + Send` return would not do: auto traits leak through it.)
+pub fn send_future<'a, F: Future + Send + 'a>(
+    future: F,
+) -> Pin<Box<dyn Future<Output = F::Output> + Send + 'a>> {
+    Box::pin(future)
+}
+
+/// Compile-time check that the error type of a task's `Result` alias (`io::Result<T>`, ...) can become a
+/// FAILURE's text; the type is inferred from `PhantomData::<ReturnType>`.
+pub fn assert_result_error<T, E: fmt::Display + Send + 'static>(_: PhantomData<Result<T, E>>) {}
+
+/// Generated code reaches the serde and `Display` operations on a task's types through
+/// `(&&Probe::<T>::new()).operation(..)`: when `T` has the traits the hidden checks require, method
+/// resolution picks [`Checked`] / [`CheckedError`]; otherwise it falls back to [`Unchecked`] /
+/// [`UncheckedError`] (autoref specialization), whose methods never run because the hidden check fails
+/// the build. So a type that lacks a trait gets the check's one error, on the type, and no repeat of it
+/// from every place the generated code uses the type.
+pub struct Probe<T>(PhantomData<fn() -> T>);
+
+impl<T> fmt::Debug for Probe<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Probe<{}>", std::any::type_name::<T>())
+    }
+}
+
+impl<T> Default for Probe<T> {
+    fn default() -> Self {
+        Probe::new()
+    }
+}
+
+impl<T> Probe<T> {
+    /// A probe of `T`.
+    pub const fn new() -> Self {
+        Probe(PhantomData)
+    }
+
+    /// A probe of the type of `value`.
+    pub fn of(_: &T) -> Self {
+        Probe(PhantomData)
+    }
+}
+
+/// The serde operations generated code uses on a task's parameter and output types.
+pub trait Checked<T> {
+    /// Encodes one argument.
+    fn encode_arg(&self, name: &str, value: &T) -> Result<Vec<Arg>, EncodeError>;
+    /// Encodes a trailing `Vec<T>` as one argument per element.
+    fn encode_variadic(&self, name: &str, values: &[T]) -> Result<Vec<Arg>, EncodeError>;
+    /// Reads the next argument.
+    fn next(&self, reader: &mut ArgReader<'_>) -> Result<T, ArgError>;
+    /// Reads the remaining arguments into a `Vec<T>`.
+    fn rest(&self, reader: &mut ArgReader<'_>) -> Result<Vec<T>, ArgError>;
+    /// The outcome of a task that returned one value.
+    fn encode_output(&self, value: &T) -> TaskOutcome;
+    /// One result of a tuple output.
+    fn encode_result(&self, value: &T) -> Result<TaskResult, EncodeError>;
+    /// Serializes a field of `Args`.
+    fn serialize<S: serde::Serializer>(&self, value: &T, serializer: S) -> Result<S::Ok, S::Error>;
+    /// Deserializes a field of `Args`.
+    fn deserialize<'de, D: serde::Deserializer<'de>>(&self, deserializer: D)
+        -> Result<T, D::Error>;
+}
+
+impl<T: Serialize + DeserializeOwned> Checked<T> for &Probe<T> {
+    fn encode_arg(&self, name: &str, value: &T) -> Result<Vec<Arg>, EncodeError> {
+        encode_arg(name, value)
+    }
+    fn encode_variadic(&self, name: &str, values: &[T]) -> Result<Vec<Arg>, EncodeError> {
+        encode_variadic(name, values)
+    }
+    fn next(&self, reader: &mut ArgReader<'_>) -> Result<T, ArgError> {
+        reader.next()
+    }
+    fn rest(&self, reader: &mut ArgReader<'_>) -> Result<Vec<T>, ArgError> {
+        reader.rest()
+    }
+    fn encode_output(&self, value: &T) -> TaskOutcome {
+        encode_output(value)
+    }
+    fn encode_result(&self, value: &T) -> Result<TaskResult, EncodeError> {
+        encode_result(value)
+    }
+    fn serialize<S: serde::Serializer>(&self, value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+        value.serialize(serializer)
+    }
+    fn deserialize<'de, D: serde::Deserializer<'de>>(
+        &self,
+        deserializer: D,
+    ) -> Result<T, D::Error> {
+        T::deserialize(deserializer)
+    }
+}
+
+/// The stand-in for [`Checked`] on a type that fails a hidden check; never runs.
+pub trait Unchecked<T> {
+    /// Never runs.
+    fn encode_arg(&self, name: &str, value: &T) -> Result<Vec<Arg>, EncodeError>;
+    /// Never runs.
+    fn encode_variadic(&self, name: &str, values: &[T]) -> Result<Vec<Arg>, EncodeError>;
+    /// Never runs.
+    fn next(&self, reader: &mut ArgReader<'_>) -> Result<T, ArgError>;
+    /// Never runs.
+    fn rest(&self, reader: &mut ArgReader<'_>) -> Result<Vec<T>, ArgError>;
+    /// Never runs.
+    fn encode_output(&self, value: &T) -> TaskOutcome;
+    /// Never runs.
+    fn encode_result(&self, value: &T) -> Result<TaskResult, EncodeError>;
+    /// Never runs.
+    fn serialize<S: serde::Serializer>(&self, value: &T, serializer: S) -> Result<S::Ok, S::Error>;
+    /// Never runs.
+    fn deserialize<'de, D: serde::Deserializer<'de>>(&self, deserializer: D)
+        -> Result<T, D::Error>;
+}
+
+const UNCHECKED: &str = "machinery: a #[task] type failed its compile-time check";
+
+impl<T> Unchecked<T> for Probe<T> {
+    fn encode_arg(&self, _: &str, _: &T) -> Result<Vec<Arg>, EncodeError> {
+        unreachable!("{UNCHECKED}")
+    }
+    fn encode_variadic(&self, _: &str, _: &[T]) -> Result<Vec<Arg>, EncodeError> {
+        unreachable!("{UNCHECKED}")
+    }
+    fn next(&self, _: &mut ArgReader<'_>) -> Result<T, ArgError> {
+        unreachable!("{UNCHECKED}")
+    }
+    fn rest(&self, _: &mut ArgReader<'_>) -> Result<Vec<T>, ArgError> {
+        unreachable!("{UNCHECKED}")
+    }
+    fn encode_output(&self, _: &T) -> TaskOutcome {
+        unreachable!("{UNCHECKED}")
+    }
+    fn encode_result(&self, _: &T) -> Result<TaskResult, EncodeError> {
+        unreachable!("{UNCHECKED}")
+    }
+    fn serialize<S: serde::Serializer>(&self, _: &T, _: S) -> Result<S::Ok, S::Error> {
+        unreachable!("{UNCHECKED}")
+    }
+    fn deserialize<'de, D: serde::Deserializer<'de>>(&self, _: D) -> Result<T, D::Error> {
+        unreachable!("{UNCHECKED}")
+    }
+}
+
+/// The `Display` operation generated code uses on a task's error type.
+pub trait CheckedError<E> {
+    /// The failure for an error the task returned (see [`failure`]).
+    fn failure(&self, error: &E, ctx: &TaskContext) -> TaskFailure;
+}
+
+impl<E: fmt::Display + 'static> CheckedError<E> for &Probe<E> {
+    fn failure(&self, error: &E, ctx: &TaskContext) -> TaskFailure {
+        failure(error, ctx)
+    }
+}
+
+/// The stand-in for [`CheckedError`] on a type that fails a hidden check; never runs.
+pub trait UncheckedError<E> {
+    /// Never runs.
+    fn failure(&self, error: &E, ctx: &TaskContext) -> TaskFailure;
+}
+
+impl<E> UncheckedError<E> for Probe<E> {
+    fn failure(&self, _: &E, _: &TaskContext) -> TaskFailure {
+        unreachable!("{UNCHECKED}")
+    }
+}
+
+/// Implemented by `#[task]` on the task's `Args` type: the handler that decodes the arguments, runs the
+/// task and encodes its output.
+///
+/// The handler is written next to the function (where the function and the types of its parameters are
+/// in scope, even inside a block) and the task's module reaches it through this impl, since a module
+/// declared in a block cannot name the block's items.
+pub trait TaskHandler {
+    /// Decodes `args`, runs the task and encodes its output.
+    fn handle(ctx: TaskContext, args: Vec<Arg>) -> HandlerFuture;
+}
 
 /// Compile-time check that a parameter type can travel as a task argument.
 pub fn assert_arg<T: Serialize + DeserializeOwned + Send + 'static>() {}

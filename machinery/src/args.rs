@@ -533,7 +533,7 @@ impl<'a> ArgReader<'a> {
     }
 
     /// Reads the next argument as a `T`.
-    // Not an `Iterator`: each call decodes to a different type, chosen by the caller.
+    // Not an `Iterator`: each call decodes a different type.
     #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<T, ArgError> {
         let index = self.pos;

@@ -52,6 +52,8 @@ pub mod broker;
 pub mod config;
 mod error;
 pub mod gotime;
+pub mod lock;
+pub mod periodic;
 mod result;
 pub mod retry;
 mod server;
@@ -59,6 +61,7 @@ pub mod signature;
 pub mod state;
 mod task;
 mod worker;
+mod workflow;
 
 #[doc(hidden)]
 pub mod __private;
@@ -66,15 +69,17 @@ pub mod __private;
 pub use config::{AmqpConfig, Config, ConfigError, RedisConfig};
 pub use error::{Error, SendError};
 pub use machinery_macros::task;
+pub use periodic::{PeriodicError, PeriodicTask};
 pub use result::{AsyncResult, ResultError};
 pub use server::Server;
 pub use signature::{Arg, Headers, Signature};
+pub use signature::{RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER};
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{
     registered_tasks, FailureKind, Handler, HandlerFuture, Registration, TaskContext, TaskDef,
     TaskError, TaskFailure, TaskOptions, TaskOutcome,
 };
 pub use worker::{RunningWorker, Worker, WorkerError};
-
-/// The header in which workers count requeues of messages whose task they do not know.
-pub use worker::UNKNOWN_TASK_REQUEUES_HEADER;
+pub use workflow::{
+    Chain, ChainResult, ChainStep, Chord, ChordResult, Group, GroupResult, Partial,
+};

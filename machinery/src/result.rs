@@ -48,6 +48,26 @@ pub enum ResultError {
         #[source]
         source: ResultDecodeError,
     },
+    /// A member of a group failed (or did not finish); `index` is its 0-based position in the group.
+    #[error("group {group_uuid} member {index}: {source}")]
+    GroupMember {
+        /// The group id.
+        group_uuid: String,
+        /// The member's position in the group.
+        index: usize,
+        /// What happened to it.
+        #[source]
+        source: Box<ResultError>,
+    },
+    /// A step of a chain failed (or did not finish); `index` is its 0-based position in the chain.
+    #[error("chain step {index}: {source}")]
+    ChainStep {
+        /// The step's position in the chain.
+        index: usize,
+        /// What happened to it.
+        #[source]
+        source: Box<ResultError>,
+    },
     /// The backend could not be read.
     #[error("reading the result of task {uuid}: {source}")]
     Backend {

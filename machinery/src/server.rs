@@ -7,6 +7,7 @@ use crate::backend::{self, Backend};
 use crate::broker::{self, Broker, Outgoing};
 use crate::config::Config;
 use crate::error::SendError;
+use crate::lock::{self, Lock};
 use crate::result::AsyncResult;
 use crate::signature::{new_task_uuid, Headers, Signature};
 use crate::state::TaskState;
@@ -33,6 +34,7 @@ struct Inner {
     config: Config,
     broker: Arc<dyn Broker>,
     backend: Arc<dyn Backend>,
+    lock: Arc<dyn Lock>,
 }
 
 impl fmt::Debug for Server {
@@ -49,20 +51,44 @@ impl Server {
     pub async fn new(config: Config) -> Result<Server, crate::Error> {
         let broker = broker::connect(&config).await?;
         let backend = backend::connect(&config).await?;
-        Ok(Server::from_parts(config, broker, backend))
+        let lock = lock::connect(&config).await?;
+        Ok(Server {
+            inner: Arc::new(Inner {
+                config,
+                broker,
+                backend,
+                lock,
+            }),
+        })
     }
 
-    /// A server over a broker and backend built by hand (custom implementations, tests).
+    /// A server over a broker and backend built by hand (custom implementations, tests), with the
+    /// in-process lock for periodic tasks.
     pub fn from_parts(
         config: Config,
         broker: Arc<dyn Broker>,
         backend: Arc<dyn Backend>,
     ) -> Server {
+        let lock = Arc::new(lock::memory::MemoryLock::default());
         Server {
             inner: Arc::new(Inner {
                 config,
                 broker,
                 backend,
+                lock,
+            }),
+        }
+    }
+
+    /// The same server with another lock for periodic tasks.
+    pub fn with_lock(&self, lock: Arc<dyn Lock>) -> Server {
+        let inner = &self.inner;
+        Server {
+            inner: Arc::new(Inner {
+                config: inner.config.clone(),
+                broker: inner.broker.clone(),
+                backend: inner.backend.clone(),
+                lock,
             }),
         }
     }
@@ -82,6 +108,11 @@ impl Server {
         &self.inner.backend
     }
 
+    /// The lock that de-duplicates periodic tasks.
+    pub fn lock(&self) -> &Arc<dyn Lock> {
+        &self.inner.lock
+    }
+
     /// Sends a task: stores its PENDING state, then publishes it. The returned handle reads its result.
     pub async fn send<T>(&self, signature: Signature<T>) -> Result<AsyncResult<T>, SendError> {
         let mut signature = signature.erase();
@@ -91,6 +122,19 @@ impl Server {
             signature.uuid,
             signature.name,
         ))
+    }
+
+    /// Revokes a task that no worker has started yet: its state becomes FAILURE with the error
+    /// [`REVOKED_ERROR`](crate::state::REVOKED_ERROR), and a worker that receives it later acknowledges it
+    /// without running it. A task already running is not interrupted (its outcome then replaces the
+    /// revocation). The mark lives as long as results do (`results_expire_in`). Go workers do not check
+    /// it and would still run the task; Go clients see a FAILURE.
+    pub async fn revoke(&self, task_uuid: &str) -> Result<(), crate::backend::BackendError> {
+        let mut state = crate::state::TaskState::revoked(task_uuid);
+        if let Some(previous) = self.inner.backend.get_state(task_uuid).await? {
+            state.merge_from_previous(&previous);
+        }
+        self.inner.backend.set_state(&state).await
     }
 
     /// A handle to the result of a task sent earlier (by us, or by any client), by its id.

@@ -23,6 +23,17 @@ use crate::wire::{wire_fields, Lenient};
 /// value, understood or not, when a message is re-published.
 pub type Headers = serde_json::Map<String, Value>;
 
+/// The header in which workers count how often they put back a message whose task they do not know
+/// (bounded by `Config::unknown_task_requeues`, then the message is dead-lettered).
+pub const UNKNOWN_TASK_REQUEUES_HEADER: &str = "machinery_unknown_task_requeues";
+
+/// The header carrying a per-message time limit in milliseconds, set by [`Signature::timeout`]. Go
+/// workers ignore it.
+pub const TIME_LIMIT_HEADER: &str = "machinery_time_limit_ms";
+
+/// The header counting the retries already made, for back-off strategies. Go workers keep it unchanged.
+pub const RETRY_ATTEMPT_HEADER: &str = "machinery_retry_attempt";
+
 /// One task argument: `{"Name": "", "Type": "int64", "Value": 1}`.
 ///
 /// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](crate::args::TypeTag)).
@@ -153,13 +164,6 @@ impl Signature {
         Signature::with_args(name, Vec::new())
     }
 
-    /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
-    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
-    }
-}
-
-impl<T> Signature<T> {
     /// A signature for the task `name` with these arguments.
     pub fn with_args(name: impl Into<String>, args: Vec<Arg>) -> Self {
         Signature {
@@ -187,6 +191,13 @@ impl<T> Signature<T> {
         }
     }
 
+    /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+impl<T> Signature<T> {
     /// The same message with another output type.
     pub fn retype<U>(self) -> Signature<U> {
         Signature {
@@ -270,6 +281,14 @@ impl<T> Signature<T> {
             .get_or_insert_with(Headers::new)
             .insert(key.into(), value.into());
         self
+    }
+
+    /// Limits one run of the task to `limit`: a run that takes longer is cancelled and fails with a
+    /// time-limit error. Overrides the task's `#[task(timeout = ..)]`. Travels in a header, which Go
+    /// workers ignore.
+    pub fn timeout(self, limit: Duration) -> Self {
+        let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.header(TIME_LIMIT_HEADER, millis)
     }
 
     /// Marks the task immutable: its results are not appended to its `OnSuccess` callbacks' arguments.
@@ -495,7 +514,7 @@ impl<'de, T> Deserialize<'de> for Signature<T> {
                 f.write_str("a machinery Signature object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signature<T>, A::Error> {
-                let mut sig = Signature::with_args(String::new(), Vec::new());
+                let mut sig = Signature::with_args(String::new(), Vec::new()).retype::<T>();
                 while let Some(key) = map.next_key::<SigField>()? {
                     match key {
                         SigField::Uuid => sig.uuid = map.next_value::<Lenient<String>>()?.0,

@@ -70,6 +70,10 @@ impl fmt::Display for State {
     }
 }
 
+/// The error text of a revoked task. A revoked task is FAILURE, not a state of its own, so that Go clients,
+/// which know only Go's six states, see it finished (a `REVOKED` state would make them wait forever).
+pub const REVOKED_ERROR: &str = "revoked: the task was revoked before a worker ran it";
+
 /// One result value: `{"Type": "int64", "Value": 2}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskResult {
@@ -194,9 +198,19 @@ impl TaskState {
         state
     }
 
+    /// FAILURE with the revocation error, written by [`Server::revoke`](crate::Server::revoke).
+    pub fn revoked(task_uuid: &str) -> Self {
+        TaskState::failure(task_uuid, "", REVOKED_ERROR)
+    }
+
     /// SUCCESS or FAILURE.
     pub fn is_completed(&self) -> bool {
         self.state.is_completed()
+    }
+
+    /// Whether this is the state [`Server::revoke`](crate::Server::revoke) writes.
+    pub fn is_revoked(&self) -> bool {
+        self.state == State::Failure && self.error == REVOKED_ERROR
     }
 
     /// Keeps the task name and creation time of the record this one replaces, as Go's Redis backend does.

@@ -237,7 +237,7 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'stat
 pub type Handler = fn(TaskContext, Vec<Arg>) -> HandlerFuture;
 
 /// Defaults a task declares with `#[task(...)]` options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct TaskOptions {
     /// `queue = ".."`: the routing key `send` uses.
     pub queue: Option<&'static str>,
@@ -247,6 +247,8 @@ pub struct TaskOptions {
     pub retry_timeout: u32,
     /// `timeout = "30s"`: the time limit of one run.
     pub timeout: Option<Duration>,
+    /// `backoff = EXPR`: the delay between retries (default: Go's Fibonacci sequence).
+    pub backoff: Option<&'static dyn crate::retry::BackoffStrategy>,
 }
 
 /// A task as the worker knows it. `#[task]` creates one per function (`my_task::task()`), and registers it

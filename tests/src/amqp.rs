@@ -382,15 +382,37 @@ pub fn bindings_from(exchange: &str) -> Vec<(String, String)> {
 }
 
 /// The connections opened by this process (machinery names them `machinery <role> pid <pid>`), as
-/// (connection pid, name).
+/// (connection pid as `rabbitmqctl close_connection` takes it, name).
 pub fn connections_of_this_process() -> Vec<(String, String)> {
     let me = format!("pid {}", std::process::id());
-    rabbitmqctl_json("list_connections", &["pid", "client_properties"])
-        .into_iter()
-        .filter_map(|c| {
-            let name = connection_name(&c["client_properties"])?;
-            (name.starts_with("machinery ") && name.ends_with(&me))
-                .then(|| (c["pid"].as_str().unwrap_or_default().to_owned(), name))
+    // The JSON listing shows client properties but prints pids in a form `close_connection` refuses; the
+    // plain listing prints them usably. Both show the connection's unique name (its addresses).
+    let ours: Vec<(String, String)> =
+        rabbitmqctl_json("list_connections", &["name", "client_properties"])
+            .into_iter()
+            .filter_map(|c| {
+                let label = connection_name(&c["client_properties"])?;
+                (label.starts_with("machinery ") && label.ends_with(&me))
+                    .then(|| (c["name"].as_str().unwrap_or_default().to_owned(), label))
+            })
+            .collect();
+    let plain = rabbitmqctl(&[
+        "list_connections",
+        "name",
+        "pid",
+        "-q",
+        "--no-table-headers",
+    ]);
+    ours.into_iter()
+        .filter_map(|(name, label)| {
+            let pid = plain.lines().find_map(|line| {
+                line.strip_prefix(name.as_str())?
+                    .trim()
+                    .split_whitespace()
+                    .last()
+                    .map(str::to_owned)
+            })?;
+            Some((pid, label))
         })
         .collect()
 }
@@ -496,11 +518,13 @@ impl Drop for Cleanup {
     }
 }
 
-/// Waits until `check` returns `Some` or `timeout` passes, checking every 50 ms.
+/// Waits until `check` returns `Some` or `timeout` passes, checking every 50 ms. `check` may block (it
+/// usually runs `rabbitmqctl`): it runs with [`tokio::task::block_in_place`], so the test's
+/// multi-threaded runtime keeps serving the connections meanwhile.
 pub async fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(value) = check() {
+        if let Some(value) = tokio::task::block_in_place(&mut check) {
             return Some(value);
         }
         if tokio::time::Instant::now() >= deadline {

@@ -8,14 +8,12 @@ use std::time::{Duration, Instant};
 use machinery::backend::amqp::{group_record_queue, group_states_queue, AmqpBackend};
 use machinery::backend::{Backend, BackendError};
 use machinery::broker::amqp::AmqpBroker;
-use machinery::signature::{new_chord_uuid, new_group_uuid, new_task_uuid};
-use machinery::{Config, GroupMeta, Server, Signature, State, TaskResult, TaskState, Worker};
+use machinery::signature::{new_group_uuid, new_task_uuid};
+use machinery::{Chord, Config, Group, GroupMeta, Server, State, TaskResult, TaskState, Worker};
 use machinery_tests::amqp::{
     self, bindings_from, int32, int64, queue_info, table, Cleanup, Rabbit,
 };
-use machinery_tests::tasks::{
-    collect_signature, probe_record, sleep_add_signature, COLLECT, SLEEP_ADD,
-};
+use machinery_tests::tasks::{collect, probe_record, sleep_add};
 use machinery_tests::{require, unique, Service};
 use serde_json::{json, Value};
 
@@ -428,9 +426,6 @@ async fn a_chord_across_two_workers_calls_back_once_with_results_in_group_order(
     config.amqp.prefetch_count = 4;
     let cleanup = Cleanup::for_config(&config);
     let key = unique("chord");
-    let group = new_group_uuid();
-    cleanup.queue(&group_record_queue(&group));
-    cleanup.queue(&group_states_queue(&group));
 
     let mut servers = Vec::new();
     let mut workers = Vec::new();
@@ -442,8 +437,8 @@ async fn a_chord_across_two_workers_calls_back_once_with_results_in_group_order(
         );
         workers.push(
             Worker::new(&server)
-                .register(&SLEEP_ADD)
-                .register(&COLLECT)
+                .register(sleep_add::task())
+                .register(collect::task())
                 .concurrency(4)
                 .start()
                 .await
@@ -452,36 +447,18 @@ async fn a_chord_across_two_workers_calls_back_once_with_results_in_group_order(
         servers.push(server);
     }
     let n = 10;
-    let callback = collect_signature(&key).with_uuid(new_chord_uuid());
-    cleanup.queue(&callback.uuid);
-    let members: Vec<Signature> = (0..n)
-        .map(|i| {
-            let mut s = sleep_add_signature(i, 100, 20 * (n - i)).with_uuid(new_task_uuid());
-            s.group_uuid = group.clone();
-            s.group_task_count = n as u32;
-            s.chord_callback = Some(Box::new(callback.clone()));
-            s
-        })
-        .collect();
-    for m in &members {
-        cleanup.queue(&m.uuid);
-    }
-    servers[0]
-        .backend()
-        .init_group(&GroupMeta::new(
-            &group,
-            members.iter().map(|m| m.uuid.clone()).collect(),
-        ))
+    let group = Group::new((0..n).map(|i| sleep_add::signature(i, 100, 20 * (n - i))));
+    let chord = servers[0]
+        .send_chord(Chord::new(group, collect::partial(&key)))
         .await
         .unwrap();
-    for m in members {
-        servers[0].send(m).await.unwrap();
+    for member in chord.group().members() {
+        cleanup.queue(member.uuid());
     }
-    let sum: i64 = servers[1]
-        .result(callback.uuid.clone())
-        .get(WAIT)
-        .await
-        .expect("the chord callback runs");
+    cleanup.queue(chord.callback().uuid());
+    cleanup.queue(&group_record_queue(chord.group().group_uuid()));
+    cleanup.queue(&group_states_queue(chord.group().group_uuid()));
+    let sum = chord.get(WAIT).await.expect("the chord callback runs");
     assert_eq!(sum, (0..n).map(|i| i + 100).sum::<i64>());
     // Give a second, wrong, callback the time to show up before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;

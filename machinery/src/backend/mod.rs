@@ -3,6 +3,8 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "memcache")]
+pub mod memcache;
 pub mod memory;
 pub mod null;
 
@@ -100,6 +102,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Stores RECEIVED unless the task was [revoked](crate::Server::revoke); returns `false`, storing
+    /// nothing, for a revoked task. The default reads then writes; backends may do it in one step.
+    async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
+        if self
+            .get_state(&state.task_uuid)
+            .await?
+            .is_some_and(|s| s.is_revoked())
+        {
+            return Ok(false);
+        }
+        self.set_state(state).await?;
+        Ok(true)
+    }
+
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
 
@@ -173,6 +189,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     let mut schemes = vec!["memory://", "null"];
     #[cfg(feature = "amqp")]
     schemes.extend(["amqp://", "amqps://"]);
+    #[cfg(feature = "memcache")]
+    schemes.push("memcache://");
     schemes
 }
 
@@ -186,6 +204,8 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
         "null" => Ok(Arc::new(null::NullBackend)),
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => amqp::AmqpBackend::connect(config).await,
+        #[cfg(feature = "memcache")]
+        "memcache" => memcache::MemcacheBackend::connect(url, config).await,
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: url.to_owned(),

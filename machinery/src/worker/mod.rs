@@ -20,7 +20,6 @@
 //! ```
 
 mod process;
-pub use process::UNKNOWN_TASK_REQUEUES_HEADER;
 mod registry;
 mod run;
 mod signals;

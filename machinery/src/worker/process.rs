@@ -14,13 +14,12 @@ use super::Hooks;
 use crate::backend::BackendError;
 use crate::broker::Delivery;
 use crate::retry::{fibonacci_next, Backoff};
-use crate::signature::{Arg, Signature};
+use crate::signature::{
+    Arg, Signature, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+};
 use crate::state::{State, TaskResult, TaskState};
 use crate::task::{FailureKind, TaskContext, TaskDef, TaskFailure, TaskOutcome};
 use crate::Server;
-
-/// The header in which a worker counts how often it put back a message whose task it does not know.
-pub const UNKNOWN_TASK_REQUEUES_HEADER: &str = "machinery_unknown_task_requeues";
 
 /// What every delivery of one worker needs.
 pub(crate) struct WorkerContext {
@@ -108,8 +107,18 @@ async fn run_task(
     let backend = ctx.server.backend();
     let name = signature.name.clone();
     let uuid = signature.uuid.clone();
-    if let Err(error) = backend.set_state(&TaskState::received(&uuid, &name)).await {
-        tracing::warn!(%error, "cannot store RECEIVED");
+    match backend
+        .set_received(&TaskState::received(&uuid, &name))
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!("task was revoked; acknowledging it without running it");
+            tracing::Span::current().record("outcome", "REVOKED");
+            settle("ack", delivery.ack()).await;
+            return;
+        }
+        Err(error) => tracing::warn!(%error, "cannot store RECEIVED"),
     }
     if let Err(error) = backend.set_state(&TaskState::started(&uuid, &name)).await {
         tracing::warn!(%error, "cannot store STARTED");
@@ -120,8 +129,8 @@ async fn run_task(
     let signature = Arc::new(signature);
     let outcome = call(ctx, def, signature.clone()).await;
     let final_state = match outcome {
-        Ok(results) => succeeded(ctx, &signature, results).await,
-        Err(failure) => failed(ctx, &signature, failure).await,
+        Ok(results) => succeeded(ctx, def, &signature, results).await,
+        Err(failure) => failed(ctx, def, &signature, failure).await,
     };
     let Some(final_state) = final_state else {
         // The outcome could not be stored: leave the task to run again rather than lose it.
@@ -151,7 +160,12 @@ async fn call(
     let handle = AbortOnDropHandle::new(tokio::spawn(
         (def.handler)(task_context, args).in_current_span(),
     ));
-    let joined = match def.options.timeout {
+    let time_limit = signature
+        .header_value(TIME_LIMIT_HEADER)
+        .and_then(|v| v.as_u64())
+        .map(Duration::from_millis)
+        .or(def.options.timeout);
+    let joined = match time_limit {
         Some(limit) => match tokio::time::timeout(limit, handle).await {
             Ok(joined) => joined,
             Err(_) => {
@@ -184,14 +198,24 @@ async fn call(
     }
 }
 
-/// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member.
+/// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member. Results
+/// too large for the backend make the task fail with that error (running it again would not help).
 async fn succeeded(
     ctx: &WorkerContext,
+    def: &'static TaskDef,
     signature: &Signature,
     results: Vec<TaskResult>,
 ) -> Option<TaskState> {
     let state = TaskState::success(&signature.uuid, &signature.name, results.clone());
-    store_final(ctx, &state).await.ok()?;
+    match store_final(ctx, &state).await {
+        Ok(()) => {}
+        Err(error @ BackendError::TooLarge { .. }) => {
+            let message = format!("the task's result cannot be stored: {error}");
+            let failure = TaskFailure::new(FailureKind::Encode, message);
+            return failed(ctx, def, signature, failure).await;
+        }
+        Err(_) => return None,
+    }
     tracing::debug!("task succeeded");
     for callback in &signature.on_success {
         let mut callback = callback.clone();
@@ -207,41 +231,55 @@ async fn succeeded(
 /// Retries the task if it may be retried, else stores FAILURE and sends the error callbacks.
 async fn failed(
     ctx: &WorkerContext,
+    def: &'static TaskDef,
     signature: &Signature,
     failure: TaskFailure,
 ) -> Option<TaskState> {
     if failure.is_retryable() && signature.retry_count > 0 {
-        return retry(ctx, signature, &failure).await;
+        return retry(ctx, def, signature, &failure).await;
     }
     let state = TaskState::failure(&signature.uuid, &signature.name, failure.message.clone());
     store_final(ctx, &state).await.ok()?;
     tracing::info!(error = %failure.message, kind = ?failure.kind, "task failed");
     ctx.hooks.error(&failure);
-    for callback in &signature.on_error {
-        let mut callback = callback.clone();
-        callback
-            .args
-            .insert(0, Arg::new("", "string", failure.message.clone().into()));
-        send_follow_up(ctx, "OnError callback", &mut callback).await;
-    }
+    send_error_callbacks(ctx, &signature.on_error, &failure.message).await;
     group_member_finished(ctx, signature).await;
     Some(state)
 }
 
-/// Go's retry: RETRY state, one retry fewer, the next Fibonacci delay (or the delay the task asked for),
-/// and the same message (same id) again with an ETA.
+/// Sends `OnError` callbacks with the error text prepended as a `string` argument, as Go does.
+async fn send_error_callbacks(ctx: &WorkerContext, callbacks: &[Signature], error: &str) {
+    for callback in callbacks {
+        let mut callback = callback.clone();
+        callback
+            .args
+            .insert(0, Arg::new("", "string", error.into()));
+        send_follow_up(ctx, "OnError callback", &mut callback).await;
+    }
+}
+
+/// Go's retry: RETRY state, one retry fewer, and the same message (same id) again with an ETA. The delay
+/// is the one the task asked for, else the task's back-off strategy, else the next Fibonacci number of
+/// seconds (Go's `RetryTimeout` sequence).
 async fn retry(
     ctx: &WorkerContext,
+    def: &'static TaskDef,
     signature: &Signature,
     failure: &TaskFailure,
 ) -> Option<TaskState> {
     let state = TaskState::retry(&signature.uuid, &signature.name);
     store_final(ctx, &state).await.ok()?;
-    let mut again = signature.clone();
+    let attempt = signature
+        .header_value(RETRY_ATTEMPT_HEADER)
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+        .saturating_add(1);
+    let mut again = signature.clone().header(RETRY_ATTEMPT_HEADER, attempt);
     again.retry_count -= 1;
-    let delay = match failure.retry_after {
-        Some(delay) => delay,
-        None => {
+    let delay = match (failure.retry_after, def.options.backoff) {
+        (Some(delay), _) => delay,
+        (None, Some(strategy)) => strategy.delay(u32::try_from(attempt).unwrap_or(u32::MAX)),
+        (None, None) => {
             again.retry_timeout = fibonacci_next(again.retry_timeout);
             Duration::from_secs(u64::from(again.retry_timeout))
         }
@@ -294,8 +332,25 @@ async fn group_member_finished(ctx: &WorkerContext, signature: &Signature) {
             return;
         }
     };
-    if let Some(failed) = states.iter().find(|s| s.state != State::Success) {
-        tracing::warn!(group = %signature.group_uuid, member = %failed.task_uuid, error = %failed.error, "a chord member failed; the chord callback is not sent");
+    if let Some((index, failed)) = states
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.state != State::Success)
+    {
+        // Go never fires such a chord and never tells; we fail the callback, so that its result says why,
+        // and run its error callbacks.
+        let error = format!(
+            "chord callback {} not run: group member {index} ({}) failed: {}",
+            callback.name, failed.task_uuid, failed.error
+        );
+        tracing::warn!(group = %signature.group_uuid, member = %failed.task_uuid, %error, "a chord member failed");
+        if !callback.uuid.is_empty() {
+            let state = TaskState::failure(&callback.uuid, &callback.name, error.clone());
+            if store_final(ctx, &state).await.is_err() {
+                return;
+            }
+        }
+        send_error_callbacks(ctx, &callback.on_error, &error).await;
         return;
     }
     let mut callback = (**callback).clone();
@@ -342,7 +397,10 @@ where
     loop {
         match op().await {
             Ok(value) => return Ok(value),
-            Err(error @ BackendError::NotStored { .. }) => return Err(error),
+            // Retrying cannot help these.
+            Err(error @ (BackendError::NotStored { .. } | BackendError::TooLarge { .. })) => {
+                return Err(error)
+            }
             Err(error) if attempts >= 6 => return Err(error),
             Err(error) => {
                 attempts += 1;

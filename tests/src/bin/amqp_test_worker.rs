@@ -1,12 +1,12 @@
-//! A worker process for tests that need a real process to kill: the broker and backend come from Go's
-//! environment variables (`BROKER`, `RESULT_BACKEND`, `DEFAULT_QUEUE`, `AMQP_EXCHANGE`, ...), the
+//! A worker process for the AMQP tests that kill a worker (`kill -9`): the broker and backend come from
+//! Go's environment variables (`BROKER`, `RESULT_BACKEND`, `DEFAULT_QUEUE`, `AMQP_EXCHANGE`, ...), the
 //! concurrency from `WORKER_CONCURRENCY` (default 1). It runs the tasks of `machinery_tests::tasks`,
 //! prints `ready` once it consumes, and stops gracefully on SIGTERM or SIGINT.
 
 use std::time::Duration;
 
 use machinery::{Config, Server, Worker};
-use machinery_tests::tasks::{COLLECT, PROBE, SLEEP_ADD};
+use machinery_tests::tasks::{collect, probe, sleep_add};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -22,9 +22,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1);
     let server = Server::new(Config::from_env()?).await?;
     let running = Worker::new(&server)
-        .register(&PROBE)
-        .register(&SLEEP_ADD)
-        .register(&COLLECT)
+        .register(probe::task())
+        .register(sleep_add::task())
+        .register(collect::task())
         .concurrency(concurrency)
         .start()
         .await?;

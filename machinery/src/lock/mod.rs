@@ -1,0 +1,57 @@
+//! Locks that make each tick of a periodic task fire once across many processes.
+//!
+//! The lock is named by `Config::lock`; when that is empty, a Redis broker lends its Redis, and any other
+//! broker gets the in-process lock (every process then fires its own copy, as Go's default eager lock
+//! does — a warning says so).
+
+pub mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{Config, ConfigError};
+
+/// Why a lock operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// The lock server could not be reached or refused the command.
+    #[error("lock {operation} failed: {source}")]
+    Operation {
+        /// What we were doing.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+/// A distributed lock with expiry.
+#[async_trait]
+pub trait Lock: Send + Sync + fmt::Debug + 'static {
+    /// Takes `key` for `ttl` if nobody holds it; `true` if we got it. Never released early: a periodic
+    /// tick's key simply expires.
+    async fn try_acquire(&self, key: &str, ttl: Duration) -> Result<bool, LockError>;
+}
+
+/// The lock for `config`: `config.lock` if set, else the broker's Redis, else in-process.
+pub async fn connect(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
+    let url = if config.lock.trim().is_empty() {
+        "memory://"
+    } else {
+        config.lock.trim()
+    };
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
+    match scheme {
+        "memory" | "eager" | "" => Ok(Arc::new(memory::MemoryLock::default())),
+        _ => Err(ConfigError::UnknownScheme {
+            role: "lock",
+            url: url.to_owned(),
+            supported: "memory://".to_owned(),
+        }
+        .into()),
+    }
+}

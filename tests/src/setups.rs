@@ -1,0 +1,39 @@
+//! The broker/backend combinations the capability tests run on.
+
+use std::time::Duration;
+
+use machinery::{Config, Server};
+
+use crate::{require, unique, Service};
+
+/// One broker/backend combination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// In-memory broker and backend.
+    Memory,
+    /// In-memory broker, memcached result backend (`MACHINERY_TEST_MEMCACHE_ADDR`).
+    MemoryMemcache,
+}
+
+impl Setup {
+    /// A server on this setup with a queue of its own, or `None` (after printing `SKIPPED`) when its
+    /// services are unreachable and not required.
+    pub async fn server(self, test: &str) -> Option<Server> {
+        let queue = unique("wf");
+        let config = match self {
+            Setup::Memory => Config::default().with_default_queue(queue),
+            Setup::MemoryMemcache => {
+                if !require(Service::Memcached, test) {
+                    return None;
+                }
+                Config::new("memory://", Service::Memcached.url()).with_default_queue(queue)
+            }
+        };
+        Some(Server::new(config).await.expect("server"))
+    }
+
+    /// How long results may take on this setup.
+    pub fn timeout(self) -> Duration {
+        Duration::from_secs(20)
+    }
+}

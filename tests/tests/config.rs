@@ -1,0 +1,65 @@
+//! Configuration reaches the server: unknown URL schemes are clear errors, and Go's environment names work.
+
+use machinery::{Config, Server};
+
+#[tokio::test]
+async fn an_unknown_broker_scheme_names_the_supported_ones() {
+    let err = Server::new(Config::new("kafka://localhost:9092", "memory://"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("broker URL \"kafka://localhost:9092\": unsupported scheme; this build supports memory://"), "{text}");
+}
+
+#[tokio::test]
+async fn an_unknown_backend_scheme_names_the_supported_ones() {
+    let err = Server::new(Config::new("memory://", "cassandra://x"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("result backend URL \"cassandra://x\": unsupported scheme"),
+        "{text}"
+    );
+    assert!(text.contains("null"), "{text}");
+}
+
+#[tokio::test]
+async fn the_default_config_is_in_memory_and_go_shaped() {
+    let config = Config::default();
+    assert_eq!(
+        (config.broker.as_str(), config.result_backend.as_str()),
+        ("memory://", "memory://")
+    );
+    assert_eq!(config.default_queue, "machinery_tasks");
+    assert_eq!(config.amqp.exchange, "machinery_exchange");
+    assert_eq!(config.amqp.binding_key, "machinery_task");
+    let server = Server::new(config).await.unwrap();
+    assert_eq!(
+        (server.broker().kind(), server.backend().kind()),
+        ("memory", "memory")
+    );
+}
+
+#[tokio::test]
+async fn the_null_backend_drops_results_and_says_so() {
+    let server = Server::new(Config::new("memory://", "null")).await.unwrap();
+    assert_eq!(server.backend().kind(), "null");
+    let result = server
+        .send(machinery::Signature::new("anything"))
+        .await
+        .unwrap();
+    assert!(result
+        .get(std::time::Duration::from_millis(50))
+        .await
+        .is_err());
+    let text = result
+        .wait(std::time::Duration::from_millis(50))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("the null result backend does not store task states"),
+        "{text}"
+    );
+}

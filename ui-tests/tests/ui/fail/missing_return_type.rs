@@ -1,0 +1,8 @@
+use machinery::task;
+
+#[task]
+async fn log(line: String) {
+    let _ = line;
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use machinery::{task, TaskError};
+
+#[task]
+async fn greet(name: &str) -> Result<String, TaskError> {
+    Ok(format!("Hi, {name}"))
+}
+
+fn main() {}
