@@ -21,8 +21,9 @@
 //! after the binding key that nobody consumes (Go's duplicate-queue trap); and a worker on a custom queue
 //! binds it with its own name rather than the binding key, so default tasks are not copied into it.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -512,6 +513,7 @@ impl Broker for AmqpBroker {
             inner: self.inner.clone(),
             options,
             active: None,
+            ledger: Arc::default(),
         };
         // Declare and subscribe now, so that a declaration RabbitMQ refuses (406) is reported to whoever
         // starts the worker rather than retried in the background.
@@ -611,6 +613,124 @@ struct AmqpConsumer {
     inner: Arc<Inner>,
     options: ConsumeOptions,
     active: Option<Active>,
+    ledger: Arc<Ledger>,
+}
+
+/// The messages this consumer handed to the worker, so that a copy RabbitMQ delivers again after a lost
+/// channel does not run a second time in this process.
+///
+/// When a channel closes, RabbitMQ puts back every message delivered on it and not yet acknowledged,
+/// including the tasks this worker is still running; after the consumer subscribes again, they come back
+/// marked redelivered. Their first run goes on, stores its outcome, and then fails to acknowledge (the old
+/// channel is gone). So a redelivered message whose body matches one still running here is held back until
+/// that run is settled, and then acknowledged (or returned, if the run did not finish); one whose run
+/// already finished without its acknowledgement getting through is acknowledged at once. Only this
+/// process's own runs are recognised: a message another worker was running when it died runs again
+/// (at-least-once).
+#[derive(Default)]
+struct Ledger {
+    entries: Mutex<HashMap<Vec<u8>, LedgerEntry>>,
+}
+
+enum LedgerEntry {
+    /// Handed to the worker (`count` copies, normally one) and not settled yet; `parked`: redelivered
+    /// copies held back meanwhile.
+    InFlight {
+        count: usize,
+        parked: Vec<lapin::Acker>,
+    },
+    /// Handled to the end, but the acknowledgement was lost with its channel: RabbitMQ delivers it again.
+    Handled { at: std::time::Instant },
+}
+
+/// What the ledger says to do with a delivery.
+enum Admission {
+    /// Hand it to the worker.
+    Run(lapin::Acker),
+    /// A copy is running here: held back.
+    Parked,
+    /// A copy was handled here already: acknowledge it.
+    AlreadyHandled(lapin::Acker),
+}
+
+/// How long the ledger remembers a handled message whose acknowledgement was lost.
+const LEDGER_MEMORY: Duration = Duration::from_secs(600);
+
+impl Ledger {
+    fn admit(&self, body: &[u8], redelivered: bool, acker: lapin::Acker) -> Admission {
+        let mut entries = amqp::lock(&self.entries);
+        if redelivered {
+            match entries.get_mut(body) {
+                Some(LedgerEntry::InFlight { parked, .. }) => {
+                    parked.push(acker);
+                    return Admission::Parked;
+                }
+                Some(LedgerEntry::Handled { .. }) => {
+                    entries.remove(body);
+                    return Admission::AlreadyHandled(acker);
+                }
+                None => {}
+            }
+        }
+        match entries.get_mut(body) {
+            Some(LedgerEntry::InFlight { count, .. }) => *count += 1,
+            _ => {
+                entries.insert(
+                    body.to_vec(),
+                    LedgerEntry::InFlight {
+                        count: 1,
+                        parked: Vec::new(),
+                    },
+                );
+            }
+        }
+        Admission::Run(acker)
+    }
+
+    /// The worker is done with one copy: `handled` if it was processed to the end (acknowledged, or
+    /// replaced by a republished copy), `acked` if RabbitMQ got the acknowledgement. Returns the parked
+    /// copies, to acknowledge if `handled` and to return otherwise.
+    fn settle(&self, body: &[u8], handled: bool, acked: bool) -> Vec<lapin::Acker> {
+        let mut entries = amqp::lock(&self.entries);
+        let Some(LedgerEntry::InFlight { count, parked }) = entries.get_mut(body) else {
+            return Vec::new();
+        };
+        *count = count.saturating_sub(1);
+        if *count > 0 {
+            return Vec::new();
+        }
+        let parked = std::mem::take(parked);
+        if handled && !acked && parked.is_empty() {
+            let now = std::time::Instant::now();
+            entries.retain(|_, e| match e {
+                LedgerEntry::Handled { at } => now.duration_since(*at) < LEDGER_MEMORY,
+                LedgerEntry::InFlight { .. } => true,
+            });
+            entries.insert(body.to_vec(), LedgerEntry::Handled { at: now });
+        } else {
+            entries.remove(body);
+        }
+        parked
+    }
+}
+
+/// Acknowledges (`handled`) or returns the copies that were held back while their twin ran.
+async fn settle_parked(parked: Vec<lapin::Acker>, handled: bool) {
+    for acker in parked {
+        let result = if handled {
+            acker.ack(BasicAckOptions::default()).await
+        } else {
+            acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "settling a redelivered copy failed; it comes back when its channel closes");
+        }
+    }
 }
 
 struct Active {
@@ -673,7 +793,8 @@ impl AmqpConsumer {
         Ok(())
     }
 
-    fn wrap(&self, delivery: lapin::message::Delivery) -> Delivery {
+    /// Turns a lapin delivery into one for the worker, unless the ledger holds it back.
+    fn wrap(&self, delivery: lapin::message::Delivery) -> Option<Result<Delivery, lapin::Acker>> {
         let lapin::message::Delivery {
             data,
             redelivered,
@@ -681,16 +802,26 @@ impl AmqpConsumer {
             acker,
             ..
         } = delivery;
-        Delivery::new(
-            data,
-            redelivered,
-            Box::new(AmqpAcker {
-                inner: self.inner.clone(),
-                queue: self.options.queue.clone(),
-                acker,
-                properties,
-            }),
-        )
+        match self.ledger.admit(&data, redelivered, acker) {
+            Admission::Run(acker) => Some(Ok(Delivery::new(
+                data.clone(),
+                redelivered,
+                Box::new(AmqpAcker {
+                    inner: self.inner.clone(),
+                    queue: self.options.queue.clone(),
+                    acker,
+                    properties,
+                    ledger: self.ledger.clone(),
+                    key: data,
+                    settled: false,
+                }),
+            ))),
+            Admission::Parked => {
+                tracing::debug!(queue = %self.options.queue, "holding back a redelivered copy of a task running here");
+                None
+            }
+            Admission::AlreadyHandled(acker) => Some(Err(acker)),
+        }
     }
 }
 
@@ -705,40 +836,61 @@ fn try_next(
 #[async_trait]
 impl Consumer for AmqpConsumer {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        if self.active.is_none() {
-            self.start().await.map_err(op_error("consume"))?;
+        loop {
+            if self.active.is_none() {
+                self.start().await.map_err(op_error("consume"))?;
+            }
+            let Some(active) = self.active.as_mut() else {
+                return Err(BrokerError::Closed);
+            };
+            // Dropping this future while it waits takes nothing: a delivery leaves lapin's buffer only
+            // in the poll that returns it.
+            let first =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut active.consumer).poll_next(cx))
+                    .await;
+            let mut raw = match first {
+                Some(Ok(delivery)) => vec![delivery],
+                Some(Err(error)) => {
+                    self.active = None;
+                    return Err(op_error("consume")(AmqpError::lapin(
+                        format!("consuming queue {:?}", self.options.queue),
+                        error,
+                    )));
+                }
+                None => {
+                    self.active = None;
+                    return Err(op_error("consume")(AmqpError::ConsumerGone {
+                        queue: self.options.queue.clone(),
+                    }));
+                }
+            };
+            while raw.len() < max {
+                match try_next(&mut active.consumer) {
+                    Poll::Ready(Some(Ok(delivery))) => raw.push(delivery),
+                    // An error or the end is reported by the next call, after this batch is handed out.
+                    Poll::Ready(_) | Poll::Pending => break,
+                }
+            }
+            let mut batch = Vec::with_capacity(raw.len());
+            let mut handled = Vec::new();
+            for delivery in raw {
+                match self.wrap(delivery) {
+                    Some(Ok(delivery)) => batch.push(delivery),
+                    Some(Err(acker)) => handled.push(acker),
+                    None => {}
+                }
+            }
+            if !handled.is_empty() {
+                tracing::debug!(
+                    count = handled.len(),
+                    "acknowledging redelivered copies of tasks already handled here"
+                );
+                settle_parked(handled, true).await;
+            }
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
         }
-        let Some(active) = self.active.as_mut() else {
-            return Err(BrokerError::Closed);
-        };
-        // Dropping this future while it waits takes nothing: a delivery leaves lapin's buffer only in
-        // the poll that returns it.
-        let first =
-            std::future::poll_fn(|cx| std::pin::Pin::new(&mut active.consumer).poll_next(cx)).await;
-        let mut batch = match first {
-            Some(Ok(delivery)) => vec![delivery],
-            Some(Err(error)) => {
-                self.active = None;
-                return Err(op_error("consume")(AmqpError::lapin(
-                    format!("consuming queue {:?}", self.options.queue),
-                    error,
-                )));
-            }
-            None => {
-                self.active = None;
-                return Err(op_error("consume")(AmqpError::ConsumerGone {
-                    queue: self.options.queue.clone(),
-                }));
-            }
-        };
-        while batch.len() < max {
-            match try_next(&mut active.consumer) {
-                Poll::Ready(Some(Ok(delivery))) => batch.push(delivery),
-                // An error or the end is reported by the next call, after this batch is handed out.
-                Poll::Ready(_) | Poll::Pending => break,
-            }
-        }
-        Ok(batch.into_iter().map(|d| self.wrap(d)).collect())
     }
 
     /// Cancels the subscription and closes the channel; RabbitMQ puts back what was delivered to it and
@@ -770,6 +922,10 @@ struct AmqpAcker {
     queue: String,
     acker: lapin::Acker,
     properties: BasicProperties,
+    ledger: Arc<Ledger>,
+    /// The body as delivered, the ledger's key.
+    key: Vec<u8>,
+    settled: bool,
 }
 
 impl fmt::Debug for AmqpAcker {
@@ -781,10 +937,13 @@ impl fmt::Debug for AmqpAcker {
 }
 
 impl AmqpAcker {
-    async fn ack_or_report(&self, operation: &'static str) -> Result<(), BrokerError> {
-        match self.acker.ack(BasicAckOptions::default()).await {
+    /// Acknowledges the message after it was handled (done, or replaced by a republished copy), and
+    /// settles the copies held back meanwhile.
+    async fn ack_handled(&mut self, operation: &'static str) -> Result<(), BrokerError> {
+        let result = match self.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => Ok(()),
-            // The channel is gone: RabbitMQ has already put the message back, so it runs again.
+            // The channel is gone and RabbitMQ has put the message back; the ledger acknowledges the
+            // copy when it comes back instead of running it again.
             Ok(false) => Err(BrokerError::operation(
                 operation,
                 AmqpError::ConsumerGone {
@@ -792,7 +951,19 @@ impl AmqpAcker {
                 },
             )),
             Err(e) => Err(op_error(operation)(AmqpError::lapin("acknowledging", e))),
-        }
+        };
+        self.settled = true;
+        let parked = self.ledger.settle(&self.key, true, result.is_ok());
+        settle_parked(parked, true).await;
+        result
+    }
+
+    /// Returns the message (not handled) and the copies held back meanwhile.
+    async fn give_back_all(&mut self) {
+        self.give_back().await;
+        self.settled = true;
+        let parked = self.ledger.settle(&self.key, false, false);
+        settle_parked(parked, false).await;
     }
 
     /// Gives the message back to the queue as it was (after a failed requeue or dead-lettering).
@@ -809,14 +980,14 @@ impl AmqpAcker {
 
 #[async_trait]
 impl Acknowledger for AmqpAcker {
-    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.ack_or_report("ack").await
+    async fn ack(mut self: Box<Self>) -> Result<(), BrokerError> {
+        self.ack_handled("ack").await
     }
 
     /// Publishes the new body straight into the queue (through the default exchange, so no other queue
     /// bound with the routing key gets a copy), confirmed, and then acknowledges the original. A crash in
     /// between leaves both, never neither.
-    async fn requeue(self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
+    async fn requeue(mut self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let republished = amqp::retry_transient("requeue", deadline, || {
             self.inner
@@ -824,9 +995,9 @@ impl Acknowledger for AmqpAcker {
         })
         .await;
         match republished {
-            Ok(()) => self.ack_or_report("requeue").await,
+            Ok(()) => self.ack_handled("requeue").await,
             Err(error) => {
-                self.give_back().await;
+                self.give_back_all().await;
                 Err(op_error("requeue")(error))
             }
         }
@@ -835,7 +1006,7 @@ impl Acknowledger for AmqpAcker {
     /// Publishes the message to `<queue>.dead` with the reason, the queue and the time in headers,
     /// confirmed, then acknowledges the original.
     async fn dead_letter(
-        self: Box<Self>,
+        mut self: Box<Self>,
         body: Vec<u8>,
         reason: String,
     ) -> Result<(), BrokerError> {
@@ -871,14 +1042,25 @@ impl Acknowledger for AmqpAcker {
         })
         .await;
         match stored {
-            Ok(()) => self.ack_or_report("dead-letter").await,
+            Ok(()) => self.ack_handled("dead-letter").await,
             Err(error) => {
                 // Put it back, after a pause so that a dead-letter queue we cannot write to does not
                 // turn into a busy loop of redeliveries.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                self.give_back().await;
+                self.give_back_all().await;
                 Err(op_error("dead-letter")(error))
             }
+        }
+    }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Dropped unsettled (a task cut off at shutdown): the message and any copy held back stay
+            // unacknowledged and return to the queue when the consumer's channel closes.
+            let parked = self.ledger.settle(&self.key, false, false);
+            drop(parked);
         }
     }
 }
