@@ -532,6 +532,7 @@ macro_rules! on_every_setup {
     ($($name:ident),* $(,)?) => {
         on_setup!(memory, machinery_tests::setups::Setup::Memory, [$($name),*]);
         on_setup!(memory_memcache, machinery_tests::setups::Setup::MemoryMemcache, [$($name),*]);
+        on_setup!(amqp, machinery_tests::setups::Setup::Amqp, [$($name),*]);
     };
 }
 
