@@ -407,7 +407,6 @@ pub fn connections_of_this_process() -> Vec<(String, String)> {
         .filter_map(|(name, label)| {
             let pid = plain.lines().find_map(|line| {
                 line.strip_prefix(name.as_str())?
-                    .trim()
                     .split_whitespace()
                     .last()
                     .map(str::to_owned)
