@@ -871,6 +871,13 @@ async fn several_urls_fail_over_in_order_and_errors_hide_passwords() {
     assert!(!text.contains("hunter2secret"), "{text}");
     assert!(text.contains("guest:***@127.0.0.1:1"), "{text}");
 
+    // amqps:// speaks TLS: against the plain AMQP port the handshake fails, promptly and clearly.
+    config.broker = amqp::url().replace("amqp://", "amqps://");
+    let started = Instant::now();
+    let err = Server::new(config.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::Broker(BrokerError::Connect { .. })), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+
     config.broker = amqp::url().replace("guest:guest", "guest:wrongpassword");
     let err = Server::new(config).await.unwrap_err();
     assert!(
