@@ -54,6 +54,10 @@ mod error;
 pub mod gotime;
 pub mod lock;
 pub mod periodic;
+#[cfg(feature = "redis")]
+mod redis_conn;
+#[cfg(feature = "redis")]
+pub mod redis_url;
 mod result;
 pub mod retry;
 mod server;

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::backend::{self, Backend};
-use crate::broker::{self, Broker, Outgoing};
+use crate::broker::{self, Broker, Outgoing, PublishError};
 use crate::config::Config;
 use crate::error::SendError;
 use crate::lock::{self, Lock};
@@ -172,20 +172,18 @@ impl Server {
         let outgoing = self.prepare(signature)?;
         let pending = TaskState::pending(&signature.uuid, &signature.name);
         self.inner
-            .backend
-            .set_state(&pending)
-            .await
-            .map_err(|source| SendError::Backend {
-                task: signature.name.clone(),
-                source,
-            })?;
-        self.inner
             .broker
-            .publish(outgoing)
+            .publish_with_state(self.inner.backend.as_ref(), &pending, outgoing)
             .await
-            .map_err(|source| SendError::Broker {
-                task: signature.name.clone(),
-                source,
+            .map_err(|error| match error {
+                PublishError::Backend(source) => SendError::Backend {
+                    task: signature.name.clone(),
+                    source,
+                },
+                PublishError::Broker(source) => SendError::Broker {
+                    task: signature.name.clone(),
+                    source,
+                },
             })?;
         tracing::debug!(task.name = %signature.name, task.uuid = %signature.uuid, queue = %signature.routing_key, "sent task");
         Ok(())

@@ -11,6 +11,8 @@ use crate::{require, unique, Service};
 pub enum Setup {
     /// In-memory broker and backend.
     Memory,
+    /// Redis broker and Redis result backend (`MACHINERY_TEST_REDIS_ADDR`, default 127.0.0.1:6379).
+    Redis,
     /// In-memory broker, memcached result backend (`MACHINERY_TEST_MEMCACHE_ADDR`).
     MemoryMemcache,
     /// AMQP broker and AMQP result backend on RabbitMQ (`MACHINERY_TEST_AMQP_ADDR`): one shared test
@@ -25,6 +27,19 @@ impl Setup {
         let queue = unique("wf");
         let config = match self {
             Setup::Memory => Config::default().with_default_queue(queue),
+            Setup::Redis => {
+                if !require(Service::Redis, test) {
+                    return None;
+                }
+                let url = Service::Redis.url();
+                let mut config = Config::new(&url, &url).with_default_queue(&queue);
+                // A delayed-task set of its own, polled often, so ETAs and retries are prompt; results
+                // expire soon, since these tests do not delete their keys.
+                config.redis.delayed_tasks_key = format!("{queue}_delayed");
+                config.redis.delayed_tasks_poll_period = 50;
+                config.results_expire_in = 60;
+                config
+            }
             Setup::MemoryMemcache => {
                 if !require(Service::Memcached, test) {
                     return None;

@@ -4,11 +4,9 @@
 //!   progress at once, the order tags started in), sleeps `ms`.
 //! - `collect(key, values) -> sum`: records a run under `key` with the values in the order received (a
 //!   chord callback: the members' results fill `values`).
-//! - `sleep_add(a, b, ms) -> a + b`: appends a line to the file named by `MACHINERY_TEST_MARKER` (if
-//!   set) when it starts, then sleeps `ms`.
+//! - `sleep_add(a, b, ms) -> a + b`: sleeps `ms` first.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -77,16 +75,9 @@ pub async fn collect(key: String, values: Vec<i64>) -> Result<i64, TaskError> {
     Ok(values.iter().sum())
 }
 
-/// Notes its start in `MACHINERY_TEST_MARKER`, sleeps `ms`, returns `a + b`.
+/// Sleeps `ms`, returns `a + b`.
 #[task]
 pub async fn sleep_add(a: i64, b: i64, ms: i64) -> Result<i64, TaskError> {
-    if let Ok(path) = std::env::var("MACHINERY_TEST_MARKER") {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        writeln!(file, "started {a} {b} pid {}", std::process::id())?;
-    }
     tokio::time::sleep(Duration::from_millis(ms.max(0) as u64)).await;
     Ok(a + b)
 }

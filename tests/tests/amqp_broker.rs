@@ -875,8 +875,15 @@ async fn several_urls_fail_over_in_order_and_errors_hide_passwords() {
     config.broker = amqp::url().replace("amqp://", "amqps://");
     let started = Instant::now();
     let err = Server::new(config.clone()).await.unwrap_err();
-    assert!(matches!(err, Error::Broker(BrokerError::Connect { .. })), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(
+        matches!(err, Error::Broker(BrokerError::Connect { .. })),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
 
     config.broker = amqp::url().replace("guest:guest", "guest:wrongpassword");
     let err = Server::new(config).await.unwrap_err();

@@ -5,57 +5,52 @@
 //! running at the same time.
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 
-use machinery::{Config, Server, Worker};
+use machinery::{Arg, Config, Server, Signature, State, Worker};
 use machinery_tests::amqp::{
     self, close_connections_of_this_process, connections_of_this_process, queue_info, wait_for,
-    Cleanup,
+    Cleanup, Rabbit,
 };
-use machinery_tests::tasks::{probe, probe_record, sleep_add};
+use machinery_tests::tasks::{probe, probe_record};
 use machinery_tests::{require, unique, Service};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Starts `amqp_test_worker` on `config` and waits until it consumes.
-async fn start_worker(config: &Config, marker: &std::path::Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_amqp_test_worker"))
+/// Starts the shared test worker process (`tests/src/bin/test_worker.rs`) on `config`, one task at a time,
+/// and waits until it consumes the queue.
+async fn start_worker(config: &Config) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_test_worker"))
         .env("BROKER", &config.broker)
         .env("RESULT_BACKEND", &config.result_backend)
         .env("DEFAULT_QUEUE", &config.default_queue)
         .env("AMQP_EXCHANGE", &config.amqp.exchange)
         .env("AMQP_BINDING_KEY", &config.amqp.binding_key)
         .env("RESULTS_EXPIRE_IN", config.results_expire_in.to_string())
-        .env("MACHINERY_TEST_MARKER", marker)
         .env("WORKER_CONCURRENCY", "1")
-        .stdout(Stdio::piped())
+        .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
         .expect("the test worker starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = tokio::time::timeout(WAIT, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line == "ready" {
-                return true;
-            }
-        }
-        false
+    let consuming = wait_for(WAIT, || {
+        queue_info(&config.default_queue).filter(|q| q.consumers == 1)
     })
     .await;
-    assert_eq!(ready, Ok(true), "the test worker said ready");
+    assert!(consuming.is_some(), "the test worker consumes the queue");
     child
 }
 
-fn marker_lines(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
+/// The states a Go reader finds in a task's result queue, in order (it takes them).
+async fn states_in_order(rabbit: &Rabbit, uuid: &str) -> Vec<String> {
+    let mut states = Vec::new();
+    while let Some(d) = rabbit.take(uuid).await {
+        let state: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        states.push(state["State"].as_str().unwrap_or_default().to_owned());
+    }
+    states
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,14 +61,18 @@ async fn a_worker_killed_mid_task_loses_nothing_and_the_task_completes_elsewhere
     let _serial = SERIAL.lock().await;
     let config = amqp::config("kill");
     let cleanup = Cleanup::for_config(&config);
-    let marker = std::env::temp_dir().join(unique("machinery_kill_marker"));
-    let mut first = start_worker(&config, &marker).await;
+    let mut first = start_worker(&config).await;
     let sender = Server::new(config.clone()).await.unwrap();
-    let result = sleep_add::send(&sender, 2, 3, 3_000).await.unwrap();
+    let sig: Signature<i64> =
+        Signature::with_args("sleep_ms", vec![Arg::new("ms", "int64", 3_000.into())]).retype();
+    let result = sender.send(sig).await.unwrap();
     cleanup.queue(result.uuid());
-    wait_for(WAIT, || (marker_lines(&marker).len() == 1).then_some(()))
-        .await
-        .expect("the first worker started the task");
+    let started = wait_for(WAIT, || {
+        let state = futures_block(result.state()).ok().flatten()?;
+        (state.state == State::Started).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "the first worker started the task");
 
     first.kill().await.expect("SIGKILL");
     let state = result.state().await.unwrap().expect("a state");
@@ -90,16 +89,19 @@ async fn a_worker_killed_mid_task_loses_nothing_and_the_task_completes_elsewhere
         "the unacknowledged message went back to the queue"
     );
 
-    let mut second = start_worker(&config, &marker).await;
-    assert_eq!(result.get(WAIT).await.unwrap(), 5, "the task completes");
-    let runs = marker_lines(&marker);
-    assert_eq!(runs.len(), 2, "{runs:?}");
-    assert_ne!(runs[0], runs[1], "run by two different processes");
+    let mut second = start_worker(&config).await;
+    assert_eq!(result.get(WAIT).await.unwrap(), 3_000, "the task completes");
     let done = wait_for(WAIT, || {
         queue_info(&config.default_queue).filter(|q| q.ready == 0 && q.unacked == 0)
     })
     .await;
     assert!(done.is_some(), "acknowledged, nothing left");
+    let rabbit = Rabbit::connect().await;
+    assert_eq!(
+        states_in_order(&rabbit, result.uuid()).await,
+        ["PENDING", "RECEIVED", "STARTED", "RECEIVED", "STARTED", "SUCCESS"],
+        "started by the killed worker, run again and finished by the second"
+    );
 
     // SIGTERM: the second worker shuts down gracefully.
     let pid = second.id().expect("running").to_string();
@@ -113,7 +115,11 @@ async fn a_worker_killed_mid_task_loses_nothing_and_the_task_completes_elsewhere
         .unwrap()
         .unwrap();
     assert!(exit.success(), "{exit:?}");
-    let _ = std::fs::remove_file(&marker);
+}
+
+/// Runs a future to completion from a blocking check.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Handle::current().block_on(f)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,8 @@ pub mod amqp;
 pub mod memcache;
 pub mod memory;
 pub mod null;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -116,6 +118,22 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(true)
     }
 
+    /// Stores RECEIVED then STARTED, as a worker does before running a task, unless the task was
+    /// [revoked](crate::Server::revoke): then returns `false` and stores nothing. The default calls
+    /// [`Backend::set_received`] and [`Backend::set_state`]; backends that pipeline (Redis) write both in
+    /// one round trip.
+    async fn set_received_and_started(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<bool, BackendError> {
+        if !self.set_received(received).await? {
+            return Ok(false);
+        }
+        self.set_state(started).await?;
+        Ok(true)
+    }
+
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
 
@@ -181,6 +199,12 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes a group record.
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError>;
+
+    /// This backend as `Any`, for implementations that recognise each other (a broker and a backend on one
+    /// server fuse their writes). `None` by default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// The URL schemes of the result backends in this build.
@@ -189,6 +213,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     let mut schemes = vec!["memory://", "null"];
     #[cfg(feature = "amqp")]
     schemes.extend(["amqp://", "amqps://"]);
+    #[cfg(feature = "redis")]
+    schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     #[cfg(feature = "memcache")]
     schemes.push("memcache://");
     schemes
@@ -204,6 +230,10 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
         "null" => Ok(Arc::new(null::NullBackend)),
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => amqp::AmqpBackend::connect(config).await,
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+socket" => {
+            Ok(Arc::new(redis::RedisBackend::connect(config).await?))
+        }
         #[cfg(feature = "memcache")]
         "memcache" => memcache::MemcacheBackend::connect(url, config).await,
         _ => Err(ConfigError::UnknownScheme {

@@ -11,6 +11,8 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,8 +20,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::backend::{Backend, BackendError};
 use crate::config::{Config, ConfigError};
 use crate::signature::Headers;
+use crate::state::TaskState;
 
 /// A boxed error from a broker's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -70,6 +74,18 @@ impl BrokerError {
             source: source.into(),
         }
     }
+}
+
+/// Why [`Broker::publish_with_state`] failed: the state was not stored, or the message not published.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// Storing the PENDING state failed (nothing was published).
+    #[error(transparent)]
+    Backend(BackendError),
+    /// Publishing failed.
+    #[error(transparent)]
+    Broker(BrokerError),
 }
 
 /// A message ready to publish.
@@ -153,6 +169,22 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Stores `pending` (the sender's PENDING state) through `backend`, then publishes `message`: what a
+    /// send does. The default makes the two calls in turn; a broker that shares its server with the backend
+    /// may do both in one round trip (the Redis broker does when both URLs name the same database).
+    async fn publish_with_state(
+        &self,
+        backend: &dyn Backend,
+        pending: &TaskState,
+        message: Outgoing,
+    ) -> Result<(), PublishError> {
+        backend
+            .set_state(pending)
+            .await
+            .map_err(PublishError::Backend)?;
+        self.publish(message).await.map_err(PublishError::Broker)
+    }
+
     /// Starts consuming a queue.
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError>;
 
@@ -194,6 +226,12 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
             broker: self.kind(),
             operation: "purging a queue",
         })
+    }
+
+    /// This broker as `Any`, for implementations that recognise each other (a broker and a backend on one
+    /// server fuse their writes). `None` by default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
     }
 }
 
@@ -268,6 +306,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     let mut schemes = vec!["memory://"];
     #[cfg(feature = "amqp")]
     schemes.extend(["amqp://", "amqps://"]);
+    #[cfg(feature = "redis")]
+    schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     schemes
 }
 
@@ -279,6 +319,10 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
         "memory" | "" | "eager" => Ok(memory::MemoryBroker::connect(url, config)),
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => amqp::AmqpBroker::connect(config).await,
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+socket" => {
+            Ok(Arc::new(redis::RedisBroker::connect(config).await?))
+        }
         _ => Err(ConfigError::UnknownScheme {
             role: "broker",
             url: url.to_owned(),

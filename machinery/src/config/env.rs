@@ -65,6 +65,7 @@ impl Config {
         env.string("REDIS_MASTER_NAME", &mut r.master_name);
         env.boolean("REDIS_CLUSTER_MODE", &mut r.cluster_enabled)?;
         env.boolean("REDIS_CLUSTER_ENABLED", &mut r.cluster_enabled)?;
+        env.number("REDIS_HEARTBEAT_TIMEOUT", &mut r.heartbeat_timeout)?;
         Ok(c)
     }
 }

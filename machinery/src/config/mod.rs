@@ -222,6 +222,10 @@ pub struct RedisConfig {
     /// Use Redis Cluster (env `REDIS_CLUSTER_ENABLED`, or v1's `REDIS_CLUSTER_MODE`).
     #[serde(alias = "cluster_mode")]
     pub cluster_enabled: bool,
+    /// Milliseconds after which a Redis worker that stopped renewing its heartbeat counts as dead, and
+    /// the live workers put its unacknowledged messages back on the queue (env `REDIS_HEARTBEAT_TIMEOUT`;
+    /// not in Go, which has no in-flight list). The heartbeat is renewed five times per period.
+    pub heartbeat_timeout: u64,
 }
 
 impl Default for RedisConfig {
@@ -240,6 +244,7 @@ impl Default for RedisConfig {
             client_name: String::new(),
             master_name: String::new(),
             cluster_enabled: false,
+            heartbeat_timeout: 15_000,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! does — a warning says so).
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -39,19 +41,46 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
 
 /// The lock for `config`: `config.lock` if set, else the broker's Redis, else in-process.
 pub async fn connect(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
-    let url = if config.lock.trim().is_empty() {
-        "memory://"
+    let scheme_of = |url: &str| url.split_once("://").map(|(s, _)| s.to_owned());
+    let url = if !config.lock.trim().is_empty() {
+        config.lock.trim().to_owned()
+    } else if cfg!(feature = "redis")
+        && matches!(
+            scheme_of(config.broker.trim()).as_deref(),
+            Some("redis" | "rediss" | "redis+socket")
+        )
+    {
+        config.broker.trim().to_owned()
     } else {
-        config.lock.trim()
+        "memory://".to_owned()
     };
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
-    match scheme {
+    let scheme = scheme_of(&url).unwrap_or_else(|| url.clone());
+    match scheme.as_str() {
         "memory" | "eager" | "" => Ok(Arc::new(memory::MemoryLock::default())),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+socket" => Ok(Arc::new(
+            redis::RedisLock::connect(&url, config)
+                .await
+                .map_err(|source| ConfigError::InvalidUrl {
+                    role: "lock",
+                    url: crate::redis_url::redact(&url),
+                    reason: source.to_string(),
+                })?,
+        )),
         _ => Err(ConfigError::UnknownScheme {
             role: "lock",
-            url: url.to_owned(),
-            supported: "memory://".to_owned(),
+            url: url.clone(),
+            supported: supported_schemes().join(", "),
         }
         .into()),
     }
+}
+
+/// The URL schemes of the locks in this build.
+pub fn supported_schemes() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut schemes = vec!["memory://"];
+    #[cfg(feature = "redis")]
+    schemes.extend(["redis://", "rediss://", "redis+socket://"]);
+    schemes
 }

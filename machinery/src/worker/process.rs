@@ -107,10 +107,9 @@ async fn run_task(
     let backend = ctx.server.backend();
     let name = signature.name.clone();
     let uuid = signature.uuid.clone();
-    match backend
-        .set_received(&TaskState::received(&uuid, &name))
-        .await
-    {
+    let received = TaskState::received(&uuid, &name);
+    let started = TaskState::started(&uuid, &name);
+    match backend.set_received_and_started(&received, &started).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::info!("task was revoked; acknowledging it without running it");
@@ -118,10 +117,7 @@ async fn run_task(
             settle("ack", delivery.ack()).await;
             return;
         }
-        Err(error) => tracing::warn!(%error, "cannot store RECEIVED"),
-    }
-    if let Err(error) = backend.set_state(&TaskState::started(&uuid, &name)).await {
-        tracing::warn!(%error, "cannot store STARTED");
+        Err(error) => tracing::warn!(%error, "cannot store RECEIVED and STARTED"),
     }
     if let Some(hook) = &ctx.hooks.pre_task {
         hook(&signature);

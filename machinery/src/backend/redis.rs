@@ -1,0 +1,781 @@
+//! The Redis result backend (`redis://`, `rediss://`, `redis+socket://`), wire-compatible with Go
+//! machinery's.
+//!
+//! Records are where Go keeps them: `SET <task uuid> <TaskState JSON> EX <results_expire_in>` and
+//! `SET <group uuid> <GroupMeta JSON> EX <results_expire_in>`. A state write keeps the previous record's
+//! `TaskName` and `CreatedAt` when the new state has none, as Go's `mergeNewTaskState` does, but on the
+//! server in one round trip: a Lua script splices the old values into the new JSON text without
+//! re-encoding it (so big integers in results stay exact).
+//!
+//! Beyond Go:
+//! - **Waiting without polling.** A final state (SUCCESS or FAILURE) written by us is also announced on
+//!   the channel `machinery:done:<task uuid>`; [`Backend::wait_for_completion`] subscribes through one
+//!   shared pub/sub connection and wakes at once. States written by Go workers are not announced, so a
+//!   slow poll (10 ms doubling to 200 ms) runs as well.
+//! - **Exactly-once chord trigger** with an atomic per-group step (see [`Backend::complete_group_member`]
+//!   and `docs/redis.md`), safe beside Go workers that use the `TriggerChordMutex` lock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionManager, PubSubSink};
+use redis::{AsyncCommands as _, Client, RedisError};
+use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{Backend, BackendError};
+use crate::config::Config;
+use crate::gotime;
+use crate::redis_conn::{self, is_noscript, Lua};
+use crate::redis_url::RedisUrl;
+use crate::retry::Backoff;
+use crate::state::{GroupMeta, TaskState, REVOKED_ERROR};
+
+/// The key Go machinery's workers lock (redsync) around their chord trigger.
+pub const GO_CHORD_LOCK_KEY: &str = "TriggerChordMutex";
+
+/// The channel on which a final state of `task_uuid` is announced.
+pub fn completion_channel(task_uuid: &str) -> String {
+    format!("machinery:done:{task_uuid}")
+}
+
+/// The Redis result backend.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: RedisUrl,
+    client: Client,
+    conn: ConnectionManager,
+    expire_secs: u64,
+    notifier: OnceCell<Notifier>,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.inner.url)
+            .field("expire_secs", &self.inner.expire_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Scripts {
+    set_state: Lua,
+    complete_member: Lua,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    // KEYS: task uuid. ARGV: JSON text before the TaskName value, the TaskName value (JSON) or '' to keep
+    // the previous one, the CreatedAt value (JSON) or '' to keep the previous one, JSON text after it,
+    // expiry in seconds, channel to announce on or '', the revocation error text or '', then one or more
+    // "middles" (the text from after TaskName up to CreatedAt: State, Results, Error).
+    // Writes one state per middle, in order, each as SET ... EX, taking the missing values from the
+    // previous record, and returns 1; with a revocation text, writes nothing and returns 0 if the previous
+    // record is that revocation. Only strings are read from the old record; the JSON text we made is
+    // stored as it is.
+    set_state: Lua::new(
+        r#"
+local name, created = ARGV[2], ARGV[3]
+local old = nil
+if name == '' or created == '' or ARGV[7] ~= '' then
+  local raw = redis.call('GET', KEYS[1])
+  if raw then
+    local ok, t = pcall(cjson.decode, raw)
+    if ok and type(t) == 'table' then old = t end
+  end
+end
+if ARGV[7] ~= '' and old and old['State'] == 'FAILURE' and old['Error'] == ARGV[7] then return 0 end
+if name == '' then
+  local prev = ''
+  if old and type(old['TaskName']) == 'string' then prev = old['TaskName'] end
+  name = cjson.encode(prev)
+end
+if created == '' then
+  local prev = '0001-01-01T00:00:00Z'
+  if old and type(old['CreatedAt']) == 'string' then prev = old['CreatedAt'] end
+  created = cjson.encode(prev)
+end
+for i = 8, #ARGV do
+  redis.call('SET', KEYS[1], ARGV[1] .. name .. ARGV[i] .. created .. ARGV[4], 'EX', ARGV[5])
+end
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], KEYS[1]) end
+return 1
+"#,
+    ),
+    // KEYS: group record, finished-member set, member list, progress hash, Go's chord lock.
+    // ARGV: member uuid, group task count, expiry in seconds.
+    // Returns 1 to the one call that completes the group (and sets ChordTriggered in the group record),
+    // 0 otherwise, -1 while a Go worker holds TriggerChordMutex (call again), -2 if the group record is
+    // missing when the group completes.
+    //
+    // Members finished by our workers are counted in the set, so a pure Rust group needs no state reads.
+    // Members finished by Go workers are not in the set: a cursor walks the group in order, advancing
+    // past members that are in the set or whose stored state is final, and stops at the first that is
+    // not; each member is passed once, and each call reads at most one state that does not advance it.
+    complete_member: Lua::new(
+        r#"
+if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('HGET', KEYS[4], 'fired') then return 0 end
+local meta = redis.call('GET', KEYS[1])
+if redis.call('SCARD', KEYS[2]) < tonumber(ARGV[2]) then
+  if not meta then return 0 end
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    local ok, t = pcall(cjson.decode, meta)
+    if not ok or type(t) ~= 'table' or type(t['TaskUUIDs']) ~= 'table' or #t['TaskUUIDs'] == 0 then
+      return 0
+    end
+    local uuids = t['TaskUUIDs']
+    for i = 1, #uuids, 1000 do
+      redis.call('RPUSH', KEYS[3], unpack(uuids, i, math.min(i + 999, #uuids)))
+    end
+    redis.call('EXPIRE', KEYS[3], ARGV[3])
+  end
+  local n = redis.call('LLEN', KEYS[3])
+  local cursor = tonumber(redis.call('HGET', KEYS[4], 'cursor') or '0')
+  while cursor < n do
+    local member = redis.call('LINDEX', KEYS[3], cursor)
+    if redis.call('SISMEMBER', KEYS[2], member) == 0 then
+      local raw = redis.call('GET', member)
+      if not raw then break end
+      local ok, st = pcall(cjson.decode, raw)
+      if not ok or type(st) ~= 'table' or (st['State'] ~= 'SUCCESS' and st['State'] ~= 'FAILURE') then
+        break
+      end
+    end
+    cursor = cursor + 1
+  end
+  redis.call('HSET', KEYS[4], 'cursor', cursor)
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+  if cursor < n then return 0 end
+end
+if not meta then return -2 end
+redis.call('HSET', KEYS[4], 'fired', '1')
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+if string.find(meta, '"ChordTriggered":true', 1, true) then return 0 end
+local updated, replaced = string.gsub(meta, '"ChordTriggered":false', '"ChordTriggered":true', 1)
+if replaced == 0 then
+  local ok, t = pcall(cjson.decode, meta)
+  if not ok or type(t) ~= 'table' then return -2 end
+  if t['ChordTriggered'] == true then return 0 end
+  t['ChordTriggered'] = true
+  updated = cjson.encode(t)
+end
+redis.call('SET', KEYS[1], updated, 'KEEPTTL')
+return 1
+"#,
+    ),
+});
+
+fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BackendError {
+    move |error| BackendError::operation(operation, error)
+}
+
+/// The keys of a group's chord progress, beside Go's group record.
+fn chord_keys(group_uuid: &str) -> [String; 3] {
+    [
+        format!("machinery:chord:{group_uuid}:done"),
+        format!("machinery:chord:{group_uuid}:members"),
+        format!("machinery:chord:{group_uuid}"),
+    ]
+}
+
+/// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
+/// are empty when the previous record should supply them.
+fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
+    let prefix = format!(
+        "{{\"TaskUUID\":{},\"TaskName\":",
+        serde_json::to_string(&state.task_uuid)?
+    );
+    let name = if state.task_name.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&state.task_name)?
+    };
+    let middle = format!(
+        ",\"State\":{},\"Results\":{},\"Error\":{},\"CreatedAt\":",
+        serde_json::to_string(state.state.as_str())?,
+        serde_json::to_string(&state.results)?,
+        serde_json::to_string(&state.error)?,
+    );
+    let created = if state.created_at == gotime::zero_time() {
+        String::new()
+    } else {
+        serde_json::to_string(&gotime::format(&state.created_at))?
+    };
+    let suffix = format!(",\"TTL\":{}}}", state.ttl);
+    Ok([
+        prefix.into_bytes(),
+        name.into_bytes(),
+        middle.into_bytes(),
+        created.into_bytes(),
+        suffix.into_bytes(),
+    ])
+}
+
+impl RedisBackend {
+    /// Connects to the Redis server named by `config.result_backend`.
+    pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
+        let url = RedisUrl::parse(&config.result_backend).map_err(|e| BackendError::Connect {
+            url: crate::redis_url::redact(&config.result_backend),
+            source: Box::new(e),
+        })?;
+        let connect_error = |source: RedisError| BackendError::Connect {
+            url: url.redacted(),
+            source: Box::new(source),
+        };
+        let client = redis_conn::client(&url).map_err(connect_error)?;
+        let conn = redis_conn::manager(&client, &config.redis)
+            .await
+            .map_err(connect_error)?;
+        tracing::debug!(url = %url, "connected to the redis result backend");
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                url,
+                client,
+                conn,
+                expire_secs: config.results_expire_in_secs(),
+                notifier: OnceCell::new(),
+            }),
+        })
+    }
+
+    /// The server this backend talks to (password redacted when displayed).
+    pub fn url(&self) -> &RedisUrl {
+        &self.inner.url
+    }
+
+    /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
+    /// record and nobody needs telling, else the `set_state` script.
+    pub(crate) fn state_cmd(&self, state: &TaskState) -> Result<redis::Cmd, BackendError> {
+        self.state_cmd_unless_revoked(state, false)
+    }
+
+    /// [`RedisBackend::state_cmd`], or with `unless_revoked` the script that refuses to replace a
+    /// revocation (it returns 0 then).
+    fn state_cmd_unless_revoked(
+        &self,
+        state: &TaskState,
+        unless_revoked: bool,
+    ) -> Result<redis::Cmd, BackendError> {
+        let pieces = self.pieces(state)?;
+        let completed = state.is_completed();
+        if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !unless_revoked {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&state.task_uuid)
+                .arg(pieces.concat())
+                .arg("EX")
+                .arg(self.inner.expire_secs);
+            return Ok(cmd);
+        }
+        let channel = if completed {
+            completion_channel(&state.task_uuid).into_bytes()
+        } else {
+            Vec::new()
+        };
+        let [prefix, name, middle, created, suffix] = pieces;
+        Ok(self.script_cmd(
+            &state.task_uuid,
+            [prefix, name, created, suffix],
+            channel,
+            unless_revoked,
+            vec![middle],
+        ))
+    }
+
+    fn pieces(&self, state: &TaskState) -> Result<[Vec<u8>; 5], BackendError> {
+        state_pieces(state).map_err(|source| BackendError::Decode {
+            key: state.task_uuid.clone(),
+            source,
+        })
+    }
+
+    /// The `set_state` script writing one state per middle piece.
+    fn script_cmd(
+        &self,
+        task_uuid: &str,
+        [prefix, name, created, suffix]: [Vec<u8>; 4],
+        channel: Vec<u8>,
+        unless_revoked: bool,
+        middles: Vec<Vec<u8>>,
+    ) -> redis::Cmd {
+        let expire = self.inner.expire_secs.to_string().into_bytes();
+        let revoked = if unless_revoked {
+            REVOKED_ERROR.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        let mut args = vec![prefix, name, created, suffix, expire, channel, revoked];
+        args.extend(middles);
+        SCRIPTS.set_state.cmd(&[task_uuid.as_bytes()], &args)
+    }
+
+    /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
+    pub(crate) async fn load_scripts(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<(), BackendError> {
+        SCRIPTS
+            .set_state
+            .load(conn)
+            .await
+            .map_err(op("load scripts"))?;
+        SCRIPTS
+            .complete_member
+            .load(conn)
+            .await
+            .map_err(op("load scripts"))
+    }
+
+    /// Runs a pipeline, loading the scripts and trying once more if the server did not know them.
+    async fn run_pipeline(
+        &self,
+        operation: &'static str,
+        pipe: &redis::Pipeline,
+    ) -> Result<(), BackendError> {
+        let mut conn = self.inner.conn.clone();
+        match pipe.query_async::<()>(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                self.load_scripts(&mut conn).await?;
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(op(operation))
+            }
+            other => other.map_err(op(operation)),
+        }
+    }
+
+    async fn notifier(&self) -> &Notifier {
+        self.inner
+            .notifier
+            .get_or_init(|| async { Notifier::start(self.inner.client.clone()) })
+            .await
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
+        self.set_states(std::slice::from_ref(state)).await
+    }
+
+    async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for state in states {
+            pipe.add_command(self.state_cmd(state)?).ignore();
+        }
+        self.run_pipeline("set task state", &pipe).await
+    }
+
+    async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
+        // The revocation check and the write in one script: one round trip, and no window in which a
+        // revocation could slip between them.
+        let cmd = self.state_cmd_unless_revoked(state, true)?;
+        let mut conn = self.inner.conn.clone();
+        let written: i64 = match cmd.query_async(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                self.load_scripts(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+        .map_err(op("set task state"))?;
+        Ok(written == 1)
+    }
+
+    async fn set_received_and_started(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<bool, BackendError> {
+        // Both states differ only in their middle piece: one script call writes RECEIVED then STARTED,
+        // after one revocation check, reading the previous record once.
+        let [prefix, name, received_middle, created, suffix] = self.pieces(received)?;
+        let [s_prefix, s_name, started_middle, s_created, s_suffix] = self.pieces(started)?;
+        let shared =
+            (&prefix, &name, &created, &suffix) == (&s_prefix, &s_name, &s_created, &s_suffix);
+        if !shared || received.is_completed() || started.is_completed() {
+            // Not the worker's usual pair: two calls.
+            if !self.set_received(received).await? {
+                return Ok(false);
+            }
+            self.set_state(started).await?;
+            return Ok(true);
+        }
+        let cmd = self.script_cmd(
+            &received.task_uuid,
+            [prefix, name, created, suffix],
+            Vec::new(),
+            true,
+            vec![received_middle, started_middle],
+        );
+        let mut conn = self.inner.conn.clone();
+        let written: i64 = match cmd.query_async(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                self.load_scripts(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+        .map_err(op("set task state"))?;
+        Ok(written == 1)
+    }
+
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
+        let mut conn = self.inner.conn.clone();
+        let raw: Option<Vec<u8>> = conn.get(task_uuid).await.map_err(op("get task state"))?;
+        raw.map(|bytes| {
+            TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
+                key: task_uuid.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    async fn wait_for_completion(
+        &self,
+        task_uuid: &str,
+        timeout: Duration,
+    ) -> Result<Option<TaskState>, BackendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Subscribe before the first read, so that a completion between the two is not missed.
+        let waiter = self.notifier().await.register(task_uuid).await;
+        let mut poll = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
+        loop {
+            let notified = waiter.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let state = self.get_state(task_uuid).await?;
+            if state.as_ref().is_some_and(TaskState::is_completed) {
+                return Ok(state);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(state);
+            }
+            let nap = poll.next_delay().min(deadline - now);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    async fn init_group(&self, meta: &GroupMeta) -> Result<(), BackendError> {
+        let json = meta.to_json().map_err(|source| BackendError::Decode {
+            key: meta.group_uuid.clone(),
+            source,
+        })?;
+        let mut conn = self.inner.conn.clone();
+        conn.set_ex::<_, _, ()>(&meta.group_uuid, json, self.inner.expire_secs)
+            .await
+            .map_err(op("store group"))
+    }
+
+    async fn get_group(&self, group_uuid: &str) -> Result<Option<GroupMeta>, BackendError> {
+        let mut conn = self.inner.conn.clone();
+        let raw: Option<Vec<u8>> = conn.get(group_uuid).await.map_err(op("get group"))?;
+        raw.map(|bytes| {
+            GroupMeta::from_json(&bytes).map_err(|source| BackendError::Decode {
+                key: group_uuid.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
+        let meta = self
+            .get_group(group_uuid)
+            .await?
+            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        if meta.task_uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One MGET for all members (Go: one per member on go-redis), in group order.
+        let mut conn = self.inner.conn.clone();
+        let raw: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&meta.task_uuids)
+            .query_async(&mut conn)
+            .await
+            .map_err(op("get group states"))?;
+        raw.into_iter()
+            .zip(&meta.task_uuids)
+            .filter_map(|(bytes, uuid)| {
+                bytes.map(|bytes| {
+                    TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
+                        key: uuid.clone(),
+                        source,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    async fn complete_group_member(
+        &self,
+        group_uuid: &str,
+        task_uuid: &str,
+        group_task_count: u32,
+    ) -> Result<bool, BackendError> {
+        let [done, members, progress] = chord_keys(group_uuid);
+        let count = group_task_count.to_string();
+        let expire = self.inner.expire_secs.to_string();
+        let keys = [
+            group_uuid.as_bytes(),
+            done.as_bytes(),
+            members.as_bytes(),
+            progress.as_bytes(),
+            GO_CHORD_LOCK_KEY.as_bytes(),
+        ];
+        let args = [task_uuid.as_bytes(), count.as_bytes(), expire.as_bytes()];
+        // A Go worker holds its chord lock for a GET and a SET; it expires after 8 s if that worker died.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        loop {
+            let mut conn = self.inner.conn.clone();
+            let outcome: i64 = SCRIPTS
+                .complete_member
+                .run(&mut conn, &keys, &args)
+                .await
+                .map_err(op("record chord progress"))?;
+            match outcome {
+                1 => return Ok(true),
+                -2 => return Err(BackendError::UnknownGroup(group_uuid.to_owned())),
+                -1 if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                -1 => {
+                    return Err(BackendError::operation(
+                        "record chord progress",
+                        format!("Go's chord lock {GO_CHORD_LOCK_KEY} stayed held for 10 s"),
+                    ))
+                }
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
+        let mut conn = self.inner.conn.clone();
+        conn.del::<_, ()>(task_uuid)
+            .await
+            .map_err(op("delete task state"))
+    }
+
+    async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError> {
+        let [done, members, progress] = chord_keys(group_uuid);
+        let mut conn = self.inner.conn.clone();
+        conn.del::<_, ()>(&[group_uuid.to_owned(), done, members, progress])
+            .await
+            .map_err(op("delete group"))
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// Wakes waiters when their task's completion is announced. One pub/sub connection per backend, opened on
+/// the first wait; it reconnects by itself, and waiters keep polling meanwhile.
+struct Notifier {
+    shared: Arc<NotifierShared>,
+    _reader: AbortOnDropHandle<()>,
+}
+
+#[derive(Default)]
+struct NotifierShared {
+    /// Channel → (number of waiters, their wake-up).
+    waiters: Mutex<HashMap<String, (usize, Arc<Notify>)>>,
+    sink: Mutex<Option<PubSubSink>>,
+    unsubscribe: Mutex<Option<mpsc::UnboundedSender<String>>>,
+}
+
+impl NotifierShared {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Arc<Notify>)>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sink(&self) -> Option<PubSubSink> {
+        self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// One waiter's registration; unregisters on drop.
+struct Waiter {
+    shared: Arc<NotifierShared>,
+    channel: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let last = {
+            let mut waiters = self.shared.waiters();
+            match waiters.get_mut(&self.channel) {
+                Some((count, _)) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => {
+                    waiters.remove(&self.channel);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            let sender = self
+                .shared
+                .unsubscribe
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(sender) = sender {
+                let _ = sender.send(std::mem::take(&mut self.channel));
+            }
+        }
+    }
+}
+
+impl Notifier {
+    fn start(client: Client) -> Notifier {
+        let shared = Arc::new(NotifierShared::default());
+        let (sender, receiver) = mpsc::unbounded_channel();
+        *shared.unsubscribe.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        let reader =
+            AbortOnDropHandle::new(tokio::spawn(Self::read(client, shared.clone(), receiver)));
+        Notifier {
+            shared,
+            _reader: reader,
+        }
+    }
+
+    async fn register(&self, task_uuid: &str) -> Waiter {
+        let channel = completion_channel(task_uuid);
+        let (notify, first) = {
+            let mut waiters = self.shared.waiters();
+            let entry = waiters
+                .entry(channel.clone())
+                .or_insert_with(|| (0, Arc::new(Notify::new())));
+            entry.0 += 1;
+            (entry.1.clone(), entry.0 == 1)
+        };
+        let waiter = Waiter {
+            shared: self.shared.clone(),
+            channel,
+            notify,
+        };
+        if first {
+            if let Some(mut sink) = self.shared.sink() {
+                if let Err(error) = sink.subscribe(&waiter.channel).await {
+                    tracing::debug!(%error, "cannot subscribe to a completion channel; polling instead");
+                }
+            }
+        }
+        waiter
+    }
+
+    /// Owns the pub/sub connection: wakes waiters, unsubscribes channels nobody waits on, reconnects.
+    async fn read(
+        client: Client,
+        shared: Arc<NotifierShared>,
+        mut unsubscribe: mpsc::UnboundedReceiver<String>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match client.get_async_pubsub().await {
+                Ok(pubsub) => {
+                    backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+                    let (mut sink, mut stream) = pubsub.split();
+                    // Publish the sink first, then subscribe whoever is waiting: a waiter that registers in
+                    // between subscribes itself, or is in this list (a double SUBSCRIBE is harmless).
+                    *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink.clone());
+                    let channels: Vec<String> = shared.waiters().keys().cloned().collect();
+                    if !channels.is_empty() {
+                        if let Err(error) = sink.subscribe(&channels).await {
+                            tracing::debug!(%error, "cannot resubscribe to completion channels");
+                        }
+                    }
+                    // Anything announced while we were away: let every waiter look again.
+                    for (_, notify) in shared.waiters().values() {
+                        notify.notify_waiters();
+                    }
+                    loop {
+                        tokio::select! {
+                            message = stream.next() => match message {
+                                Some(message) => {
+                                    let notify = shared
+                                        .waiters()
+                                        .get(message.get_channel_name())
+                                        .map(|(_, notify)| notify.clone());
+                                    if let Some(notify) = notify {
+                                        notify.notify_waiters();
+                                    }
+                                }
+                                None => break,
+                            },
+                            channel = unsubscribe.recv() => match channel {
+                                Some(channel) => {
+                                    if !shared.waiters().contains_key(&channel) {
+                                        let _ = sink.unsubscribe(&channel).await;
+                                    }
+                                }
+                                None => return,
+                            },
+                        }
+                    }
+                    *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    tracing::debug!("completion notifications lost their connection; reconnecting");
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot open the completion notification connection");
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::TaskResult;
+
+    #[test]
+    fn state_pieces_join_into_the_records_json() {
+        let mut state = TaskState::success(
+            "task_1",
+            "add",
+            vec![TaskResult::new(
+                "uint64",
+                serde_json::json!(18446744073709551615u64),
+            )],
+        );
+        state.created_at = chrono::Utc::now();
+        let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
+        assert_eq!(joined, state.to_json().unwrap());
+    }
+
+    #[test]
+    fn missing_name_and_time_leave_their_pieces_empty() {
+        let pieces = state_pieces(&TaskState::started("t", "")).unwrap();
+        assert!(pieces[1].is_empty() && pieces[3].is_empty());
+    }
+}

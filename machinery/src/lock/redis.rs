@@ -1,0 +1,73 @@
+//! The Redis lock for periodic tasks: `SET <key> <value> NX PX <ttl>`, as Go machinery's Redis lock takes
+//! it, so Go and Rust processes that schedule the same periodic task under the same key fire it once. The
+//! value is, as in Go, the Unix nanoseconds at which the lock may be taken again, minus one.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+use super::{Lock, LockError};
+use crate::config::Config;
+use crate::redis_conn;
+use crate::redis_url::RedisUrl;
+
+/// A lock held in Redis.
+#[derive(Clone)]
+pub struct RedisLock {
+    url: RedisUrl,
+    conn: ConnectionManager,
+}
+
+impl fmt::Debug for RedisLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLock")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> LockError {
+    move |source| LockError::Operation {
+        operation,
+        source: Box::new(source),
+    }
+}
+
+impl RedisLock {
+    /// Connects to the Redis server named by `url` (any Redis URL form).
+    pub async fn connect(url: &str, config: &Config) -> Result<RedisLock, LockError> {
+        let url = RedisUrl::parse(url).map_err(|source| LockError::Operation {
+            operation: "connect",
+            source: Box::new(source),
+        })?;
+        let client = redis_conn::client(&url).map_err(error("connect"))?;
+        let conn = redis_conn::manager(&client, &config.redis)
+            .await
+            .map_err(error("connect"))?;
+        Ok(RedisLock { url, conn })
+    }
+}
+
+#[async_trait]
+impl Lock for RedisLock {
+    async fn try_acquire(&self, key: &str, ttl: std::time::Duration) -> Result<bool, LockError> {
+        let millis = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        let until = chrono::Utc::now()
+            .timestamp_nanos_opt()
+            .unwrap_or(i64::MAX)
+            .saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX))
+            .saturating_sub(1);
+        let mut conn = self.conn.clone();
+        let reply: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(until)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis)
+            .query_async(&mut conn)
+            .await
+            .map_err(error("acquire"))?;
+        Ok(reply.is_some())
+    }
+}

@@ -1,0 +1,84 @@
+//! A worker process for tests that must kill a worker (`kill -9`) or cut its connections.
+//!
+//! Configured from the environment with Go machinery's names (`BROKER`, `RESULT_BACKEND`, `DEFAULT_QUEUE`,
+//! `REDIS_HEARTBEAT_TIMEOUT`, ...) plus `WORKER_CONCURRENCY`. It runs until SIGINT/SIGTERM and knows two
+//! tasks: `sleep_ms(ms: int64) -> int64` sleeps, then returns `ms`; `add(a..: int64) -> int64` sums.
+
+use std::time::Duration;
+
+use machinery::{
+    Arg, Config, FailureKind, HandlerFuture, Server, TaskContext, TaskDef, TaskFailure,
+    TaskOptions, TaskResult, Worker,
+};
+
+fn int_arg(args: &[Arg], index: usize) -> Result<i64, TaskFailure> {
+    args.get(index)
+        .and_then(|arg| arg.value.as_i64())
+        .ok_or_else(|| {
+            TaskFailure::new(
+                FailureKind::BadArguments,
+                format!("argument {index}: expected int64"),
+            )
+        })
+}
+
+fn sleep_ms(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
+    Box::pin(async move {
+        let ms = int_arg(&args, 0)?;
+        tokio::time::sleep(Duration::from_millis(ms.max(0) as u64)).await;
+        Ok(vec![TaskResult::new("int64", ms.into())])
+    })
+}
+
+fn add(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
+    Box::pin(async move {
+        let sum: i64 = args.iter().filter_map(|a| a.value.as_i64()).sum();
+        Ok(vec![TaskResult::new("int64", sum.into())])
+    })
+}
+
+const OPTIONS: TaskOptions = TaskOptions {
+    queue: None,
+    retries: 0,
+    retry_timeout: 0,
+    timeout: None,
+    backoff: None,
+};
+
+static SLEEP_MS: TaskDef = TaskDef {
+    name: "sleep_ms",
+    rust_path: "test_worker::sleep_ms",
+    handler: sleep_ms,
+    options: OPTIONS,
+};
+
+static ADD: TaskDef = TaskDef {
+    name: "add",
+    rust_path: "test_worker::add",
+    handler: add,
+    options: OPTIONS,
+};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::from_env()?;
+    let concurrency = std::env::var("WORKER_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let server = Server::new(config).await?;
+    Worker::new(&server)
+        .register(&SLEEP_MS)
+        .register(&ADD)
+        .concurrency(concurrency)
+        .shutdown_timeout(Duration::from_secs(10))
+        .launch()
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `#[task]` functions served by a worker over the Redis broker and backend: typed sends and results,
+//! several workers sharing one queue without running a task twice, and a Go-written message next to ours.
+
+mod redis_common;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use machinery::{task, Server, TaskContext, TaskError, Worker};
+use machinery_tests::{require, Service};
+use redis::AsyncCommands as _;
+use redis_common::{raw, Names};
+
+#[task]
+async fn add(a: i64, b: i64) -> Result<i64, TaskError> {
+    Ok(a + b)
+}
+
+#[task]
+async fn shout(text: String) -> Result<String, TaskError> {
+    Ok(text.to_uppercase())
+}
+
+#[task]
+async fn reverse_bytes(bytes: Vec<u8>) -> Result<Vec<u8>, TaskError> {
+    Ok(bytes.into_iter().rev().collect())
+}
+
+/// How often each task id ran, per test (tests run in parallel in one process).
+static RUNS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+
+#[task]
+async fn count_run(ctx: &TaskContext, n: i64) -> Result<i64, TaskError> {
+    let mut runs = RUNS.lock().unwrap_or_else(|p| p.into_inner());
+    *runs
+        .get_or_insert_with(HashMap::new)
+        .entry(ctx.uuid().to_owned())
+        .or_default() += 1;
+    Ok(n)
+}
+
+#[tokio::test]
+async fn typed_tasks_round_trip_over_redis() {
+    if !require(Service::Redis, "typed_tasks_round_trip_over_redis") {
+        return;
+    }
+    let names = Names::new("rw_typed");
+    let server = Server::new(names.config()).await.unwrap();
+    let running = Worker::new(&server)
+        .register(add::task())
+        .register(shout::task())
+        .register(reverse_bytes::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(10);
+    let sum = add::send(&server, 40, 2).await.unwrap();
+    let mut ids = vec![sum.uuid().to_owned()];
+    assert_eq!(sum.get(timeout).await.unwrap(), 42);
+    let text = shout::send(&server, "hi").await.unwrap();
+    ids.push(text.uuid().to_owned());
+    assert_eq!(text.get(timeout).await.unwrap(), "HI");
+    let bytes = reverse_bytes::send(&server, vec![1u8, 2, 3]).await.unwrap();
+    let uuid = bytes.uuid().to_owned();
+    assert_eq!(bytes.get(timeout).await.unwrap(), vec![3u8, 2, 1]);
+    // Stored as Go stores a []byte result: type tag []uint8, base64 value.
+    let mut conn = raw().await;
+    let stored: String = conn.get(&uuid).await.unwrap();
+    assert!(
+        stored.contains(r#""Results":[{"Type":"[]uint8","Value":"AwIB"}]"#),
+        "{stored}"
+    );
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    let stats = server.broker().queue_stats(&names.queue).await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    ids.push(uuid);
+    let _: () = conn.del(ids).await.unwrap();
+    names.cleanup().await;
+}
+
+#[tokio::test]
+async fn three_workers_share_a_queue_and_run_each_task_once() {
+    if !require(
+        Service::Redis,
+        "three_workers_share_a_queue_and_run_each_task_once",
+    ) {
+        return;
+    }
+    let names = Names::new("rw_share");
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let server = Server::new(names.config()).await.unwrap();
+        workers.push(
+            Worker::new(&server)
+                .register(count_run::task())
+                .concurrency(5)
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    let sender = Server::new(names.config()).await.unwrap();
+    let mut results = Vec::new();
+    for n in 0..300 {
+        results.push(count_run::send(&sender, n).await.unwrap());
+    }
+    let mut ids = Vec::new();
+    for (n, result) in results.into_iter().enumerate() {
+        ids.push(result.uuid().to_owned());
+        assert_eq!(result.get(Duration::from_secs(20)).await.unwrap(), n as i64);
+    }
+    for worker in workers {
+        worker.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+    let runs = RUNS.lock().unwrap().clone().unwrap_or_default();
+    for id in &ids {
+        assert_eq!(runs.get(id), Some(&1), "task {id} ran once");
+    }
+    let mut conn = raw().await;
+    for id in &ids {
+        let _: () = conn.del(id).await.unwrap();
+    }
+    names.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_written_by_a_go_sender_runs_on_our_worker() {
+    if !require(
+        Service::Redis,
+        "a_message_written_by_a_go_sender_runs_on_our_worker",
+    ) {
+        return;
+    }
+    let names = Names::new("rw_gosend");
+    let server = Server::new(names.config()).await.unwrap();
+    let running = Worker::new(&server)
+        .register(add::task())
+        .start()
+        .await
+        .unwrap();
+    // Go's SendTask: SET <uuid> PENDING, then RPUSH the Signature (bytes of tests/fixtures/go, add(40, 2)).
+    let path =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/go/signature_add.json");
+    let body = std::fs::read_to_string(path).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let go_uuid = value["UUID"].as_str().unwrap();
+    let uuid = names.task("go");
+    let body = body.trim_end().replace(go_uuid, &uuid).replace(
+        "\"RoutingKey\":\"wire_q\"",
+        &format!("\"RoutingKey\":\"{}\"", names.queue),
+    );
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&names.queue, &body).await.unwrap();
+    let result = server.result::<i64>(&uuid);
+    assert_eq!(result.get(Duration::from_secs(10)).await.unwrap(), 42);
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}
