@@ -44,6 +44,16 @@ pub(crate) enum AmqpError {
         /// The routing key.
         routing_key: String,
     },
+    /// RabbitMQ did not confirm a publish in time (it may still store the message).
+    #[error("RabbitMQ did not confirm the message published to exchange {exchange:?} with routing key {routing_key:?} within {timeout:?} (is it blocking publishers? see its memory and disk alarms)")]
+    Unconfirmed {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+        /// The limit.
+        timeout: Duration,
+    },
     /// No queue is bound for the routing key, so RabbitMQ returned the message instead of dropping it.
     #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}: RabbitMQ returned the message ({reply})")]
     Unroutable {
@@ -108,6 +118,7 @@ impl AmqpError {
             | AmqpError::ConsumerGone { .. } => true,
             AmqpError::Lapin { source, .. } => lapin_is_transient(source),
             AmqpError::Nacked { .. }
+            | AmqpError::Unconfirmed { .. }
             | AmqpError::Unroutable { .. }
             | AmqpError::NameTooLong { .. }
             | AmqpError::Json { .. } => false,

@@ -31,6 +31,9 @@ pub(crate) use url::Endpoint;
 
 use crate::retry::Backoff;
 
+/// How long a publish waits for RabbitMQ's confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long one connection attempt may take when the URL does not say (`?connection_timeout=ms`).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -492,7 +495,16 @@ impl Sent {
             exchange,
             routing_key,
         } = self;
-        match confirm.await {
+        // A broker that stops confirming (a memory or disk alarm blocks publishers) must not hang the
+        // sender forever; this is not retried, as the message may still be stored.
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| AmqpError::Unconfirmed {
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                timeout: CONFIRM_TIMEOUT,
+            })?;
+        match confirmation {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
                 Err(AmqpError::Unroutable {

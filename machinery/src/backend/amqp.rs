@@ -744,6 +744,24 @@ impl Backend for AmqpBackend {
         self.inner.read_state(task_uuid).await
     }
 
+    /// One read for the revocation check, then both states sent before either confirm is awaited.
+    async fn set_received_and_started(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<bool, BackendError> {
+        if self
+            .get_state(&received.task_uuid)
+            .await?
+            .is_some_and(|s| s.is_revoked())
+        {
+            return Ok(false);
+        }
+        self.set_states(&[received.clone(), started.clone()])
+            .await?;
+        Ok(true)
+    }
+
     /// Subscribes to the task's states through the process's notification queue, reads the stored state
     /// once, then waits for a notification, reading again now and then in case notifications stopped
     /// (a lost connection).
