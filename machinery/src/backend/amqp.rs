@@ -220,11 +220,12 @@ impl Inner {
     /// Declares and binds a task's queue, at most once per half expiry period per connection: the queue
     /// expires `x-expires` after its last declaration or read, and publishing does not count.
     async fn ensure_task_queue(&self, uuid: &str) -> Result<(), AmqpError> {
-        let (live, channel) = self.topology.get(&self.session).await?;
         let memo = format!("task\0{uuid}");
+        let live = self.session.live().await?;
         if live.declared(&memo, Some(self.expire() / 2)) {
             return Ok(());
         }
+        let (live, channel) = self.topology.get(&self.session).await?;
         self.ensure_exchange(&live, &channel).await?;
         declare_queue(&channel, uuid, &self.task_queue_spec()).await?;
         if !self.exchange.is_empty() {

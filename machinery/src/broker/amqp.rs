@@ -191,6 +191,11 @@ impl AmqpBroker {
     }
 }
 
+/// The key under which a task queue's declaration and binding are remembered on a connection.
+fn task_queue_memo(queue: &str, key: &str) -> String {
+    format!("queue\0{queue}\0{key}")
+}
+
 fn op_error(operation: &'static str) -> impl FnOnce(AmqpError) -> BrokerError {
     move |error| match error {
         AmqpError::Nacked { .. } | AmqpError::Unroutable { .. } => {
@@ -231,7 +236,7 @@ impl Inner {
         queue: &str,
         key: &str,
     ) -> Result<(), AmqpError> {
-        let memo = format!("queue\0{queue}\0{key}");
+        let memo = task_queue_memo(queue, key);
         if live.declared(&memo, None) {
             return Ok(());
         }
@@ -252,8 +257,13 @@ impl Inner {
     }
 
     async fn ensure_route(&self, routing_key: &str) -> Result<(), AmqpError> {
-        let (live, channel) = self.topology.get(&self.session).await?;
         let (queue, key) = self.settings.publish_target(routing_key);
+        // The common case, already declared on this connection, needs no channel.
+        let live = self.session.live().await?;
+        if live.declared(&task_queue_memo(&queue, &key), None) {
+            return Ok(());
+        }
+        let (live, channel) = self.topology.get(&self.session).await?;
         self.ensure_task_queue(&live, &channel, &queue, &key).await
     }
 
@@ -771,7 +781,7 @@ impl AmqpConsumer {
             )
             .await?;
         }
-        live.mark_declared(format!("queue\0{queue}\0{}", s.consumer_binding(queue)));
+        live.mark_declared(task_queue_memo(queue, &s.consumer_binding(queue)));
         // The prefetch bounds the unacknowledged messages RabbitMQ hands this consumer: the worker then
         // never holds more than that. 0 would mean no limit; the worker passes its concurrency instead.
         let prefetch = u16::try_from(self.options.prefetch.max(1)).unwrap_or(u16::MAX);
