@@ -678,13 +678,14 @@ async fn graceful_shutdown_finishes_running_tasks_and_returns_the_rest() {
         return;
     }
     let mut config = amqp::config("shutdown");
-    config.amqp.prefetch_count = 2;
+    // Two run, two more wait in this worker's prefetch.
+    config.amqp.prefetch_count = 4;
     let _cleanup = Cleanup::for_config(&config);
     let s = server(&config).await;
     let key = unique("shutdown");
     let mut results = Vec::new();
-    for i in 0..5 {
-        results.push(probe::send(&s, &key, i, 800).await.unwrap());
+    for i in 0..6 {
+        results.push(probe::send(&s, &key, i, 2_000).await.unwrap());
     }
     let worker = Worker::new(&s)
         .register(probe::task())
@@ -695,9 +696,30 @@ async fn graceful_shutdown_finishes_running_tasks_and_returns_the_rest() {
     wait_for(WAIT, || (probe_record(&key).started == 2).then_some(()))
         .await
         .expect("two tasks run");
-    worker
-        .shutdown(WAIT)
+    let q = wait_for(WAIT, || {
+        queue_info(&config.default_queue).filter(|q| q.unacked == 4)
+    })
+    .await;
+    assert!(q.is_some(), "two running, two prefetched");
+    let shutdown = tokio::spawn(worker.shutdown(WAIT));
+    // Consuming stops at once: the prefetched two go back while the running two finish.
+    let released = wait_for(WAIT, || {
+        queue_info(&config.default_queue).filter(|q| q.unacked == 2 && q.ready == 4)
+    })
+    .await;
+    assert!(
+        released.is_some(),
+        "{:?}",
+        queue_info(&config.default_queue)
+    );
+    assert_eq!(
+        probe_record(&key).finished,
+        0,
+        "released before the running tasks ended"
+    );
+    shutdown
         .await
+        .unwrap()
         .expect("finished within the deadline");
     let record = probe_record(&key);
     assert_eq!((record.started, record.finished), (2, 2), "{record:?}");
@@ -712,7 +734,7 @@ async fn graceful_shutdown_finishes_running_tasks_and_returns_the_rest() {
     })
     .await
     .expect("the consumer is gone");
-    assert_eq!(q.ready, 3, "the tasks not started are back in the queue");
+    assert_eq!(q.ready, 4, "the tasks not started are back in the queue");
 
     // A deadline shorter than the task: it is cut off and its message returns.
     let key = unique("cutoff");

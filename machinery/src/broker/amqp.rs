@@ -746,6 +746,8 @@ async fn settle_parked(parked: Vec<lapin::Acker>, handled: bool) {
 struct Active {
     channel: Channel,
     consumer: lapin::Consumer,
+    /// `basic.cancel` was sent ([`Consumer::stop`]).
+    cancelled: bool,
 }
 
 impl fmt::Debug for AmqpConsumer {
@@ -799,7 +801,11 @@ impl AmqpConsumer {
             .await
             .map_err(|e| AmqpError::lapin(format!("consuming queue {queue:?}"), e))?;
         tracing::debug!(queue = %queue, prefetch, generation = live.generation, "consuming");
-        self.active = Some(Active { channel, consumer });
+        self.active = Some(Active {
+            channel,
+            consumer,
+            cancelled: false,
+        });
         Ok(())
     }
 
@@ -903,19 +909,52 @@ impl Consumer for AmqpConsumer {
         }
     }
 
+    /// Cancels the subscription (RabbitMQ sends nothing more) and returns what was delivered but not yet
+    /// handed to the worker with `basic.nack(requeue)`, so other consumers get it at once.
+    async fn stop(&mut self) -> Result<(), BrokerError> {
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        if active.cancelled {
+            return Ok(());
+        }
+        let tag = short("consumer tag", &self.options.consumer_tag).map_err(op_error("stop"))?;
+        active
+            .channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+            .map_err(|e| op_error("stop")(AmqpError::lapin("cancelling the consumer", e)))?;
+        active.cancelled = true;
+        let mut returned = 0;
+        while let Poll::Ready(Some(Ok(delivery))) = try_next(&mut active.consumer) {
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            if delivery.acker.nack(requeue).await.unwrap_or(false) {
+                returned += 1;
+            }
+        }
+        tracing::debug!(queue = %self.options.queue, returned, "consumer stopped");
+        Ok(())
+    }
+
     /// Cancels the subscription and closes the channel; RabbitMQ puts back what was delivered to it and
     /// not acknowledged (prefetched messages, and tasks cut off by a shutdown deadline).
     async fn close(mut self: Box<Self>) -> Result<(), BrokerError> {
         let Some(active) = self.active.take() else {
             return Ok(());
         };
-        let tag = short("consumer tag", &self.options.consumer_tag).map_err(op_error("close"))?;
-        if let Err(error) = active
-            .channel
-            .basic_cancel(tag, BasicCancelOptions::default())
-            .await
-        {
-            tracing::debug!(%error, "cancelling the consumer failed");
+        if !active.cancelled {
+            let tag =
+                short("consumer tag", &self.options.consumer_tag).map_err(op_error("close"))?;
+            if let Err(error) = active
+                .channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+            {
+                tracing::debug!(%error, "cancelling the consumer failed");
+            }
         }
         drop(active.consumer);
         active

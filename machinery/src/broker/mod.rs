@@ -246,6 +246,14 @@ pub trait Consumer: Send + fmt::Debug {
     /// off and calls again, so the consumer must reconnect by itself.
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError>;
 
+    /// The worker is shutting down: stop taking messages, so that the broker hands what this consumer has
+    /// not yet passed to the worker to other consumers now rather than after the running tasks finish.
+    /// Deliveries already returned by [`Consumer::next_batch`] are still settled through their
+    /// acknowledgers, and [`Consumer::close`] follows. The default does nothing.
+    async fn stop(&mut self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// Stops consuming. Messages taken but not yet acknowledged go back to the queue.
     async fn close(self: Box<Self>) -> Result<(), BrokerError>;
 }
