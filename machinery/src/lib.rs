@@ -64,6 +64,7 @@ mod server;
 pub mod signature;
 pub mod state;
 mod task;
+pub mod telemetry;
 mod worker;
 mod workflow;
 
@@ -72,6 +73,80 @@ pub mod __private;
 
 pub use config::{AmqpConfig, Config, ConfigError, RedisConfig};
 pub use error::{Error, SendError};
+/// Turns an `async fn` into a distributed task.
+///
+/// The function stays callable as written. Beside it, a module of the same name holds `NAME` (the wire
+/// name), `Args` (a serde struct of the parameters), `TASK`/`task()` (for [`Worker::register`]),
+/// `signature(..)` (a typed [`Signature`]), `send(&server, ..)` (sends it, giving an [`AsyncResult`]),
+/// `partial(..)` (all parameters but the last, for [`Chain`] and [`Chord`]) and, for a last `Vec<T>`
+/// parameter, `partial_with(.., head)`. Every task is registered for [`Worker::auto`].
+///
+/// Parameters and outputs are any serde types: Go's types (`bool`, `i8`..`i64`, `u8`..`u64`, `f32`,
+/// `f64`, `String`, `Vec` of those, `Vec<u8>`) travel with Go's type tags; other types with the tag
+/// `json`, which only Rust peers read. A tuple output is one result per element (Go's multiple return
+/// values); `()` is no result. The error type may be any `E: Display` (`TaskError`, `String`,
+/// `anyhow::Error`, ...); its text becomes the FAILURE's error.
+///
+/// # Options
+///
+/// ```
+/// use std::time::Duration;
+/// use machinery::retry::Exponential;
+/// use machinery::{task, TaskContext, TaskError};
+///
+/// // `name`: the wire name (default: the function's name). Go senders use it.
+/// #[task(name = "Add")]
+/// async fn add(a: i64, b: i64) -> Result<i64, TaskError> { Ok(a + b) }
+///
+/// // `queue`: the routing key (Redis list, AMQP routing key) that `send` uses.
+/// #[task(queue = "emails")]
+/// async fn send_email(to: String) -> Result<(), TaskError> { Ok(()) }
+///
+/// // `retries` and `retry_timeout`: Go's RetryCount and RetryTimeout (seconds, or "5s") that `send`
+/// // sets; retries wait 1 s, 2 s, 3 s, 5 s, ... (Go's Fibonacci back-off from RetryTimeout).
+/// #[task(retries = 3, retry_timeout = "2s")]
+/// async fn flaky_call(url: String) -> Result<String, TaskError> { Ok(url) }
+///
+/// // `backoff`: another delay between retries, any constant of a `BackoffStrategy` type.
+/// const BACKOFF: Exponential = Exponential::new(Duration::from_secs(1), Duration::from_secs(60)).with_jitter();
+/// #[task(retries = 5, backoff = BACKOFF)]
+/// async fn fetch(url: String) -> Result<String, TaskError> { Ok(url) }
+///
+/// // `timeout`: the time limit of one run ("500ms", "30s", "2m", "1h", or whole seconds); a run that
+/// // takes longer is cancelled and fails. `signature(..).timeout(d)` sets it per message.
+/// #[task(timeout = "30s")]
+/// async fn resize(image: Vec<u8>) -> Result<Vec<u8>, TaskError> { Ok(image) }
+///
+/// // `variadic`: `send` spreads the last `Vec<T>` into one argument per element, as a Go worker's
+/// // variadic function (`func(args ...int64)`) expects. Whatever the option, a worker accepts both forms.
+/// #[task(variadic)]
+/// async fn multiply(args: Vec<i64>) -> Result<i64, TaskError> { Ok(args.iter().product()) }
+///
+/// // An optional first parameter `&TaskContext`: the task's id, name, retries left, headers, server.
+/// #[task]
+/// async fn whoami(ctx: &TaskContext) -> Result<String, TaskError> {
+///     if ctx.retry_count() > 0 && ctx.headers().is_empty() {
+///         return Err(ctx.retry_after(Duration::from_secs(1)));
+///     }
+///     Ok(format!("{} {}", ctx.name(), ctx.uuid()))
+/// }
+///
+/// // A tuple output is stored as one result per element, as Go stores multiple return values.
+/// #[task]
+/// async fn split_name(full: String) -> Result<(String, String), String> {
+///     let (first, last) = full.split_once(' ').ok_or("no space")?;
+///     Ok((first.to_owned(), last.to_owned()))
+/// }
+///
+/// fn main() {
+///     assert_eq!(add::NAME, "Add");
+///     assert_eq!(send_email::signature("a@b.c").routing_key, "emails");
+///     assert_eq!(flaky_call::signature("u").retry_count, 3);
+///     assert_eq!(multiply::signature(vec![2, 3]).args.len(), 2);
+/// }
+/// ```
+///
+/// `crate = "my_facade::machinery"` names the machinery crate for code that re-exports it.
 pub use machinery_macros::task;
 pub use periodic::{PeriodicError, PeriodicTask};
 pub use result::{AsyncResult, ResultError};

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::backend::{self, Backend};
 use crate::broker::{self, Broker, Outgoing, PublishError};
+use tracing::Instrument;
+
 use crate::config::Config;
 use crate::error::SendError;
 use crate::lock::{self, Lock};
@@ -151,7 +153,9 @@ impl Server {
             signature.uuid = new_task_uuid();
         }
         signature.routing_key = self.inner.broker.route(&signature.routing_key);
-        let headers = signature.headers.get_or_insert_with(Headers::new).clone();
+        let headers = signature.headers.get_or_insert_with(Headers::new);
+        crate::telemetry::trace::inject(headers);
+        let headers = headers.clone();
         let body = signature.to_json().map_err(|source| SendError::Json {
             task: signature.name.clone(),
             source,
@@ -167,9 +171,15 @@ impl Server {
         })
     }
 
-    /// Stores PENDING and publishes; used for sends, callbacks and retries alike.
+    /// Stores PENDING and publishes, in a `send` span; used for sends, callbacks and retries alike.
     pub(crate) async fn publish(&self, signature: &mut Signature) -> Result<(), SendError> {
+        let span = tracing::info_span!("send", task.name = %signature.name, task.uuid = tracing::field::Empty);
+        self.publish_one(signature).instrument(span).await
+    }
+
+    async fn publish_one(&self, signature: &mut Signature) -> Result<(), SendError> {
         let outgoing = self.prepare(signature)?;
+        tracing::Span::current().record("task.uuid", signature.uuid.as_str());
         let pending = TaskState::pending(&signature.uuid, &signature.name);
         self.inner
             .broker

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::error::SendError;
 use crate::result::{AsyncResult, ResultError};
@@ -474,12 +475,22 @@ impl Server {
     }
 
     async fn publish_group(&self, members: &mut [Signature]) -> Result<String, SendError> {
+        let span = tracing::info_span!(
+            "send",
+            workflow = "group",
+            group.uuid = tracing::field::Empty
+        );
+        self.publish_group_members(members).instrument(span).await
+    }
+
+    async fn publish_group_members(&self, members: &mut [Signature]) -> Result<String, SendError> {
         if members.is_empty() {
             return Err(SendError::Workflow(
                 "a group needs at least one task".into(),
             ));
         }
         let group_uuid = new_group_uuid();
+        tracing::Span::current().record("group.uuid", group_uuid.as_str());
         let count = u32::try_from(members.len())
             .map_err(|_| SendError::Workflow("group too large".into()))?;
         let mut outgoing = Vec::with_capacity(members.len());

@@ -19,6 +19,7 @@ use crate::signature::{
 };
 use crate::state::{State, TaskResult, TaskState};
 use crate::task::{FailureKind, TaskContext, TaskDef, TaskFailure, TaskOutcome};
+use crate::telemetry::{metrics, trace};
 use crate::Server;
 
 /// What every delivery of one worker needs.
@@ -37,6 +38,7 @@ pub(crate) async fn process(ctx: &WorkerContext, delivery: Delivery) {
         Err(error) => {
             let reason = format!("malformed message: {error}");
             tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a message that is not a task signature");
+            metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
             settle("dead-letter", delivery.dead_letter(reason)).await;
             return;
         }
@@ -53,6 +55,8 @@ pub(crate) async fn process(ctx: &WorkerContext, delivery: Delivery) {
         queue = %ctx.queue,
         outcome = tracing::field::Empty,
     );
+    trace::adopt_parent(&span, signature.headers.as_ref());
+    metrics::task_received(&signature.name);
     run_task(ctx, def, signature, delivery)
         .instrument(span)
         .await;
@@ -79,6 +83,7 @@ async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Deliv
             ctx.registry.names().join(", ")
         );
         tracing::warn!(task.uuid = %signature.uuid, %reason, "dead-lettering a task no worker knows");
+        metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::UnknownTask);
         settle("dead-letter", delivery.dead_letter(reason)).await;
         return;
     }
@@ -123,11 +128,21 @@ async fn run_task(
         hook(&signature);
     }
     let signature = Arc::new(signature);
+    let started_at = std::time::Instant::now();
     let outcome = call(ctx, def, signature.clone()).await;
+    let took = started_at.elapsed();
     let final_state = match outcome {
         Ok(results) => succeeded(ctx, def, &signature, results).await,
         Err(failure) => failed(ctx, def, &signature, failure).await,
     };
+    if let Some(state) = &final_state {
+        let outcome = match state.state {
+            State::Success => metrics::Outcome::Succeeded,
+            State::Retry => metrics::Outcome::Retried,
+            _ => metrics::Outcome::Failed,
+        };
+        metrics::task_finished(&signature.name, outcome, took);
+    }
     let Some(final_state) = final_state else {
         // The outcome could not be stored: leave the task to run again rather than lose it.
         tracing::error!("the outcome could not be stored; the message goes back to the queue");

@@ -12,6 +12,7 @@ use super::process::{self, WorkerContext};
 use super::Stopped;
 use crate::broker::Consumer;
 use crate::retry::Backoff;
+use crate::telemetry::metrics;
 
 /// The most messages fetched in one call, however many slots are free.
 const MAX_BATCH: usize = 128;
@@ -26,6 +27,11 @@ pub(super) async fn run(
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut running = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let mut fetch_failing = false;
+    // Samples the queue's size for the metrics while the loop runs; dropped (and so stopped) with it.
+    #[cfg(feature = "metrics")]
+    let _sampler =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(sample_queue(context.clone())));
     loop {
         while let Some(done) = running.try_join_next() {
             report_crash(done);
@@ -51,15 +57,21 @@ pub(super) async fn run(
         match batch {
             Ok(deliveries) => {
                 backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+                if std::mem::take(&mut fetch_failing) {
+                    tracing::info!(queue = %context.queue, "fetching from the broker works again");
+                    metrics::broker_reconnected(context.server.broker().kind());
+                }
                 for (delivery, permit) in deliveries.into_iter().zip(permits) {
                     let context = context.clone();
+                    let held = InFlight::new(&context.queue);
                     running.spawn(async move {
                         process::process(&context, delivery).await;
-                        drop(permit);
+                        drop((held, permit));
                     });
                 }
             }
             Err(error) => {
+                fetch_failing = true;
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, queue = %context.queue, "fetching from the broker failed");
                 context.hooks.error(&error);
@@ -99,6 +111,41 @@ pub(super) async fn run(
     }
     tracing::info!(queue = %context.queue, aborted, "worker stopped");
     Stopped { aborted }
+}
+
+/// Counts a message in the in-flight gauge from when it is fetched until its processing ends, however it
+/// ends (a task cancelled at shutdown included).
+struct InFlight {
+    queue: String,
+}
+
+impl InFlight {
+    fn new(queue: &str) -> Self {
+        metrics::in_flight(queue, 1.0);
+        InFlight {
+            queue: queue.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::in_flight(&self.queue, -1.0);
+    }
+}
+
+/// How often a worker samples its queue's size for the metrics.
+#[cfg(feature = "metrics")]
+const SAMPLE_EVERY: Duration = Duration::from_secs(15);
+
+#[cfg(feature = "metrics")]
+async fn sample_queue(context: Arc<WorkerContext>) {
+    loop {
+        if let Ok(stats) = context.server.broker().queue_stats(&context.queue).await {
+            metrics::queue_sampled(&context.queue, stats.pending, stats.delayed);
+        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
 }
 
 fn report_crash(done: Result<(), tokio::task::JoinError>) {

@@ -1,0 +1,95 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade: the application picks the exporter
+//! (Prometheus, StatsD, ...) by installing a recorder; without one, recording costs next to nothing.
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `machinery_tasks_received_total` | counter | `task` | messages of a known task taken by a worker |
+//! | `machinery_tasks_succeeded_total` | counter | `task` | runs that ended in SUCCESS |
+//! | `machinery_tasks_failed_total` | counter | `task` | runs that ended in FAILURE |
+//! | `machinery_tasks_retried_total` | counter | `task` | runs that failed and were scheduled again |
+//! | `machinery_task_duration_seconds` | histogram | `task` | how long one run took |
+//! | `machinery_tasks_in_flight` | gauge | `queue` | messages a worker holds right now |
+//! | `machinery_tasks_dead_lettered_total` | counter | `queue`, `reason` (`malformed`, `unknown_task`) | messages given up on |
+//! | `machinery_queue_depth` | gauge | `queue` | messages waiting, sampled by each worker |
+//! | `machinery_queue_delayed` | gauge | `queue` | messages waiting for their ETA, sampled (where the broker can tell) |
+//! | `machinery_broker_reconnects_total` | counter | `broker` | times a worker got messages again after broker errors |
+
+use std::time::Duration;
+
+#[cfg(feature = "metrics")]
+use ::metrics::{counter, gauge, histogram};
+
+/// A known task's message was taken.
+pub(crate) fn task_received(task: &str) {
+    #[cfg(feature = "metrics")]
+    counter!("machinery_tasks_received_total", "task" => task.to_owned()).increment(1);
+    let _ = task;
+}
+
+/// How a run ended, for the outcome counters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    Succeeded,
+    Failed,
+    Retried,
+}
+
+/// A run ended.
+pub(crate) fn task_finished(task: &str, outcome: Outcome, took: Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        let task = task.to_owned();
+        let name = match outcome {
+            Outcome::Succeeded => "machinery_tasks_succeeded_total",
+            Outcome::Failed => "machinery_tasks_failed_total",
+            Outcome::Retried => "machinery_tasks_retried_total",
+        };
+        counter!(name, "task" => task.clone()).increment(1);
+        histogram!("machinery_task_duration_seconds", "task" => task).record(took.as_secs_f64());
+    }
+    let _ = (task, outcome, took);
+}
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DeadLetterReason {
+    Malformed,
+    UnknownTask,
+}
+
+/// A message was dead-lettered.
+pub(crate) fn dead_lettered(queue: &str, reason: DeadLetterReason) {
+    #[cfg(feature = "metrics")]
+    {
+        let reason = match reason {
+            DeadLetterReason::Malformed => "malformed",
+            DeadLetterReason::UnknownTask => "unknown_task",
+        };
+        counter!("machinery_tasks_dead_lettered_total", "queue" => queue.to_owned(), "reason" => reason)
+            .increment(1);
+    }
+    let _ = (queue, reason);
+}
+
+/// The number of messages a worker holds changed by `delta`.
+pub(crate) fn in_flight(queue: &str, delta: f64) {
+    #[cfg(feature = "metrics")]
+    gauge!("machinery_tasks_in_flight", "queue" => queue.to_owned()).increment(delta);
+    let _ = (queue, delta);
+}
+
+/// A sample of a queue's size.
+#[cfg(feature = "metrics")]
+pub(crate) fn queue_sampled(queue: &str, pending: u64, delayed: Option<u64>) {
+    gauge!("machinery_queue_depth", "queue" => queue.to_owned()).set(pending as f64);
+    if let Some(delayed) = delayed {
+        gauge!("machinery_queue_delayed", "queue" => queue.to_owned()).set(delayed as f64);
+    }
+}
+
+/// A worker fetched messages again after the broker had failed.
+pub(crate) fn broker_reconnected(broker: &'static str) {
+    #[cfg(feature = "metrics")]
+    counter!("machinery_broker_reconnects_total", "broker" => broker).increment(1);
+    let _ = broker;
+}
