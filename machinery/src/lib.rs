@@ -43,6 +43,9 @@
 
 mod wire;
 
+#[cfg(feature = "amqp")]
+mod amqp;
+
 pub mod args;
 pub mod backend;
 pub mod broker;

@@ -4,6 +4,9 @@
 //! `CI=true` or `MACHINERY_REQUIRE_SERVICES=1` (the README's test command sets it); otherwise it prints a
 //! loud `SKIPPED` line and returns early, so a developer without the servers can still run the rest.
 
+pub mod amqp;
+pub mod tasks;
+
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 

@@ -15,6 +15,9 @@ pub enum Setup {
     Redis,
     /// In-memory broker, memcached result backend (`MACHINERY_TEST_MEMCACHE_ADDR`).
     MemoryMemcache,
+    /// AMQP broker and AMQP result backend on RabbitMQ (`MACHINERY_TEST_AMQP_ADDR`): one shared test
+    /// exchange, a queue of its own that expires 10 minutes after its last use.
+    Amqp,
 }
 
 impl Setup {
@@ -42,6 +45,21 @@ impl Setup {
                     return None;
                 }
                 Config::new("memory://", Service::Memcached.url()).with_default_queue(queue)
+            }
+            Setup::Amqp => {
+                if !require(Service::RabbitMq, test) {
+                    return None;
+                }
+                let mut config = Config::new(Service::RabbitMq.url(), Service::RabbitMq.url())
+                    .with_default_queue(queue.clone());
+                config.amqp.exchange = "machinery_tests_workflows".into();
+                config.amqp.binding_key = queue;
+                config.results_expire_in = 600;
+                config
+                    .amqp
+                    .queue_declare_args
+                    .insert("x-expires".into(), 600_000.into());
+                config
             }
         };
         Some(Server::new(config).await.expect("server"))

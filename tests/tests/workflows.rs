@@ -533,6 +533,7 @@ macro_rules! on_every_setup {
         on_setup!(memory, machinery_tests::setups::Setup::Memory, [$($name),*]);
         on_setup!(redis, machinery_tests::setups::Setup::Redis, [$($name),*]);
         on_setup!(memory_memcache, machinery_tests::setups::Setup::MemoryMemcache, [$($name),*]);
+        on_setup!(amqp, machinery_tests::setups::Setup::Amqp, [$($name),*]);
     };
 }
 

@@ -48,7 +48,7 @@ impl Records {
     /// Drops expired records every so often, so a long-running process does not grow without bound.
     fn sweep(&mut self, now: Instant) {
         self.writes += 1;
-        if self.writes % 1024 != 0 {
+        if !self.writes.is_multiple_of(1024) {
             return;
         }
         self.states.retain(|_, (_, expires)| *expires > now);

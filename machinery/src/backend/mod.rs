@@ -1,6 +1,8 @@
 //! Result backends store task states and group records. Each implementation sits in its own module and is
 //! chosen at run time from the result backend URL's scheme ([`connect`]).
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "memcache")]
 pub mod memcache;
 pub mod memory;
@@ -209,6 +211,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut schemes = vec!["memory://", "null"];
+    #[cfg(feature = "amqp")]
+    schemes.extend(["amqp://", "amqps://"]);
     #[cfg(feature = "redis")]
     schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     #[cfg(feature = "memcache")]
@@ -224,6 +228,8 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
     match scheme {
         "memory" | "" | "eager" => Ok(memory::MemoryBackend::connect(url, config)),
         "null" => Ok(Arc::new(null::NullBackend)),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => amqp::AmqpBackend::connect(config).await,
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => {
             Ok(Arc::new(redis::RedisBackend::connect(config).await?))

@@ -8,6 +8,8 @@
 //!   If the worker dies first, the message goes back to the queue (at-least-once delivery).
 //! - [`Consumer::next_batch`] is cancel-safe, and [`Consumer::close`] returns unfinished messages.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -308,6 +310,14 @@ pub trait Consumer: Send + fmt::Debug {
     /// off and calls again, so the consumer must reconnect by itself.
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError>;
 
+    /// The worker is shutting down: stop taking messages, so that the broker hands what this consumer has
+    /// not yet passed to the worker to other consumers now rather than after the running tasks finish.
+    /// Deliveries already returned by [`Consumer::next_batch`] are still settled through their
+    /// acknowledgers, and [`Consumer::close`] follows. The default does nothing.
+    async fn stop(&mut self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// Stops consuming. Messages taken but not yet acknowledged go back to the queue.
     async fn close(self: Box<Self>) -> Result<(), BrokerError>;
 }
@@ -371,6 +381,8 @@ pub(crate) fn has_task_uuid(body: &[u8], task_uuid: &str) -> bool {
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut schemes = vec!["memory://"];
+    #[cfg(feature = "amqp")]
+    schemes.extend(["amqp://", "amqps://"]);
     #[cfg(feature = "redis")]
     schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     schemes
@@ -382,6 +394,8 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
     let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
     match scheme {
         "memory" | "" | "eager" => Ok(memory::MemoryBroker::connect(url, config)),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => amqp::AmqpBroker::connect(config).await,
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => {
             Ok(Arc::new(redis::RedisBroker::connect(config).await?))

@@ -223,10 +223,12 @@ impl Worker {
         if registry.len() == 0 {
             return Err(WorkerError::NoTasks);
         }
-        let queue = self
-            .server
-            .broker()
-            .route(self.queue.as_deref().unwrap_or(""));
+        // The default queue, not the default routing key: on an AMQP direct exchange they differ (Go's
+        // worker consumes `default_queue`, bound with the binding key senders route to).
+        let queue = match &self.queue {
+            Some(queue) => queue.clone(),
+            None => self.server.config().default_queue.clone(),
+        };
         let prefetch = match self.server.config().amqp.prefetch_count {
             0 => self.concurrency,
             n => usize::from(n),

@@ -84,6 +84,13 @@ pub(super) async fn run(
     }
 
     tracing::info!(queue = %context.queue, running = running.len(), "worker stopping; waiting for running tasks");
+    // Stop consuming first, so other workers get the messages this one would not start anyway.
+    tokio::select! {
+        stopped = consumer.stop() => if let Err(error) = stopped {
+            tracing::warn!(%error, queue = %context.queue, "stopping the consumer failed; its messages return when it closes");
+        },
+        _ = abort.cancelled() => {}
+    }
     let mut aborted = 0;
     loop {
         tokio::select! {

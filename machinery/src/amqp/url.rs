@@ -1,0 +1,124 @@
+//! Broker URLs: Go's `multiple_broker_separator` list, parsing, and redaction for messages.
+
+use lapin::uri::AMQPUri;
+
+use crate::config::ConfigError;
+
+/// One URL of the list: what lapin connects to, and how we name it in logs and errors.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) uri: AMQPUri,
+    /// The URL with its password replaced by `***`.
+    pub(crate) display: String,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// Splits `urls` with `separator` (when not empty) like Go's `AMQPConnector.Connect`, and parses each
+/// `amqp://` or `amqps://` URL.
+///
+/// `amqp://host:5672/` means the virtual host `/`, as in Go's amqp091 (lapin would read it as the empty
+/// virtual host, which RabbitMQ never has); `amqp://host:5672/%2f` is the same, `amqp://host/staging` is
+/// `staging`.
+pub(crate) fn endpoints(
+    role: &'static str,
+    urls: &str,
+    separator: &str,
+) -> Result<Vec<Endpoint>, ConfigError> {
+    let list: Vec<&str> = if separator.is_empty() {
+        vec![urls.trim()]
+    } else {
+        urls.split(separator)
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    };
+    if list.is_empty() {
+        return Err(ConfigError::InvalidUrl {
+            role,
+            url: String::new(),
+            reason: "no AMQP URL given".into(),
+        });
+    }
+    list.into_iter()
+        .map(|url| {
+            let display = redact(url);
+            let mut uri: AMQPUri =
+                url.parse()
+                    .map_err(|reason: String| ConfigError::InvalidUrl {
+                        role,
+                        url: display.clone(),
+                        reason: reason.replace(url, &display),
+                    })?;
+            if uri.vhost.is_empty() {
+                uri.vhost = "/".into();
+            }
+            Ok(Endpoint { uri, display })
+        })
+        .collect()
+}
+
+/// The URL with the password of its user info replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://guest:s3cret@localhost:5672/"),
+            "amqp://guest:***@localhost:5672/"
+        );
+        assert_eq!(
+            redact("amqps://u:p@w@h:5671/vh?heartbeat=5"),
+            "amqps://u:***@h:5671/vh?heartbeat=5"
+        );
+        assert_eq!(redact("amqp://localhost/"), "amqp://localhost/");
+    }
+
+    #[test]
+    fn the_root_path_is_the_default_virtual_host_as_in_go() {
+        let list = endpoints("broker", "amqp://guest:guest@localhost:5672/", "").unwrap();
+        assert_eq!(list[0].uri.vhost, "/");
+        let list = endpoints("broker", "amqp://guest:guest@localhost:5672/%2f", "").unwrap();
+        assert_eq!(list[0].uri.vhost, "/");
+        let list = endpoints("broker", "amqp://localhost/staging", "").unwrap();
+        assert_eq!(list[0].uri.vhost, "staging");
+        assert_eq!(list[0].uri.authority.userinfo.username, "guest");
+    }
+
+    #[test]
+    fn a_separator_gives_several_urls_in_order() {
+        let list = endpoints("broker", "amqp://a:pw@h1:5672/, amqps://b:pw@h2:5671/", ",").unwrap();
+        let shown: Vec<_> = list.iter().map(|e| e.display.as_str()).collect();
+        assert_eq!(shown, ["amqp://a:***@h1:5672/", "amqps://b:***@h2:5671/"]);
+        assert_eq!(list[1].uri.authority.port, 5671);
+    }
+
+    #[test]
+    fn a_bad_url_is_an_error_without_the_password() {
+        let err = endpoints("broker", "amqpx://user:topsecret@h/", "").unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("topsecret"), "{text}");
+        assert!(text.contains("amqpx://user:***@h/"), "{text}");
+    }
+}
