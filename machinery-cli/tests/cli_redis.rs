@@ -4,14 +4,16 @@
 //! Each test has its own queues and delayed-task key (names containing a unique id) and deletes every key
 //! with that id at the end; task states written by `send` are deleted by id.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::{find, machinery, row, Run};
 use machinery::broker::{Broker, ConsumeOptions, Consumer, Delivery, Outgoing};
 use machinery::{task, Config, Server, TaskError, TaskResult, TaskState, Worker};
 use machinery_tests::{require, unique, Service};
 use redis::AsyncCommands as _;
-use serde_json::Value;
 
 /// Sums its arguments.
 #[task(name = "cli_add")]
@@ -23,41 +25,6 @@ async fn cli_add(a: i64, b: i64) -> Result<i64, TaskError> {
 #[task(name = "cli_fail")]
 async fn cli_fail() -> Result<i64, TaskError> {
     Err(TaskError::new("boom: this task always fails"))
-}
-
-/// What one run of the binary gave.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// Asserts exit status 0 and returns stdout.
-    fn ok(&self) -> &str {
-        assert_eq!(self.code, 0, "expected success: {self:#?}");
-        assert!(
-            !self.stdout.contains('\x1b'),
-            "colour codes in piped output: {self:#?}"
-        );
-        &self.stdout
-    }
-
-    /// Asserts exit status 0 and parses stdout as JSON.
-    fn json(&self) -> Value {
-        serde_json::from_str(self.ok())
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-
-    /// Asserts this exit status and a message on stderr containing `text`.
-    fn fails(&self, code: i32, text: &str) {
-        assert_eq!(self.code, code, "{self:#?}");
-        assert!(
-            self.stderr.contains(text),
-            "stderr lacks {text:?}: {self:#?}"
-        );
-    }
 }
 
 /// One test's world: its names, the environment the binary runs with, and a server for setting up.
@@ -170,21 +137,6 @@ impl World {
     }
 }
 
-/// Runs `machinery <args>` with exactly the environment `env`.
-async fn machinery(args: &[&str], env: &HashMap<String, String>) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_machinery"));
-    cmd.args(args).env_clear().envs(env);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("machinery did not finish within 60 s")
-        .expect("cannot run machinery");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 fn config(queue: &str, delayed: &str) -> Config {
     let mut config =
         Config::new(Service::Redis.url(), Service::Redis.url()).with_default_queue(queue);
@@ -208,24 +160,6 @@ async fn next(consumer: &mut Box<dyn Consumer>, max: usize) -> Vec<Delivery> {
         .await
         .expect("next_batch timed out")
         .unwrap()
-}
-
-/// The line of a table whose first column is `first`, split into columns.
-fn row<'a>(table: &'a str, first: &str) -> Vec<&'a str> {
-    table
-        .lines()
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .find(|cols| cols.first() == Some(&first))
-        .unwrap_or_else(|| panic!("no row {first:?} in\n{table}"))
-}
-
-/// The object of a JSON array whose `key` is `value`.
-fn find<'a>(rows: &'a Value, key: &str, value: &str) -> &'a Value {
-    rows.as_array()
-        .expect("a JSON array")
-        .iter()
-        .find(|row| row[key] == value)
-        .unwrap_or_else(|| panic!("no {key} = {value:?} in {rows:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

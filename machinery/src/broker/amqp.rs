@@ -450,6 +450,65 @@ impl Inner {
         let _ = channel.close(200, "OK".into()).await;
         result.map(|()| taken)
     }
+
+    /// Moves the dead letters of `queue` (all, or those of one task id) back to the queue: each is taken
+    /// with `basic.get`, published to the queue with a publisher confirm (without our dead-letter
+    /// headers), and only then acknowledged. A failure in between leaves a copy in both places, never in
+    /// neither. Dead letters that do not match stay unacknowledged and return to their places when the
+    /// channel closes. At most as many messages as the dead-letter queue held at the start are looked at.
+    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, AmqpError> {
+        let dead = dead_letter_queue(queue);
+        let Some(total) = self.ready_count(&dead).await? else {
+            return Ok(0);
+        };
+        let channel = self.scratch_channel().await?;
+        let name = short("queue name", &dead)?;
+        let mut moved = 0;
+        let result = async {
+            for _ in 0..total {
+                let got = channel
+                    .basic_get(name.clone(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(|e| AmqpError::lapin(format!("reading queue {dead:?}"), e))?;
+                let Some(message) = got else { break };
+                let delivery = message.delivery;
+                if !task_uuid.is_none_or(|uuid| super::has_task_uuid(&delivery.data, uuid)) {
+                    continue;
+                }
+                let ours = [
+                    DEAD_LETTER_REASON_HEADER,
+                    DEAD_LETTER_QUEUE_HEADER,
+                    DEAD_LETTERED_AT_HEADER,
+                ];
+                let headers: std::collections::BTreeMap<_, _> = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .map(|table| {
+                        table
+                            .inner()
+                            .iter()
+                            .filter(|(key, _)| !ours.contains(&key.as_str()))
+                            .map(|(key, value)| (key.clone(), value.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let properties = delivery.properties.clone().with_headers(headers.into());
+                self.publish_to_queue(queue, &delivery.data, properties)
+                    .await?;
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| AmqpError::lapin(format!("acknowledging a message of {dead:?}"), e))?;
+                moved += 1;
+            }
+            Ok::<_, AmqpError>(())
+        }
+        .await;
+        let _ = channel.close(200, "OK".into()).await;
+        result.map(|()| moved)
+    }
 }
 
 #[async_trait]
@@ -596,6 +655,16 @@ impl Broker for AmqpBroker {
                 }
             })
             .collect())
+    }
+
+    /// Not atomic per message as on Redis (AMQP has no transaction spanning a get and a publish): each
+    /// message is published to the queue and confirmed before its dead letter is acknowledged, so a
+    /// failure in between can leave a copy in both places, never in neither.
+    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError> {
+        self.inner
+            .requeue_dead(queue, task_uuid)
+            .await
+            .map_err(op_error("requeueing dead letters"))
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
