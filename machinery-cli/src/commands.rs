@@ -85,8 +85,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
 /// Why a broker cannot answer an inspection, for the error message.
 fn why_unsupported(broker: &str, operation: &str) -> String {
     match (broker, operation) {
-        ("amqp", "listing queues") => "AMQP has no command that lists queues (rabbitmqctl list_queues \
-            and RabbitMQ's management HTTP API do)"
+        ("amqp", "listing queues") => "AMQP has no command that lists queues; rabbitmqctl \
+            list_queues and RabbitMQ's management HTTP API do"
             .to_owned(),
         ("amqp", "listing delayed messages") => "RabbitMQ parks delayed messages in per-delay queues \
             (delay.<ms>.<exchange>.<routing key>) whose names AMQP cannot list, and reading a message \
@@ -141,7 +141,7 @@ impl App {
                 Ok(queues) => queues,
                 Err(BrokerError::Unsupported { operation, .. }) => {
                     eprintln!(
-                        "note: the {kind} broker cannot list queues ({why}); showing the default queue {queue:?}, name others with --queue",
+                        "note: the {kind} broker cannot list queues: {why}. Showing the default queue {queue:?}; name others with --queue.",
                         kind = broker.kind(),
                         why = why_unsupported(broker.kind(), operation),
                         queue = self.config.default_queue,

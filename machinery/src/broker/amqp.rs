@@ -500,7 +500,9 @@ impl Inner {
                     .acker
                     .ack(BasicAckOptions::default())
                     .await
-                    .map_err(|e| AmqpError::lapin(format!("acknowledging a message of {dead:?}"), e))?;
+                    .map_err(|e| {
+                        AmqpError::lapin(format!("acknowledging a message of {dead:?}"), e)
+                    })?;
                 moved += 1;
             }
             Ok::<_, AmqpError>(())
