@@ -685,7 +685,9 @@ async fn graceful_shutdown_finishes_running_tasks_and_returns_the_rest() {
     let key = unique("shutdown");
     let mut results = Vec::new();
     for i in 0..6 {
-        results.push(probe::send(&s, &key, i, 2_000).await.unwrap());
+        // Long enough that the window between release and finish is seen even on a loaded machine,
+        // where each rabbitmqctl query takes a second or more.
+        results.push(probe::send(&s, &key, i, 6_000).await.unwrap());
     }
     let worker = Worker::new(&s)
         .register(probe::task())
@@ -738,13 +740,14 @@ async fn graceful_shutdown_finishes_running_tasks_and_returns_the_rest() {
 
     // A deadline shorter than the task: it is cut off and its message returns.
     let key = unique("cutoff");
+    // Purged first, so the new worker does not prefetch the first part's leftovers.
+    s.broker().purge(&config.default_queue).await.unwrap();
     let worker = Worker::new(&s)
         .register(probe::task())
         .concurrency(1)
         .start()
         .await
         .unwrap();
-    s.broker().purge(&config.default_queue).await.unwrap();
     probe::send(&s, &key, 9, 10_000).await.unwrap();
     wait_for(WAIT, || (probe_record(&key).started == 1).then_some(()))
         .await

