@@ -279,31 +279,7 @@ fn credentials(
     }
 }
 
-/// Replaces the userinfo of any URL-like text with `***` (keeping a user name), so that no password reaches
-/// a log line or an error message.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    // A socket URL's path comes after the '@', so look for it in the whole remainder there.
-    let search_end = if scheme == "redis+socket" {
-        rest.len()
-    } else {
-        authority_end
-    };
-    match rest[..search_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let shown = match userinfo.split_once(':') {
-                Some((user, _)) if !user.is_empty() => format!("{user}:***"),
-                _ => "***".to_owned(),
-            };
-            format!("{scheme}://{shown}{}", &rest[at..])
-        }
-        None => url.to_owned(),
-    }
-}
+pub use crate::config::redact_url as redact;
 
 #[cfg(test)]
 mod tests {

@@ -63,3 +63,16 @@ async fn the_null_backend_drops_results_and_says_so() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn errors_never_show_passwords() {
+    let err = Server::new(Config::new(
+        "kafka://admin:hunter2@localhost:9092",
+        "memory://",
+    ))
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("kafka://admin:***@localhost:9092"), "{text}");
+}

@@ -238,7 +238,7 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
         "memcache" => memcache::MemcacheBackend::connect(url, config).await,
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
-            url: url.to_owned(),
+            url: crate::config::redact_url(url),
             supported: supported_schemes().join(", "),
         }
         .into()),

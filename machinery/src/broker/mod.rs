@@ -402,7 +402,7 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
         }
         _ => Err(ConfigError::UnknownScheme {
             role: "broker",
-            url: url.to_owned(),
+            url: crate::config::redact_url(url),
             supported: supported_schemes().join(", "),
         }
         .into()),

@@ -12,6 +12,9 @@
 
 mod env;
 mod file;
+mod redact;
+
+pub use redact::redact_url;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -69,7 +69,7 @@ pub async fn connect(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
         )),
         _ => Err(ConfigError::UnknownScheme {
             role: "lock",
-            url: url.clone(),
+            url: crate::config::redact_url(&url),
             supported: supported_schemes().join(", "),
         }
         .into()),
