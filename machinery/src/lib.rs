@@ -148,7 +148,7 @@ pub use error::{Error, SendError};
 ///
 /// `crate = "my_facade::machinery"` names the machinery crate for code that re-exports it.
 pub use machinery_macros::task;
-pub use periodic::{PeriodicError, PeriodicTask};
+pub use periodic::{PeriodicError, PeriodicTask, PERIODIC_TICK_HEADER};
 pub use result::{AsyncResult, ResultError};
 pub use server::Server;
 pub use signature::{Arg, Headers, Signature};

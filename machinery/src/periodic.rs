@@ -7,6 +7,8 @@
 //! epoch, so that every process computes the same ticks (Go counts from each process's start, which is
 //! why its processes cannot agree on them).
 //!
+//! Each message a tick sends carries the tick (Unix milliseconds) in the header `machinery_periodic_tick`.
+//!
 //! Each tick takes the lock key `machinery_periodic:<name>:<spec>:<tick unix ms>` (`SET NX PX` on Redis)
 //! before sending; only the process that gets it sends. See [`crate::lock`] for which lock is used.
 
@@ -132,8 +134,14 @@ fn parse_go_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// The header in which a periodic task's messages carry the tick that sent them (Unix milliseconds).
+pub const PERIODIC_TICK_HEADER: &str = "machinery_periodic_tick";
+
+/// Sends one tick's copy; the second argument is the tick in Unix milliseconds.
 type SendFn = Arc<
-    dyn Fn(Server) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send>> + Send + Sync,
+    dyn Fn(Server, i64) -> Pin<Box<dyn Future<Output = Result<(), SendError>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// A registered periodic task; it stops when this handle is dropped or [`stop`](PeriodicTask::stop)ped.
@@ -174,8 +182,8 @@ impl Server {
         self.periodic(
             spec,
             name,
-            Arc::new(move |server: Server| {
-                let sig = template.clone();
+            Arc::new(move |server: Server, tick: i64| {
+                let sig = template.clone().header(PERIODIC_TICK_HEADER, tick);
                 Box::pin(async move { server.send(sig).await.map(drop) })
             }),
         )
@@ -192,8 +200,11 @@ impl Server {
         self.periodic(
             spec,
             name,
-            Arc::new(move |server: Server| {
-                let group = template.as_ref().clone();
+            Arc::new(move |server: Server, tick: i64| {
+                let group = template
+                    .as_ref()
+                    .clone()
+                    .with_header(PERIODIC_TICK_HEADER, tick);
                 Box::pin(async move { server.send_group(group).await.map(drop) })
             }),
         )
@@ -210,8 +221,11 @@ impl Server {
         self.periodic(
             spec,
             name,
-            Arc::new(move |server: Server| {
-                let chain = template.as_ref().clone();
+            Arc::new(move |server: Server, tick: i64| {
+                let chain = template
+                    .as_ref()
+                    .clone()
+                    .with_header(PERIODIC_TICK_HEADER, tick);
                 Box::pin(async move { server.send_chain(chain).await.map(drop) })
             }),
         )
@@ -228,8 +242,11 @@ impl Server {
         self.periodic(
             spec,
             name,
-            Arc::new(move |server: Server| {
-                let chord = template.as_ref().clone();
+            Arc::new(move |server: Server, tick: i64| {
+                let chord = template
+                    .as_ref()
+                    .clone()
+                    .with_header(PERIODIC_TICK_HEADER, tick);
                 Box::pin(async move { server.send_chord(chord).await.map(drop) })
             }),
         )
@@ -263,7 +280,7 @@ impl Server {
                 );
                 match server.lock().try_acquire(&key, ttl).await {
                     Ok(true) => {
-                        if let Err(error) = send(server.clone()).await {
+                        if let Err(error) = send(server.clone(), tick.timestamp_millis()).await {
                             tracing::error!(%error, periodic = %task_name, "cannot send the periodic task");
                         } else {
                             tracing::debug!(periodic = %task_name, %tick, "sent periodic task");

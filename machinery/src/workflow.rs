@@ -108,6 +108,18 @@ impl<T> Group<T> {
     }
 }
 
+impl<T> Group<T> {
+    /// Adds a header to every member.
+    pub fn with_header(mut self, key: &str, value: impl Into<Value> + Clone) -> Self {
+        self.members = self
+            .members
+            .into_iter()
+            .map(|m| m.header(key, value.clone()))
+            .collect();
+        self
+    }
+}
+
 impl<T> Clone for Group<T> {
     fn clone(&self) -> Self {
         Group {
@@ -141,6 +153,18 @@ impl<O> Chord<O> {
     /// first argument, like Go's `OnError` callbacks.
     pub fn on_error<U>(mut self, callback: Signature<U>) -> Self {
         self.callback = self.callback.on_error(callback);
+        self
+    }
+}
+
+impl<O> Chord<O> {
+    /// Adds a header to every member of the group.
+    pub fn with_header(mut self, key: &str, value: impl Into<Value> + Clone) -> Self {
+        self.members = self
+            .members
+            .into_iter()
+            .map(|m| m.header(key, value.clone()))
+            .collect();
         self
     }
 }
@@ -239,6 +263,17 @@ impl<T> Chain<T> {
     /// Always false: a chain has a first step.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+}
+
+impl<T> Chain<T> {
+    /// Adds a header to the first step (the message that is sent).
+    pub fn with_header(mut self, key: &str, value: impl Into<Value>) -> Self {
+        if let Some(first) = self.steps.first_mut() {
+            let headers = first.headers.get_or_insert_with(Default::default);
+            headers.insert(key.to_owned(), value.into());
+        }
+        self
     }
 }
 
