@@ -15,53 +15,66 @@ pub enum Setup {
     Redis,
     /// In-memory broker, memcached result backend (`MACHINERY_TEST_MEMCACHE_ADDR`).
     MemoryMemcache,
+    /// Redis broker, memcached result backend.
+    RedisMemcache,
     /// AMQP broker and AMQP result backend on RabbitMQ (`MACHINERY_TEST_AMQP_ADDR`): one shared test
     /// exchange, a queue of its own that expires 10 minutes after its last use.
     Amqp,
+    /// AMQP broker, Redis result backend (Go's example setup).
+    AmqpRedis,
+    /// AMQP broker, memcached result backend.
+    AmqpMemcache,
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Memory,
+    Redis,
+    Amqp,
+    Memcached,
 }
 
 impl Setup {
+    fn parts(self) -> (Part, Part) {
+        match self {
+            Setup::Memory => (Part::Memory, Part::Memory),
+            Setup::Redis => (Part::Redis, Part::Redis),
+            Setup::MemoryMemcache => (Part::Memory, Part::Memcached),
+            Setup::RedisMemcache => (Part::Redis, Part::Memcached),
+            Setup::Amqp => (Part::Amqp, Part::Amqp),
+            Setup::AmqpRedis => (Part::Amqp, Part::Redis),
+            Setup::AmqpMemcache => (Part::Amqp, Part::Memcached),
+        }
+    }
+
     /// A server on this setup with a queue of its own, or `None` (after printing `SKIPPED`) when its
     /// services are unreachable and not required.
     pub async fn server(self, test: &str) -> Option<Server> {
         let queue = unique("wf");
-        let config = match self {
-            Setup::Memory => Config::default().with_default_queue(queue),
-            Setup::Redis => {
-                if !require(Service::Redis, test) {
-                    return None;
-                }
-                let url = Service::Redis.url();
-                let mut config = Config::new(&url, &url).with_default_queue(&queue);
-                // A delayed-task set of its own, polled often, so ETAs and retries are prompt; results
-                // expire soon, since these tests do not delete their keys.
-                config.redis.delayed_tasks_key = format!("{queue}_delayed");
-                config.redis.delayed_tasks_poll_period = 50;
-                config.results_expire_in = 60;
-                config
-            }
-            Setup::MemoryMemcache => {
-                if !require(Service::Memcached, test) {
-                    return None;
-                }
-                Config::new("memory://", Service::Memcached.url()).with_default_queue(queue)
-            }
-            Setup::Amqp => {
-                if !require(Service::RabbitMq, test) {
-                    return None;
-                }
-                let mut config = Config::new(Service::RabbitMq.url(), Service::RabbitMq.url())
-                    .with_default_queue(queue.clone());
-                config.amqp.exchange = "machinery_tests_workflows".into();
-                config.amqp.binding_key = queue;
-                config.results_expire_in = 600;
-                config
-                    .amqp
-                    .queue_declare_args
-                    .insert("x-expires".into(), 600_000.into());
-                config
-            }
+        let (broker, backend) = self.parts();
+        let url = |part: Part| match part {
+            Part::Memory => Some("memory://".to_owned()),
+            Part::Redis => require(Service::Redis, test).then(|| Service::Redis.url()),
+            Part::Amqp => require(Service::RabbitMq, test).then(|| Service::RabbitMq.url()),
+            Part::Memcached => require(Service::Memcached, test).then(|| Service::Memcached.url()),
         };
+        let mut config = Config::new(url(broker)?, url(backend)?).with_default_queue(&queue);
+        // Results expire soon: these tests do not delete their keys and queues.
+        config.results_expire_in = 60;
+        if let Part::Redis = broker {
+            // A delayed-task set of its own, polled often, so ETAs and retries are prompt.
+            config.redis.delayed_tasks_key = format!("{queue}_delayed");
+            config.redis.delayed_tasks_poll_period = 50;
+        }
+        if let Part::Amqp = broker {
+            config.amqp.exchange = "machinery_tests_workflows".into();
+            config.amqp.binding_key = queue;
+            config.results_expire_in = 600;
+            config
+                .amqp
+                .queue_declare_args
+                .insert("x-expires".into(), 600_000.into());
+        }
         Some(Server::new(config).await.expect("server"))
     }
 

@@ -533,7 +533,10 @@ macro_rules! on_every_setup {
         on_setup!(memory, machinery_tests::setups::Setup::Memory, [$($name),*]);
         on_setup!(redis, machinery_tests::setups::Setup::Redis, [$($name),*]);
         on_setup!(memory_memcache, machinery_tests::setups::Setup::MemoryMemcache, [$($name),*]);
+        on_setup!(redis_memcache, machinery_tests::setups::Setup::RedisMemcache, [$($name),*]);
         on_setup!(amqp, machinery_tests::setups::Setup::Amqp, [$($name),*]);
+        on_setup!(amqp_redis, machinery_tests::setups::Setup::AmqpRedis, [$($name),*]);
+        on_setup!(amqp_memcache, machinery_tests::setups::Setup::AmqpMemcache, [$($name),*]);
     };
 }
 
