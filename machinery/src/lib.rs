@@ -41,6 +41,7 @@
     unreachable_pub
 )]
 
+mod named;
 mod wire;
 
 #[cfg(feature = "amqp")]

@@ -15,6 +15,31 @@ fn secs(value: u64) -> Option<Duration> {
     (value > 0).then(|| Duration::from_secs(value))
 }
 
+/// Why [`open`] failed: the URL (password hidden) and the cause.
+pub(crate) struct OpenError {
+    pub(crate) url: String,
+    pub(crate) source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+/// Parses `url` and connects a client and its self-healing connection, for a broker, a result backend or
+/// a lock.
+pub(crate) async fn open(
+    url: &str,
+    config: &RedisConfig,
+) -> Result<(RedisUrl, Client, ConnectionManager), OpenError> {
+    let parsed = RedisUrl::parse(url).map_err(|e| OpenError {
+        url: crate::redis_url::redact(url),
+        source: Box::new(e),
+    })?;
+    let failed = |source: redis::RedisError| OpenError {
+        url: parsed.redacted(),
+        source: Box::new(source),
+    };
+    let client = client(&parsed).map_err(failed)?;
+    let conn = manager(&client, config).await.map_err(failed)?;
+    Ok((parsed, client, conn))
+}
+
 /// A client for `url`.
 pub(crate) fn client(url: &RedisUrl) -> RedisResult<Client> {
     Client::open(url.connection_info()?)

@@ -120,6 +120,37 @@ impl Session {
         }
     }
 
+    /// A fresh plain channel for an operation that may close it (a passive declaration of a missing queue
+    /// is answered with 404, which closes the channel).
+    pub(crate) async fn scratch_channel(&self) -> Result<Channel, AmqpError> {
+        let live = self.live().await?;
+        open_channel(&live, Mode::Plain).await
+    }
+
+    /// The ready messages of `queue`, or `None` if it does not exist.
+    pub(crate) async fn ready_count(&self, queue: &str) -> Result<Option<u32>, AmqpError> {
+        let channel = self.scratch_channel().await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let result = channel
+            .queue_declare(short("queue name", queue)?, options, FieldTable::default())
+            .await;
+        let _ = channel.close(200, "OK".into()).await;
+        match result {
+            Ok(q) => Ok(Some(q.message_count())),
+            Err(e) => {
+                let error = AmqpError::lapin(format!("inspecting queue {queue:?}"), e);
+                if error.soft_error() == Some(lapin::protocol::AMQPSoftError::NOTFOUND) {
+                    Ok(None)
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
     /// The URLs, passwords redacted, for messages.
     pub(crate) fn display(&self) -> String {
         self.endpoints

@@ -406,46 +406,16 @@ impl Inner {
         Ok(Some(won))
     }
 
-    /// A fresh plain channel for operations that may close it with a 404.
-    async fn scratch_channel(&self) -> Result<Channel, AmqpError> {
-        let live = self.session.live().await?;
-        open_channel(&live, Mode::Plain).await
-    }
-
-    /// Whether `queue` exists, and its ready messages.
-    async fn inspect(&self, queue: &str) -> Result<Option<u32>, AmqpError> {
-        let channel = self.scratch_channel().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let result = channel
-            .queue_declare(short("queue name", queue)?, options, FieldTable::default())
-            .await;
-        let _ = channel.close(200, "OK".into()).await;
-        match result {
-            Ok(q) => Ok(Some(q.message_count())),
-            Err(e) => {
-                let error = AmqpError::lapin(format!("inspecting queue {queue:?}"), e);
-                if error.soft_error() == Some(AMQPSoftError::NOTFOUND) {
-                    Ok(None)
-                } else {
-                    Err(error)
-                }
-            }
-        }
-    }
-
     /// Reads every message of a durable queue without consuming it: a consumer with a prefetch of the
     /// queue's size, then the channel is closed and RabbitMQ puts the messages back.
     async fn read_durable_queue(&self, queue: &str) -> Result<Vec<Vec<u8>>, AmqpError> {
-        let Some(count) = self.inspect(queue).await? else {
+        let Some(count) = self.session.ready_count(queue).await? else {
             return Ok(Vec::new());
         };
         if count == 0 {
             return Ok(Vec::new());
         }
-        let channel = self.scratch_channel().await?;
+        let channel = self.session.scratch_channel().await?;
         let result = async {
             let prefetch = u16::try_from(count).unwrap_or(u16::MAX);
             channel
@@ -494,7 +464,7 @@ impl Inner {
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<(), AmqpError> {
-        let channel = self.scratch_channel().await?;
+        let channel = self.session.scratch_channel().await?;
         let result = channel
             .queue_delete(short("queue name", queue)?, QueueDeleteOptions::default())
             .await
@@ -901,7 +871,8 @@ impl Backend for AmqpBackend {
         let inner = &self.inner;
         let queue = group_record_queue(group_uuid);
         if inner
-            .inspect(&queue)
+            .session
+            .ready_count(&queue)
             .await
             .map_err(op_error("get group"))?
             .is_none()

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -67,11 +67,6 @@ impl Shared {
     }
 }
 
-fn registry() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Shared>>>> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
 impl MemoryBackend {
     /// A backend for `memory://` (private) or `memory://name` (shared by name in this process).
     pub fn connect(url: &str, config: &Config) -> Arc<dyn Backend> {
@@ -83,25 +78,7 @@ impl MemoryBackend {
 
     /// Creates or joins the instance named by `url`; records expire after `expire_in`.
     pub fn new(url: &str, expire_in: Duration) -> Self {
-        let name = url
-            .split_once("://")
-            .map(|(_, rest)| rest)
-            .unwrap_or("")
-            .trim_matches('/');
-        let shared = if name.is_empty() {
-            Arc::new(Shared::default())
-        } else {
-            let mut registry = registry().lock().unwrap_or_else(|p| p.into_inner());
-            registry.retain(|_, weak| weak.strong_count() > 0);
-            match registry.get(name).and_then(Weak::upgrade) {
-                Some(shared) => shared,
-                None => {
-                    let shared = Arc::new(Shared::default());
-                    registry.insert(name.to_owned(), Arc::downgrade(&shared));
-                    shared
-                }
-            }
-        };
+        let (_, shared) = crate::named::instance::<Shared>(url);
         MemoryBackend { shared, expire_in }
     }
 

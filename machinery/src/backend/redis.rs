@@ -224,18 +224,12 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
 impl RedisBackend {
     /// Connects to the Redis server named by `config.result_backend`.
     pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
-        let url = RedisUrl::parse(&config.result_backend).map_err(|e| BackendError::Connect {
-            url: crate::redis_url::redact(&config.result_backend),
-            source: Box::new(e),
-        })?;
-        let connect_error = |source: RedisError| BackendError::Connect {
-            url: url.redacted(),
-            source: Box::new(source),
-        };
-        let client = redis_conn::client(&url).map_err(connect_error)?;
-        let conn = redis_conn::manager(&client, &config.redis)
+        let (url, client, conn) = redis_conn::open(&config.result_backend, &config.redis)
             .await
-            .map_err(connect_error)?;
+            .map_err(|e| BackendError::Connect {
+                url: e.url,
+                source: e.source,
+            })?;
         tracing::debug!(url = %url, "connected to the redis result backend");
         Ok(RedisBackend {
             inner: Arc::new(Inner {

@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use futures_core::Stream;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicQosOptions, QueuePurgeOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -387,37 +387,6 @@ impl Inner {
         Ok(dead)
     }
 
-    /// A fresh channel for an operation that may close it (a passive declaration of a missing queue is
-    /// answered with 404, which closes the channel).
-    async fn scratch_channel(&self) -> Result<Channel, AmqpError> {
-        let live = self.session.live().await?;
-        open_channel(&live, Mode::Plain).await
-    }
-
-    /// The ready messages of `queue`, or `None` if it does not exist.
-    async fn ready_count(&self, queue: &str) -> Result<Option<u32>, AmqpError> {
-        let channel = self.scratch_channel().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let result = channel
-            .queue_declare(short("queue name", queue)?, options, FieldTable::default())
-            .await;
-        let _ = channel.close(200, "OK".into()).await;
-        match result {
-            Ok(q) => Ok(Some(q.message_count())),
-            Err(e) => {
-                let error = AmqpError::lapin(format!("inspecting queue {queue:?}"), e);
-                if error.soft_error() == Some(AMQPSoftError::NOTFOUND) {
-                    Ok(None)
-                } else {
-                    Err(error)
-                }
-            }
-        }
-    }
-
     /// Takes up to `limit` ready messages of `queue` with `basic.get` and puts them all back by closing
     /// the channel: RabbitMQ returns unacknowledged messages to their places, marked redelivered.
     async fn peek(
@@ -425,10 +394,10 @@ impl Inner {
         queue: &str,
         limit: usize,
     ) -> Result<Vec<lapin::message::Delivery>, AmqpError> {
-        if limit == 0 || self.ready_count(queue).await?.is_none() {
+        if limit == 0 || self.session.ready_count(queue).await?.is_none() {
             return Ok(Vec::new());
         }
-        let channel = self.scratch_channel().await?;
+        let channel = self.session.scratch_channel().await?;
         let mut taken = Vec::new();
         let name = short("queue name", queue)?;
         let result = async {
@@ -458,10 +427,10 @@ impl Inner {
     /// channel closes. At most as many messages as the dead-letter queue held at the start are looked at.
     async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, AmqpError> {
         let dead = dead_letter_queue(queue);
-        let Some(total) = self.ready_count(&dead).await? else {
+        let Some(total) = self.session.ready_count(&dead).await? else {
             return Ok(0);
         };
-        let channel = self.scratch_channel().await?;
+        let channel = self.session.scratch_channel().await?;
         let name = short("queue name", &dead)?;
         let mut moved = 0;
         let result = async {
@@ -597,11 +566,13 @@ impl Broker for AmqpBroker {
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
         let pending = self
             .inner
+            .session
             .ready_count(queue)
             .await
             .map_err(op_error("queue statistics"))?;
         let dead = self
             .inner
+            .session
             .ready_count(&dead_letter_queue(queue))
             .await
             .map_err(op_error("queue statistics"))?;
@@ -672,7 +643,7 @@ impl Broker for AmqpBroker {
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let inner = &self.inner;
         let result = async {
-            let channel = inner.scratch_channel().await?;
+            let channel = inner.session.scratch_channel().await?;
             let purged = channel
                 .queue_purge(short("queue name", queue)?, QueuePurgeOptions::default())
                 .await

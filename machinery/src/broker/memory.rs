@@ -11,7 +11,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -134,11 +134,6 @@ impl State {
     }
 }
 
-fn registry() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Shared>>>> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
 impl MemoryBroker {
     /// A broker for `memory://` (a private instance) or `memory://name` (shared by name in this process).
     pub fn connect(url: &str, config: &Config) -> Arc<dyn Broker> {
@@ -147,25 +142,7 @@ impl MemoryBroker {
 
     /// Creates or joins the instance named by `url`.
     pub fn new(url: &str, default_queue: &str) -> Self {
-        let name = url
-            .split_once("://")
-            .map(|(_, rest)| rest)
-            .unwrap_or("")
-            .trim_matches('/');
-        let shared = if name.is_empty() {
-            Arc::new(Shared::default())
-        } else {
-            let mut registry = registry().lock().unwrap_or_else(|p| p.into_inner());
-            registry.retain(|_, weak| weak.strong_count() > 0);
-            match registry.get(name).and_then(Weak::upgrade) {
-                Some(shared) => shared,
-                None => {
-                    let shared = Arc::new(Shared::default());
-                    registry.insert(name.to_owned(), Arc::downgrade(&shared));
-                    shared
-                }
-            }
-        };
+        let (name, shared) = crate::named::instance::<Shared>(url);
         MemoryBroker {
             shared,
             name: name.to_owned(),

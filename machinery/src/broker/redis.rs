@@ -303,18 +303,12 @@ where
 impl RedisBroker {
     /// Connects to the Redis server named by `config.broker`.
     pub async fn connect(config: &Config) -> Result<RedisBroker, BrokerError> {
-        let url = RedisUrl::parse(&config.broker).map_err(|e| BrokerError::Connect {
-            url: crate::redis_url::redact(&config.broker),
-            source: Box::new(e),
-        })?;
-        let connect_error = |source: RedisError| BrokerError::Connect {
-            url: url.redacted(),
-            source: Box::new(source),
-        };
-        let client = redis_conn::client(&url).map_err(connect_error)?;
-        let conn = redis_conn::manager(&client, &config.redis)
+        let (url, client, conn) = redis_conn::open(&config.broker, &config.redis)
             .await
-            .map_err(connect_error)?;
+            .map_err(|e| BrokerError::Connect {
+                url: e.url,
+                source: e.source,
+            })?;
         tracing::debug!(url = %url, "connected to the redis broker");
         Ok(RedisBroker {
             inner: Arc::new(Inner {

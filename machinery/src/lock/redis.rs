@@ -37,14 +37,13 @@ fn error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> LockError
 impl RedisLock {
     /// Connects to the Redis server named by `url` (any Redis URL form).
     pub async fn connect(url: &str, config: &Config) -> Result<RedisLock, LockError> {
-        let url = RedisUrl::parse(url).map_err(|source| LockError::Operation {
-            operation: "connect",
-            source: Box::new(source),
-        })?;
-        let client = redis_conn::client(&url).map_err(error("connect"))?;
-        let conn = redis_conn::manager(&client, &config.redis)
-            .await
-            .map_err(error("connect"))?;
+        let (url, _client, conn) =
+            redis_conn::open(url, &config.redis)
+                .await
+                .map_err(|e| LockError::Operation {
+                    operation: "connect",
+                    source: e.source,
+                })?;
         Ok(RedisLock { url, conn })
     }
 }

@@ -83,6 +83,9 @@ pub(super) async fn run(
         }
     }
 
+    while let Some(done) = running.try_join_next() {
+        report_crash(done);
+    }
     tracing::info!(queue = %context.queue, running = running.len(), "worker stopping; waiting for running tasks");
     // Stop consuming first, so other workers get the messages this one would not start anyway.
     tokio::select! {
