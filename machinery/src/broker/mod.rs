@@ -333,6 +333,19 @@ pub trait Acknowledger: Send + Sync + fmt::Debug {
     /// Move the message to the dead-letter place with this reason.
     async fn dead_letter(self: Box<Self>, body: Vec<u8>, reason: String)
         -> Result<(), BrokerError>;
+
+    /// Stores `state` through `backend` and forgets the message in one step, if this broker can (it shares
+    /// its server with the backend); returns `Ok(false)`, doing nothing, when it cannot. On success the
+    /// acknowledger is dropped unused; on `Ok(false)` or an error the caller settles it the ordinary way.
+    /// The default cannot.
+    async fn try_ack_with_state(
+        &self,
+        backend: &dyn Backend,
+        state: &TaskState,
+    ) -> Result<bool, BrokerError> {
+        let _ = (backend, state);
+        Ok(false)
+    }
 }
 
 /// One message handed to the worker.
@@ -363,6 +376,25 @@ impl Delivery {
     /// Puts `body` back at the tail of the queue in place of this message.
     pub async fn requeue(self, body: Vec<u8>) -> Result<(), BrokerError> {
         self.acker.requeue(body).await
+    }
+
+    /// Stores `state` (the task's final state) and acknowledges the message in one step, where the broker
+    /// and `backend` share a server (one round trip on Redis). Gives the delivery back, with nothing
+    /// acknowledged, when the broker cannot do that or it failed: the caller then stores the state and
+    /// acknowledges separately (the state may already be stored; storing it again is harmless).
+    pub async fn try_ack_with_state(
+        self,
+        backend: &dyn Backend,
+        state: &TaskState,
+    ) -> Result<(), Delivery> {
+        match self.acker.try_ack_with_state(backend, state).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self),
+            Err(error) => {
+                tracing::debug!(%error, "storing the state and acknowledging in one step failed; doing it in two");
+                Err(self)
+            }
+        }
     }
 
     /// Moves the message to the dead-letter place with this reason.

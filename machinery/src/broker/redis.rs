@@ -38,6 +38,7 @@ use super::{
     Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, DelayedMessage,
     Delivery, Outgoing, PublishError, QueueStats, WorkerInfo,
 };
+use crate::backend::redis::RedisBackend;
 use crate::backend::Backend;
 use crate::config::{Config, RedisConfig};
 use crate::redis_conn::{self, is_noscript, Lua};
@@ -300,6 +301,42 @@ where
     attempt(conn.clone()).await.map_err(op(operation))
 }
 
+impl Inner {
+    /// `backend`, if it is a Redis backend on this broker's very database: then a state write and a
+    /// broker command can share one pipeline.
+    fn same_database<'a>(&self, backend: &'a dyn Backend) -> Option<&'a RedisBackend> {
+        backend
+            .as_any()
+            .and_then(|any| any.downcast_ref::<RedisBackend>())
+            .filter(|redis_backend| redis_backend.url().same_database(&self.url))
+    }
+
+    /// Runs a pipeline of backend and broker commands in one round trip (retrying on connection errors),
+    /// loading the backend's scripts and trying again if the server did not know them.
+    async fn run_fused(
+        &self,
+        operation: &'static str,
+        backend: &RedisBackend,
+        pipe: &redis::Pipeline,
+    ) -> Result<(), BrokerError> {
+        let send = move |mut conn: ConnectionManager| async move {
+            pipe.query_async::<()>(&mut conn).await
+        };
+        match retrying(operation, &self.conn, send).await {
+            Err(BrokerError::Operation { source, .. })
+                if source.downcast_ref::<RedisError>().is_some_and(is_noscript) =>
+            {
+                backend
+                    .load_scripts(&mut self.conn.clone())
+                    .await
+                    .map_err(|error| BrokerError::operation(operation, error))?;
+                retrying(operation, &self.conn, send).await
+            }
+            other => other,
+        }
+    }
+}
+
 impl RedisBroker {
     /// Connects to the Redis server named by `config.broker`.
     pub async fn connect(config: &Config) -> Result<RedisBroker, BrokerError> {
@@ -448,11 +485,7 @@ impl Broker for RedisBroker {
     ) -> Result<(), PublishError> {
         // When the backend is a Redis backend on this very database, the PENDING state and the message
         // travel in one pipeline: one round trip, and the state is written first, as Go does.
-        let fused = backend
-            .as_any()
-            .and_then(|any| any.downcast_ref::<crate::backend::redis::RedisBackend>())
-            .filter(|redis_backend| redis_backend.url().same_database(&self.inner.url));
-        let Some(redis_backend) = fused else {
+        let Some(redis_backend) = self.inner.same_database(backend) else {
             backend
                 .set_state(pending)
                 .await
@@ -467,25 +500,10 @@ impl Broker for RedisBroker {
             .ignore()
             .add_command(self.publish_cmd(&message))
             .ignore();
-        let pipe = &pipe;
-        let send = move |mut conn: ConnectionManager| async move {
-            pipe.query_async::<()>(&mut conn).await
-        };
-        let result = retrying("publish", &self.inner.conn, send).await;
-        match result {
-            Err(BrokerError::Operation { source, .. })
-                if source.downcast_ref::<RedisError>().is_some_and(is_noscript) =>
-            {
-                redis_backend
-                    .load_scripts(&mut self.inner.conn.clone())
-                    .await
-                    .map_err(PublishError::Backend)?;
-                retrying("publish", &self.inner.conn, send)
-                    .await
-                    .map_err(PublishError::Broker)
-            }
-            other => other.map_err(PublishError::Broker),
-        }
+        self.inner
+            .run_fused("publish", redis_backend, &pipe)
+            .await
+            .map_err(PublishError::Broker)
     }
 
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -1097,6 +1115,33 @@ impl Acknowledger for RedisAcker {
 
     async fn requeue(self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
         self.settle(&self.queue, &body).await
+    }
+
+    async fn try_ack_with_state(
+        &self,
+        backend: &dyn Backend,
+        state: &TaskState,
+    ) -> Result<bool, BrokerError> {
+        // The state first, then the acknowledgement, in one pipeline: if the connection breaks between
+        // the two the message stays in flight and runs again (at-least-once), never the other way round.
+        let Some(redis_backend) = self.inner.same_database(backend) else {
+            return Ok(false);
+        };
+        let state_cmd = redis_backend
+            .state_cmd(state)
+            .map_err(|error| BrokerError::operation("store the state and acknowledge", error))?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(state_cmd)
+            .ignore()
+            .cmd("LREM")
+            .arg(&self.inflight)
+            .arg(1)
+            .arg(&self.original)
+            .ignore();
+        self.inner
+            .run_fused("store the state and acknowledge", redis_backend, &pipe)
+            .await?;
+        Ok(true)
     }
 
     async fn dead_letter(

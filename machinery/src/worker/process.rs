@@ -131,29 +131,54 @@ async fn run_task(
     let started_at = std::time::Instant::now();
     let outcome = call(ctx, def, signature.clone()).await;
     let took = started_at.elapsed();
-    let final_state = match outcome {
-        Ok(results) => succeeded(ctx, def, &signature, results).await,
-        Err(failure) => failed(ctx, def, &signature, failure).await,
+    let (final_state, delivery) = match outcome {
+        Ok(results) if nothing_follows(&signature) => {
+            // Nothing to send after this task: its SUCCESS and the acknowledgement can travel together
+            // (one round trip where the broker and backend share a server).
+            let state = TaskState::success(&signature.uuid, &signature.name, results);
+            match delivery.try_ack_with_state(backend.as_ref(), &state).await {
+                Ok(()) => {
+                    finished(ctx, &signature, &state, took);
+                    return;
+                }
+                Err(delivery) => (
+                    succeeded(ctx, def, &signature, state.results.unwrap_or_default()).await,
+                    delivery,
+                ),
+            }
+        }
+        Ok(results) => (succeeded(ctx, def, &signature, results).await, delivery),
+        Err(failure) => (failed(ctx, def, &signature, failure).await, delivery),
     };
-    if let Some(state) = &final_state {
-        let outcome = match state.state {
-            State::Success => metrics::Outcome::Succeeded,
-            State::Retry => metrics::Outcome::Retried,
-            _ => metrics::Outcome::Failed,
-        };
-        metrics::task_finished(&signature.name, outcome, took);
-    }
     let Some(final_state) = final_state else {
         // The outcome could not be stored: leave the task to run again rather than lose it.
         tracing::error!("the outcome could not be stored; the message goes back to the queue");
         settle("requeue", delivery.requeue(signature_body(&signature))).await;
         return;
     };
-    tracing::Span::current().record("outcome", final_state.state.as_str());
-    if let Some(hook) = &ctx.hooks.post_task {
-        hook(&signature, &final_state);
-    }
+    finished(ctx, &signature, &final_state, took);
     settle("ack", delivery.ack()).await;
+}
+
+/// Whether a successful run of `signature` sends nothing further (no callback, no chord step), so that
+/// its final state is the last thing to store before the acknowledgement.
+fn nothing_follows(signature: &Signature) -> bool {
+    signature.on_success.is_empty()
+        && (signature.group_uuid.is_empty() || signature.chord_callback.is_none())
+}
+
+/// Records a run whose final state is stored: metrics, the span's outcome and the post-task hook.
+fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took: Duration) {
+    let outcome = match state.state {
+        State::Success => metrics::Outcome::Succeeded,
+        State::Retry => metrics::Outcome::Retried,
+        _ => metrics::Outcome::Failed,
+    };
+    metrics::task_finished(&signature.name, outcome, took);
+    tracing::Span::current().record("outcome", state.state.as_str());
+    if let Some(hook) = &ctx.hooks.post_task {
+        hook(signature, state);
+    }
 }
 
 fn signature_body(signature: &Signature) -> Vec<u8> {

@@ -17,6 +17,14 @@ use crate::telemetry::metrics;
 /// The most messages fetched in one call, however many slots are free.
 const MAX_BATCH: usize = 128;
 
+/// How long the loop waits for more free slots before fetching for fewer than it would like.
+const GATHER: Duration = Duration::from_millis(1);
+
+/// How many free slots a fetch waits for (up to [`GATHER`]): half the concurrency, at least one.
+fn gather_target(concurrency: usize) -> usize {
+    (concurrency / 2).clamp(1, MAX_BATCH)
+}
+
 pub(super) async fn run(
     context: Arc<WorkerContext>,
     mut consumer: Box<dyn Consumer>,
@@ -48,6 +56,27 @@ pub(super) async fn run(
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => permits.push(permit),
                 Err(_) => break,
+            }
+        }
+        // While tasks still run, wait a moment for more of them to finish, so that one fetch serves several
+        // free slots instead of one round trip per finished task. Never longer than GATHER: a slot freed
+        // beside long-running tasks is filled almost at once.
+        let wanted = gather_target(concurrency);
+        if permits.len() < wanted {
+            let gather = tokio::time::sleep(GATHER);
+            tokio::pin!(gather);
+            while permits.len() < wanted {
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permits.push(permit),
+                        Err(_) => break,
+                    },
+                    _ = &mut gather => break,
+                    _ = stop.cancelled() => break,
+                }
+            }
+            if stop.is_cancelled() {
+                break;
             }
         }
         let batch = tokio::select! {
