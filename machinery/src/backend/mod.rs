@@ -134,6 +134,21 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(true)
     }
 
+    /// [`Backend::set_received_and_started`] for a batch of tasks (what a worker fetched at once), with
+    /// one result per pair in order. The default makes the calls concurrently; backends that pipeline
+    /// (Redis) write the whole batch in one round trip.
+    async fn set_received_and_started_many(
+        &self,
+        pairs: &[(TaskState, TaskState)],
+    ) -> Vec<Result<bool, BackendError>> {
+        futures_util::future::join_all(
+            pairs
+                .iter()
+                .map(|(received, started)| self.set_received_and_started(received, started)),
+        )
+        .await
+    }
+
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
 

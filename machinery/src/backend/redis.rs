@@ -79,28 +79,47 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     // Writes one state per middle, in order, each as SET ... EX, taking the missing values from the
     // previous record, and returns 1; with a revocation text, writes nothing and returns 0 if the previous
     // record is that revocation. Only strings are read from the old record; the JSON text we made is
-    // stored as it is.
+    // stored as it is. The old record is decoded only when a look at its text cannot tell: a record
+    // without results holds TaskName and CreatedAt once, at the top level, as plain JSON strings that
+    // are copied as they are, and a record without the word FAILURE is no revocation.
     set_state: Lua::new(
         r#"
 local name, created = ARGV[2], ARGV[3]
+local raw = false
+if name == '' or created == '' or ARGV[7] ~= '' then raw = redis.call('GET', KEYS[1]) end
 local old = nil
-if name == '' or created == '' or ARGV[7] ~= '' then
-  local raw = redis.call('GET', KEYS[1])
-  if raw then
-    local ok, t = pcall(cjson.decode, raw)
-    if ok and type(t) == 'table' then old = t end
+local function decoded()
+  if old == nil then
+    old = false
+    if raw then
+      local ok, t = pcall(cjson.decode, raw)
+      if ok and type(t) == 'table' then old = t end
+    end
+  end
+  return old
+end
+if ARGV[7] ~= '' and raw and string.find(raw, 'FAILURE', 1, true) then
+  local t = decoded()
+  if t and t['State'] == 'FAILURE' and t['Error'] == ARGV[7] then return 0 end
+end
+local plain = raw and not string.find(raw, '"Results":[', 1, true)
+if name == '' then
+  name = plain and string.match(raw, '"TaskName":("[^"\\]*")')
+  if not name then
+    local t = decoded()
+    local prev = ''
+    if t and type(t['TaskName']) == 'string' then prev = t['TaskName'] end
+    name = cjson.encode(prev)
   end
 end
-if ARGV[7] ~= '' and old and old['State'] == 'FAILURE' and old['Error'] == ARGV[7] then return 0 end
-if name == '' then
-  local prev = ''
-  if old and type(old['TaskName']) == 'string' then prev = old['TaskName'] end
-  name = cjson.encode(prev)
-end
 if created == '' then
-  local prev = '0001-01-01T00:00:00Z'
-  if old and type(old['CreatedAt']) == 'string' then prev = old['CreatedAt'] end
-  created = cjson.encode(prev)
+  created = plain and string.match(raw, '"CreatedAt":("[^"\\]*")')
+  if not created then
+    local t = decoded()
+    local prev = '0001-01-01T00:00:00Z'
+    if t and type(t['CreatedAt']) == 'string' then prev = t['CreatedAt'] end
+    created = cjson.encode(prev)
+  end
 end
 for i = 8, #ARGV do
   redis.call('SET', KEYS[1], ARGV[1] .. name .. ARGV[i] .. created .. ARGV[4], 'EX', ARGV[5])
@@ -329,17 +348,54 @@ impl RedisBackend {
             .map_err(op("load scripts"))
     }
 
-    /// Runs a pipeline, loading the scripts and trying once more if the server did not know them.
-    async fn run_pipeline(
+    /// The one script call that writes RECEIVED then STARTED after one revocation check, reading the
+    /// previous record once; `None` when the two states are not the worker's usual pair (they differ in
+    /// more than their middle piece).
+    fn received_and_started_cmd(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<Option<redis::Cmd>, BackendError> {
+        let [prefix, name, received_middle, created, suffix] = self.pieces(received)?;
+        let [s_prefix, s_name, started_middle, s_created, s_suffix] = self.pieces(started)?;
+        let shared =
+            (&prefix, &name, &created, &suffix) == (&s_prefix, &s_name, &s_created, &s_suffix);
+        if !shared || received.is_completed() || started.is_completed() {
+            return Ok(None);
+        }
+        Ok(Some(self.script_cmd(
+            &received.task_uuid,
+            [prefix, name, created, suffix],
+            Vec::new(),
+            true,
+            vec![received_middle, started_middle],
+        )))
+    }
+
+    async fn received_then_started(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<bool, BackendError> {
+        if !self.set_received(received).await? {
+            return Ok(false);
+        }
+        self.set_state(started).await?;
+        Ok(true)
+    }
+
+    /// Runs a pipeline and returns its replies, loading the scripts and trying once more if the server
+    /// did not know them.
+    async fn query_pipeline<T: redis::FromRedisValue>(
         &self,
         operation: &'static str,
         pipe: &redis::Pipeline,
-    ) -> Result<(), BackendError> {
+    ) -> Result<T, BackendError> {
         let mut conn = self.inner.conn.clone();
-        match pipe.query_async::<()>(&mut conn).await {
+        match pipe.query_async::<T>(&mut conn).await {
             Err(error) if is_noscript(&error) => {
                 self.load_scripts(&mut conn).await?;
-                pipe.query_async::<()>(&mut conn)
+                pipe.query_async::<T>(&mut conn)
                     .await
                     .map_err(op(operation))
             }
@@ -373,7 +429,7 @@ impl Backend for RedisBackend {
         for state in states {
             pipe.add_command(self.state_cmd(state)?).ignore();
         }
-        self.run_pipeline("set task state", &pipe).await
+        self.query_pipeline::<()>("set task state", &pipe).await
     }
 
     async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
@@ -397,37 +453,51 @@ impl Backend for RedisBackend {
         received: &TaskState,
         started: &TaskState,
     ) -> Result<bool, BackendError> {
-        // Both states differ only in their middle piece: one script call writes RECEIVED then STARTED,
-        // after one revocation check, reading the previous record once.
-        let [prefix, name, received_middle, created, suffix] = self.pieces(received)?;
-        let [s_prefix, s_name, started_middle, s_created, s_suffix] = self.pieces(started)?;
-        let shared =
-            (&prefix, &name, &created, &suffix) == (&s_prefix, &s_name, &s_created, &s_suffix);
-        if !shared || received.is_completed() || started.is_completed() {
-            // Not the worker's usual pair: two calls.
-            if !self.set_received(received).await? {
-                return Ok(false);
+        let pair = [(received.clone(), started.clone())];
+        let mut results = self.set_received_and_started_many(&pair).await;
+        results.pop().unwrap_or(Ok(true))
+    }
+
+    async fn set_received_and_started_many(
+        &self,
+        pairs: &[(TaskState, TaskState)],
+    ) -> Vec<Result<bool, BackendError>> {
+        let mut pipe = redis::pipe();
+        let mut results = Vec::with_capacity(pairs.len());
+        for (received, started) in pairs {
+            match self.received_and_started_cmd(received, started) {
+                Ok(Some(cmd)) => {
+                    pipe.add_command(cmd);
+                    results.push(None);
+                }
+                // Not the worker's usual pair: the two calls, on their own.
+                Ok(None) => results.push(Some(self.received_then_started(received, started).await)),
+                Err(error) => results.push(Some(Err(error))),
             }
-            self.set_state(started).await?;
-            return Ok(true);
         }
-        let cmd = self.script_cmd(
-            &received.task_uuid,
-            [prefix, name, created, suffix],
-            Vec::new(),
-            true,
-            vec![received_middle, started_middle],
-        );
-        let mut conn = self.inner.conn.clone();
-        let written: i64 = match cmd.query_async(&mut conn).await {
-            Err(error) if is_noscript(&error) => {
-                self.load_scripts(&mut conn).await?;
-                cmd.query_async(&mut conn).await
+        let written: Result<Vec<i64>, BackendError> = if pipe.cmd_iter().next().is_none() {
+            Ok(Vec::new())
+        } else {
+            self.query_pipeline("set task state", &pipe).await
+        };
+        let mut written = match written {
+            Ok(written) => written.into_iter(),
+            Err(error) => {
+                let text = error.to_string();
+                return results
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| {
+                            Err(BackendError::operation("set task state", text.clone()))
+                        })
+                    })
+                    .collect();
             }
-            other => other,
-        }
-        .map_err(op("set task state"))?;
-        Ok(written == 1)
+        };
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Ok(written.next() == Some(1))))
+            .collect()
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {

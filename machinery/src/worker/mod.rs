@@ -23,6 +23,7 @@ mod process;
 mod registry;
 mod run;
 mod signals;
+mod slot;
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
-//! The worker loop: fetch as many messages as there are free slots, run each in its own task, and on
-//! shutdown drain or cancel what runs and close the consumer.
+//! The worker loop: fetch as many messages as there are free slots, start them together (one backend
+//! call per batch), run each in its own task, and on shutdown drain or cancel what runs and close the
+//! consumer.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +11,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{self, WorkerContext};
+use super::slot::Slot;
 use super::Stopped;
-use crate::broker::Consumer;
+use crate::broker::{Consumer, Delivery};
 use crate::retry::Backoff;
 use crate::telemetry::metrics;
 
@@ -33,7 +36,12 @@ pub(super) async fn run(
     abort: CancellationToken,
 ) -> Stopped {
     let slots = Arc::new(Semaphore::new(concurrency));
+    // One tokio task per fetched batch (which runs each of its tasks in a tokio task of its own), and
+    // the count of messages being processed, for the shutdown report.
     let mut running = JoinSet::new();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let finishing = Arc::new(Semaphore::new(concurrency));
+    let queue: Arc<str> = Arc::from(context.queue.as_str());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut fetch_failing = false;
     // Samples the queue's size for the metrics while the loop runs; dropped (and so stopped) with it.
@@ -90,14 +98,14 @@ pub(super) async fn run(
                     tracing::info!(queue = %context.queue, "fetching from the broker works again");
                     metrics::broker_reconnected(context.server.broker().kind());
                 }
-                for (delivery, permit) in deliveries.into_iter().zip(permits) {
-                    let context = context.clone();
-                    let held = InFlight::new(&context.queue);
-                    running.spawn(async move {
-                        process::process(&context, delivery).await;
-                        drop((held, permit));
-                    });
-                }
+                let batch: Vec<(Delivery, Slot)> = deliveries
+                    .into_iter()
+                    .zip(permits)
+                    .map(|(delivery, permit)| {
+                        (delivery, Slot::new(&queue, permit, &finishing, &in_flight))
+                    })
+                    .collect();
+                running.spawn(run_batch(context.clone(), batch));
             }
             Err(error) => {
                 fetch_failing = true;
@@ -115,7 +123,7 @@ pub(super) async fn run(
     while let Some(done) = running.try_join_next() {
         report_crash(done);
     }
-    tracing::info!(queue = %context.queue, running = running.len(), "worker stopping; waiting for running tasks");
+    tracing::info!(queue = %context.queue, running = in_flight.load(Ordering::Relaxed), "worker stopping; waiting for running tasks");
     // Stop consuming first, so other workers get the messages this one would not start anyway.
     tokio::select! {
         stopped = consumer.stop() => if let Err(error) = stopped {
@@ -131,7 +139,7 @@ pub(super) async fn run(
                 None => break,
             },
             _ = abort.cancelled() => {
-                aborted = running.len();
+                aborted = in_flight.load(Ordering::Relaxed);
                 running.abort_all();
                 while running.join_next().await.is_some() {}
                 break;
@@ -145,24 +153,33 @@ pub(super) async fn run(
     Stopped { aborted }
 }
 
-/// Counts a message in the in-flight gauge from when it is fetched until its processing ends, however it
-/// ends (a task cancelled at shutdown included).
-struct InFlight {
-    queue: String,
-}
-
-impl InFlight {
-    fn new(queue: &str) -> Self {
-        metrics::in_flight(queue, 1.0);
-        InFlight {
-            queue: queue.to_owned(),
+/// Decodes a fetched batch, stores the RECEIVED and STARTED states of its tasks in one backend call, and
+/// runs each task in a tokio task of its own (one alone runs right here). Each message's slot goes with
+/// it; aborting this task aborts its tasks.
+async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
+    let mut ready = Vec::with_capacity(batch.len());
+    let mut slots = Vec::with_capacity(batch.len());
+    for (delivery, slot) in batch {
+        if let Some(task) = process::decode(&context, delivery).await {
+            ready.push(task);
+            slots.push(slot);
         }
     }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        metrics::in_flight(&self.queue, -1.0);
+    let may_run = process::start(&context, &ready).await;
+    let mut runs = ready.into_iter().zip(may_run).zip(slots);
+    if runs.len() == 1 {
+        if let Some(((task, may_run), slot)) = runs.next() {
+            process::run(&context, task, may_run, slot).await;
+        }
+        return;
+    }
+    let mut tasks = JoinSet::new();
+    for ((task, may_run), slot) in runs {
+        let context = context.clone();
+        tasks.spawn(async move { process::run(&context, task, may_run, slot).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        report_crash(done);
     }
 }
 
