@@ -1,0 +1,154 @@
+//! What Linux's /proc says about a process (the worker's RSS, CPU time and sockets) and about the
+//! machine.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::error::BenchError;
+
+/// Clock ticks per second of the CPU times in /proc/<pid>/stat (`getconf CLK_TCK`; 100 if that cannot
+/// be run, which is what Linux uses everywhere in practice).
+pub(crate) fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|ticks| *ticks > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// The resident set size of `pid` in bytes (`VmRSS` of /proc/<pid>/status).
+pub(crate) fn rss_bytes(pid: u32) -> Result<u64, BenchError> {
+    let path = format!("/proc/{pid}/status");
+    let status =
+        std::fs::read_to_string(&path).map_err(BenchError::io(format!("reading {path}")))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| BenchError::Child(format!("{path} has no VmRSS line")))
+}
+
+/// User plus system CPU seconds `pid` has used (`utime` + `stime` of /proc/<pid>/stat).
+pub(crate) fn cpu_seconds(pid: u32, ticks_per_second: f64) -> Result<f64, BenchError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(BenchError::io(format!("reading {path}")))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields after its end.
+    // Then field 3 is the state, and utime and stime are fields 14 and 15.
+    let rest = stat
+        .rfind(')')
+        .map(|end| &stat[end + 1..])
+        .ok_or_else(|| BenchError::Child(format!("{path}: unexpected format")))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(utime), Some(stime)) => Ok((utime + stime) as f64 / ticks_per_second),
+        _ => Err(BenchError::Child(format!("{path}: no utime/stime fields"))),
+    }
+}
+
+/// The local TCP ports of the sockets `pid` has open (IPv4 and IPv6): the ports Redis shows as the
+/// worker's client addresses.
+pub(crate) fn tcp_local_ports(pid: u32) -> HashSet<u16> {
+    let mut inodes = HashSet::new();
+    if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for entry in entries.flatten() {
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                let target = target.to_string_lossy();
+                if let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|rest| rest.strip_suffix(']'))
+                {
+                    inodes.insert(inode.to_owned());
+                }
+            }
+        }
+    }
+    let mut ports = HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let path = format!("/proc/{pid}/net/{table}");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        // `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode`
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(inode)) = (fields.get(1), fields.get(9)) else {
+                continue;
+            };
+            if !inodes.contains(*inode) {
+                continue;
+            }
+            if let Some(port) = local
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+            {
+                ports.insert(port);
+            }
+        }
+    }
+    ports
+}
+
+/// The CPUs this process may use (what `nproc` prints).
+pub(crate) fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The CPU model (`model name` of /proc/cpuinfo), or `unknown`.
+pub(crate) fn cpu_model() -> String {
+    std::fs::read_to_string(Path::new("/proc/cpuinfo"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Total memory of the machine in bytes (`MemTotal` of /proc/meminfo), if known.
+pub(crate) fn mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid).is_ok_and(|rss| rss > 0));
+        assert!(cpu_seconds(pid, clock_ticks()).is_ok_and(|cpu| cpu >= 0.0));
+    }
+
+    #[test]
+    fn finds_the_local_port_of_an_open_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a local listener");
+        let addr = listener.local_addr().expect("its address");
+        let client = std::net::TcpStream::connect(addr).expect("a connection to it");
+        let local = client.local_addr().expect("the client's address");
+        assert!(tcp_local_ports(std::process::id()).contains(&local.port()));
+    }
+}

@@ -1,0 +1,806 @@
+//! The results of a run, the markdown tables made of them, and the record in docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+
+use crate::ceiling::{Ceiling, AMQP_PREFETCH, AMQP_WINDOW};
+use crate::cli::{backend_label, BrokerKind, Settings};
+use crate::commands::{Delta, Tally};
+use crate::error::BenchError;
+use crate::measure::{median, WARM_UP_ROUND_TRIPS};
+use crate::proc_stats;
+use crate::run::COUNTED_CONCURRENCY;
+use crate::servers::RESULTS_EXPIRE_SECS;
+
+/// The top of docs/benchmarks.md, written when the file does not exist yet.
+pub(crate) const INTRO: &str = include_str!("intro.md");
+
+/// Send rates with one backend and one number of senders, one per run.
+#[derive(Debug, Clone)]
+pub(crate) struct SendRow {
+    /// Concurrent senders (1: one sender awaiting each send).
+    pub(crate) senders: usize,
+    /// `redis`, `null`, ...
+    pub(crate) backend: &'static str,
+    /// Tasks sent per run.
+    pub(crate) tasks: u64,
+    /// Tasks per second, one per run.
+    pub(crate) rates: Vec<f64>,
+}
+
+impl SendRow {
+    /// Adds a run's rate to its row, making the row if needed.
+    pub(crate) fn add(
+        rows: &mut Vec<SendRow>,
+        senders: usize,
+        backend: &'static str,
+        tasks: u64,
+        rate: f64,
+    ) {
+        match rows
+            .iter_mut()
+            .find(|r| r.senders == senders && r.backend == backend)
+        {
+            Some(row) => row.rates.push(rate),
+            None => rows.push(SendRow {
+                senders,
+                backend,
+                tasks,
+                rates: vec![rate],
+            }),
+        }
+    }
+}
+
+/// Drains with one backend at one concurrency, one value per run.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DrainRow {
+    /// `redis`, `null`, ...
+    pub(crate) backend: &'static str,
+    /// The worker's concurrency.
+    pub(crate) concurrency: usize,
+    /// Tasks per drain.
+    pub(crate) tasks: u64,
+    /// Tasks per second.
+    pub(crate) rates: Vec<f64>,
+    /// The worker's CPU seconds per 10,000 tasks.
+    pub(crate) cpu_per_10k: Vec<f64>,
+    /// The worker's RSS in bytes when the last task finished.
+    pub(crate) rss_end: Vec<f64>,
+    /// Redis commands per task (INFO commandstats, all clients, scripts included).
+    pub(crate) commands_per_task: Vec<f64>,
+    /// Tasks that ended in FAILURE, over all runs.
+    pub(crate) failures: u64,
+}
+
+impl DrainRow {
+    /// The row for this backend and concurrency, made if needed.
+    pub(crate) fn find<'a>(
+        rows: &'a mut Vec<DrainRow>,
+        backend: &'static str,
+        concurrency: usize,
+        tasks: u64,
+    ) -> &'a mut DrainRow {
+        let at = rows
+            .iter()
+            .position(|r| r.backend == backend && r.concurrency == concurrency);
+        let at = at.unwrap_or_else(|| {
+            rows.push(DrainRow {
+                backend,
+                concurrency,
+                tasks,
+                ..DrainRow::default()
+            });
+            rows.len() - 1
+        });
+        &mut rows[at]
+    }
+}
+
+/// Send→get round trips.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoundTrip {
+    /// Pairs measured.
+    pub(crate) count: usize,
+    /// Median.
+    pub(crate) p50: Duration,
+    /// 99th percentile.
+    pub(crate) p99: Duration,
+    /// Slowest.
+    pub(crate) max: Duration,
+}
+
+/// The Redis commands of the worker path.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CommandCount {
+    /// Tasks per counted drain.
+    pub(crate) tasks: u64,
+    /// INFO commandstats deltas of the counted drains, one per run.
+    pub(crate) runs: Vec<Delta>,
+    /// The most commands per second other clients ran just before a counted drain.
+    pub(crate) background_per_second: f64,
+    /// Tasks of the MONITOR drain.
+    pub(crate) monitored_tasks: u64,
+    /// What MONITOR saw of the worker process.
+    pub(crate) tally: Option<Tally>,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Default)]
+pub(crate) struct Results {
+    /// Raw broker rates, one per run.
+    pub(crate) ceilings: BTreeMap<Ceiling, Vec<f64>>,
+    /// Send rates.
+    pub(crate) sends: Vec<SendRow>,
+    /// Drain rates and the worker's resources.
+    pub(crate) drains: Vec<DrainRow>,
+    /// Round trips, if measured.
+    pub(crate) round_trip: Option<RoundTrip>,
+    /// Why the round trips were not measured.
+    pub(crate) round_trip_skipped: Option<String>,
+    /// The worker's RSS on an empty queue, in bytes.
+    pub(crate) idle_rss: Option<u64>,
+    /// Redis commands per task (Redis broker).
+    pub(crate) commands: Option<CommandCount>,
+    /// Remarks for the reader.
+    pub(crate) notes: Vec<String>,
+    /// Bytes of one no-op task message.
+    pub(crate) payload_len: usize,
+    /// How long the run took.
+    pub(crate) elapsed: Duration,
+}
+
+/// The machine and the servers, for the record.
+#[derive(Debug, Clone)]
+pub(crate) struct Machine {
+    date: String,
+    commit: Option<String>,
+    nproc: usize,
+    cpu: String,
+    memory: Option<u64>,
+    redis: Option<String>,
+    rabbitmq: Option<String>,
+}
+
+impl Machine {
+    /// Finds out what it can: a missing piece is left out of the record, never an error.
+    pub(crate) async fn detect(
+        settings: &Settings,
+        redis: Option<&mut MultiplexedConnection>,
+    ) -> Machine {
+        let redis_version = match redis {
+            Some(conn) => redis::cmd("INFO")
+                .arg("server")
+                .query_async::<String>(conn)
+                .await
+                .ok()
+                .and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.trim().strip_prefix("redis_version:").map(str::to_owned))
+                }),
+            None => None,
+        };
+        let local = ["@127.0.0.1", "@localhost", "//127.0.0.1", "//localhost"];
+        let rabbitmq = if settings.kind == BrokerKind::Amqp
+            && local.iter().any(|host| settings.broker.contains(host))
+        {
+            command_output("rabbitmqctl", &["version"]).await
+        } else {
+            None
+        };
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let commit = match command_output("git", &["-C", dir, "rev-parse", "--short", "HEAD"]).await
+        {
+            Some(commit) => {
+                let dirty = command_output(
+                    "git",
+                    &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
+                )
+                .await
+                .is_some_and(|status| !status.is_empty());
+                Some(if dirty {
+                    format!("{commit}+dirty")
+                } else {
+                    commit
+                })
+            }
+            None => None,
+        };
+        Machine {
+            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            commit,
+            nproc: proc_stats::nproc(),
+            cpu: proc_stats::cpu_model(),
+            memory: proc_stats::mem_total(),
+            redis: redis_version,
+            rabbitmq,
+        }
+    }
+}
+
+/// The trimmed stdout of a command that succeeds within 10 s.
+async fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), output).await {
+        Ok(Ok(out)) if out.status.success() => {
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A target of the issue, and whether a value meets it.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// At least this many per second.
+    MinRate(f64),
+    /// At most this many milliseconds.
+    MaxMs(f64),
+    /// At most this many commands per task.
+    MaxPerTask(f64),
+    /// At most this many MiB.
+    MaxMib(f64),
+}
+
+impl Target {
+    fn judge(self, value: f64) -> String {
+        let (text, met) = match self {
+            Target::MinRate(min) => (format!("≥ {}/s", int(min)), value >= min),
+            Target::MaxMs(max) => (format!("≤ {max} ms"), value <= max),
+            Target::MaxPerTask(max) => (format!("≤ {max}"), value <= max),
+            Target::MaxMib(max) => (format!("≤ {max} MiB"), value <= max),
+        };
+        format!("{text}: {}", if met { "**met**" } else { "**missed**" })
+    }
+}
+
+/// `12345.6` → `12,346`.
+fn int(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn rate(value: f64) -> String {
+    format!("{}/s", int(value))
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A short name of a ceiling for the "vs broker" columns.
+fn short(ceiling: Ceiling, senders: usize) -> String {
+    match ceiling {
+        Ceiling::RedisPushOne => "LPUSH ×1 conn".into(),
+        Ceiling::RedisPush => format!("LPUSH ×{senders} conns"),
+        Ceiling::RedisPop => format!("LPOP ×{senders} conns"),
+        Ceiling::RedisPushPipelined => format!("LPUSH ×{senders} conns, pipelined"),
+        Ceiling::RedisPopPipelined => format!("LPOP ×{senders} conns, pipelined"),
+        Ceiling::AmqpPublishOne => "publish, confirm each".into(),
+        Ceiling::AmqpPublish => format!("publish, confirm windows of {AMQP_WINDOW}"),
+        Ceiling::AmqpConsume => format!("consume+ack, prefetch {AMQP_PREFETCH}"),
+    }
+}
+
+/// `41% of LPUSH ×10 conns`, or empty when that ceiling was not measured.
+fn versus(results: &Results, ceiling: Ceiling, senders: usize, value: f64) -> String {
+    match results.ceilings.get(&ceiling).map(|rates| median(rates)) {
+        Some(top) if top > 0.0 => {
+            let percent = 100.0 * value / top;
+            let digits = if percent < 10.0 { 1 } else { 0 };
+            format!("{percent:.digits$}% of {}", short(ceiling, senders))
+        }
+        _ => String::new(),
+    }
+}
+
+/// The ceilings a send row is compared with: the same shape (one connection awaiting each reply for one
+/// sender, as many connections as senders otherwise), and the broker's best (pipelined, or windowed
+/// confirms).
+fn send_ceilings(kind: BrokerKind, senders: usize) -> (Ceiling, Ceiling) {
+    match (kind, senders) {
+        (BrokerKind::Redis, 1) => (Ceiling::RedisPushOne, Ceiling::RedisPushPipelined),
+        (BrokerKind::Redis, _) => (Ceiling::RedisPush, Ceiling::RedisPushPipelined),
+        (BrokerKind::Amqp, 1) => (Ceiling::AmqpPublishOne, Ceiling::AmqpPublish),
+        (BrokerKind::Amqp, _) => (Ceiling::AmqpPublish, Ceiling::AmqpPublish),
+    }
+}
+
+/// The ceilings a drain is compared with: taking one message at a time from S connections, and the
+/// most the broker hands out.
+fn drain_ceilings(kind: BrokerKind) -> (Ceiling, Ceiling) {
+    match kind {
+        BrokerKind::Redis => (Ceiling::RedisPop, Ceiling::RedisPopPipelined),
+        BrokerKind::Amqp => (Ceiling::AmqpConsume, Ceiling::AmqpConsume),
+    }
+}
+
+/// The two "vs the broker" cells of a row; the second is empty when it would repeat the first.
+fn versus_pair(
+    results: &Results,
+    (same, best): (Ceiling, Ceiling),
+    senders: usize,
+    value: f64,
+) -> String {
+    let best = if best == same {
+        String::new()
+    } else {
+        versus(results, best, senders, value)
+    };
+    format!("{} | {best}", versus(results, same, senders, value))
+}
+
+fn send_target(settings: &Settings, row: &SendRow) -> Option<Target> {
+    let with_results = row.backend != "null";
+    match settings.kind {
+        BrokerKind::Redis if row.senders > 1 && with_results => Some(Target::MinRate(40_000.0)),
+        BrokerKind::Amqp if row.senders > 1 && with_results => Some(Target::MinRate(15_000.0)),
+        _ => None,
+    }
+}
+
+fn drain_target(settings: &Settings, row: &DrainRow) -> Option<Target> {
+    if row.concurrency != 10 {
+        return None;
+    }
+    match (settings.kind, row.backend) {
+        (BrokerKind::Redis, "redis") => Some(Target::MinRate(20_000.0)),
+        (BrokerKind::Redis, "null") => Some(Target::MinRate(40_000.0)),
+        (BrokerKind::Amqp, backend) if backend == backend_label(&settings.backend) => {
+            Some(Target::MinRate(12_900.0))
+        }
+        _ => None,
+    }
+}
+
+fn senders_text(senders: usize) -> String {
+    if senders == 1 {
+        "1 sender awaiting each send".into()
+    } else {
+        format!("{senders} concurrent senders")
+    }
+}
+
+/// The whole report: a heading, the command and machine, and the tables.
+pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    let kind = settings.kind;
+    let configured = backend_label(&settings.backend);
+    line(format!(
+        "## {}{} — {} broker, {} backend{}",
+        machine.date,
+        machine
+            .commit
+            .as_ref()
+            .map_or(String::new(), |c| format!(", commit {c}")),
+        kind.name(),
+        configured,
+        if settings.quick { " (quick)" } else { "" }
+    ));
+    line(String::new());
+    line(format!("Command: `{}`", command_line(settings)));
+    line(String::new());
+    let mut servers = Vec::new();
+    if let Some(v) = &machine.redis {
+        servers.push(format!("Redis {v}"));
+    }
+    if let Some(v) = &machine.rabbitmq {
+        servers.push(format!("RabbitMQ {v}"));
+    }
+    line(format!(
+        "Machine: nproc {}, {}{}{}. Broker `{}`, backend `{}`.",
+        machine.nproc,
+        machine.cpu,
+        machine.memory.map_or(String::new(), |m| format!(
+            ", {:.1} GiB RAM",
+            m as f64 / (1u64 << 30) as f64
+        )),
+        if servers.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", servers.join(", "))
+        },
+        machinery::config::redact_url(&settings.broker),
+        machinery::config::redact_url(&settings.backend),
+    ));
+    line(String::new());
+    let prefetch = match (kind, settings.prefetch) {
+        (BrokerKind::Amqp, Some(0)) => ", AMQP prefetch = the worker's concurrency".to_owned(),
+        (BrokerKind::Amqp, Some(p)) => format!(", AMQP prefetch {p}"),
+        (BrokerKind::Amqp, None) => format!(
+            ", AMQP prefetch {} (the library's default)",
+            machinery::AmqpConfig::default().prefetch_count
+        ),
+        (BrokerKind::Redis, _) => String::new(),
+    };
+    line(format!(
+        "Sizes: {} tasks per measurement ({} for one sender and at concurrency 1), {} senders, {}, {} round trips, \
+         messages of {} bytes{prefetch}. The run took {:.0} s.",
+        int(settings.tasks as f64),
+        int(settings.tasks_at(1) as f64),
+        settings.senders,
+        if settings.repeat == 1 {
+            "1 run of each measurement".to_owned()
+        } else {
+            format!("each rate the median of {} runs", settings.repeat)
+        },
+        int(settings.round_trips as f64),
+        results.payload_len,
+        results.elapsed.as_secs_f64(),
+    ));
+    line(String::new());
+
+    // The summary.
+    line("| measurement | result | target | vs the broker alone, same shape | vs the broker's best |".into());
+    line("|---|---:|---|---|---|".into());
+    for row in &results.sends {
+        let value = median(&row.rates);
+        line(format!(
+            "| send, {}, {} backend ({} tasks) | {} | {} | {} |",
+            senders_text(row.senders),
+            row.backend,
+            int(row.tasks as f64),
+            rate(value),
+            send_target(settings, row).map_or(String::new(), |t| t.judge(value)),
+            versus_pair(
+                results,
+                send_ceilings(kind, row.senders),
+                settings.senders,
+                value
+            ),
+        ));
+    }
+    for row in &results.drains {
+        let value = median(&row.rates);
+        line(format!(
+            "| drain, {} backend, concurrency {} ({} tasks) | {} | {} | {} |",
+            row.backend,
+            row.concurrency,
+            int(row.tasks as f64),
+            rate(value),
+            drain_target(settings, row).map_or(String::new(), |t| t.judge(value)),
+            versus_pair(results, drain_ceilings(kind), settings.senders, value),
+        ));
+    }
+    match (&results.round_trip, &results.round_trip_skipped) {
+        (Some(rt), _) => {
+            let p50_target = (kind == BrokerKind::Redis)
+                .then(|| Target::MaxMs(0.5).judge(rt.p50.as_secs_f64() * 1000.0));
+            line(format!(
+                "| round trip send→get, p50 ({} sequential, {configured} backend) | {} | {} | | |",
+                int(rt.count as f64),
+                ms(rt.p50),
+                p50_target.unwrap_or_default()
+            ));
+            line(format!(
+                "| round trip send→get, p99 | {} | | | |",
+                ms(rt.p99)
+            ));
+            line(format!(
+                "| round trip send→get, max | {} | | | |",
+                ms(rt.max)
+            ));
+        }
+        (None, Some(why)) => line(format!(
+            "| round trip send→get | not measured: {why} | | | |"
+        )),
+        (None, None) => {}
+    }
+    if let Some(count) = &results.commands {
+        let per_task: Vec<f64> = count
+            .runs
+            .iter()
+            .map(|d| d.total() as f64 / count.tasks.max(1) as f64)
+            .collect();
+        let value = median(&per_task);
+        line(format!(
+            "| Redis commands per task, worker path ({configured} backend, concurrency \
+             {COUNTED_CONCURRENCY}; INFO commandstats, scripts' commands included) | {value:.2} | {} | | |",
+            Target::MaxPerTask(3.0).judge(value)
+        ));
+        if let Some(tally) = &count.tally {
+            let tasks = count.monitored_tasks.max(1) as f64;
+            line(format!(
+                "| … of which sent by the worker (MONITOR: top-level commands, {} tasks) | {:.2} | | | |",
+                int(count.monitored_tasks as f64),
+                tally.top_level_total() as f64 / tasks
+            ));
+            line(format!(
+                "| … and run inside its Lua scripts (MONITOR) | {:.2} | | | |",
+                tally.scripted_total() as f64 / tasks
+            ));
+        }
+    }
+    if let Some(idle) = results.idle_rss {
+        line(format!(
+            "| worker RSS, idle (concurrency 10, empty queue, after 1 s) | {} | {} | | |",
+            mib(idle as f64),
+            Target::MaxMib(15.0).judge(idle as f64 / (1024.0 * 1024.0))
+        ));
+    }
+    let main_drain = results
+        .drains
+        .iter()
+        .find(|r| r.backend == configured && r.concurrency == 10)
+        .or_else(|| results.drains.iter().find(|r| r.backend == configured));
+    if let Some(row) = main_drain {
+        line(format!(
+            "| worker RSS at the end of the drain ({} backend, concurrency {}) | {} | | | |",
+            row.backend,
+            row.concurrency,
+            mib(median(&row.rss_end))
+        ));
+        line(format!(
+            "| worker CPU per 10k tasks ({} backend, concurrency {}) | {:.2} s | | | |",
+            row.backend,
+            row.concurrency,
+            median(&row.cpu_per_10k)
+        ));
+    }
+    line(String::new());
+
+    // Drains in detail.
+    line("Drains: the worker process, started on a queue already holding the tasks.".into());
+    line(String::new());
+    line(
+        "| backend | concurrency | tasks | drain rate | vs the broker alone, same shape | vs the broker's best | worker CPU per 10k tasks | worker RSS at end | Redis commands per task |"
+            .into(),
+    );
+    line("|---|---:|---:|---:|---|---|---:|---:|---:|".into());
+    for row in &results.drains {
+        let value = median(&row.rates);
+        line(format!(
+            "| {} | {} | {} | {} | {} | {:.2} s | {} | {} |",
+            row.backend,
+            row.concurrency,
+            int(row.tasks as f64),
+            rate(value),
+            versus_pair(results, drain_ceilings(kind), settings.senders, value),
+            median(&row.cpu_per_10k),
+            mib(median(&row.rss_end)),
+            if row.commands_per_task.is_empty() {
+                "–".to_owned()
+            } else {
+                format!("{:.2}", median(&row.commands_per_task))
+            }
+        ));
+    }
+    line(String::new());
+
+    // The broker alone.
+    line(format!(
+        "The broker alone, same run, same client crate ({}), messages of {} bytes:",
+        match kind {
+            BrokerKind::Redis => "redis",
+            BrokerKind::Amqp => "lapin",
+        },
+        results.payload_len
+    ));
+    line(String::new());
+    line("| broker ceiling | rate | short name |".into());
+    line("|---|---:|---|".into());
+    for (ceiling, rates) in &results.ceilings {
+        line(format!(
+            "| {} | {} | {} |",
+            ceiling.label(settings.senders),
+            rate(median(rates)),
+            short(*ceiling, settings.senders)
+        ));
+    }
+    line(String::new());
+
+    // The Redis commands, by name.
+    if let Some(count) = &results.commands {
+        let mut runs: Vec<&Delta> = count.runs.iter().collect();
+        runs.sort_by_key(|d| d.total());
+        if let Some(delta) = runs.get(runs.len() / 2) {
+            line(format!(
+                "Redis commands per task of the worker path, by command (concurrency {COUNTED_CONCURRENCY}, \
+                 {configured} backend; INFO commandstats of the median run, every client of the server):"
+            ));
+            line(String::new());
+            let tally = count.tally.as_ref();
+            line("| command | INFO commandstats, per task | MONITOR, sent by the worker, per task | MONITOR, inside its scripts, per task |".into());
+            line("|---|---:|---:|---:|".into());
+            let tasks = count.tasks.max(1) as f64;
+            let monitored = count.monitored_tasks.max(1) as f64;
+            let mut names: Vec<String> = delta.calls.iter().map(|(n, _)| n.clone()).collect();
+            if let Some(t) = tally {
+                for (name, _) in t.top_level.iter().chain(&t.scripted) {
+                    if !names.contains(name) {
+                        names.push(name.clone());
+                    }
+                }
+            }
+            let find = |list: &[(String, u64)], name: &str| {
+                list.iter().find(|(n, _)| n == name).map(|(_, c)| *c)
+            };
+            for name in names.iter().take(15) {
+                let stat = find(&delta.calls, name)
+                    .map_or("–".to_owned(), |c| format!("{:.3}", c as f64 / tasks));
+                let (top, inside) = match tally {
+                    Some(t) => (
+                        find(&t.top_level, name)
+                            .map_or("–".to_owned(), |c| format!("{:.3}", c as f64 / monitored)),
+                        find(&t.scripted, name)
+                            .map_or("–".to_owned(), |c| format!("{:.3}", c as f64 / monitored)),
+                    ),
+                    None => ("–".to_owned(), "–".to_owned()),
+                };
+                line(format!("| {name} | {stat} | {top} | {inside} |"));
+            }
+            line(format!(
+                "| **all** | {:.3} | {} | {} |",
+                delta.total() as f64 / tasks,
+                tally.map_or("–".to_owned(), |t| format!(
+                    "{:.3}",
+                    t.top_level_total() as f64 / monitored
+                )),
+                tally.map_or("–".to_owned(), |t| format!(
+                    "{:.3}",
+                    t.scripted_total() as f64 / monitored
+                )),
+            ));
+            line(format!(
+                "| total_commands_processed (INFO stats) | {:.3} | | |",
+                delta.processed as f64 / tasks
+            ));
+            line(String::new());
+        }
+    }
+
+    // Notes.
+    let mut notes = vec![
+        format!(
+            "Send: `noop::send(&server)` on one shared `Server`, the PENDING state written unless the \
+             backend is null. \"Same shape\" compares a row with the broker doing the same thing the \
+             same way: {}. \"Best\" is the most the broker does: {}.",
+            match kind {
+                BrokerKind::Redis => "one sender with LPUSH from one connection, S senders with LPUSH \
+                                      from S connections, drains with LPOP from S connections, each \
+                                      reply awaited",
+                BrokerKind::Amqp => "one sender with publishes awaiting each confirm, S senders with \
+                                     windowed confirms, drains with consuming and acking",
+            },
+            match kind {
+                BrokerKind::Redis => "the same commands pipelined by 100",
+                BrokerKind::Amqp => "the same (one channel)",
+            },
+        ),
+        format!(
+            "Drain rate = tasks ÷ (end of the last task − start of the first), as the worker process \
+             reports it; its CPU (utime+stime from /proc) is counted from `ready` to the last task, its \
+             RSS read when the last task finished. Round trips follow {WARM_UP_ROUND_TRIPS} unmeasured \
+             ones. Results expire after {RESULTS_EXPIRE_SECS} s."
+        ),
+    ];
+    if kind == BrokerKind::Redis && results.commands.is_some() {
+        notes.push(
+            "Redis counts the commands a Lua script runs in INFO commandstats, and in \
+             total_commands_processed too (on Redis 7.0 an EVAL running ten GETs adds eleven), so \
+             neither tells the commands a worker sends from those its scripts run; MONITOR does, in a \
+             separate untimed drain, keeping only the worker process's own connections. Pipelined \
+             commands are counted one by one, so round trips can be fewer."
+                .into(),
+        );
+    }
+    if let Some(count) = &results.commands {
+        if count.background_per_second >= 1.0 {
+            notes.push(format!(
+                "Other clients ran about {:.0} commands/s on this Redis just before a counted drain; \
+                 INFO commandstats counts them too.",
+                count.background_per_second
+            ));
+        }
+    }
+    if configured == "amqp" {
+        notes.push(format!(
+            "The AMQP result backend keeps one queue per task (`task_<uuid>`); the benchmark leaves them \
+             to expire after {RESULTS_EXPIRE_SECS} s."
+        ));
+    }
+    let failures: u64 = results.drains.iter().map(|r| r.failures).sum();
+    if failures > 0 {
+        notes.push(format!(
+            "{failures} tasks ended in FAILURE during the drains."
+        ));
+    }
+    notes.extend(results.notes.iter().cloned());
+    for note in notes {
+        line(format!("- {note}"));
+    }
+    out
+}
+
+/// How this run was started, passwords hidden.
+fn command_line(settings: &Settings) -> String {
+    let args: Vec<String> = settings
+        .args
+        .iter()
+        .map(|arg| {
+            let arg = if arg.contains("://") {
+                machinery::config::redact_url(arg)
+            } else {
+                arg.clone()
+            };
+            if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c == '\'') {
+                format!("'{}'", arg.replace('\'', r"'\''"))
+            } else {
+                arg
+            }
+        })
+        .collect();
+    if args.is_empty() {
+        "cargo run --release -p machinery-bench".to_owned()
+    } else {
+        format!(
+            "cargo run --release -p machinery-bench -- {}",
+            args.join(" ")
+        )
+    }
+}
+
+/// Appends `text` to the record at `path`, starting the file with the introduction if it is new.
+pub(crate) fn append(path: &Path, text: &str) -> Result<(), BenchError> {
+    let shown = path.display().to_string();
+    let exists = path.exists();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(BenchError::io(format!("opening {shown}")))?;
+    let mut body = String::new();
+    if !exists {
+        body.push_str(INTRO);
+    }
+    body.push('\n');
+    body.push_str(text);
+    file.write_all(body.as_bytes())
+        .map_err(BenchError::io(format!("writing {shown}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_get_thousands_separators() {
+        assert_eq!(int(0.0), "0");
+        assert_eq!(int(999.4), "999");
+        assert_eq!(int(1000.0), "1,000");
+        assert_eq!(int(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn targets_say_whether_they_are_met() {
+        assert_eq!(
+            Target::MinRate(20_000.0).judge(21_000.0),
+            "≥ 20,000/s: **met**"
+        );
+        assert_eq!(Target::MaxMs(0.5).judge(0.7), "≤ 0.5 ms: **missed**");
+    }
+}
