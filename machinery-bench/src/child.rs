@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Notify;
 
-use crate::cli::WorkerArgs;
+use crate::cli::{WorkerArgs, WorkerRuntime};
 use crate::error::BenchError;
 use crate::proc_stats;
 use crate::servers;
@@ -114,6 +114,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) expect: u64,
     /// AMQP prefetch override.
     pub(crate) prefetch: Option<u16>,
+    /// Its tokio runtime.
+    pub(crate) runtime: WorkerRuntime,
 }
 
 /// What the worker process reported, and its RSS and CPU at that moment.
@@ -153,7 +155,8 @@ impl ChildWorker {
             .args(["--backend", &spec.backend])
             .args(["--queue", &spec.queue])
             .args(["--concurrency", &spec.concurrency.to_string()])
-            .args(["--expect", &spec.expect.to_string()]);
+            .args(["--expect", &spec.expect.to_string()])
+            .args(["--runtime", spec.runtime.arg()]);
         if let Some(prefetch) = spec.prefetch {
             command.args(["--prefetch", &prefetch.to_string()]);
         }

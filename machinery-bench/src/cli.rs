@@ -62,6 +62,46 @@ pub(crate) struct WorkerArgs {
     /// AMQP prefetch (0: the concurrency); the library's default when absent
     #[arg(long)]
     pub(crate) prefetch: Option<u16>,
+    /// The worker process's tokio runtime.
+    #[arg(long, value_enum, default_value_t = WorkerRuntime::Multi)]
+    pub(crate) runtime: WorkerRuntime,
+}
+
+/// The tokio runtime the worker process runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum WorkerRuntime {
+    /// `#[tokio::main]`'s default: a worker thread per CPU.
+    Multi,
+    /// `#[tokio::main(flavor = "current_thread")]`: everything on one thread.
+    Current,
+}
+
+impl WorkerRuntime {
+    /// How the report names it.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            WorkerRuntime::Multi => "multi-thread tokio runtime (the `#[tokio::main]` default)",
+            WorkerRuntime::Current => "current-thread tokio runtime",
+        }
+    }
+
+    /// The command-line value.
+    pub(crate) fn arg(self) -> &'static str {
+        match self {
+            WorkerRuntime::Multi => "multi",
+            WorkerRuntime::Current => "current",
+        }
+    }
+
+    /// Builds the runtime.
+    pub(crate) fn build(self) -> std::io::Result<tokio::runtime::Runtime> {
+        match self {
+            WorkerRuntime::Multi => tokio::runtime::Builder::new_multi_thread(),
+            WorkerRuntime::Current => tokio::runtime::Builder::new_current_thread(),
+        }
+        .enable_all()
+        .build()
+    }
 }
 
 /// The options of a benchmark run.
@@ -96,9 +136,13 @@ pub(crate) struct Options {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     round_trips: usize,
     /// AMQP basic.qos prefetch of the worker; 0 means the worker's concurrency [default: the
-    /// library's, 3 as in Go]
+    /// library's, 0]
     #[arg(long, value_name = "N")]
     prefetch: Option<u16>,
+    /// The worker process's tokio runtime: `multi` (the `#[tokio::main]` default) or `current`
+    /// (`flavor = "current_thread"`)
+    #[arg(long, value_enum, value_name = "RUNTIME", default_value_t = WorkerRuntime::Multi)]
+    worker_runtime: WorkerRuntime,
     /// Small sizes and a single run, to check a setup in under 30 seconds
     #[arg(long)]
     quick: bool,
@@ -190,6 +234,8 @@ pub(crate) struct Settings {
     pub(crate) round_trips: usize,
     /// AMQP prefetch override.
     pub(crate) prefetch: Option<u16>,
+    /// The worker process's tokio runtime.
+    pub(crate) worker_runtime: WorkerRuntime,
     /// `--quick` was given.
     pub(crate) quick: bool,
     /// Where to append the results, if anywhere.
@@ -262,6 +308,7 @@ impl Options {
             repeat,
             round_trips: self.round_trips,
             prefetch: self.prefetch,
+            worker_runtime: self.worker_runtime,
             quick: self.quick,
             record,
             args: std::env::args().skip(1).collect(),

@@ -41,10 +41,11 @@ async fn noop() -> Result<(), machinery::TaskError> {
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let flavor = match &cli.command {
+        Some(cli::Command::Worker(args)) => args.runtime,
+        None => cli::WorkerRuntime::Multi,
+    };
+    let runtime = match flavor.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("machinery-bench: cannot start the async runtime: {error}");

@@ -438,6 +438,10 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
         (BrokerKind::Redis, _) => String::new(),
     };
     line(format!(
+        "The worker process runs on a {}.",
+        settings.worker_runtime.describe()
+    ));
+    line(format!(
         "Sizes: {} tasks per measurement ({} for one sender and at concurrency 1), {} senders, {}, {} round trips, \
          messages of {} bytes{prefetch}. The run took {:.0} s.",
         int(settings.tasks as f64),

@@ -152,6 +152,7 @@ impl Env {
             concurrency,
             expect,
             prefetch: self.settings.prefetch,
+            runtime: self.settings.worker_runtime,
         }
     }
 

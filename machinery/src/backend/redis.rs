@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{AsyncCommands as _, Client, RedisError};
-use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio::sync::{mpsc, watch, OnceCell};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Backend, BackendError};
@@ -74,8 +74,11 @@ struct Scripts {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     // KEYS: task uuid. ARGV: JSON text before the TaskName value, the TaskName value (JSON) or '' to keep
     // the previous one, the CreatedAt value (JSON) or '' to keep the previous one, JSON text after it,
-    // expiry in seconds, channel to announce on or '', the revocation error text or '', then one or more
-    // "middles" (the text from after TaskName up to CreatedAt: State, Results, Error).
+    // expiry in seconds, channel to announce the last state on (the message is its JSON) or '', the
+    // revocation error text or '', then one or more
+    // "middles" (the text from after TaskName up to CreatedAt: State, Results, Error). With a second key
+    // (a Redis broker's in-flight list), the last ARGV is a message to remove from it once the states
+    // are written: the broker's acknowledgement, in the same step.
     // Writes one state per middle, in order, each as SET ... EX, taking the missing values from the
     // previous record, and returns 1; with a revocation text, writes nothing and returns 0 if the previous
     // record is that revocation. Only strings are read from the old record; the JSON text we made is
@@ -121,10 +124,15 @@ if created == '' then
     created = cjson.encode(prev)
   end
 end
-for i = 8, #ARGV do
-  redis.call('SET', KEYS[1], ARGV[1] .. name .. ARGV[i] .. created .. ARGV[4], 'EX', ARGV[5])
+local last = #ARGV
+if KEYS[2] then last = last - 1 end
+local text
+for i = 8, last do
+  text = ARGV[1] .. name .. ARGV[i] .. created .. ARGV[4]
+  redis.call('SET', KEYS[1], text, 'EX', ARGV[5])
 end
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], KEYS[1]) end
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], text) end
+if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[#ARGV]) end
 return 1
 "#,
     ),
@@ -301,6 +309,31 @@ impl RedisBackend {
             channel,
             unless_revoked,
             vec![middle],
+            None,
+        ))
+    }
+
+    /// The `set_state` script storing `state`, then removing `message` from the list `inflight` (a Redis
+    /// broker's acknowledgement): both in one step on the server.
+    pub(crate) fn state_and_ack_cmd(
+        &self,
+        state: &TaskState,
+        inflight: &str,
+        message: &[u8],
+    ) -> Result<redis::Cmd, BackendError> {
+        let channel = if state.is_completed() {
+            completion_channel(&state.task_uuid).into_bytes()
+        } else {
+            Vec::new()
+        };
+        let [prefix, name, middle, created, suffix] = self.pieces(state)?;
+        Ok(self.script_cmd(
+            &state.task_uuid,
+            [prefix, name, created, suffix],
+            channel,
+            false,
+            vec![middle],
+            Some((inflight, message)),
         ))
     }
 
@@ -319,6 +352,7 @@ impl RedisBackend {
         channel: Vec<u8>,
         unless_revoked: bool,
         middles: Vec<Vec<u8>>,
+        ack: Option<(&str, &[u8])>,
     ) -> redis::Cmd {
         let expire = self.inner.expire_secs.to_string().into_bytes();
         let revoked = if unless_revoked {
@@ -328,7 +362,15 @@ impl RedisBackend {
         };
         let mut args = vec![prefix, name, created, suffix, expire, channel, revoked];
         args.extend(middles);
-        SCRIPTS.set_state.cmd(&[task_uuid.as_bytes()], &args)
+        match ack {
+            Some((inflight, message)) => {
+                args.push(message.to_vec());
+                SCRIPTS
+                    .set_state
+                    .cmd(&[task_uuid.as_bytes(), inflight.as_bytes()], &args)
+            }
+            None => SCRIPTS.set_state.cmd(&[task_uuid.as_bytes()], &args),
+        }
     }
 
     /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
@@ -369,6 +411,7 @@ impl RedisBackend {
             Vec::new(),
             true,
             vec![received_middle, started_middle],
+            None,
         )))
     }
 
@@ -519,12 +562,11 @@ impl Backend for RedisBackend {
     ) -> Result<Option<TaskState>, BackendError> {
         let deadline = tokio::time::Instant::now() + timeout;
         // Subscribe before the first read, so that a completion between the two is not missed.
-        let waiter = self.notifier().await.register(task_uuid).await;
+        let mut waiter = self.notifier().await.register(task_uuid).await;
         let mut poll = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
         loop {
-            let notified = waiter.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            // Seen before the read: an announcement after it wakes the wait below.
+            waiter.announced.borrow_and_update();
             let state = self.get_state(task_uuid).await?;
             if state.as_ref().is_some_and(TaskState::is_completed) {
                 return Ok(state);
@@ -535,7 +577,20 @@ impl Backend for RedisBackend {
             }
             let nap = poll.next_delay().min(deadline - now);
             tokio::select! {
-                _ = notified => {}
+                changed = waiter.announced.changed() => {
+                    // The announcement carries the state: no need to read it back.
+                    let announced = waiter.announced.borrow_and_update().clone();
+                    if let Some(state) = announced
+                        .and_then(|json| TaskState::from_json(&json).ok())
+                        .filter(|s| s.task_uuid == task_uuid && s.is_completed())
+                    {
+                        return Ok(Some(state));
+                    }
+                    if changed.is_err() {
+                        // The notifier is gone: polling only.
+                        tokio::time::sleep(nap).await;
+                    }
+                }
                 _ = tokio::time::sleep(nap) => {}
             }
         }
@@ -665,14 +720,14 @@ struct Notifier {
 
 #[derive(Default)]
 struct NotifierShared {
-    /// Channel → (number of waiters, their wake-up).
-    waiters: Mutex<HashMap<String, (usize, Arc<Notify>)>>,
+    /// Channel → (number of waiters, the last announcement: a state's JSON, or `None` for "look again").
+    waiters: Mutex<HashMap<String, (usize, Announcer)>>,
     sink: Mutex<Option<PubSubSink>>,
     unsubscribe: Mutex<Option<mpsc::UnboundedSender<String>>>,
 }
 
 impl NotifierShared {
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Arc<Notify>)>> {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Announcer)>> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -685,8 +740,10 @@ impl NotifierShared {
 struct Waiter {
     shared: Arc<NotifierShared>,
     channel: String,
-    notify: Arc<Notify>,
+    announced: watch::Receiver<Option<Arc<[u8]>>>,
 }
+
+type Announcer = watch::Sender<Option<Arc<[u8]>>>;
 
 impl Drop for Waiter {
     fn drop(&mut self) {
@@ -733,18 +790,18 @@ impl Notifier {
 
     async fn register(&self, task_uuid: &str) -> Waiter {
         let channel = completion_channel(task_uuid);
-        let (notify, first) = {
+        let (announced, first) = {
             let mut waiters = self.shared.waiters();
             let entry = waiters
                 .entry(channel.clone())
-                .or_insert_with(|| (0, Arc::new(Notify::new())));
+                .or_insert_with(|| (0, watch::channel(None).0));
             entry.0 += 1;
-            (entry.1.clone(), entry.0 == 1)
+            (entry.1.subscribe(), entry.0 == 1)
         };
         let waiter = Waiter {
             shared: self.shared.clone(),
             channel,
-            notify,
+            announced,
         };
         if first {
             if let Some(mut sink) = self.shared.sink() {
@@ -778,19 +835,17 @@ impl Notifier {
                         }
                     }
                     // Anything announced while we were away: let every waiter look again.
-                    for (_, notify) in shared.waiters().values() {
-                        notify.notify_waiters();
+                    for (_, announcer) in shared.waiters().values() {
+                        announcer.send_replace(None);
                     }
                     loop {
                         tokio::select! {
                             message = stream.next() => match message {
                                 Some(message) => {
-                                    let notify = shared
-                                        .waiters()
-                                        .get(message.get_channel_name())
-                                        .map(|(_, notify)| notify.clone());
-                                    if let Some(notify) = notify {
-                                        notify.notify_waiters();
+                                    if let Some((_, announcer)) =
+                                        shared.waiters().get(message.get_channel_name())
+                                    {
+                                        announcer.send_replace(Some(Arc::from(message.get_payload_bytes())));
                                     }
                                 }
                                 None => break,

@@ -80,13 +80,21 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    // KEYS: queue, in-flight list, redelivered set. ARGV: how many to take, [a message BLMOVE already took].
+    // KEYS: queue, in-flight list, redelivered set. ARGV: how many to take, ['after-wait'].
     // Moves up to ARGV[1] messages from the head of the queue to the tail of the in-flight list and returns
-    // them as pairs {body, redelivered 0/1}, the BLMOVEd one first.
+    // them as pairs {body, redelivered 0/1}. With 'after-wait' it runs in one pipeline right after a
+    // BLMOVE (nothing runs between the two): the in-flight list's last element is what BLMOVE moved, if
+    // it moved anything, and the reply starts with that element's redelivered flag.
     fetch: Lua::new(
         r#"
+local out = {}
+local marked = redis.call('EXISTS', KEYS[3]) == 1
+if ARGV[2] then
+  out[1] = 0
+  local last = redis.call('LINDEX', KEYS[2], -1)
+  if marked and last then out[1] = redis.call('SREM', KEYS[3], redis.sha1hex(last)) end
+end
 local taken = {}
-if ARGV[2] then taken[1] = ARGV[2] end
 local n = tonumber(ARGV[1])
 if n > 0 then
   local popped = redis.call('LPOP', KEYS[1], n)
@@ -97,8 +105,6 @@ if n > 0 then
     for _, m in ipairs(popped) do taken[#taken + 1] = m end
   end
 end
-local out = {}
-local marked = redis.call('EXISTS', KEYS[3]) == 1
 for _, m in ipairs(taken) do
   out[#out + 1] = m
   if marked then out[#out + 1] = redis.call('SREM', KEYS[3], redis.sha1hex(m)) else out[#out + 1] = 0 end
@@ -835,29 +841,22 @@ impl RedisConsumer {
         .await
     }
 
-    /// Takes up to `max` messages without waiting (plus `already`, a message `BLMOVE` took).
-    async fn fetch(
-        &self,
-        max: usize,
-        already: Option<Vec<u8>>,
-    ) -> Result<Vec<Delivery>, BrokerError> {
+    /// The fetch script's keys.
+    fn fetch_keys(&self) -> [&[u8]; 3] {
+        [
+            self.keys.queue.as_bytes(),
+            self.inflight.as_bytes(),
+            self.keys.redelivered.as_bytes(),
+        ]
+    }
+
+    /// Takes up to `max` messages without waiting.
+    async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let mut conn = self.inner.conn.clone();
         let count = max.to_string();
-        let mut args: Vec<&[u8]> = vec![count.as_bytes()];
-        if let Some(body) = &already {
-            args.push(body);
-        }
         let pairs: Vec<(Vec<u8>, u8)> = SCRIPTS
             .fetch
-            .run(
-                &mut conn,
-                &[
-                    self.keys.queue.as_bytes(),
-                    self.inflight.as_bytes(),
-                    self.keys.redelivered.as_bytes(),
-                ],
-                &args,
-            )
+            .run(&mut conn, &self.fetch_keys(), &[count.as_bytes()])
             .await
             .map_err(op("fetch"))?;
         Ok(pairs
@@ -934,16 +933,14 @@ impl RedisConsumer {
                 return Ok(orphans);
             }
         }
-        let batch = self.fetch(max, None).await?;
+        let batch = self.fetch(max).await?;
         if !batch.is_empty() {
             return Ok(batch);
         }
         loop {
-            if let Some(body) = self.wait_for_one().await? {
-                if max == 1 {
-                    return Ok(vec![self.delivery(body, false)]);
-                }
-                return self.fetch(max - 1, Some(body)).await;
+            let batch = self.wait(max).await?;
+            if !batch.is_empty() {
+                return Ok(batch);
             }
         }
     }
@@ -966,26 +963,54 @@ impl RedisConsumer {
         }
     }
 
-    /// Waits (up to the poll period) for one message with `BLMOVE`.
-    async fn wait_for_one(&mut self) -> Result<Option<Vec<u8>>, BrokerError> {
+    /// Waits (up to the poll period) for a message with `BLMOVE`, and takes up to `max - 1` more in the
+    /// same round trip: the fetch script follows in one pipeline and runs as soon as `BLMOVE` returns.
+    async fn wait(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let period = self.inner.config.normal_tasks_poll_period.max(100);
         let timeout = format!("{:.3}", period as f64 / 1000.0);
-        let queue = self.keys.queue.clone();
-        let inflight = self.inflight.clone();
-        let conn = self.blocking_connection().await?;
-        let moved: Result<Option<Vec<u8>>, RedisError> = redis::cmd("BLMOVE")
-            .arg(&queue)
-            .arg(&inflight)
+        let mut pipe = redis::pipe();
+        pipe.cmd("BLMOVE")
+            .arg(&self.keys.queue)
+            .arg(&self.inflight)
             .arg("LEFT")
             .arg("RIGHT")
             .arg(&timeout)
-            .query_async(conn)
-            .await;
-        moved.map_err(|error| {
-            // A broken blocking connection is replaced on the next call.
-            self.blocking = None;
-            op("fetch")(error)
-        })
+            .add_command(SCRIPTS.fetch.cmd(
+                &self.fetch_keys(),
+                &[(max - 1).to_string().as_bytes(), b"after-wait"],
+            ));
+        let conn = self.blocking_connection().await?;
+        let replies: Result<(Option<Vec<u8>>, Vec<redis::Value>), RedisError> =
+            pipe.query_async(conn).await;
+        let (moved, fetched) = match replies {
+            Ok(replies) => replies,
+            Err(error) => {
+                // A broken blocking connection is replaced on the next call. BLMOVE may have moved a
+                // message before the script failed (NOSCRIPT after a server restart): the next call hands
+                // out what sits in our in-flight list unclaimed.
+                self.blocking = None;
+                self.reconcile = true;
+                if is_noscript(&error) {
+                    let mut conn = self.inner.conn.clone();
+                    SCRIPTS.fetch.load(&mut conn).await.map_err(op("fetch"))?;
+                }
+                return Err(op("fetch")(error));
+            }
+        };
+        let mut fetched = fetched.into_iter();
+        let first_redelivered = fetched.next();
+        let mut batch = Vec::new();
+        if let Some(body) = moved {
+            let redelivered =
+                first_redelivered.is_some_and(|v| redis::from_redis_value::<u8>(v) == Ok(1));
+            batch.push(self.delivery(body, redelivered));
+        }
+        while let (Some(body), Some(flag)) = (fetched.next(), fetched.next()) {
+            let body: Vec<u8> = redis::from_redis_value(body)
+                .map_err(|error| BrokerError::operation("fetch", error))?;
+            batch.push(self.delivery(body, redis::from_redis_value::<u8>(flag) == Ok(1)));
+        }
+        Ok(batch)
     }
 }
 
@@ -1122,22 +1147,17 @@ impl Acknowledger for RedisAcker {
         backend: &dyn Backend,
         state: &TaskState,
     ) -> Result<bool, BrokerError> {
-        // The state first, then the acknowledgement, in one pipeline: if the connection breaks between
-        // the two the message stays in flight and runs again (at-least-once), never the other way round.
+        // The state first, then the acknowledgement, in one script on the server: if anything fails
+        // before the end the message stays in flight and runs again (at-least-once), never the other way
+        // round.
         let Some(redis_backend) = self.inner.same_database(backend) else {
             return Ok(false);
         };
-        let state_cmd = redis_backend
-            .state_cmd(state)
+        let cmd = redis_backend
+            .state_and_ack_cmd(state, &self.inflight, &self.original)
             .map_err(|error| BrokerError::operation("store the state and acknowledge", error))?;
         let mut pipe = redis::pipe();
-        pipe.add_command(state_cmd)
-            .ignore()
-            .cmd("LREM")
-            .arg(&self.inflight)
-            .arg(1)
-            .arg(&self.original)
-            .ignore();
+        pipe.add_command(cmd).ignore();
         self.inner
             .run_fused("store the state and acknowledge", redis_backend, &pipe)
             .await?;

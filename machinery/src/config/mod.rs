@@ -185,7 +185,7 @@ impl Default for AmqpConfig {
             queue_declare_args: Map::new(),
             queue_binding_args: Map::new(),
             binding_key: "machinery_task".into(),
-            prefetch_count: 3,
+            prefetch_count: 0,
             auto_delete: false,
             delayed_queue: String::new(),
         }
