@@ -4,6 +4,11 @@ use lapin::uri::AMQPUri;
 
 use crate::config::ConfigError;
 
+/// The largest AMQP frame we offer unless the URL says otherwise (`?frame_max=`). lapin keeps send and
+/// receive buffers of 32 frames each, so RabbitMQ's 128 KiB would cost 8 MiB per connection; task messages
+/// are a few hundred bytes, and a larger body simply travels in several frames.
+const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 /// One URL of the list: what lapin connects to, and how we name it in logs and errors.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
@@ -56,6 +61,9 @@ pub(crate) fn endpoints(
                     })?;
             if uri.vhost.is_empty() {
                 uri.vhost = "/".into();
+            }
+            if uri.query.frame_max.is_none() {
+                uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
             }
             Ok(Endpoint { uri, display })
         })
