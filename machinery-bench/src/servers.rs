@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::options::QueueDeleteOptions;
-use machinery::redis_url::{RedisAddr, RedisUrl};
+use machinery::redis_url::RedisUrl;
 use machinery::Config;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands as _;
-use redis::IntoConnectionInfo as _;
 
 use crate::error::BenchError;
 
@@ -41,36 +40,10 @@ pub(crate) fn redis_client(url: &str) -> Result<redis::Client, BenchError> {
             machinery::config::redact_url(url)
         ))
     })?;
-    let addr = match &parsed.addr {
-        RedisAddr::Tcp {
-            host,
-            port,
-            tls: false,
-        } => redis::ConnectionAddr::Tcp(host.clone(), *port),
-        RedisAddr::Tcp {
-            host,
-            port,
-            tls: true,
-        } => redis::ConnectionAddr::TcpTls {
-            host: host.clone(),
-            port: *port,
-            insecure: parsed.tls_insecure,
-            tls_params: None,
-        },
-        RedisAddr::Unix(path) => redis::ConnectionAddr::Unix(path.clone()),
-    };
-    let mut settings = redis::RedisConnectionInfo::default().set_db(parsed.db);
-    if let Some(user) = &parsed.username {
-        settings = settings.set_username(user);
-    }
-    if let Some(pass) = &parsed.password {
-        settings = settings.set_password(pass);
-    }
     let what = format!("connecting to {}", parsed.redacted());
-    let info = addr
-        .into_connection_info()
-        .map_err(BenchError::redis(what.clone()))?
-        .set_redis_settings(settings);
+    let info = parsed
+        .connection_info()
+        .map_err(BenchError::redis(what.clone()))?;
     redis::Client::open(info).map_err(BenchError::redis(what))
 }
 

@@ -217,8 +217,9 @@ impl RedisUrl {
         self.addr == other.addr && self.db == other.db && self.username == other.username
     }
 
-    /// The `redis` crate's connection settings.
-    pub(crate) fn connection_info(&self) -> redis::RedisResult<redis::ConnectionInfo> {
+    /// The `redis` crate's connection settings for this URL (for tools that talk to the same server with
+    /// the `redis` crate directly).
+    pub fn connection_info(&self) -> redis::RedisResult<redis::ConnectionInfo> {
         use redis::IntoConnectionInfo as _;
         let addr = match &self.addr {
             RedisAddr::Tcp {

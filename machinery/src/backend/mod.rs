@@ -127,11 +127,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         received: &TaskState,
         started: &TaskState,
     ) -> Result<bool, BackendError> {
-        if !self.set_received(received).await? {
-            return Ok(false);
-        }
-        self.set_state(started).await?;
-        Ok(true)
+        received_then_started(self, received, started).await
     }
 
     /// [`Backend::set_received_and_started`] for a batch of tasks (what a worker fetched at once), with
@@ -220,6 +216,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+}
+
+/// [`Backend::set_received`], then [`Backend::set_state`] for STARTED unless the task was revoked: the
+/// two calls in turn, for backends with no single step for the pair.
+pub(crate) async fn received_then_started<B: Backend + ?Sized>(
+    backend: &B,
+    received: &TaskState,
+    started: &TaskState,
+) -> Result<bool, BackendError> {
+    if !backend.set_received(received).await? {
+        return Ok(false);
+    }
+    backend.set_state(started).await?;
+    Ok(true)
 }
 
 /// The URL schemes of the result backends in this build.

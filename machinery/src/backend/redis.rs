@@ -415,18 +415,6 @@ impl RedisBackend {
         )))
     }
 
-    async fn received_then_started(
-        &self,
-        received: &TaskState,
-        started: &TaskState,
-    ) -> Result<bool, BackendError> {
-        if !self.set_received(received).await? {
-            return Ok(false);
-        }
-        self.set_state(started).await?;
-        Ok(true)
-    }
-
     /// Runs a pipeline and returns its replies, loading the scripts and trying once more if the server
     /// did not know them.
     async fn query_pipeline<T: redis::FromRedisValue>(
@@ -514,7 +502,9 @@ impl Backend for RedisBackend {
                     results.push(None);
                 }
                 // Not the worker's usual pair: the two calls, on their own.
-                Ok(None) => results.push(Some(self.received_then_started(received, started).await)),
+                Ok(None) => results.push(Some(
+                    super::received_then_started(self, received, started).await,
+                )),
                 Err(error) => results.push(Some(Err(error))),
             }
         }
