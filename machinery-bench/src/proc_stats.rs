@@ -24,9 +24,14 @@ pub(crate) fn rss_bytes(pid: u32) -> Result<u64, BenchError> {
     let path = format!("/proc/{pid}/status");
     let status =
         std::fs::read_to_string(&path).map_err(BenchError::io(format!("reading {path}")))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+    kib_field(&status, "VmRSS:")
+        .ok_or_else(|| BenchError::Child(format!("{path} has no VmRSS line")))
+}
+
+/// The value in bytes of a `<name> <n> kB` line of a /proc file.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
         .and_then(|rest| {
             rest.trim()
                 .trim_end_matches("kB")
@@ -35,7 +40,6 @@ pub(crate) fn rss_bytes(pid: u32) -> Result<u64, BenchError> {
                 .ok()
         })
         .map(|kib| kib * 1024)
-        .ok_or_else(|| BenchError::Child(format!("{path} has no VmRSS line")))
 }
 
 /// User plus system CPU seconds `pid` has used (`utime` + `stime` of /proc/<pid>/stat).
@@ -120,16 +124,7 @@ pub(crate) fn cpu_model() -> String {
 /// Total memory of the machine in bytes (`MemTotal` of /proc/meminfo), if known.
 pub(crate) fn mem_total() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)
+    kib_field(&text, "MemTotal:")
 }
 
 #[cfg(test)]
