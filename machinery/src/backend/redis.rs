@@ -390,15 +390,15 @@ impl RedisBackend {
             .map_err(op("load scripts"))
     }
 
-    /// The one script call that writes RECEIVED then STARTED after one revocation check, reading the
-    /// previous record once; `None` when the two states are not the worker's usual pair (they differ in
+    /// The one script call that stores STARTED (RECEIVED, replaced in the same atomic step, could never be
+    /// seen) after one revocation check, reading the previous record once; `None` when the two states are not the worker's usual pair (they differ in
     /// more than their middle piece).
     fn received_and_started_cmd(
         &self,
         received: &TaskState,
         started: &TaskState,
     ) -> Result<Option<redis::Cmd>, BackendError> {
-        let [prefix, name, received_middle, created, suffix] = self.pieces(received)?;
+        let [prefix, name, _received_middle, created, suffix] = self.pieces(received)?;
         let [s_prefix, s_name, started_middle, s_created, s_suffix] = self.pieces(started)?;
         let shared =
             (&prefix, &name, &created, &suffix) == (&s_prefix, &s_name, &s_created, &s_suffix);
@@ -410,7 +410,9 @@ impl RedisBackend {
             [prefix, name, created, suffix],
             Vec::new(),
             true,
-            vec![received_middle, started_middle],
+            // RECEIVED would be replaced by STARTED within the same atomic step, where no reader can
+            // see it: only STARTED is written.
+            vec![started_middle],
             None,
         )))
     }
