@@ -243,7 +243,7 @@ fn signature_body(signature: &Signature) -> Vec<u8> {
 }
 
 /// Runs the handler, turning a panic into a FAILURE and cancelling it (by dropping it) at its time limit.
-/// It runs inside the delivery's own tokio task rather than a task of its own: one spawn and one
+/// It runs inside its batch's tokio task rather than a task of its own: one spawn and one
 /// cross-task wake-up less per message.
 async fn call(
     ctx: &WorkerContext,

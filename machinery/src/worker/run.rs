@@ -1,11 +1,12 @@
 //! The worker loop: fetch as many messages as there are free slots, start them together (one backend
-//! call per batch), run each in its own task, and on shutdown drain or cancel what runs and close the
-//! consumer.
+//! call per batch), run each batch in a tokio task of its own, and on shutdown drain or cancel what runs
+//! and close the consumer.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +37,8 @@ pub(super) async fn run(
     abort: CancellationToken,
 ) -> Stopped {
     let slots = Arc::new(Semaphore::new(concurrency));
-    // One tokio task per fetched batch (which runs each of its tasks in a tokio task of its own), and
-    // the count of messages being processed, for the shutdown report.
+    // One tokio task per fetched batch, and the count of messages being processed, for the shutdown
+    // report.
     let mut running = JoinSet::new();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let finishing = Arc::new(Semaphore::new(concurrency));
@@ -154,8 +155,10 @@ pub(super) async fn run(
 }
 
 /// Decodes a fetched batch, stores the RECEIVED and STARTED states of its tasks in one backend call, and
-/// runs each task in a tokio task of its own (one alone runs right here). Each message's slot goes with
-/// it; aborting this task aborts its tasks.
+/// runs its tasks concurrently within this one tokio task: no spawn and no cross-thread wake-up per
+/// message (batches still run on every runtime thread). A handler that computes for long stretches holds
+/// up the rest of its batch, as it would hold up any async code on its thread: such work belongs in
+/// `spawn_blocking`. Each message's slot goes with it; aborting this task cancels its tasks.
 async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
     let mut ready = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
@@ -166,21 +169,13 @@ async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
         }
     }
     let may_run = process::start(&context, &ready).await;
-    let mut runs = ready.into_iter().zip(may_run).zip(slots);
-    if runs.len() == 1 {
-        if let Some(((task, may_run), slot)) = runs.next() {
-            process::run(&context, task, may_run, slot).await;
-        }
-        return;
-    }
-    let mut tasks = JoinSet::new();
-    for ((task, may_run), slot) in runs {
-        let context = context.clone();
-        tasks.spawn(async move { process::run(&context, task, may_run, slot).await });
-    }
-    while let Some(done) = tasks.join_next().await {
-        report_crash(done);
-    }
+    let mut runs: FuturesUnordered<_> = ready
+        .into_iter()
+        .zip(may_run)
+        .zip(slots)
+        .map(|((task, may_run), slot)| process::run(&context, task, may_run, slot))
+        .collect();
+    while runs.next().await.is_some() {}
 }
 
 /// How often a worker samples its queue's size for the metrics.
