@@ -164,6 +164,60 @@ async fn states_written_by_go_are_read_and_merged_without_re_encoding() {
     names.cleanup().await;
 }
 
+/// The state script copies TaskName and CreatedAt from the old record's text when that is safe, and
+/// decodes the record when it is not: a name with an escape, and results that hold a `CreatedAt` key of
+/// their own.
+#[tokio::test]
+async fn name_and_creation_time_come_from_the_top_level_of_any_old_record() {
+    if !require(
+        Service::Redis,
+        "name_and_creation_time_come_from_the_top_level_of_any_old_record",
+    ) {
+        return;
+    }
+    let names = Names::new("rk_keep");
+    let backend = backend(&names).await;
+    let mut conn = raw().await;
+    let key = names.task("tricky");
+    let old = format!(
+        r#"{{"TaskUUID":"{key}","TaskName":"say \"hi\"","State":"SUCCESS","Results":[{{"Type":"json","Value":{{"CreatedAt":"1999-01-01T00:00:00Z","TaskName":"inner"}}}}],"Error":"","CreatedAt":"2026-11-26T10:00:00.12345678Z","TTL":0}}"#
+    );
+    let _: () = conn.set(&key, &old).await.unwrap();
+    backend
+        .set_state(&TaskState::started(&key, ""))
+        .await
+        .unwrap();
+    let merged: Value = serde_json::from_slice(&raw_get(&key).await).unwrap();
+    assert_eq!(merged["State"], "STARTED");
+    assert_eq!(
+        merged["TaskName"], "say \"hi\"",
+        "the escaped name, decoded"
+    );
+    assert_eq!(
+        merged["CreatedAt"], "2026-11-26T10:00:00.12345678Z",
+        "the top-level time, not the one inside the results"
+    );
+    // A plain record (no results): copied as text.
+    let plain = names.task("plain");
+    let _: () = conn
+        .set(
+            &plain,
+            format!(r#"{{"TaskUUID":"{plain}","TaskName":"add","State":"PENDING","Results":null,"Error":"","CreatedAt":"2026-11-26T10:00:00.1Z","TTL":0}}"#),
+        )
+        .await
+        .unwrap();
+    backend
+        .set_state(&TaskState::started(&plain, ""))
+        .await
+        .unwrap();
+    let merged: Value = serde_json::from_slice(&raw_get(&plain).await).unwrap();
+    assert_eq!(
+        (merged["TaskName"].as_str(), merged["CreatedAt"].as_str()),
+        (Some("add"), Some("2026-11-26T10:00:00.1Z"))
+    );
+    names.cleanup().await;
+}
+
 #[tokio::test]
 async fn group_records_are_gos_both_ways() {
     if !require(Service::Redis, "group_records_are_gos_both_ways") {

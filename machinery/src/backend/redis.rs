@@ -106,24 +106,16 @@ if ARGV[7] ~= '' and raw and string.find(raw, 'FAILURE', 1, true) then
   if t and t['State'] == 'FAILURE' and t['Error'] == ARGV[7] then return 0 end
 end
 local plain = raw and not string.find(raw, '"Results":[', 1, true)
-if name == '' then
-  name = plain and string.match(raw, '"TaskName":("[^"\\]*")')
-  if not name then
-    local t = decoded()
-    local prev = ''
-    if t and type(t['TaskName']) == 'string' then prev = t['TaskName'] end
-    name = cjson.encode(prev)
-  end
+local function kept(key, default)
+  local copied = plain and string.match(raw, '"' .. key .. '":("[^"\\]*")')
+  if copied then return copied end
+  local t = decoded()
+  local prev = default
+  if t and type(t[key]) == 'string' then prev = t[key] end
+  return cjson.encode(prev)
 end
-if created == '' then
-  created = plain and string.match(raw, '"CreatedAt":("[^"\\]*")')
-  if not created then
-    local t = decoded()
-    local prev = '0001-01-01T00:00:00Z'
-    if t and type(t['CreatedAt']) == 'string' then prev = t['CreatedAt'] end
-    created = cjson.encode(prev)
-  end
-end
+if name == '' then name = kept('TaskName', '') end
+if created == '' then created = kept('CreatedAt', '0001-01-01T00:00:00Z') end
 local last = #ARGV
 if KEYS[2] then last = last - 1 end
 local text
