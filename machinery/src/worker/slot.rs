@@ -64,3 +64,54 @@ impl Drop for Slot {
         metrics::in_flight(&self.queue, -1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(run: &Arc<Semaphore>, finishing: &Arc<Semaphore>, count: &Arc<AtomicUsize>) -> Slot {
+        let permit = run.clone().try_acquire_owned().expect("a free run permit");
+        Slot::new(&Arc::from("q"), permit, finishing, count)
+    }
+
+    #[tokio::test]
+    async fn a_finished_handler_frees_its_run_slot_and_holds_a_finish_slot() {
+        let (run, finishing) = (Arc::new(Semaphore::new(1)), Arc::new(Semaphore::new(1)));
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut first = slot(&run, &finishing, &count);
+        assert_eq!(run.available_permits(), 0);
+        first.handler_done().await;
+        assert_eq!(
+            (run.available_permits(), finishing.available_permits()),
+            (1, 0),
+            "the next message may be fetched while this one finishes"
+        );
+        assert_eq!(count.load(Ordering::Relaxed), 1, "still in flight");
+        drop(first);
+        assert_eq!(
+            (run.available_permits(), finishing.available_permits()),
+            (1, 1)
+        );
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn with_every_finish_slot_taken_a_handler_keeps_its_run_slot() {
+        let (run, finishing) = (Arc::new(Semaphore::new(2)), Arc::new(Semaphore::new(1)));
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut first = slot(&run, &finishing, &count);
+        let mut second = slot(&run, &finishing, &count);
+        first.handler_done().await;
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), second.handler_done()).await;
+        assert!(waiting.is_err(), "no finish slot: it waits");
+        assert_eq!(
+            run.available_permits(),
+            1,
+            "and its run slot stays taken, so nothing more is fetched for it"
+        );
+        drop(first);
+        second.handler_done().await;
+        assert_eq!(run.available_permits(), 2);
+    }
+}
