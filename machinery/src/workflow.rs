@@ -111,13 +111,21 @@ impl<T> Group<T> {
 impl<T> Group<T> {
     /// Adds a header to every member.
     pub fn with_header(mut self, key: &str, value: impl Into<Value> + Clone) -> Self {
-        self.members = self
-            .members
-            .into_iter()
-            .map(|m| m.header(key, value.clone()))
-            .collect();
+        self.members = with_header(self.members, key, value);
         self
     }
+}
+
+/// `members`, each with the header `key` set to `value`.
+fn with_header<T>(
+    members: Vec<Signature<T>>,
+    key: &str,
+    value: impl Into<Value> + Clone,
+) -> Vec<Signature<T>> {
+    members
+        .into_iter()
+        .map(|m| m.header(key, value.clone()))
+        .collect()
 }
 
 impl<T> Clone for Group<T> {
@@ -160,11 +168,7 @@ impl<O> Chord<O> {
 impl<O> Chord<O> {
     /// Adds a header to every member of the group.
     pub fn with_header(mut self, key: &str, value: impl Into<Value> + Clone) -> Self {
-        self.members = self
-            .members
-            .into_iter()
-            .map(|m| m.header(key, value.clone()))
-            .collect();
+        self.members = with_header(self.members, key, value);
         self
     }
 }

@@ -914,10 +914,7 @@ impl Backend for AmqpBackend {
     /// The members' states from `<group>_states` (the newest SUCCESS or FAILURE of each), in group order;
     /// a member with no copy there is read from its own queue.
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = self
-            .get_group(group_uuid)
-            .await?
-            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        let meta = super::existing_group(self, group_uuid).await?;
         let queue = group_states_queue(group_uuid);
         let inner = &self.inner;
         let bodies = amqp::retry_transient(

@@ -436,10 +436,7 @@ impl Backend for MemcacheBackend {
 
     /// The members' states in group order, read with one multi-key `get` per server (and per 100 keys).
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = self
-            .get_group(group_uuid)
-            .await?
-            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        let meta = super::existing_group(self, group_uuid).await?;
         let keys: Vec<&str> = meta.task_uuids.iter().map(String::as_str).collect();
         let mut found = self
             .client
@@ -467,10 +464,7 @@ impl Backend for MemcacheBackend {
         group_task_count: u32,
     ) -> Result<bool, BackendError> {
         const OP: &str = "complete group member";
-        let meta = self
-            .get_group(group_uuid)
-            .await?
-            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        let meta = super::existing_group(self, group_uuid).await?;
         let index = meta
             .task_uuids
             .iter()

@@ -181,10 +181,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// The states of a group's members in group order (missing states are skipped).
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = self
-            .get_group(group_uuid)
-            .await?
-            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        let meta = existing_group(self, group_uuid).await?;
         let mut states = Vec::with_capacity(meta.task_uuids.len());
         for uuid in &meta.task_uuids {
             if let Some(state) = self.get_state(uuid).await? {
@@ -216,6 +213,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+}
+
+/// The group record, or [`BackendError::UnknownGroup`] when there is none.
+pub(crate) async fn existing_group<B: Backend + ?Sized>(
+    backend: &B,
+    group_uuid: &str,
+) -> Result<GroupMeta, BackendError> {
+    backend
+        .get_group(group_uuid)
+        .await?
+        .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))
 }
 
 /// [`Backend::set_received`], then [`Backend::set_state`] for STARTED unless the task was revoked: the

@@ -383,22 +383,30 @@ impl RedisBackend {
     }
 
     /// The one script call that stores STARTED (RECEIVED, replaced in the same atomic step, could never be
-    /// seen) after one revocation check, reading the previous record once; `None` when the two states are not the worker's usual pair (they differ in
-    /// more than their middle piece).
+    /// seen) after one revocation check, reading the previous record once; `None` when the two states are
+    /// not the worker's usual pair (they differ in more than their state).
     fn received_and_started_cmd(
         &self,
         received: &TaskState,
         started: &TaskState,
     ) -> Result<Option<redis::Cmd>, BackendError> {
-        let [prefix, name, _received_middle, created, suffix] = self.pieces(received)?;
-        let [s_prefix, s_name, started_middle, s_created, s_suffix] = self.pieces(started)?;
-        let shared =
-            (&prefix, &name, &created, &suffix) == (&s_prefix, &s_name, &s_created, &s_suffix);
-        if !shared || received.is_completed() || started.is_completed() {
+        let same_task = (
+            &received.task_uuid,
+            &received.task_name,
+            received.created_at,
+            received.ttl,
+        ) == (
+            &started.task_uuid,
+            &started.task_name,
+            started.created_at,
+            started.ttl,
+        );
+        if !same_task || received.is_completed() || started.is_completed() {
             return Ok(None);
         }
+        let [prefix, name, started_middle, created, suffix] = self.pieces(started)?;
         Ok(Some(self.script_cmd(
-            &received.task_uuid,
+            &started.task_uuid,
             [prefix, name, created, suffix],
             Vec::new(),
             true,
@@ -604,10 +612,7 @@ impl Backend for RedisBackend {
     }
 
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = self
-            .get_group(group_uuid)
-            .await?
-            .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))?;
+        let meta = super::existing_group(self, group_uuid).await?;
         if meta.task_uuids.is_empty() {
             return Ok(Vec::new());
         }

@@ -312,16 +312,7 @@ impl Inner {
                 "x-expires".into(),
                 AMQPValue::LongLongInt(delay_ms.saturating_mul(2)),
             );
-            let spec = QueueSpec {
-                durable: true,
-                auto_delete: s.auto_delete,
-                exclusive: false,
-                args,
-            };
-            declare_queue(&topology, &queue, &spec).await?;
-            if !s.exchange.is_empty() {
-                bind(&topology, &queue, &s.exchange, &queue, &s.binding_args).await?;
-            }
+            self.declare_delay_queue(&topology, &queue, args).await?;
             queue
         } else {
             // Go's single delay queue: per-message expiration. Its dead-letter routing key is part of the
@@ -329,16 +320,7 @@ impl Inner {
             let queue = s.delayed_queue.clone();
             let memo = format!("delayed\0{queue}\0{}", message.routing_key);
             if !live.declared(&memo, None) {
-                let spec = QueueSpec {
-                    durable: true,
-                    auto_delete: s.auto_delete,
-                    exclusive: false,
-                    args,
-                };
-                declare_queue(&topology, &queue, &spec).await?;
-                if !s.exchange.is_empty() {
-                    bind(&topology, &queue, &s.exchange, &queue, &s.binding_args).await?;
-                }
+                self.declare_delay_queue(&topology, &queue, args).await?;
                 live.mark_declared(memo);
             }
             properties = properties.with_expiration(delay_ms.to_string().into());
@@ -346,6 +328,28 @@ impl Inner {
         };
         let (_, channel) = self.publish.get(&self.session).await?;
         amqp::send(&channel, &s.exchange, &queue, &message.body, properties).await
+    }
+
+    /// Declares a delay queue (durable, with the dead-letter arguments in `args`) and binds it to the
+    /// exchange under its own name, as Go does.
+    async fn declare_delay_queue(
+        &self,
+        topology: &Channel,
+        queue: &str,
+        args: FieldTable,
+    ) -> Result<(), AmqpError> {
+        let s = &self.settings;
+        let spec = QueueSpec {
+            durable: true,
+            auto_delete: s.auto_delete,
+            exclusive: false,
+            args,
+        };
+        declare_queue(topology, queue, &spec).await?;
+        if !s.exchange.is_empty() {
+            bind(topology, queue, &s.exchange, queue, &s.binding_args).await?;
+        }
+        Ok(())
     }
 
     async fn send(&self, message: &Outgoing) -> Result<amqp::Sent, AmqpError> {
