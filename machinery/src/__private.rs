@@ -15,17 +15,17 @@ pub use ::inventory;
 pub use ::serde;
 pub use ::std;
 
-pub use crate::args::{ArgError, ArgReader, EncodeError};
 pub use crate::error::SendError;
 pub use crate::result::AsyncResult;
 pub use crate::retry::BackoffStrategy;
 pub use crate::server::Server;
-pub use crate::signature::{Arg, Signature};
-pub use crate::state::TaskResult;
 pub use crate::task::{
     FailureKind, Handler, HandlerFuture, Registration, TaskContext, TaskDef, TaskFailure,
     TaskOptions, TaskOutcome,
 };
+pub use crate::wire::args::{ArgError, ArgReader, EncodeError};
+pub use crate::wire::signature::{Arg, Signature};
+pub use crate::wire::state::TaskResult;
 pub use crate::workflow::Partial;
 
 /// Encodes one argument for `send`/`signature`.
@@ -33,7 +33,7 @@ pub fn encode_arg<T: Serialize + DeserializeOwned>(
     name: &str,
     value: &T,
 ) -> Result<Vec<Arg>, EncodeError> {
-    crate::args::encode_arg(name, value).map(|arg| vec![arg])
+    crate::wire::args::encode_arg(name, value).map(|arg| vec![arg])
 }
 
 /// Encodes a trailing `Vec<T>` as one argument per element (`#[task(variadic)]`).
@@ -41,7 +41,7 @@ pub fn encode_variadic<T: Serialize + DeserializeOwned>(
     name: &str,
     values: &[T],
 ) -> Result<Vec<Arg>, EncodeError> {
-    crate::args::encode_variadic_args(name, values)
+    crate::wire::args::encode_variadic_args(name, values)
 }
 
 /// Builds the typed signature of `def` from its encoded arguments, with the task's declared defaults
@@ -72,14 +72,14 @@ pub fn signature<T>(
 
 /// The outcome of a task that returned one value.
 pub fn encode_output<T: Serialize + DeserializeOwned>(value: &T) -> TaskOutcome {
-    encode_outputs(vec![crate::args::encode_result(value)])
+    encode_outputs(vec![crate::wire::args::encode_result(value)])
 }
 
 /// One result of a task that returned a tuple (one result per element, like Go's multiple returns).
 pub fn encode_result<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<TaskResult, EncodeError> {
-    crate::args::encode_result(value)
+    crate::wire::args::encode_result(value)
 }
 
 /// The outcome of a task that returned several values (a tuple), or none (`vec![]` for `()`).

@@ -1,10 +1,10 @@
 //! The crate-wide error type, and the errors of sending.
 
-use crate::args::EncodeError;
 use crate::backend::BackendError;
 use crate::broker::BrokerError;
 use crate::config::ConfigError;
 use crate::result::ResultError;
+use crate::wire::args::EncodeError;
 use crate::worker::WorkerError;
 
 /// Why a task could not be sent.

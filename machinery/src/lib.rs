@@ -41,29 +41,37 @@
     unreachable_pub
 )]
 
-mod named;
-mod wire;
-
-#[cfg(feature = "amqp")]
-mod amqp;
-
-pub mod args;
-pub mod backend;
-pub mod broker;
+// The face: what users name, and what generated code reaches.
 pub mod config;
 mod error;
-pub mod gotime;
+
+// Go's wire format, below everything else.
+pub mod wire;
+pub use wire::{args, gotime, signature, state};
+
+// The traits, and the one place that picks a transport for a URL.
+pub mod backend;
+pub mod broker;
+pub mod connect;
 pub mod lock;
+
+// One room per transport.
+#[cfg(feature = "amqp")]
+pub mod amqp;
+#[cfg(feature = "memcache")]
+pub mod memcache;
+pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+/// Redis URLs as Go machinery reads them (now [`redis::url`]).
+#[cfg(feature = "redis")]
+pub use redis::url as redis_url;
+
+// The engine.
 pub mod periodic;
-#[cfg(feature = "redis")]
-mod redis_conn;
-#[cfg(feature = "redis")]
-pub mod redis_url;
 mod result;
 pub mod retry;
 mod server;
-pub mod signature;
-pub mod state;
 mod task;
 pub mod telemetry;
 mod worker;

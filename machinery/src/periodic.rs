@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::SendError;
-use crate::signature::Signature;
+use crate::wire::signature::Signature;
 use crate::workflow::{Chain, Chord, Group};
 use crate::Server;
 
@@ -308,7 +308,7 @@ mod tests {
     use super::*;
 
     fn at(text: &str) -> DateTime<Utc> {
-        crate::gotime::parse(text).unwrap()
+        crate::wire::gotime::parse(text).unwrap()
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::args::{decode_results, ResultDecodeError};
 use crate::backend::BackendError;
-use crate::state::{State, TaskState};
+use crate::wire::args::{decode_results, ResultDecodeError};
+use crate::wire::state::{State, TaskState};
 use crate::Server;
 
 /// Why a result could not be had.

@@ -3,16 +3,16 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::backend::{self, Backend};
-use crate::broker::{self, Broker, Outgoing, PublishError};
+use crate::backend::Backend;
+use crate::broker::{Broker, Outgoing};
 use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::SendError;
-use crate::lock::{self, Lock};
+use crate::lock::Lock;
 use crate::result::AsyncResult;
-use crate::signature::{new_task_uuid, Headers, Signature};
-use crate::state::TaskState;
+use crate::wire::signature::{new_task_uuid, Headers, Signature};
+use crate::wire::state::TaskState;
 
 /// A handle to the broker and result backend named by a [`Config`]. Cheap to clone; share one per
 /// process.
@@ -51,9 +51,7 @@ impl fmt::Debug for Server {
 impl Server {
     /// Connects to the broker and result backend that `config` names.
     pub async fn new(config: Config) -> Result<Server, crate::Error> {
-        let broker = broker::connect(&config).await?;
-        let backend = backend::connect(&config).await?;
-        let lock = lock::connect(&config).await?;
+        let (broker, backend, lock) = crate::connect::all(&config).await?;
         Ok(Server {
             inner: Arc::new(Inner {
                 config,
@@ -71,7 +69,7 @@ impl Server {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn Backend>,
     ) -> Server {
-        let lock = Arc::new(lock::memory::MemoryLock::default());
+        let lock = Arc::new(crate::memory::MemoryLock::default());
         Server {
             inner: Arc::new(Inner {
                 config,
@@ -127,12 +125,12 @@ impl Server {
     }
 
     /// Revokes a task that no worker has started yet: its state becomes FAILURE with the error
-    /// [`REVOKED_ERROR`](crate::state::REVOKED_ERROR), and a worker that receives it later acknowledges it
+    /// [`REVOKED_ERROR`](crate::wire::state::REVOKED_ERROR), and a worker that receives it later acknowledges it
     /// without running it. A task already running is not interrupted (its outcome then replaces the
     /// revocation). The mark lives as long as results do (`results_expire_in`). Go workers do not check
     /// it and would still run the task; Go clients see a FAILURE.
     pub async fn revoke(&self, task_uuid: &str) -> Result<(), crate::backend::BackendError> {
-        let mut state = crate::state::TaskState::revoked(task_uuid);
+        let mut state = crate::wire::state::TaskState::revoked(task_uuid);
         if let Some(previous) = self.inner.backend.get_state(task_uuid).await? {
             state.merge_from_previous(&previous);
         }
@@ -181,20 +179,33 @@ impl Server {
         let outgoing = self.prepare(signature)?;
         tracing::Span::current().record("task.uuid", signature.uuid.as_str());
         let pending = TaskState::pending(&signature.uuid, &signature.name);
-        self.inner
+        let broker_error = |source| SendError::Broker {
+            task: signature.name.clone(),
+            source,
+        };
+        // A broker holding the backend's half stores PENDING with the publish; any other gives the
+        // message back, and the state is stored first, then the message published, as Go does.
+        let unsent = self
+            .inner
             .broker
-            .publish_with_state(self.inner.backend.as_ref(), &pending, outgoing)
+            .publish_with_state(&pending, outgoing)
             .await
-            .map_err(|error| match error {
-                PublishError::Backend(source) => SendError::Backend {
+            .map_err(broker_error)?;
+        if let Some(outgoing) = unsent {
+            self.inner
+                .backend
+                .set_state(&pending)
+                .await
+                .map_err(|source| SendError::Backend {
                     task: signature.name.clone(),
                     source,
-                },
-                PublishError::Broker(source) => SendError::Broker {
-                    task: signature.name.clone(),
-                    source,
-                },
-            })?;
+                })?;
+            self.inner
+                .broker
+                .publish(outgoing)
+                .await
+                .map_err(broker_error)?;
+        }
         tracing::debug!(task.name = %signature.name, task.uuid = %signature.uuid, queue = %signature.routing_key, "sent task");
         Ok(())
     }

@@ -8,8 +8,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::signature::{Arg, Headers, Signature};
-use crate::state::TaskResult;
+use crate::wire::signature::{Arg, Headers, Signature};
+use crate::wire::state::TaskResult;
 use crate::Server;
 
 /// The error type tasks usually return.

@@ -40,8 +40,8 @@ use tracing::Instrument;
 
 use crate::error::SendError;
 use crate::result::{AsyncResult, ResultError};
-use crate::signature::{new_chord_uuid, new_group_uuid, new_task_uuid, Signature};
-use crate::state::{GroupMeta, TaskState};
+use crate::wire::signature::{new_chord_uuid, new_group_uuid, new_task_uuid, Signature};
+use crate::wire::state::{GroupMeta, TaskState};
 use crate::Server;
 
 /// A task's signature with its last parameter left open: a chain fills it with the previous step's

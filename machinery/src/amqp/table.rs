@@ -4,7 +4,7 @@
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Number, Value};
 
-use super::AmqpError;
+use super::error::AmqpError;
 
 /// A queue name, exchange name or routing key as an AMQP short string. lapin panics on names longer
 /// than 255 bytes; routing keys come from messages, so they are checked here instead.

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::{Backend, BackendError};
-use crate::state::{GroupMeta, TaskState};
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// Drops every state; reading one is an error.
 #[derive(Debug, Clone, Copy, Default)]

@@ -6,7 +6,7 @@
 //! Headers we do not understand (Go's `uber-trace-id`, say) are kept as they are. Without the feature, or
 //! without an OpenTelemetry layer, nothing is written.
 
-use crate::signature::Headers;
+use crate::wire::signature::Headers;
 
 /// Writes the current span's trace context into `headers`.
 #[cfg(feature = "otel")]

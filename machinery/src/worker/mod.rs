@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, ConsumeOptions};
-use crate::signature::Signature;
-use crate::state::TaskState;
 use crate::task::{registered_tasks, TaskDef};
+use crate::wire::signature::Signature;
+use crate::wire::state::TaskState;
 use crate::Server;
 use registry::Registry;
 

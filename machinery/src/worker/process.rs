@@ -16,12 +16,12 @@ use super::Hooks;
 use crate::backend::BackendError;
 use crate::broker::Delivery;
 use crate::retry::{fibonacci_next, Backoff};
-use crate::signature::{
-    Arg, Signature, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
-};
-use crate::state::{State, TaskResult, TaskState};
 use crate::task::{FailureKind, TaskContext, TaskDef, TaskFailure, TaskOutcome};
 use crate::telemetry::{metrics, trace};
+use crate::wire::signature::{
+    Arg, Signature, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+};
+use crate::wire::state::{State, TaskResult, TaskState};
 use crate::Server;
 
 /// What every delivery of one worker needs.
@@ -179,7 +179,6 @@ async fn run_task(
     delivery: Delivery,
     slot: &mut Slot,
 ) {
-    let backend = ctx.server.backend();
     if let Some(hook) = &ctx.hooks.pre_task {
         hook(&signature);
     }
@@ -193,7 +192,7 @@ async fn run_task(
             // Nothing to send after this task: its SUCCESS and the acknowledgement can travel together
             // (one round trip where the broker and backend share a server).
             let state = TaskState::success(&signature.uuid, &signature.name, results);
-            match delivery.try_ack_with_state(backend.as_ref(), &state).await {
+            match delivery.try_ack_with_state(&state).await {
                 Ok(()) => {
                     finished(ctx, &signature, &state, took);
                     return;
@@ -385,13 +384,13 @@ async fn retry(
 /// A group member finished: if it was the last, and the group is a chord, send the callback with the
 /// members' results in group order.
 async fn group_member_finished(ctx: &WorkerContext, signature: &Signature) {
+    let backend = ctx.server.backend();
     if signature.group_uuid.is_empty() {
         return;
     }
     let Some(callback) = &signature.chord_callback else {
         return;
     };
-    let backend = ctx.server.backend();
     let fire = retry_io("complete group member", || {
         backend.complete_group_member(
             &signature.group_uuid,

@@ -34,21 +34,23 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{
+use super::backend::RedisBackend;
+use super::conn::{self, is_noscript, Lua};
+use super::url::RedisUrl;
+use crate::broker::{
     Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, DelayedMessage,
-    Delivery, Outgoing, PublishError, QueueStats, WorkerInfo,
+    Delivery, Outgoing, QueueStats, WorkerInfo,
 };
-use crate::backend::redis::RedisBackend;
-use crate::backend::Backend;
 use crate::config::{Config, RedisConfig};
-use crate::redis_conn::{self, is_noscript, Lua};
-use crate::redis_url::RedisUrl;
-use crate::state::TaskState;
+use crate::wire::state::TaskState;
 
 /// The Redis broker.
 #[derive(Clone)]
 pub struct RedisBroker {
     inner: Arc<Inner>,
+    /// The result backend on this very database, when [`RedisBroker::with_backend`] was given one: state
+    /// writes then ride in the same round trip as the broker's own commands.
+    states: Option<RedisBackend>,
 }
 
 struct Inner {
@@ -308,15 +310,6 @@ where
 }
 
 impl Inner {
-    /// `backend`, if it is a Redis backend on this broker's very database: then a state write and a
-    /// broker command can share one pipeline.
-    fn same_database<'a>(&self, backend: &'a dyn Backend) -> Option<&'a RedisBackend> {
-        backend
-            .as_any()
-            .and_then(|any| any.downcast_ref::<RedisBackend>())
-            .filter(|redis_backend| redis_backend.url().same_database(&self.url))
-    }
-
     /// Runs a pipeline of backend and broker commands in one round trip (retrying on connection errors),
     /// loading the backend's scripts and trying again if the server did not know them.
     async fn run_fused(
@@ -346,7 +339,7 @@ impl Inner {
 impl RedisBroker {
     /// Connects to the Redis server named by `config.broker`.
     pub async fn connect(config: &Config) -> Result<RedisBroker, BrokerError> {
-        let (url, client, conn) = redis_conn::open(&config.broker, &config.redis)
+        let (url, client, conn) = conn::open(&config.broker, &config.redis)
             .await
             .map_err(|e| BrokerError::Connect {
                 url: e.url,
@@ -361,7 +354,21 @@ impl RedisBroker {
                 config: config.redis.clone(),
                 default_queue: config.default_queue.clone(),
             }),
+            states: None,
         })
+    }
+
+    /// This broker holding `backend` as its backend half, when `backend` is on the very same database:
+    /// a send's PENDING state then travels in the publish's pipeline, and a final state in the
+    /// acknowledgement's script (one round trip each, the state written first). On another database
+    /// the broker is returned unchanged, and the two are written separately.
+    pub fn with_backend(mut self, backend: RedisBackend) -> RedisBroker {
+        if backend.url().same_database(&self.inner.url) {
+            self.states = Some(backend);
+        } else {
+            tracing::debug!(broker = %self.inner.url, backend = %backend.url(), "broker and result backend are different databases; their writes stay separate");
+        }
+        self
     }
 
     /// The server this broker talks to (password redacted when displayed).
@@ -485,31 +492,24 @@ impl Broker for RedisBroker {
 
     async fn publish_with_state(
         &self,
-        backend: &dyn Backend,
         pending: &TaskState,
         message: Outgoing,
-    ) -> Result<(), PublishError> {
-        // When the backend is a Redis backend on this very database, the PENDING state and the message
-        // travel in one pipeline: one round trip, and the state is written first, as Go does.
-        let Some(redis_backend) = self.inner.same_database(backend) else {
-            backend
-                .set_state(pending)
-                .await
-                .map_err(PublishError::Backend)?;
-            return self.publish(message).await.map_err(PublishError::Broker);
+    ) -> Result<Option<Outgoing>, BrokerError> {
+        // With the backend half on this very database, the PENDING state and the message travel in one
+        // pipeline: one round trip, and the state is written first, as Go does.
+        let Some(states) = &self.states else {
+            return Ok(Some(message));
         };
-        let state_cmd = redis_backend
+        let state_cmd = states
             .state_cmd(pending)
-            .map_err(PublishError::Backend)?;
+            .map_err(|error| BrokerError::operation("publish", error))?;
         let mut pipe = redis::pipe();
         pipe.add_command(state_cmd)
             .ignore()
             .add_command(self.publish_cmd(&message))
             .ignore();
-        self.inner
-            .run_fused("publish", redis_backend, &pipe)
-            .await
-            .map_err(PublishError::Broker)
+        self.inner.run_fused("publish", states, &pipe).await?;
+        Ok(None)
     }
 
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -518,6 +518,7 @@ impl Broker for RedisBroker {
         let heartbeat_timeout = Duration::from_millis(self.inner.config.heartbeat_timeout.max(500));
         let mut consumer = RedisConsumer {
             inner: self.inner.clone(),
+            states: self.states.clone(),
             inflight: keys.inflight(&tag),
             heartbeat: keys.heartbeat(&tag),
             keys,
@@ -642,10 +643,6 @@ impl Broker for RedisBroker {
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
         inspect::workers(&self.inner).await
     }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
 }
 
 /// A dead letter as stored in `<queue>.dead`.
@@ -673,7 +670,7 @@ impl Envelope {
         let envelope = Envelope {
             queue: queue.to_owned(),
             reason: reason.to_owned(),
-            at: crate::gotime::format(&at),
+            at: crate::wire::gotime::format(&at),
             body,
             body_base64,
         };
@@ -696,14 +693,14 @@ impl Envelope {
                 DeadLetter {
                     queue: envelope.queue,
                     reason: envelope.reason,
-                    at: crate::gotime::parse(&envelope.at).unwrap_or_else(|_| Utc::now()),
+                    at: crate::wire::gotime::parse(&envelope.at).unwrap_or_else(|_| Utc::now()),
                     body,
                 }
             }
             Err(_) => DeadLetter {
                 queue: queue.to_owned(),
                 reason: "unknown (not a machinery dead-letter envelope)".to_owned(),
-                at: crate::gotime::zero_time(),
+                at: crate::wire::gotime::zero_time(),
                 body: entry.to_vec(),
             },
         }
@@ -792,6 +789,8 @@ async fn beat(
 /// A consumer of one Redis queue.
 struct RedisConsumer {
     inner: Arc<Inner>,
+    /// The backend half, handed to each acknowledger (see [`RedisBroker::with_backend`]).
+    states: Option<RedisBackend>,
     keys: QueueKeys,
     tag: String,
     inflight: String,
@@ -870,6 +869,7 @@ impl RedisConsumer {
         self.outstanding.add(hash);
         let acker = RedisAcker {
             inner: self.inner.clone(),
+            states: self.states.clone(),
             queue: self.keys.queue.clone(),
             inflight: self.inflight.clone(),
             original: body.clone(),
@@ -947,7 +947,7 @@ impl RedisConsumer {
 
     async fn blocking_connection(&mut self) -> Result<&mut MultiplexedConnection, BrokerError> {
         if self.blocking.is_none() {
-            let mut conn = redis_conn::blocking_connection(&self.inner.client, &self.inner.config)
+            let mut conn = conn::blocking_connection(&self.inner.client, &self.inner.config)
                 .await
                 .map_err(op("connect for fetching"))?;
             let id: i64 = redis::cmd("CLIENT")
@@ -1089,6 +1089,7 @@ fn body_hash(body: &[u8]) -> u64 {
 /// Settles one delivery.
 struct RedisAcker {
     inner: Arc<Inner>,
+    states: Option<RedisBackend>,
     queue: String,
     inflight: String,
     /// The bytes as taken, which identify the message in the in-flight list.
@@ -1142,24 +1143,20 @@ impl Acknowledger for RedisAcker {
         self.settle(&self.queue, &body).await
     }
 
-    async fn try_ack_with_state(
-        &self,
-        backend: &dyn Backend,
-        state: &TaskState,
-    ) -> Result<bool, BrokerError> {
+    async fn try_ack_with_state(&self, state: &TaskState) -> Result<bool, BrokerError> {
         // The state first, then the acknowledgement, in one script on the server: if anything fails
         // before the end the message stays in flight and runs again (at-least-once), never the other way
         // round.
-        let Some(redis_backend) = self.inner.same_database(backend) else {
+        let Some(states) = &self.states else {
             return Ok(false);
         };
-        let cmd = redis_backend
+        let cmd = states
             .state_and_ack_cmd(state, &self.inflight, &self.original)
             .map_err(|error| BrokerError::operation("store the state and acknowledge", error))?;
         let mut pipe = redis::pipe();
         pipe.add_command(cmd).ignore();
         self.inner
-            .run_fused("store the state and acknowledge", redis_backend, &pipe)
+            .run_fused("store the state and acknowledge", states, &pipe)
             .await?;
         Ok(true)
     }
@@ -1187,7 +1184,7 @@ mod inspect {
         dead_letter_key, op, BrokerError, DelayedMessage, Envelope, Inner, QueueKeys, WorkerInfo,
         SCRIPTS,
     };
-    use crate::signature::Signature;
+    use crate::wire::signature::Signature;
 
     const CONSUMERS_PREFIX: &str = "machinery:consumers:";
     const INFLIGHT_PREFIX: &str = "machinery:inflight:";

@@ -51,13 +51,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Backend, BackendError};
-use crate::amqp::{
+use super::session::{
     self, bind, declare_exchange, declare_queue, json_properties, lock, open_channel, short,
     AmqpError, ChannelSlot, Live, Mode, QueueSpec, Session,
 };
+use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::state::{GroupMeta, TaskState};
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// How long a write keeps retrying through a lost connection.
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
@@ -131,7 +131,7 @@ impl AmqpBackend {
 
     /// Like [`connect`](AmqpBackend::connect), returning the concrete type.
     pub async fn new(config: &Config) -> Result<AmqpBackend, crate::Error> {
-        let endpoints = amqp::url::endpoints(
+        let endpoints = super::url::endpoints(
             "result backend",
             &config.result_backend,
             &config.multiple_broker_separator,
@@ -235,14 +235,14 @@ impl Inner {
         Ok(())
     }
 
-    async fn send_state(&self, state: &TaskState) -> Result<amqp::Sent, AmqpError> {
+    async fn send_state(&self, state: &TaskState) -> Result<session::Sent, AmqpError> {
         let body = state.to_json().map_err(|source| AmqpError::Json {
             what: format!("encoding the state of {}", state.task_uuid),
             source,
         })?;
         self.ensure_task_queue(&state.task_uuid).await?;
         let (_, channel) = self.publish.get(&self.session).await?;
-        amqp::send(
+        session::send(
             &channel,
             &self.exchange,
             &state.task_uuid,
@@ -289,7 +289,7 @@ impl Inner {
 
     async fn read_state(&self, uuid: &str) -> Result<Option<TaskState>, BackendError> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let bodies = amqp::retry_transient("reading a task state", deadline, || async {
+        let bodies = session::retry_transient("reading a task state", deadline, || async {
             // Declared first, as Go's GetState does: a get on a missing queue would close the channel.
             self.ensure_task_queue(uuid).await?;
             self.peek_all(uuid).await
@@ -380,7 +380,7 @@ impl Inner {
                 what: format!("encoding the group record {queue:?}"),
                 source,
             })?;
-            amqp::send(channel, "", &queue, &body, json_properties())
+            session::send(channel, "", &queue, &body, json_properties())
                 .await?
                 .confirmed()
                 .await?;
@@ -681,7 +681,7 @@ impl Backend for AmqpBackend {
 
     async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
         let inner = &self.inner;
-        amqp::retry_transient(
+        session::retry_transient(
             "storing a task state",
             Instant::now() + WRITE_DEADLINE,
             || async { inner.send_state(state).await?.confirmed().await },
@@ -693,7 +693,7 @@ impl Backend for AmqpBackend {
     /// Sends every state before waiting for the confirms.
     async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
         let inner = &self.inner;
-        amqp::retry_transient(
+        session::retry_transient(
             "storing task states",
             Instant::now() + WRITE_DEADLINE,
             || async {
@@ -815,7 +815,7 @@ impl Backend for AmqpBackend {
         })?;
         let states_queue = group_states_queue(&meta.group_uuid);
         let record_queue = group_record_queue(&meta.group_uuid);
-        amqp::retry_transient(
+        session::retry_transient(
             "creating a group",
             Instant::now() + WRITE_DEADLINE,
             || async {
@@ -851,7 +851,7 @@ impl Backend for AmqpBackend {
                         declare_queue(&channel, &record_queue, &inner.group_queue_spec(false))
                             .await?;
                     if ready == 0 {
-                        amqp::send(&channel, "", &record_queue, &body, json_properties())
+                        session::send(&channel, "", &record_queue, &body, json_properties())
                             .await?
                             .confirmed()
                             .await?;
@@ -884,7 +884,7 @@ impl Backend for AmqpBackend {
             crate::retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
         loop {
             let bodies =
-                amqp::retry_transient("reading a group", deadline, || inner.peek_all(&queue))
+                session::retry_transient("reading a group", deadline, || inner.peek_all(&queue))
                     .await
                     .map_err(op_error("get group"))?;
             if let Some(body) = bodies.last() {
@@ -914,10 +914,10 @@ impl Backend for AmqpBackend {
     /// The members' states from `<group>_states` (the newest SUCCESS or FAILURE of each), in group order;
     /// a member with no copy there is read from its own queue.
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = super::existing_group(self, group_uuid).await?;
+        let meta = crate::backend::existing_group(self, group_uuid).await?;
         let queue = group_states_queue(group_uuid);
         let inner = &self.inner;
-        let bodies = amqp::retry_transient(
+        let bodies = session::retry_transient(
             "reading group states",
             Instant::now() + Duration::from_secs(10),
             || inner.read_durable_queue(&queue),
@@ -1000,7 +1000,7 @@ impl Backend for AmqpBackend {
 
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
         let inner = &self.inner;
-        amqp::retry_transient(
+        session::retry_transient(
             "deleting a task state",
             Instant::now() + WRITE_DEADLINE,
             || async {
@@ -1017,7 +1017,7 @@ impl Backend for AmqpBackend {
 
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError> {
         let inner = &self.inner;
-        amqp::retry_transient(
+        session::retry_transient(
             "deleting a group",
             Instant::now() + WRITE_DEADLINE,
             || async {

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Backend, BackendError};
+use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::state::{GroupMeta, TaskState};
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// The in-process result backend.
 #[derive(Clone)]
@@ -78,7 +78,7 @@ impl MemoryBackend {
 
     /// Creates or joins the instance named by `url`; records expire after `expire_in`.
     pub fn new(url: &str, expire_in: Duration) -> Self {
-        let (_, shared) = crate::named::instance::<Shared>(url);
+        let (_, shared) = super::named::instance::<Shared>(url);
         MemoryBackend { shared, expire_in }
     }
 

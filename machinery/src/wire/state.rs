@@ -8,8 +8,8 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::gotime;
-use crate::wire::{wire_fields, Lenient};
+use super::gotime;
+use super::tolerant::{wire_fields, Lenient};
 
 /// The life-cycle state of a task, as Go machinery spells it on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-use super::{
+use crate::broker::{
     Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, DelayedMessage,
     Delivery, Outgoing, QueueStats, WorkerInfo,
 };
@@ -142,7 +142,7 @@ impl MemoryBroker {
 
     /// Creates or joins the instance named by `url`.
     pub fn new(url: &str, default_queue: &str) -> Self {
-        let (name, shared) = crate::named::instance::<Shared>(url);
+        let (name, shared) = super::named::instance::<Shared>(url);
         MemoryBroker {
             shared,
             name: name.to_owned(),
@@ -273,7 +273,7 @@ impl Broker for MemoryBroker {
             };
             let (chosen, kept): (Vec<DeadLetter>, Vec<DeadLetter>) =
                 std::mem::take(&mut q.dead).into_iter().partition(|letter| {
-                    task_uuid.is_none_or(|uuid| super::has_task_uuid(&letter.body, uuid))
+                    task_uuid.is_none_or(|uuid| crate::broker::has_task_uuid(&letter.body, uuid))
                 });
             q.dead = kept;
             let moved = chosen.len() as u64;
@@ -612,7 +612,7 @@ mod tests {
         assert_eq!(broker.requeue_dead("q", Some("task_9")).await.unwrap(), 0);
         let pending = broker.pending("q", 10).await.unwrap();
         assert_eq!(pending[0], b"fresh");
-        assert!(super::super::has_task_uuid(&pending[1], "task_2"));
+        assert!(crate::broker::has_task_uuid(&pending[1], "task_2"));
         assert_eq!(broker.requeue_dead("q", None).await.unwrap(), 2);
         assert_eq!(broker.queue_stats("q").await.unwrap().dead, Some(0));
         assert_eq!(broker.pending("q", 10).await.unwrap().len(), 4);

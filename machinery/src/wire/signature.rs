@@ -16,8 +16,8 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::gotime;
-use crate::wire::{wire_fields, Lenient};
+use super::gotime;
+use super::tolerant::{wire_fields, Lenient};
 
 /// The free-form `Headers` map of a signature. Go's tracing stores string values here; we keep every
 /// value, understood or not, when a message is re-published.
@@ -36,7 +36,7 @@ pub const RETRY_ATTEMPT_HEADER: &str = "machinery_retry_attempt";
 
 /// One task argument: `{"Name": "", "Type": "int64", "Value": 1}`.
 ///
-/// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](crate::args::TypeTag)).
+/// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](super::args::TypeTag)).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Arg {
     /// The parameter name, informational only.

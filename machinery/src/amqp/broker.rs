@@ -39,14 +39,14 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use tokio::time::Instant;
 
-use super::{
+use super::session::{
+    self, bind, declare_exchange, declare_queue, json_properties, open_channel, short, AmqpError,
+    ChannelSlot, Live, Mode, QueueSpec, Session,
+};
+use super::table::{json_table, string_field};
+use crate::broker::{
     Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, Delivery, Outgoing,
     QueueStats,
-};
-use crate::amqp::{
-    self, bind, declare_exchange, declare_queue, json_properties, open_channel, short,
-    table::{json_table, string_field},
-    AmqpError, ChannelSlot, Live, Mode, QueueSpec, Session,
 };
 use crate::config::Config;
 
@@ -163,7 +163,7 @@ impl AmqpBroker {
     /// Like [`connect`](AmqpBroker::connect), returning the concrete type.
     pub async fn new(config: &Config) -> Result<AmqpBroker, crate::Error> {
         let endpoints =
-            amqp::url::endpoints("broker", &config.broker, &config.multiple_broker_separator)?;
+            super::url::endpoints("broker", &config.broker, &config.multiple_broker_separator)?;
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 session: Session::new("broker", endpoints),
@@ -268,10 +268,10 @@ impl Inner {
     }
 
     /// Sends a message now (no confirm awaited yet).
-    async fn send_now(&self, message: &Outgoing) -> Result<amqp::Sent, AmqpError> {
+    async fn send_now(&self, message: &Outgoing) -> Result<session::Sent, AmqpError> {
         self.ensure_route(&message.routing_key).await?;
         let (_, channel) = self.publish.get(&self.session).await?;
-        amqp::send(
+        session::send(
             &channel,
             &self.settings.exchange,
             &message.routing_key,
@@ -288,7 +288,7 @@ impl Inner {
         &self,
         message: &Outgoing,
         delay_ms: i64,
-    ) -> Result<amqp::Sent, AmqpError> {
+    ) -> Result<session::Sent, AmqpError> {
         self.ensure_route(&message.routing_key).await?;
         let s = &self.settings;
         let (live, topology) = self.topology.get(&self.session).await?;
@@ -327,7 +327,7 @@ impl Inner {
             queue
         };
         let (_, channel) = self.publish.get(&self.session).await?;
-        amqp::send(&channel, &s.exchange, &queue, &message.body, properties).await
+        session::send(&channel, &s.exchange, &queue, &message.body, properties).await
     }
 
     /// Declares a delay queue (durable, with the dead-letter arguments in `args`) and binds it to the
@@ -352,7 +352,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn send(&self, message: &Outgoing) -> Result<amqp::Sent, AmqpError> {
+    async fn send(&self, message: &Outgoing) -> Result<session::Sent, AmqpError> {
         if let Some(eta) = message.eta {
             let delay_ms = (eta - Utc::now()).num_milliseconds();
             if delay_ms > 0 {
@@ -370,7 +370,7 @@ impl Inner {
         properties: BasicProperties,
     ) -> Result<(), AmqpError> {
         let (_, channel) = self.publish.get(&self.session).await?;
-        amqp::send(&channel, "", queue, body, properties)
+        session::send(&channel, "", queue, body, properties)
             .await?
             .confirmed()
             .await
@@ -445,7 +445,8 @@ impl Inner {
                     .map_err(|e| AmqpError::lapin(format!("reading queue {dead:?}"), e))?;
                 let Some(message) = got else { break };
                 let delivery = message.delivery;
-                if !task_uuid.is_none_or(|uuid| super::has_task_uuid(&delivery.data, uuid)) {
+                if !task_uuid.is_none_or(|uuid| crate::broker::has_task_uuid(&delivery.data, uuid))
+                {
                     continue;
                 }
                 let ours = [
@@ -507,7 +508,7 @@ impl Broker for AmqpBroker {
 
     async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
         let inner = &self.inner;
-        amqp::retry_transient("publish", Instant::now() + PUBLISH_DEADLINE, || async {
+        session::retry_transient("publish", Instant::now() + PUBLISH_DEADLINE, || async {
             inner.send(&message).await?.confirmed().await
         })
         .await
@@ -714,7 +715,7 @@ const LEDGER_MEMORY: Duration = Duration::from_secs(600);
 
 impl Ledger {
     fn admit(&self, body: &[u8], redelivered: bool, acker: lapin::Acker) -> Admission {
-        let mut entries = amqp::lock(&self.entries);
+        let mut entries = session::lock(&self.entries);
         if redelivered {
             match entries.get_mut(body) {
                 Some(LedgerEntry::InFlight { parked, .. }) => {
@@ -747,7 +748,7 @@ impl Ledger {
     /// replaced by a republished copy), `acked` if RabbitMQ got the acknowledgement. Returns the parked
     /// copies, to acknowledge if `handled` and to return otherwise.
     fn settle(&self, body: &[u8], handled: bool, acked: bool) -> Vec<lapin::Acker> {
-        let mut entries = amqp::lock(&self.entries);
+        let mut entries = session::lock(&self.entries);
         let Some(LedgerEntry::InFlight { count, parked }) = entries.get_mut(body) else {
             return Vec::new();
         };
@@ -1084,7 +1085,7 @@ impl Acknowledger for AmqpAcker {
     /// between leaves both, never neither.
     async fn requeue(mut self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let republished = amqp::retry_transient("requeue", deadline, || {
+        let republished = session::retry_transient("requeue", deadline, || {
             self.inner
                 .publish_to_queue(&self.queue, &body, self.properties.clone())
         })
@@ -1127,7 +1128,7 @@ impl Acknowledger for AmqpAcker {
         let deadline = Instant::now() + Duration::from_secs(10);
         let inner = &self.inner;
         let queue = &self.queue;
-        let stored = amqp::retry_transient("dead-letter", deadline, || {
+        let stored = session::retry_transient("dead-letter", deadline, || {
             let properties = properties.clone();
             let body = &body;
             async move {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Lock, LockError};
+use crate::lock::{Lock, LockError};
 
 /// Keys held until their expiry, in this process.
 #[derive(Debug, Default)]

@@ -1,23 +1,16 @@
-//! Result backends store task states and group records. Each implementation sits in its own module and is
-//! chosen at run time from the result backend URL's scheme ([`connect`]).
+//! Result backends store task states and group records. Each implementation sits in its transport's room
+//! ([`crate::memory`], [`crate::redis`], [`crate::amqp`], [`crate::memcache`]; the `null` backend here)
+//! and is chosen at run time from the result backend URL's scheme ([`crate::connect`]). The trait knows
+//! nothing of brokers.
 
-#[cfg(feature = "amqp")]
-pub mod amqp;
-#[cfg(feature = "memcache")]
-pub mod memcache;
-pub mod memory;
 pub mod null;
-#[cfg(feature = "redis")]
-pub mod redis;
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{Config, ConfigError};
-use crate::state::{GroupMeta, TaskState};
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// A boxed error from a backend's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -207,12 +200,6 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes a group record.
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError>;
-
-    /// This backend as `Any`, for implementations that recognise each other (a broker and a backend on one
-    /// server fuse their writes). `None` by default.
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        None
-    }
 }
 
 /// The group record, or [`BackendError::UnknownGroup`] when there is none.
@@ -240,40 +227,33 @@ pub(crate) async fn received_then_started<B: Backend + ?Sized>(
     Ok(true)
 }
 
-/// The URL schemes of the result backends in this build.
-pub fn supported_schemes() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut schemes = vec!["memory://", "null"];
-    #[cfg(feature = "amqp")]
-    schemes.extend(["amqp://", "amqps://"]);
-    #[cfg(feature = "redis")]
-    schemes.extend(["redis://", "rediss://", "redis+socket://"]);
-    #[cfg(feature = "memcache")]
-    schemes.push("memcache://");
-    schemes
+// Where the backends and `connect` lived before each transport had a room of its own; these paths stay
+// so that code naming them keeps compiling.
+
+pub use crate::connect::{backend as connect, backend_schemes as supported_schemes};
+
+/// The in-process result backend (now [`crate::memory`]).
+pub mod memory {
+    pub use crate::memory::MemoryBackend;
 }
 
-/// Connects to the backend named by `config.result_backend`; the memory backend may share the memory
-/// broker's instance name.
-pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> {
-    let url = config.result_backend.trim();
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
-    match scheme {
-        "memory" | "" | "eager" => Ok(memory::MemoryBackend::connect(url, config)),
-        "null" => Ok(Arc::new(null::NullBackend)),
-        #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => amqp::AmqpBackend::connect(config).await,
-        #[cfg(feature = "redis")]
-        "redis" | "rediss" | "redis+socket" => {
-            Ok(Arc::new(redis::RedisBackend::connect(config).await?))
-        }
-        #[cfg(feature = "memcache")]
-        "memcache" => memcache::MemcacheBackend::connect(url, config).await,
-        _ => Err(ConfigError::UnknownScheme {
-            role: "result backend",
-            url: crate::config::redact_url(url),
-            supported: supported_schemes().join(", "),
-        }
-        .into()),
-    }
+/// The Redis result backend (now [`crate::redis`]).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use crate::redis::{completion_channel, RedisBackend, GO_CHORD_LOCK_KEY};
+}
+
+/// The AMQP result backend (now [`crate::amqp`]).
+#[cfg(feature = "amqp")]
+pub mod amqp {
+    pub use crate::amqp::{group_record_queue, group_states_queue, AmqpBackend};
+}
+
+/// The memcached result backend (now [`crate::memcache`]).
+#[cfg(feature = "memcache")]
+pub mod memcache {
+    pub use crate::memcache::{
+        parse_url, server_index, MemcacheBackend, MemcacheError, CHORD_PROGRESS_SUFFIX,
+        DEFAULT_PORT,
+    };
 }

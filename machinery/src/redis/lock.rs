@@ -7,10 +7,10 @@ use std::fmt;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
-use super::{Lock, LockError};
+use super::conn;
+use super::url::RedisUrl;
 use crate::config::Config;
-use crate::redis_conn;
-use crate::redis_url::RedisUrl;
+use crate::lock::{Lock, LockError};
 
 /// A lock held in Redis.
 #[derive(Clone)]
@@ -38,7 +38,7 @@ impl RedisLock {
     /// Connects to the Redis server named by `url` (any Redis URL form).
     pub async fn connect(url: &str, config: &Config) -> Result<RedisLock, LockError> {
         let (url, _client, conn) =
-            redis_conn::open(url, &config.redis)
+            conn::open(url, &config.redis)
                 .await
                 .map_err(|e| LockError::Operation {
                     operation: "connect",

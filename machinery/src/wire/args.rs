@@ -14,8 +14,8 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Number, Value};
 
-use crate::signature::Arg;
-use crate::state::TaskResult;
+use super::signature::Arg;
+use super::state::TaskResult;
 
 /// A scalar Go type that has a machinery type tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,5 +1,8 @@
-//! Brokers carry task messages from senders to workers. Each implementation sits in its own module and is
-//! chosen at run time from the broker URL's scheme ([`connect`]).
+//! Brokers carry task messages from senders to workers. Each implementation sits in its transport's room
+//! ([`crate::memory`], [`crate::redis`], [`crate::amqp`]) and is chosen at run time from the broker URL's
+//! scheme ([`crate::connect`]). These traits know nothing of result backends: a broker that can store a
+//! task state in the same step as its own write (the Redis pair) says so through the `*_with_state`
+//! steps, whose defaults decline.
 //!
 //! Every broker honours the same contract, which the worker relies on:
 //! - [`Broker::publish`] stores the message durably before it returns, and delays it until its ETA.
@@ -8,23 +11,14 @@
 //!   If the worker dies first, the message goes back to the queue (at-least-once delivery).
 //! - [`Consumer::next_batch`] is cancel-safe, and [`Consumer::close`] returns unfinished messages.
 
-#[cfg(feature = "amqp")]
-pub mod amqp;
-pub mod memory;
-#[cfg(feature = "redis")]
-pub mod redis;
-
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::backend::{Backend, BackendError};
-use crate::config::{Config, ConfigError};
-use crate::signature::Headers;
-use crate::state::TaskState;
+use crate::wire::signature::Headers;
+use crate::wire::state::TaskState;
 
 /// A boxed error from a broker's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -75,18 +69,6 @@ impl BrokerError {
             source: source.into(),
         }
     }
-}
-
-/// Why [`Broker::publish_with_state`] failed: the state was not stored, or the message not published.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PublishError {
-    /// Storing the PENDING state failed (nothing was published).
-    #[error(transparent)]
-    Backend(BackendError),
-    /// Publishing failed.
-    #[error(transparent)]
-    Broker(BrokerError),
 }
 
 /// A message ready to publish.
@@ -196,20 +178,18 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
-    /// Stores `pending` (the sender's PENDING state) through `backend`, then publishes `message`: what a
-    /// send does. The default makes the two calls in turn; a broker that shares its server with the backend
-    /// may do both in one round trip (the Redis broker does when both URLs name the same database).
+    /// Publishes `message` together with `pending` (the sender's PENDING state) in one step, the state
+    /// first, when this broker holds the result backend's half (a Redis broker and backend on one
+    /// database, paired by [`crate::connect`]); returns `Ok(None)` then. Gives the message back unsent,
+    /// `Ok(Some(message))`, when it does not: the caller stores the state through its backend and then
+    /// [publishes](Broker::publish). The default gives it back.
     async fn publish_with_state(
         &self,
-        backend: &dyn Backend,
         pending: &TaskState,
         message: Outgoing,
-    ) -> Result<(), PublishError> {
-        backend
-            .set_state(pending)
-            .await
-            .map_err(PublishError::Backend)?;
-        self.publish(message).await.map_err(PublishError::Broker)
+    ) -> Result<Option<Outgoing>, BrokerError> {
+        let _ = pending;
+        Ok(Some(message))
     }
 
     /// Starts consuming a queue.
@@ -291,12 +271,6 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
             operation: "listing workers",
         })
     }
-
-    /// This broker as `Any`, for implementations that recognise each other (a broker and a backend on one
-    /// server fuse their writes). `None` by default.
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        None
-    }
 }
 
 /// A running subscription to a queue.
@@ -334,16 +308,13 @@ pub trait Acknowledger: Send + Sync + fmt::Debug {
     async fn dead_letter(self: Box<Self>, body: Vec<u8>, reason: String)
         -> Result<(), BrokerError>;
 
-    /// Stores `state` through `backend` and forgets the message in one step, if this broker can (it shares
-    /// its server with the backend); returns `Ok(false)`, doing nothing, when it cannot. On success the
-    /// acknowledger is dropped unused; on `Ok(false)` or an error the caller settles it the ordinary way.
-    /// The default cannot.
-    async fn try_ack_with_state(
-        &self,
-        backend: &dyn Backend,
-        state: &TaskState,
-    ) -> Result<bool, BrokerError> {
-        let _ = (backend, state);
+    /// Stores `state` (the task's final state) and forgets the message in one step, the state first,
+    /// when this broker holds the result backend's half (see [`Broker::publish_with_state`]); returns
+    /// `Ok(false)`, doing nothing, when it does not. On success the acknowledger is dropped unused; on
+    /// `Ok(false)` or an error the caller stores the state through its backend and then settles the
+    /// message the ordinary way. The default does not.
+    async fn try_ack_with_state(&self, state: &TaskState) -> Result<bool, BrokerError> {
+        let _ = state;
         Ok(false)
     }
 }
@@ -379,15 +350,11 @@ impl Delivery {
     }
 
     /// Stores `state` (the task's final state) and acknowledges the message in one step, where the broker
-    /// and `backend` share a server (one round trip on Redis). Gives the delivery back, with nothing
+    /// holds the result backend's half (one round trip on Redis). Gives the delivery back, with nothing
     /// acknowledged, when the broker cannot do that or it failed: the caller then stores the state and
     /// acknowledges separately (the state may already be stored; storing it again is harmless).
-    pub async fn try_ack_with_state(
-        self,
-        backend: &dyn Backend,
-        state: &TaskState,
-    ) -> Result<(), Delivery> {
-        match self.acker.try_ack_with_state(backend, state).await {
+    pub async fn try_ack_with_state(self, state: &TaskState) -> Result<(), Delivery> {
+        match self.acker.try_ack_with_state(state).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(self),
             Err(error) => {
@@ -406,37 +373,31 @@ impl Delivery {
 
 /// Whether `body` is a task message with the id `task_uuid` (for [`Broker::requeue_dead`]).
 pub(crate) fn has_task_uuid(body: &[u8], task_uuid: &str) -> bool {
-    crate::signature::Signature::from_json(body).is_ok_and(|signature| signature.uuid == task_uuid)
+    crate::wire::signature::Signature::from_json(body)
+        .is_ok_and(|signature| signature.uuid == task_uuid)
 }
 
-/// The URL schemes of the brokers in this build.
-pub fn supported_schemes() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut schemes = vec!["memory://"];
-    #[cfg(feature = "amqp")]
-    schemes.extend(["amqp://", "amqps://"]);
-    #[cfg(feature = "redis")]
-    schemes.extend(["redis://", "rediss://", "redis+socket://"]);
-    schemes
+// Where the brokers and `connect` lived before each transport had a room of its own; these paths stay
+// so that code naming them keeps compiling.
+
+pub use crate::connect::{broker as connect, broker_schemes as supported_schemes};
+
+/// The in-process broker (now [`crate::memory`]).
+pub mod memory {
+    pub use crate::memory::MemoryBroker;
 }
 
-/// Connects to the broker named by `config.broker`.
-pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
-    let url = config.broker.trim();
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
-    match scheme {
-        "memory" | "" | "eager" => Ok(memory::MemoryBroker::connect(url, config)),
-        #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => amqp::AmqpBroker::connect(config).await,
-        #[cfg(feature = "redis")]
-        "redis" | "rediss" | "redis+socket" => {
-            Ok(Arc::new(redis::RedisBroker::connect(config).await?))
-        }
-        _ => Err(ConfigError::UnknownScheme {
-            role: "broker",
-            url: crate::config::redact_url(url),
-            supported: supported_schemes().join(", "),
-        }
-        .into()),
-    }
+/// The Redis broker (now [`crate::redis`]).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use crate::redis::{dead_letter_key, RedisBroker};
+}
+
+/// The AMQP broker (now [`crate::amqp`]).
+#[cfg(feature = "amqp")]
+pub mod amqp {
+    pub use crate::amqp::{
+        dead_letter_queue, AmqpBroker, DEAD_LETTERED_AT_HEADER, DEAD_LETTER_QUEUE_HEADER,
+        DEAD_LETTER_REASON_HEADER,
+    };
 }

@@ -27,13 +27,13 @@ use redis::{AsyncCommands as _, Client, RedisError};
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Backend, BackendError};
+use super::conn::{self, is_noscript, Lua};
+use super::url::RedisUrl;
+use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::gotime;
-use crate::redis_conn::{self, is_noscript, Lua};
-use crate::redis_url::RedisUrl;
 use crate::retry::Backoff;
-use crate::state::{GroupMeta, TaskState, REVOKED_ERROR};
+use crate::wire::gotime;
+use crate::wire::state::{GroupMeta, TaskState, REVOKED_ERROR};
 
 /// The key Go machinery's workers lock (redsync) around their chord trigger.
 pub const GO_CHORD_LOCK_KEY: &str = "TriggerChordMutex";
@@ -243,7 +243,7 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
 impl RedisBackend {
     /// Connects to the Redis server named by `config.result_backend`.
     pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
-        let (url, client, conn) = redis_conn::open(&config.result_backend, &config.redis)
+        let (url, client, conn) = conn::open(&config.result_backend, &config.redis)
             .await
             .map_err(|e| BackendError::Connect {
                 url: e.url,
@@ -505,7 +505,7 @@ impl Backend for RedisBackend {
                 }
                 // Not the worker's usual pair: the two calls, on their own.
                 Ok(None) => results.push(Some(
-                    super::received_then_started(self, received, started).await,
+                    crate::backend::received_then_started(self, received, started).await,
                 )),
                 Err(error) => results.push(Some(Err(error))),
             }
@@ -612,7 +612,7 @@ impl Backend for RedisBackend {
     }
 
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = super::existing_group(self, group_uuid).await?;
+        let meta = crate::backend::existing_group(self, group_uuid).await?;
         if meta.task_uuids.is_empty() {
             return Ok(Vec::new());
         }
@@ -693,10 +693,6 @@ impl Backend for RedisBackend {
         conn.del::<_, ()>(&[group_uuid.to_owned(), done, members, progress])
             .await
             .map_err(op("delete group"))
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
     }
 }
 
@@ -864,7 +860,7 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::TaskResult;
+    use crate::wire::state::TaskResult;
 
     #[test]
     fn state_pieces_join_into_the_records_json() {

@@ -19,8 +19,6 @@
 //!
 //! memcached cannot notify, so [`Backend::wait_for_completion`] polls with the trait's growing interval.
 
-mod client;
-
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +27,12 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-pub use self::client::MemcacheError;
-use self::client::{Client, StoreMode, StoreReply};
-use super::{Backend, BackendError};
+pub use super::client::MemcacheError;
+use super::client::{Client, StoreMode, StoreReply};
+use crate::backend::{Backend, BackendError};
 use crate::config::{Config, ConfigError};
-use crate::gotime;
-use crate::state::{GroupMeta, TaskState};
+use crate::wire::gotime;
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// The port of a server given without one.
 pub const DEFAULT_PORT: u16 = 11211;
@@ -60,7 +58,7 @@ pub const CHORD_PROGRESS_SUFFIX: &str = "_chord_progress";
 /// assert_eq!(server_index("foo", 1), 0);
 /// ```
 pub fn server_index(key: &str, servers: usize) -> usize {
-    client::server_index(key, servers)
+    super::client::server_index(key, servers)
 }
 
 /// The memcached result backend.
@@ -436,7 +434,7 @@ impl Backend for MemcacheBackend {
 
     /// The members' states in group order, read with one multi-key `get` per server (and per 100 keys).
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = super::existing_group(self, group_uuid).await?;
+        let meta = crate::backend::existing_group(self, group_uuid).await?;
         let keys: Vec<&str> = meta.task_uuids.iter().map(String::as_str).collect();
         let mut found = self
             .client
@@ -464,7 +462,7 @@ impl Backend for MemcacheBackend {
         group_task_count: u32,
     ) -> Result<bool, BackendError> {
         const OP: &str = "complete group member";
-        let meta = super::existing_group(self, group_uuid).await?;
+        let meta = crate::backend::existing_group(self, group_uuid).await?;
         let index = meta
             .task_uuids
             .iter()

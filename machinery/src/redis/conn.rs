@@ -7,8 +7,8 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisResult, ServerErrorKind};
 
+use super::url::RedisUrl;
 use crate::config::RedisConfig;
-use crate::redis_url::RedisUrl;
 
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
 fn secs(value: u64) -> Option<Duration> {
@@ -28,7 +28,7 @@ pub(crate) async fn open(
     config: &RedisConfig,
 ) -> Result<(RedisUrl, Client, ConnectionManager), OpenError> {
     let parsed = RedisUrl::parse(url).map_err(|e| OpenError {
-        url: crate::redis_url::redact(url),
+        url: super::url::redact(url),
         source: Box::new(e),
     })?;
     let failed = |source: redis::RedisError| OpenError {

@@ -1,0 +1,10 @@
+//! The memcached transport (`memcache://host1:port1[,host2:port2...]`): a result backend, record for
+//! record what Go machinery's memcache backend stores, over a small text-protocol client of our own
+//! (`docs/memcache.md` says why).
+
+mod backend;
+mod client;
+
+pub use backend::{
+    parse_url, server_index, MemcacheBackend, MemcacheError, CHORD_PROGRESS_SUFFIX, DEFAULT_PORT,
+};

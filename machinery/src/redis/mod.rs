@@ -1,0 +1,18 @@
+//! The Redis transport (`redis://`, `rediss://`, `redis+socket://`): the broker, the result backend, the
+//! periodic-task lock and the inspection commands, over one connection layer, wire-compatible with Go
+//! machinery's Redis broker and backend. `docs/redis.md` describes the keys and the guarantees.
+//!
+//! When the broker and the result backend name the same Redis database, [`connect`](crate::connect)
+//! takes a broker that holds its backend half ([`RedisBroker::with_backend`]): the PENDING state rides
+//! with the publish, and a final state with the acknowledgement, in one round trip.
+
+mod backend;
+mod broker;
+mod conn;
+mod lock;
+pub mod url;
+
+pub use backend::{completion_channel, RedisBackend, GO_CHORD_LOCK_KEY};
+pub use broker::{dead_letter_key, RedisBroker};
+pub use lock::RedisLock;
+pub use url::{RedisUrl, RedisUrlError};
