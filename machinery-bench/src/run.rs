@@ -114,6 +114,8 @@ impl Env {
     async fn reset(&mut self, uuids: &[String]) -> Result<(), BenchError> {
         self.configured
             .broker()
+            .inspect()
+            .map_err(machinery::Error::from)?
             .purge(&self.queue)
             .await
             .map_err(machinery::Error::from)?;
@@ -277,6 +279,8 @@ async fn fill(env: &mut Env, backend: &str, tasks: u64) -> Result<Vec<String>, B
     let sent = measure::send_concurrent(server, tasks, env.settings.senders).await?;
     let stats = server
         .broker()
+        .inspect()
+        .map_err(machinery::Error::from)?
         .queue_stats(&env.queue)
         .await
         .map_err(machinery::Error::from)?;

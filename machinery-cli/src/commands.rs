@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use machinery::backend::{self, Backend};
-use machinery::broker::{self, Broker, BrokerError};
+use machinery::broker::{self, Broker, BrokerError, Inspect};
 use machinery::{gotime, Config, Server, Signature, State, TaskState};
 use serde_json::{json, Value};
 
@@ -119,6 +119,14 @@ impl App {
             .map_err(CliError::Connect)
     }
 
+    /// The broker's inspection commands, or the command's error for a broker that has none.
+    fn inspect(broker: &dyn Broker) -> Result<&dyn Inspect, CliError> {
+        broker.inspect().map_err(Self::broker_error(
+            broker,
+            "inspecting the broker".to_owned(),
+        ))
+    }
+
     /// Turns a broker error into the command's error, explaining an unsupported operation.
     fn broker_error(
         broker: &dyn Broker,
@@ -137,7 +145,7 @@ impl App {
     async fn queues(&self, named: Vec<String>) -> Result<(), CliError> {
         let broker = self.broker().await?;
         let queues: Vec<String> = if named.is_empty() {
-            match broker.queues().await {
+            match Self::inspect(broker.as_ref())?.queues().await {
                 Ok(queues) => queues,
                 Err(BrokerError::Unsupported { operation, .. }) => {
                     eprintln!(
@@ -167,7 +175,7 @@ impl App {
         for queue in &queues {
             let what = format!("counting the messages of queue {queue:?}");
             stats.push(
-                broker
+                Self::inspect(broker.as_ref())?
                     .queue_stats(queue)
                     .await
                     .map_err(Self::broker_error(broker.as_ref(), what))?,
@@ -278,7 +286,7 @@ impl App {
 
     async fn pending(&self, queue: &str, limit: usize) -> Result<(), CliError> {
         let broker = self.broker().await?;
-        let bodies = broker
+        let bodies = Self::inspect(broker.as_ref())?
             .pending(queue, limit)
             .await
             .map_err(Self::broker_error(
@@ -304,10 +312,13 @@ impl App {
 
     async fn delayed(&self, limit: usize) -> Result<(), CliError> {
         let broker = self.broker().await?;
-        let delayed = broker.delayed(limit).await.map_err(Self::broker_error(
-            broker.as_ref(),
-            "listing delayed messages".to_owned(),
-        ))?;
+        let delayed = Self::inspect(broker.as_ref())?
+            .delayed(limit)
+            .await
+            .map_err(Self::broker_error(
+                broker.as_ref(),
+                "listing delayed messages".to_owned(),
+            ))?;
         let rows: Vec<(DateTime<Utc>, Message)> = delayed
             .iter()
             .map(|d| (d.eta, Message::decode(&d.body)))
@@ -343,7 +354,7 @@ impl App {
 
     async fn dead(&self, queue: &str, limit: usize) -> Result<(), CliError> {
         let broker = self.broker().await?;
-        let letters = broker
+        let letters = Self::inspect(broker.as_ref())?
             .dead_letters(queue, limit)
             .await
             .map_err(Self::broker_error(
@@ -379,7 +390,7 @@ impl App {
 
     async fn requeue(&self, queue: &str, uuid: Option<&str>) -> Result<(), CliError> {
         let broker = self.broker().await?;
-        let moved = broker
+        let moved = Self::inspect(broker.as_ref())?
             .requeue_dead(queue, uuid)
             .await
             .map_err(Self::broker_error(
@@ -421,10 +432,14 @@ impl App {
             }
         }
         let broker = self.broker().await?;
-        let purged = broker.purge(queue).await.map_err(Self::broker_error(
-            broker.as_ref(),
-            format!("purging queue {queue:?}"),
-        ))?;
+        let purged =
+            Self::inspect(broker.as_ref())?
+                .purge(queue)
+                .await
+                .map_err(Self::broker_error(
+                    broker.as_ref(),
+                    format!("purging queue {queue:?}"),
+                ))?;
         if self.json {
             return Ok(print_json(&json!({"queue": queue, "purged": purged}))?);
         }
@@ -491,10 +506,14 @@ impl App {
 
     async fn workers(&self) -> Result<(), CliError> {
         let broker = self.broker().await?;
-        let workers = broker.workers().await.map_err(Self::broker_error(
-            broker.as_ref(),
-            "listing workers".to_owned(),
-        ))?;
+        let workers =
+            Self::inspect(broker.as_ref())?
+                .workers()
+                .await
+                .map_err(Self::broker_error(
+                    broker.as_ref(),
+                    "listing workers".to_owned(),
+                ))?;
         if self.json {
             let rows = workers
                 .iter()

@@ -131,7 +131,7 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
-/// A message waiting for its ETA ([`Broker::delayed`]).
+/// A message waiting for its ETA ([`Inspect::delayed`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DelayedMessage {
     /// When it becomes due (the broker's own record: the Redis score, the memory broker's key).
@@ -140,7 +140,7 @@ pub struct DelayedMessage {
     pub body: Vec<u8>,
 }
 
-/// A consumer of a queue as the broker sees it ([`Broker::workers`]): one per worker process and queue.
+/// A consumer of a queue as the broker sees it ([`Inspect::workers`]): one per worker process and queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
     /// The queue it consumes.
@@ -195,82 +195,48 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Starts consuming a queue.
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError>;
 
-    /// Counts for a queue.
-    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
-        let _ = queue;
+    /// The inspection commands (counts, listings, requeue, purge) that tools such as the CLI use, or
+    /// [`BrokerError::Unsupported`] for a broker that has none. The default has none.
+    fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
         Err(BrokerError::Unsupported {
             broker: self.kind(),
-            operation: "queue statistics",
+            operation: "inspection",
         })
     }
+}
+
+/// What inspection tools (the `machinery` CLI, a dashboard) ask of a broker, apart from [`Broker`]: no
+/// sender or worker needs it to move tasks. A broker that answers returns itself from
+/// [`Broker::inspect`]; a question it cannot answer is [`BrokerError::Unsupported`].
+#[async_trait]
+pub trait Inspect: Send + Sync + fmt::Debug {
+    /// Counts for a queue.
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError>;
 
     /// Up to `limit` messages waiting in a queue, oldest first, without taking them.
-    async fn pending(&self, queue: &str, limit: usize) -> Result<Vec<Vec<u8>>, BrokerError> {
-        let _ = (queue, limit);
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "listing pending messages",
-        })
-    }
+    async fn pending(&self, queue: &str, limit: usize) -> Result<Vec<Vec<u8>>, BrokerError>;
 
     /// Up to `limit` dead letters of a queue, oldest first.
-    async fn dead_letters(
-        &self,
-        queue: &str,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, BrokerError> {
-        let _ = (queue, limit);
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "listing dead letters",
-        })
-    }
+    async fn dead_letters(&self, queue: &str, limit: usize)
+        -> Result<Vec<DeadLetter>, BrokerError>;
 
     /// Deletes every waiting message of a queue; returns how many.
-    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let _ = queue;
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "purging a queue",
-        })
-    }
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
 
     /// The queues this broker can find by itself, sorted, for inspection tools (the default queue is
     /// always among them). What "find" means depends on the broker: see each implementation.
-    async fn queues(&self) -> Result<Vec<String>, BrokerError> {
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "listing queues",
-        })
-    }
+    async fn queues(&self) -> Result<Vec<String>, BrokerError>;
 
     /// Up to `limit` messages waiting for their ETA, of every queue, earliest first, without taking them.
-    async fn delayed(&self, limit: usize) -> Result<Vec<DelayedMessage>, BrokerError> {
-        let _ = limit;
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "listing delayed messages",
-        })
-    }
+    async fn delayed(&self, limit: usize) -> Result<Vec<DelayedMessage>, BrokerError>;
 
     /// Moves dead letters of `queue` back to the tail of the queue, unchanged: every one, or only those
     /// whose message has the task id `task_uuid`. Returns how many moved. A message moves in one step
     /// (never lost, never duplicated) where the broker allows it.
-    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError> {
-        let _ = (queue, task_uuid);
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "requeueing dead letters",
-        })
-    }
+    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError>;
 
     /// The consumers the broker knows of, live or dead, sorted by queue and tag.
-    async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
-        Err(BrokerError::Unsupported {
-            broker: self.kind(),
-            operation: "listing workers",
-        })
-    }
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError>;
 }
 
 /// A running subscription to a queue.
@@ -371,7 +337,7 @@ impl Delivery {
     }
 }
 
-/// Whether `body` is a task message with the id `task_uuid` (for [`Broker::requeue_dead`]).
+/// Whether `body` is a task message with the id `task_uuid` (for [`Inspect::requeue_dead`]).
 pub(crate) fn has_task_uuid(body: &[u8], task_uuid: &str) -> bool {
     crate::wire::signature::Signature::from_json(body)
         .is_ok_and(|signature| signature.uuid == task_uuid)

@@ -542,9 +542,14 @@ async fn unknown_tasks_are_requeued_a_few_times_then_dead_lettered_with_the_reas
     let sent = s.send(Signature::new("mystery")).await.unwrap();
 
     let dead = wait_for(WAIT, || {
-        futures_lite_block(s.broker().dead_letters(&config.default_queue, 10))
-            .ok()
-            .filter(|d| !d.is_empty())
+        futures_lite_block(
+            s.broker()
+                .inspect()
+                .unwrap()
+                .dead_letters(&config.default_queue, 10),
+        )
+        .ok()
+        .filter(|d| !d.is_empty())
     })
     .await
     .expect("dead-lettered");
@@ -567,7 +572,13 @@ async fn unknown_tasks_are_requeued_a_few_times_then_dead_lettered_with_the_reas
         queue_info(&config.default_queue).map(|q| (q.ready, q.unacked)),
         Some((0, 0))
     );
-    let stats = s.broker().queue_stats(&config.default_queue).await.unwrap();
+    let stats = s
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&config.default_queue)
+        .await
+        .unwrap();
     assert_eq!(stats.dead, Some(1));
     // The reason travels in an AMQP header too, for other tools.
     let d = rabbit
@@ -614,6 +625,8 @@ async fn malformed_json_is_dead_lettered_at_once_and_the_worker_goes_on() {
     assert_eq!(ok.get(WAIT).await.unwrap(), 1, "the worker keeps going");
     let dead = s
         .broker()
+        .inspect()
+        .unwrap()
         .dead_letters(&config.default_queue, 10)
         .await
         .unwrap();
@@ -642,7 +655,7 @@ async fn pending_peeks_without_taking_and_purge_empties() {
     for name in ["t0", "t1", "t2"] {
         s.send(Signature::new(name)).await.unwrap();
     }
-    let b = s.broker();
+    let b = s.broker().inspect().unwrap();
     let stats = b.queue_stats(&config.default_queue).await.unwrap();
     assert_eq!(
         (stats.pending, stats.dead, stats.in_flight),
@@ -741,7 +754,12 @@ async fn graceful_shutdown_finishes_running_tasks_and_returns_the_rest() {
     // A deadline shorter than the task: it is cut off and its message returns.
     let key = unique("cutoff");
     // Purged first, so the new worker does not prefetch the first part's leftovers.
-    s.broker().purge(&config.default_queue).await.unwrap();
+    s.broker()
+        .inspect()
+        .unwrap()
+        .purge(&config.default_queue)
+        .await
+        .unwrap();
     let worker = Worker::new(&s)
         .register(probe::task())
         .concurrency(1)

@@ -203,6 +203,8 @@ async fn connections_are_closed_under_load_and_nothing_is_lost_or_run_twice() {
     assert!(settled.is_some(), "{:?}", queue_info(&config.default_queue));
     let stats = sender
         .broker()
+        .inspect()
+        .unwrap()
         .queue_stats(&config.default_queue)
         .await
         .unwrap();

@@ -23,7 +23,14 @@ fn spawn_node(queue: &str, name: &str, spec: &str, run_for: Duration) -> tokio::
 
 async fn ticks_in_queue(server: &Server, queue: &str) -> BTreeMap<i64, usize> {
     let mut ticks = BTreeMap::new();
-    for body in server.broker().pending(queue, 10_000).await.unwrap() {
+    for body in server
+        .broker()
+        .inspect()
+        .unwrap()
+        .pending(queue, 10_000)
+        .await
+        .unwrap()
+    {
         let sig = Signature::from_json(&body).unwrap();
         let tick = sig
             .header_value(PERIODIC_TICK_HEADER)
@@ -55,7 +62,7 @@ async fn each_tick_once_across_three_processes(spec: &str, step_ms: i64, run_for
         assert!(status.success(), "{status}");
     }
     let ticks = ticks_in_queue(&server, &queue).await;
-    let _ = server.broker().purge(&queue).await;
+    let _ = server.broker().inspect().unwrap().purge(&queue).await;
     let doubled: Vec<_> = ticks.iter().filter(|(_, &n)| n > 1).collect();
     assert!(doubled.is_empty(), "ticks sent more than once: {doubled:?}");
     let (first, last) = (*ticks.keys().next().unwrap(), *ticks.keys().last().unwrap());

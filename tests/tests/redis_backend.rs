@@ -599,7 +599,13 @@ async fn two_hundred_member_chords_under_three_workers_call_back_once() {
         worker.shutdown(Duration::from_secs(10)).await.unwrap();
     }
     // Exactly one callback message per chord was published: each ran once and the queue is empty.
-    let stats = sender.broker().queue_stats(&names.queue).await.unwrap();
+    let stats = sender
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
     assert_eq!(
         (stats.pending, stats.in_flight, stats.dead),
         (0, Some(0), Some(0))

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use machinery::broker::redis::RedisBroker;
-use machinery::broker::{Broker, ConsumeOptions, Consumer, Outgoing};
+use machinery::broker::{Broker, ConsumeOptions, Consumer, Inspect, Outgoing};
 use machinery::{Server, Signature, State, Worker};
 use machinery_tests::{require, Service};
 use redis::AsyncCommands as _;
@@ -428,7 +428,13 @@ async fn a_worker_takes_no_more_messages_than_it_has_free_slots() {
     let mut most = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let stats = server.broker().queue_stats(&names.queue).await.unwrap();
+        let stats = server
+            .broker()
+            .inspect()
+            .unwrap()
+            .queue_stats(&names.queue)
+            .await
+            .unwrap();
         let in_flight = stats.in_flight.unwrap_or(0);
         most = most.max(in_flight);
         assert!(
@@ -628,11 +634,22 @@ async fn unknown_names_and_malformed_json_are_dead_lettered_while_the_worker_kee
     wait_until("two dead letters", Duration::from_secs(10), || {
         let broker = broker.clone();
         let queue = queue.clone();
-        async move { broker.queue_stats(&queue).await.unwrap().dead == Some(2) }
+        async move {
+            broker
+                .inspect()
+                .unwrap()
+                .queue_stats(&queue)
+                .await
+                .unwrap()
+                .dead
+                == Some(2)
+        }
     })
     .await;
     let dead = server
         .broker()
+        .inspect()
+        .unwrap()
         .dead_letters(&names.queue, 10)
         .await
         .unwrap();
@@ -664,7 +681,13 @@ async fn unknown_names_and_malformed_json_are_dead_lettered_while_the_worker_kee
         Some(&Value::from(3))
     );
     running.shutdown(Duration::from_secs(5)).await.unwrap();
-    let stats = server.broker().queue_stats(&names.queue).await.unwrap();
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
     assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
     names.cleanup().await;
 }
@@ -798,7 +821,13 @@ async fn a_worker_whose_connections_are_killed_reconnects_and_loses_nothing() {
     )
     .await;
     running.shutdown(Duration::from_secs(10)).await.unwrap();
-    let stats = sender.broker().queue_stats(&names.queue).await.unwrap();
+    let stats = sender
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
     assert_eq!(
         (stats.pending, stats.in_flight, stats.dead),
         (0, Some(0), Some(0)),
@@ -867,7 +896,13 @@ async fn a_worker_killed_with_sigkill_mid_task_loses_no_task() {
         .filter(|&i| before[i] == Some(State::Started))
         .collect();
     first.kill().await.expect("SIGKILL the first worker");
-    let stats = sender.broker().queue_stats(&names.queue).await.unwrap();
+    let stats = sender
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
     assert!(
         stats.in_flight.unwrap_or(0) > 0,
         "the killed worker held messages in flight: {stats:?}"
@@ -911,7 +946,13 @@ async fn a_worker_killed_with_sigkill_mid_task_loses_no_task() {
         .expect("worker exits after SIGTERM")
         .unwrap();
     assert!(exit.success(), "{exit:?}");
-    let stats = sender.broker().queue_stats(&names.queue).await.unwrap();
+    let stats = sender
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
     assert_eq!(
         (stats.pending, stats.in_flight, stats.dead),
         (0, Some(0), Some(0))

@@ -73,7 +73,13 @@ async fn typed_tasks_round_trip_over_redis() {
         "{stored}"
     );
     running.shutdown(Duration::from_secs(5)).await.unwrap();
-    let stats = server.broker().queue_stats(&names.queue).await.unwrap();
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
     assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
     ids.push(uuid);
     let _: () = conn.del(ids).await.unwrap();

@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use machinery::backend::memory::MemoryBackend;
 use machinery::broker::memory::MemoryBroker;
-use machinery::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Delivery, Outgoing};
+use machinery::broker::{
+    Broker, BrokerError, ConsumeOptions, Consumer, Delivery, Inspect, Outgoing,
+};
 use machinery::{task, Config, Server, Signature, TaskError, Worker};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
@@ -82,15 +84,9 @@ impl Broker for Flaky {
             failures_left: 2,
         }))
     }
-    async fn queue_stats(&self, queue: &str) -> Result<machinery::broker::QueueStats, BrokerError> {
-        self.inner.queue_stats(queue).await
-    }
-    async fn dead_letters(
-        &self,
-        queue: &str,
-        limit: usize,
-    ) -> Result<Vec<machinery::broker::DeadLetter>, BrokerError> {
-        self.inner.dead_letters(queue, limit).await
+    fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
+        // The queue-size sampling reads the wrapped broker's counts.
+        self.inner.inspect()
     }
 }
 
@@ -183,6 +179,8 @@ async fn counters_histogram_and_gauges_move_as_tasks_run() {
     let dead = machinery_tests::eventually(WAIT, || async {
         server
             .broker()
+            .inspect()
+            .unwrap()
             .dead_letters("metrics_q", 10)
             .await
             .unwrap()

@@ -393,6 +393,8 @@ async fn malformed_json_is_dead_lettered_and_the_worker_keeps_serving() {
     );
     let dead = server
         .broker()
+        .inspect()
+        .unwrap()
         .dead_letters("machinery_tasks", 10)
         .await
         .unwrap();
@@ -435,6 +437,8 @@ async fn unknown_task_names_are_requeued_a_bounded_number_of_times_then_dead_let
         let broker = broker.clone();
         async move {
             broker
+                .inspect()
+                .unwrap()
                 .dead_letters("machinery_tasks", 10)
                 .await
                 .unwrap()
@@ -446,6 +450,8 @@ async fn unknown_task_names_are_requeued_a_bounded_number_of_times_then_dead_let
     assert!(dead_lettered, "the unknown task was never dead-lettered");
     let dead = server
         .broker()
+        .inspect()
+        .unwrap()
         .dead_letters("machinery_tasks", 10)
         .await
         .unwrap();
@@ -470,6 +476,8 @@ async fn unknown_task_names_are_requeued_a_bounded_number_of_times_then_dead_let
     // Nothing is left spinning in the queue.
     let stats = server
         .broker()
+        .inspect()
+        .unwrap()
         .queue_stats("machinery_tasks")
         .await
         .unwrap();
@@ -613,6 +621,8 @@ async fn graceful_shutdown_finishes_running_tasks() {
     assert_eq!(result.state().await.unwrap().unwrap().state, State::Success);
     let stats = server
         .broker()
+        .inspect()
+        .unwrap()
         .queue_stats("machinery_tasks")
         .await
         .unwrap();
@@ -655,6 +665,8 @@ async fn a_missed_shutdown_deadline_cancels_tasks_and_returns_their_messages() {
     );
     let stats = server
         .broker()
+        .inspect()
+        .unwrap()
         .queue_stats("machinery_tasks")
         .await
         .unwrap();

@@ -79,7 +79,13 @@ async fn the_first_sigterm_waits_for_running_tasks_then_exits_cleanly() {
         State::Success,
         "the running task finished before the worker exited"
     );
-    let stats = server.broker().queue_stats(&queue).await.unwrap();
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&queue)
+        .await
+        .unwrap();
     assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
 }
 
@@ -112,11 +118,17 @@ async fn a_second_sigterm_quits_at_once_and_returns_the_task_to_the_queue() {
         !status.success(),
         "an abrupt stop is reported as an error exit"
     );
-    let stats = server.broker().queue_stats(&queue).await.unwrap();
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&queue)
+        .await
+        .unwrap();
     assert_eq!(
         (stats.pending, stats.in_flight),
         (1, Some(0)),
         "the cut-off task is back in the queue"
     );
-    let _ = server.broker().purge(&queue).await;
+    let _ = server.broker().inspect().unwrap().purge(&queue).await;
 }

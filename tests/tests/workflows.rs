@@ -444,7 +444,13 @@ async fn a_revoked_task_never_runs(server: &Server, setup: Setup) {
     tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(700 + 1500)).await;
     let queue = server.broker().route("");
     let settled = machinery_tests::eventually(setup.timeout(), || async {
-        let stats = server.broker().queue_stats(&queue).await.unwrap();
+        let stats = server
+            .broker()
+            .inspect()
+            .unwrap()
+            .queue_stats(&queue)
+            .await
+            .unwrap();
         stats.pending == 0 && stats.in_flight.unwrap_or(0) == 0
     })
     .await;

@@ -45,8 +45,8 @@ use super::session::{
 };
 use super::table::{json_table, string_field};
 use crate::broker::{
-    Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, Delivery, Outgoing,
-    QueueStats,
+    Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, Delivery, Inspect,
+    Outgoing, QueueStats,
 };
 use crate::config::Config;
 
@@ -566,6 +566,13 @@ impl Broker for AmqpBroker {
         Ok(Box::new(consumer))
     }
 
+    fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
+        Ok(self)
+    }
+}
+
+#[async_trait]
+impl Inspect for AmqpBroker {
     /// Ready messages (`basic.qos` holds the rest as unacknowledged, which AMQP does not count; see
     /// `rabbitmqctl list_queues messages_unacknowledged`) and dead letters.
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
@@ -662,6 +669,29 @@ impl Broker for AmqpBroker {
         }
         .await;
         result.map_err(op_error("purging a queue"))
+    }
+
+    async fn queues(&self) -> Result<Vec<String>, BrokerError> {
+        Err(unsupported("listing queues"))
+    }
+
+    async fn delayed(
+        &self,
+        _limit: usize,
+    ) -> Result<Vec<crate::broker::DelayedMessage>, BrokerError> {
+        Err(unsupported("listing delayed messages"))
+    }
+
+    async fn workers(&self) -> Result<Vec<crate::broker::WorkerInfo>, BrokerError> {
+        Err(unsupported("listing workers"))
+    }
+}
+
+/// What AMQP 0-9-1 gives no way to ask (`docs/amqp.md`: what the CLI can and cannot answer).
+fn unsupported(operation: &'static str) -> BrokerError {
+    BrokerError::Unsupported {
+        broker: "amqp",
+        operation,
     }
 }
 

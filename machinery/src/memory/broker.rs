@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, DelayedMessage,
-    Delivery, Outgoing, QueueStats, WorkerInfo,
+    Delivery, Inspect, Outgoing, QueueStats, WorkerInfo,
 };
 use crate::config::Config;
 
@@ -198,6 +198,13 @@ impl Broker for MemoryBroker {
         }))
     }
 
+    fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
+        Ok(self)
+    }
+}
+
+#[async_trait]
+impl Inspect for MemoryBroker {
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
         let state = self.shared.lock();
         let delayed = state.delayed.values().filter(|(q, _)| q == queue).count() as u64;

@@ -39,7 +39,7 @@ use super::conn::{self, is_noscript, Lua};
 use super::url::RedisUrl;
 use crate::broker::{
     Acknowledger, Broker, BrokerError, ConsumeOptions, Consumer, DeadLetter, DelayedMessage,
-    Delivery, Outgoing, QueueStats, WorkerInfo,
+    Delivery, Inspect, Outgoing, QueueStats, WorkerInfo,
 };
 use crate::config::{Config, RedisConfig};
 use crate::wire::state::TaskState;
@@ -548,6 +548,13 @@ impl Broker for RedisBroker {
         Ok(Box::new(consumer))
     }
 
+    fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
+        Ok(self)
+    }
+}
+
+#[async_trait]
+impl Inspect for RedisBroker {
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut conn = self.inner.conn.clone();

@@ -185,7 +185,12 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(15);
 #[cfg(feature = "metrics")]
 async fn sample_queue(context: Arc<WorkerContext>) {
     loop {
-        if let Ok(stats) = context.server.broker().queue_stats(&context.queue).await {
+        let broker = context.server.broker();
+        // A broker with no inspection commands has no queue size to sample.
+        let Ok(inspect) = broker.inspect() else {
+            return;
+        };
+        if let Ok(stats) = inspect.queue_stats(&context.queue).await {
             metrics::queue_sampled(&context.queue, stats.pending, stats.delayed);
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
