@@ -6,14 +6,19 @@
 //! asks for (`deserialize_i64` → `int64`, a sequence of `u8` → `[]uint8`, ...). Any other shape (structs,
 //! maps, options, enums, ...) travels with the tag `json`, which only Rust peers understand.
 
-use std::cell::Cell;
 use std::fmt;
 
 use base64::Engine as _;
-use serde::de::{self, DeserializeOwned, DeserializeSeed, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{Number, Value};
 
+mod probe;
+mod read;
+
+pub use read::{decode_results, ArgError, ArgReader, ResultDecodeError};
+
+use self::probe::{probe, Probed};
 use super::signature::Arg;
 use super::state::TaskResult;
 
@@ -164,10 +169,7 @@ pub enum Shape {
 impl Shape {
     /// The shape of `T`, found by probing its `Deserialize` implementation.
     pub fn of<T: DeserializeOwned>() -> Shape {
-        let out = Cell::new(None);
-        // The probe always stops the deserializer with an error once it has seen what it needs.
-        let _ = T::deserialize(Probe { out: &out });
-        match out.get() {
+        match probe::<T>() {
             Some(Probed::Scalar(s)) => Shape::Value(TypeTag::Scalar(s)),
             Some(Probed::Seq(Some(s))) => Shape::Value(TypeTag::Slice(s)),
             Some(Probed::Unit) => Shape::Unit,
@@ -175,165 +177,6 @@ impl Shape {
             Some(Probed::Any) => Shape::Any,
             Some(Probed::Seq(None)) | Some(Probed::Other) | None => Shape::Value(TypeTag::Json),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Probed {
-    Scalar(Scalar),
-    Seq(Option<Scalar>),
-    Unit,
-    Tuple(usize),
-    Any,
-    Other,
-}
-
-/// The error the probe stops every deserialization with; it carries nothing so probing never allocates.
-#[derive(Debug)]
-struct Stop;
-
-impl fmt::Display for Stop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("type probe finished")
-    }
-}
-
-impl std::error::Error for Stop {}
-
-impl de::Error for Stop {
-    fn custom<T: fmt::Display>(_msg: T) -> Self {
-        Stop
-    }
-}
-
-struct Probe<'a> {
-    out: &'a Cell<Option<Probed>>,
-}
-
-impl Probe<'_> {
-    fn found<V>(self, probed: Probed) -> Result<V, Stop> {
-        self.out.set(Some(probed));
-        Err(Stop)
-    }
-}
-
-macro_rules! probe_as {
-    ($($method:ident => $probed:expr),* $(,)?) => {
-        $(fn $method<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Stop> {
-            self.found($probed)
-        })*
-    };
-}
-
-impl<'de> Deserializer<'de> for Probe<'_> {
-    type Error = Stop;
-
-    probe_as! {
-        deserialize_any => Probed::Any,
-        deserialize_bool => Probed::Scalar(Scalar::Bool),
-        deserialize_i8 => Probed::Scalar(Scalar::Int8),
-        deserialize_i16 => Probed::Scalar(Scalar::Int16),
-        deserialize_i32 => Probed::Scalar(Scalar::Int32),
-        deserialize_i64 => Probed::Scalar(Scalar::Int64),
-        deserialize_i128 => Probed::Other,
-        deserialize_u8 => Probed::Scalar(Scalar::Uint8),
-        deserialize_u16 => Probed::Scalar(Scalar::Uint16),
-        deserialize_u32 => Probed::Scalar(Scalar::Uint32),
-        deserialize_u64 => Probed::Scalar(Scalar::Uint64),
-        deserialize_u128 => Probed::Other,
-        deserialize_f32 => Probed::Scalar(Scalar::Float32),
-        deserialize_f64 => Probed::Scalar(Scalar::Float64),
-        deserialize_char => Probed::Scalar(Scalar::String),
-        deserialize_str => Probed::Scalar(Scalar::String),
-        deserialize_string => Probed::Scalar(Scalar::String),
-        deserialize_bytes => Probed::Seq(Some(Scalar::Uint8)),
-        deserialize_byte_buf => Probed::Seq(Some(Scalar::Uint8)),
-        deserialize_option => Probed::Other,
-        deserialize_unit => Probed::Unit,
-        deserialize_map => Probed::Other,
-        deserialize_identifier => Probed::Other,
-        deserialize_ignored_any => Probed::Other,
-    }
-
-    fn deserialize_unit_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: V,
-    ) -> Result<V::Value, Stop> {
-        self.found(Probed::Other)
-    }
-
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, Stop> {
-        // A newtype is transparent in JSON, so it takes the tag of what it wraps.
-        visitor.visit_newtype_struct(self)
-    }
-
-    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Stop> {
-        let element = Cell::new(None);
-        let _ = visitor.visit_seq(ProbeSeq { out: &element });
-        let probed = match element.get() {
-            Some(Probed::Scalar(s)) => Probed::Seq(Some(s)),
-            _ => Probed::Seq(None),
-        };
-        self.found(probed)
-    }
-
-    fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, _: V) -> Result<V::Value, Stop> {
-        self.found(Probed::Tuple(len))
-    }
-
-    fn deserialize_tuple_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: usize,
-        _: V,
-    ) -> Result<V::Value, Stop> {
-        self.found(Probed::Other)
-    }
-
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: &'static [&'static str],
-        _: V,
-    ) -> Result<V::Value, Stop> {
-        self.found(Probed::Other)
-    }
-
-    fn deserialize_enum<V: Visitor<'de>>(
-        self,
-        _: &'static str,
-        _: &'static [&'static str],
-        _: V,
-    ) -> Result<V::Value, Stop> {
-        self.found(Probed::Other)
-    }
-}
-
-/// A sequence whose first element is probed (and whose probing stops the sequence).
-struct ProbeSeq<'a> {
-    out: &'a Cell<Option<Probed>>,
-}
-
-impl<'de> SeqAccess<'de> for ProbeSeq<'_> {
-    type Error = Stop;
-
-    fn next_element_seed<T: DeserializeSeed<'de>>(
-        &mut self,
-        seed: T,
-    ) -> Result<Option<T::Value>, Stop> {
-        let nested = Cell::new(None);
-        let result = seed.deserialize(Probe { out: &nested });
-        // Only a plain scalar element makes a Go slice type; anything nested is `json`.
-        self.out.set(match nested.get() {
-            Some(Probed::Scalar(s)) => Some(Probed::Scalar(s)),
-            _ => Some(Probed::Other),
-        });
-        result.map(Some)
     }
 }
 
@@ -456,222 +299,10 @@ pub fn decode_value<T: DeserializeOwned>(
     T::deserialize(normalize(type_tag, value).as_ref())
 }
 
-/// What the arguments of a task did not satisfy.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ArgError {
-    /// The message carries fewer or more arguments than the task takes.
-    #[error("task {task}: expected {expected} arguments, got {found}")]
-    Count {
-        /// The task name.
-        task: String,
-        /// What the task takes (`"2"`, or `"at least 1"` for a trailing `Vec`).
-        expected: String,
-        /// How many arguments the message carries.
-        found: usize,
-    },
-    /// An argument has the wrong type or value.
-    #[error("task {task}: argument {index}: expected {expected}, got {found}")]
-    Type {
-        /// The task name.
-        task: String,
-        /// The 1-based position of the argument.
-        index: usize,
-        /// The expected Go type tag (or `json (RustType)`).
-        expected: String,
-        /// The received tag and value, e.g. `string "x"`.
-        found: String,
-    },
-}
-
-/// Reads a task's arguments in order, with the errors a worker reports for bad input.
-#[derive(Debug)]
-pub struct ArgReader<'a> {
-    task: &'a str,
-    args: &'a [Arg],
-    pos: usize,
-    arity: usize,
-    variadic: bool,
-}
-
-impl<'a> ArgReader<'a> {
-    /// A reader for a task that takes `arity` parameters, the last of which is a `Vec<T>` if `variadic`.
-    pub fn new(task: &'a str, args: &'a [Arg], arity: usize, variadic: bool) -> Self {
-        ArgReader {
-            task,
-            args,
-            pos: 0,
-            arity,
-            variadic,
-        }
-    }
-
-    fn count_error(&self) -> ArgError {
-        let expected = if self.variadic {
-            format!("at least {}", self.arity.saturating_sub(1))
-        } else {
-            self.arity.to_string()
-        };
-        ArgError::Count {
-            task: self.task.to_owned(),
-            expected,
-            found: self.args.len(),
-        }
-    }
-
-    fn type_error<T: DeserializeOwned>(&self, index: usize, arg: &Arg) -> ArgError {
-        let expected = match TypeTag::of::<T>() {
-            TypeTag::Json => format!("json ({})", std::any::type_name::<T>()),
-            tag => tag.as_str().to_owned(),
-        };
-        ArgError::Type {
-            task: self.task.to_owned(),
-            index: index + 1,
-            expected,
-            found: describe(&arg.type_tag, &arg.value),
-        }
-    }
-
-    /// Reads the next argument as a `T`.
-    // Not an `Iterator`: each call decodes a different type.
-    #[allow(clippy::should_implement_trait)]
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<T, ArgError> {
-        let index = self.pos;
-        let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
-        self.pos += 1;
-        decode_value(&arg.type_tag, &arg.value).map_err(|_| self.type_error::<T>(index, arg))
-    }
-
-    /// Reads all remaining arguments into a `Vec<T>`: one slice argument, trailing scalar arguments of `T`
-    /// (Go's variadic calls, and results appended by chains and chords), or a mix of both, in order.
-    pub fn rest<T: DeserializeOwned>(&mut self) -> Result<Vec<T>, ArgError> {
-        let mut out = Vec::new();
-        while let Some(arg) = self.args.get(self.pos) {
-            let index = self.pos;
-            self.pos += 1;
-            let value = normalize(&arg.type_tag, &arg.value);
-            if value.is_array() {
-                if let Ok(items) = Vec::<T>::deserialize(value.as_ref()) {
-                    out.extend(items);
-                    continue;
-                }
-            }
-            match T::deserialize(value.as_ref()) {
-                Ok(item) => out.push(item),
-                Err(_) => return Err(self.type_error::<Vec<T>>(index, arg)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Checks that every argument was used.
-    pub fn finish(&self) -> Result<(), ArgError> {
-        if self.pos < self.args.len() {
-            return Err(self.count_error());
-        }
-        Ok(())
-    }
-}
-
-/// `string "x"`, `int64 3`, ... for error messages; long values are cut.
-fn describe(type_tag: &str, value: &Value) -> String {
-    let mut text = value.to_string();
-    if text.len() > 64 {
-        let mut cut = 61;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    if type_tag.is_empty() {
-        format!("untyped {text}")
-    } else {
-        format!("{type_tag} {text}")
-    }
-}
-
-/// Why a task's results could not be read as the expected Rust type.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ResultDecodeError {
-    /// The task stored a different number of results than the output type has.
-    #[error("expected {expected} results, got {found}")]
-    Count {
-        /// How many results the output type takes.
-        expected: usize,
-        /// How many the task stored.
-        found: usize,
-    },
-    /// A result does not decode as the expected type.
-    #[error("result {index}: expected {expected}, got {found}: {source}")]
-    Type {
-        /// The 1-based position of the result.
-        index: usize,
-        /// The expected Rust type.
-        expected: &'static str,
-        /// The stored tag and value.
-        found: String,
-        /// serde's description.
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-/// Decodes a task's stored results into its Rust output type: `()` for none, a tuple for several (Go's
-/// multiple return values), otherwise exactly one.
-pub fn decode_results<T: DeserializeOwned>(results: &[TaskResult]) -> Result<T, ResultDecodeError> {
-    let type_error = |index: usize, found: String, source| ResultDecodeError::Type {
-        index,
-        expected: std::any::type_name::<T>(),
-        found,
-        source,
-    };
-    match Shape::of::<T>() {
-        Shape::Unit => T::deserialize(&Value::Null).map_err(|e| type_error(0, "nothing".into(), e)),
-        Shape::Tuple(n) => {
-            if results.len() != n {
-                return Err(ResultDecodeError::Count {
-                    expected: n,
-                    found: results.len(),
-                });
-            }
-            let items: Vec<Value> = results
-                .iter()
-                .map(|r| normalize(&r.type_tag, &r.value).into_owned())
-                .collect();
-            T::deserialize(&Value::Array(items)).map_err(|e| type_error(1, "tuple".into(), e))
-        }
-        Shape::Any => {
-            let value = match results {
-                [] => Value::Null,
-                [one] => normalize(&one.type_tag, &one.value).into_owned(),
-                many => Value::Array(
-                    many.iter()
-                        .map(|r| normalize(&r.type_tag, &r.value).into_owned())
-                        .collect(),
-                ),
-            };
-            T::deserialize(&value).map_err(|e| type_error(1, "results".into(), e))
-        }
-        Shape::Value(_) => match results {
-            [] => T::deserialize(&Value::Null).map_err(|_| ResultDecodeError::Count {
-                expected: 1,
-                found: 0,
-            }),
-            [one] => decode_value(&one.type_tag, &one.value)
-                .map_err(|e| type_error(1, describe(&one.type_tag, &one.value), e)),
-            many => Err(ResultDecodeError::Count {
-                expected: 1,
-                found: many.len(),
-            }),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
     use serde_json::json;
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
