@@ -126,7 +126,11 @@ pub async fn backend(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
             Ok(Arc::new(crate::redis::RedisBackend::connect(config).await?))
         }
         #[cfg(feature = "memcache")]
-        "memcache" => crate::memcache::MemcacheBackend::connect(url, config).await,
+        "memcache" => match crate::memcache::MemcacheBackend::connect(url, config).await {
+            Ok(backend) => Ok(Arc::new(backend)),
+            Err(crate::memcache::ConnectError::Url(error)) => Err(error.into()),
+            Err(crate::memcache::ConnectError::Unreachable(error)) => Err(error.into()),
+        },
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: crate::config::redact_url(url),

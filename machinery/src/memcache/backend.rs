@@ -20,7 +20,6 @@
 //! memcached cannot notify, so [`Backend::wait_for_completion`] polls with the trait's growing interval.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -90,9 +89,21 @@ struct ChordProgress {
     winner: String,
 }
 
+/// Why [`MemcacheBackend::connect`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL names no usable server list.
+    #[error(transparent)]
+    Url(#[from] ConfigError),
+    /// No server of the list answered.
+    #[error(transparent)]
+    Unreachable(BackendError),
+}
+
 impl MemcacheBackend {
     /// Connects to the servers `url` names and checks that at least one answers (the others are logged).
-    pub async fn connect(url: &str, config: &Config) -> Result<Arc<dyn Backend>, crate::Error> {
+    pub async fn connect(url: &str, config: &Config) -> Result<MemcacheBackend, ConnectError> {
         let servers = parse_url(url)?;
         let backend = MemcacheBackend::new(
             servers,
@@ -108,12 +119,13 @@ impl MemcacheBackend {
             }
         }
         match first_error {
-            Some(error) if reachable == 0 => Err(BackendError::Connect {
-                url: url.to_owned(),
-                source: Box::new(error),
+            Some(error) if reachable == 0 => {
+                Err(ConnectError::Unreachable(BackendError::Connect {
+                    url: url.to_owned(),
+                    source: Box::new(error),
+                }))
             }
-            .into()),
-            _ => Ok(Arc::new(backend)),
+            _ => Ok(backend),
         }
     }
 

@@ -6,5 +6,6 @@ mod backend;
 mod client;
 
 pub use backend::{
-    parse_url, server_index, MemcacheBackend, MemcacheError, CHORD_PROGRESS_SUFFIX, DEFAULT_PORT,
+    parse_url, server_index, ConnectError, MemcacheBackend, MemcacheError, CHORD_PROGRESS_SUFFIX,
+    DEFAULT_PORT,
 };
