@@ -26,6 +26,7 @@ mod error;
 mod measure;
 mod proc_stats;
 mod report;
+mod rows;
 mod run;
 mod servers;
 

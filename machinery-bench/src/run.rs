@@ -13,13 +13,14 @@ use crate::commands::{self, Delta, Monitor};
 use crate::error::BenchError;
 use crate::measure::{self, Drained};
 use crate::proc_stats;
-use crate::report::{self, CommandCount, DrainRow, Machine, Results, RoundTrip, SendRow};
+use crate::report;
+use crate::rows::{
+    CommandCount, DrainRow, Machine, Results, RoundTrip, SendRow, COUNTED_CONCURRENCY,
+};
 use crate::servers;
 
 /// Concurrency of the worker that answers the round trips and whose idle RSS is read.
 const ROUND_TRIP_CONCURRENCY: usize = 10;
-/// Concurrency of the drain whose Redis commands are counted.
-pub(crate) const COUNTED_CONCURRENCY: usize = 10;
 /// Tasks of the untimed drain watched with MONITOR.
 const MONITORED_TASKS: u64 = 2_000;
 /// How long the worker process sits on an empty queue before its idle RSS is read.
