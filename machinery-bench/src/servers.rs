@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::options::QueueDeleteOptions;
-use machinery::redis_url::RedisUrl;
+use machinery::redis::RedisUrl;
 use machinery::Config;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands as _;

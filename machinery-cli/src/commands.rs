@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use machinery::backend::{self, Backend};
 use machinery::broker::{self, Broker, BrokerError, Inspect};
-use machinery::{gotime, Config, Server, Signature, State, TaskState};
+use machinery::wire::gotime;
+use machinery::{Config, Server, Signature, State, TaskState};
 use serde_json::{json, Value};
 
 use crate::cli::{Cli, Command, Global};

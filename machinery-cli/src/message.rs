@@ -3,7 +3,7 @@
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use machinery::gotime;
+use machinery::wire::gotime;
 use machinery::{Arg, Signature, TaskResult};
 use serde_json::{json, Value};
 

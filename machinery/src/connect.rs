@@ -149,6 +149,11 @@ pub fn lock_schemes() -> Vec<&'static str> {
     schemes
 }
 
+/// The in-process lock: each tick fires once per process (what a server built from parts gets).
+pub fn process_lock() -> Arc<dyn Lock> {
+    Arc::new(MemoryLock::default())
+}
+
 /// The lock for `config`: `config.lock` if set, else the broker's Redis, else in-process.
 pub async fn lock(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
     let url = if !config.lock.trim().is_empty() {
@@ -159,7 +164,7 @@ pub async fn lock(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
         "memory://"
     };
     match scheme(url) {
-        "memory" | "eager" | "" => Ok(Arc::new(MemoryLock::default())),
+        "memory" | "eager" | "" => Ok(process_lock()),
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => Ok(Arc::new(
             crate::redis::RedisLock::connect(url, config)

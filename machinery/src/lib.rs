@@ -47,7 +47,10 @@ mod error;
 
 // Go's wire format, below everything else.
 pub mod wire;
-pub use wire::{args, gotime, signature, state};
+pub use wire::{args, signature, state};
+// Go's time format: named `wire::gotime`; the root path stays for older code.
+#[doc(hidden)]
+pub use wire::gotime;
 
 // The traits, and the one place that picks a transport for a URL.
 pub mod backend;
@@ -63,8 +66,9 @@ pub mod memcache;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
-/// Redis URLs as Go machinery reads them (now [`redis::url`]).
+// Redis URLs as Go machinery reads them: named `redis::url`; the root path stays for older code.
 #[cfg(feature = "redis")]
+#[doc(hidden)]
 pub use redis::url as redis_url;
 
 // The engine.
@@ -164,9 +168,12 @@ pub use signature::{Arg, Headers, Signature};
 pub use signature::{RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER};
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{
-    registered_tasks, FailureKind, Handler, HandlerFuture, Registration, TaskContext, TaskDef,
-    TaskError, TaskFailure, TaskOptions, TaskOutcome,
+    registered_tasks, FailureKind, TaskContext, TaskDef, TaskError, TaskFailure, TaskOptions,
 };
+// What generated code calls: its home is `__private`. These root paths stay for code written before the
+// move, and are left out of the documentation.
+#[doc(hidden)]
+pub use task::{Handler, HandlerFuture, Registration, TaskOutcome};
 pub use worker::{RunningWorker, Worker, WorkerError};
 pub use workflow::{
     Chain, ChainResult, ChainStep, Chord, ChordResult, Group, GroupResult, Partial,

@@ -69,7 +69,7 @@ impl Server {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn Backend>,
     ) -> Server {
-        let lock = Arc::new(crate::memory::MemoryLock::default());
+        let lock = crate::connect::process_lock();
         Server {
             inner: Arc::new(Inner {
                 config,

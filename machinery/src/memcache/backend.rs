@@ -50,7 +50,7 @@ pub const CHORD_PROGRESS_SUFFIX: &str = "_chord_progress";
 /// `ServerList.PickServer`, i.e. `crc32.ChecksumIEEE(key) % servers`.
 ///
 /// ```
-/// use machinery::backend::memcache::server_index;
+/// use machinery::memcache::server_index;
 ///
 /// // crc32("foo") = 0x8c736521
 /// assert_eq!(server_index("foo", 2), 1);
