@@ -66,132 +66,16 @@ impl fmt::Debug for RedisBackend {
     }
 }
 
+/// The backend's Lua scripts, kept in `scripts/<name>.lua` where each file's header names its KEYS and
+/// ARGV and what it does atomically.
 struct Scripts {
     set_state: Lua,
     complete_member: Lua,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    // KEYS: task uuid. ARGV: JSON text before the TaskName value, the TaskName value (JSON) or '' to keep
-    // the previous one, the CreatedAt value (JSON) or '' to keep the previous one, JSON text after it,
-    // expiry in seconds, channel to announce the last state on (the message is its JSON) or '', the
-    // revocation error text or '', then one or more
-    // "middles" (the text from after TaskName up to CreatedAt: State, Results, Error). With a second key
-    // (a Redis broker's in-flight list), the last ARGV is a message to remove from it once the states
-    // are written: the broker's acknowledgement, in the same step.
-    // Writes one state per middle, in order, each as SET ... EX, taking the missing values from the
-    // previous record, and returns 1; with a revocation text, writes nothing and returns 0 if the previous
-    // record is that revocation. Only strings are read from the old record; the JSON text we made is
-    // stored as it is. The old record is decoded only when a look at its text cannot tell: a record
-    // without results holds TaskName and CreatedAt once, at the top level, as plain JSON strings that
-    // are copied as they are, and a record without the word FAILURE is no revocation.
-    set_state: Lua::new(
-        r#"
-local name, created = ARGV[2], ARGV[3]
-local raw = false
-if name == '' or created == '' or ARGV[7] ~= '' then raw = redis.call('GET', KEYS[1]) end
-local old = nil
-local function decoded()
-  if old == nil then
-    old = false
-    if raw then
-      local ok, t = pcall(cjson.decode, raw)
-      if ok and type(t) == 'table' then old = t end
-    end
-  end
-  return old
-end
-if ARGV[7] ~= '' and raw and string.find(raw, 'FAILURE', 1, true) then
-  local t = decoded()
-  if t and t['State'] == 'FAILURE' and t['Error'] == ARGV[7] then return 0 end
-end
-local plain = raw and not string.find(raw, '"Results":[', 1, true)
-local function kept(key, default)
-  local copied = plain and string.match(raw, '"' .. key .. '":("[^"\\]*")')
-  if copied then return copied end
-  local t = decoded()
-  local prev = default
-  if t and type(t[key]) == 'string' then prev = t[key] end
-  return cjson.encode(prev)
-end
-if name == '' then name = kept('TaskName', '') end
-if created == '' then created = kept('CreatedAt', '0001-01-01T00:00:00Z') end
-local last = #ARGV
-if KEYS[2] then last = last - 1 end
-local text
-for i = 8, last do
-  text = ARGV[1] .. name .. ARGV[i] .. created .. ARGV[4]
-  redis.call('SET', KEYS[1], text, 'EX', ARGV[5])
-end
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], text) end
-if KEYS[2] then redis.call('LREM', KEYS[2], 1, ARGV[#ARGV]) end
-return 1
-"#,
-    ),
-    // KEYS: group record, finished-member set, member list, progress hash, Go's chord lock.
-    // ARGV: member uuid, group task count, expiry in seconds.
-    // Returns 1 to the one call that completes the group (and sets ChordTriggered in the group record),
-    // 0 otherwise, -1 while a Go worker holds TriggerChordMutex (call again), -2 if the group record is
-    // missing when the group completes.
-    //
-    // Members finished by our workers are counted in the set, so a pure Rust group needs no state reads.
-    // Members finished by Go workers are not in the set: a cursor walks the group in order, advancing
-    // past members that are in the set or whose stored state is final, and stops at the first that is
-    // not; each member is passed once, and each call reads at most one state that does not advance it.
-    complete_member: Lua::new(
-        r#"
-if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if redis.call('HGET', KEYS[4], 'fired') then return 0 end
-local meta = redis.call('GET', KEYS[1])
-if redis.call('SCARD', KEYS[2]) < tonumber(ARGV[2]) then
-  if not meta then return 0 end
-  if redis.call('EXISTS', KEYS[3]) == 0 then
-    local ok, t = pcall(cjson.decode, meta)
-    if not ok or type(t) ~= 'table' or type(t['TaskUUIDs']) ~= 'table' or #t['TaskUUIDs'] == 0 then
-      return 0
-    end
-    local uuids = t['TaskUUIDs']
-    for i = 1, #uuids, 1000 do
-      redis.call('RPUSH', KEYS[3], unpack(uuids, i, math.min(i + 999, #uuids)))
-    end
-    redis.call('EXPIRE', KEYS[3], ARGV[3])
-  end
-  local n = redis.call('LLEN', KEYS[3])
-  local cursor = tonumber(redis.call('HGET', KEYS[4], 'cursor') or '0')
-  while cursor < n do
-    local member = redis.call('LINDEX', KEYS[3], cursor)
-    if redis.call('SISMEMBER', KEYS[2], member) == 0 then
-      local raw = redis.call('GET', member)
-      if not raw then break end
-      local ok, st = pcall(cjson.decode, raw)
-      if not ok or type(st) ~= 'table' or (st['State'] ~= 'SUCCESS' and st['State'] ~= 'FAILURE') then
-        break
-      end
-    end
-    cursor = cursor + 1
-  end
-  redis.call('HSET', KEYS[4], 'cursor', cursor)
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-  if cursor < n then return 0 end
-end
-if not meta then return -2 end
-redis.call('HSET', KEYS[4], 'fired', '1')
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-if string.find(meta, '"ChordTriggered":true', 1, true) then return 0 end
-local updated, replaced = string.gsub(meta, '"ChordTriggered":false', '"ChordTriggered":true', 1)
-if replaced == 0 then
-  local ok, t = pcall(cjson.decode, meta)
-  if not ok or type(t) ~= 'table' then return -2 end
-  if t['ChordTriggered'] == true then return 0 end
-  t['ChordTriggered'] = true
-  updated = cjson.encode(t)
-end
-redis.call('SET', KEYS[1], updated, 'KEEPTTL')
-return 1
-"#,
-    ),
+    set_state: Lua::new(include_str!("scripts/set_state.lua")),
+    complete_member: Lua::new(include_str!("scripts/complete_member.lua")),
 });
 
 fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BackendError {

@@ -70,7 +70,8 @@ impl fmt::Debug for RedisBroker {
     }
 }
 
-/// The Lua scripts; see each one's comment for what it does atomically.
+/// The broker's Lua scripts, kept in `scripts/<name>.lua` where each file's header names its KEYS and
+/// ARGV and what it does atomically.
 struct Scripts {
     fetch: Lua,
     settle: Lua,
@@ -82,145 +83,13 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    // KEYS: queue, in-flight list, redelivered set. ARGV: how many to take, ['after-wait'].
-    // Moves up to ARGV[1] messages from the head of the queue to the tail of the in-flight list and returns
-    // them as pairs {body, redelivered 0/1}. With 'after-wait' it runs in one pipeline right after a
-    // BLMOVE (nothing runs between the two): the in-flight list's last element is what BLMOVE moved, if
-    // it moved anything, and the reply starts with that element's redelivered flag.
-    fetch: Lua::new(
-        r#"
-local out = {}
-local marked = redis.call('EXISTS', KEYS[3]) == 1
-if ARGV[2] then
-  out[1] = 0
-  local last = redis.call('LINDEX', KEYS[2], -1)
-  if marked and last then out[1] = redis.call('SREM', KEYS[3], redis.sha1hex(last)) end
-end
-local taken = {}
-local n = tonumber(ARGV[1])
-if n > 0 then
-  local popped = redis.call('LPOP', KEYS[1], n)
-  if popped then
-    for i = 1, #popped, 1000 do
-      redis.call('RPUSH', KEYS[2], unpack(popped, i, math.min(i + 999, #popped)))
-    end
-    for _, m in ipairs(popped) do taken[#taken + 1] = m end
-  end
-end
-for _, m in ipairs(taken) do
-  out[#out + 1] = m
-  if marked then out[#out + 1] = redis.call('SREM', KEYS[3], redis.sha1hex(m)) else out[#out + 1] = 0 end
-end
-return out
-"#,
-    ),
-    // KEYS: in-flight list, destination list. ARGV: original body, body to push.
-    // Removes the message from the in-flight list and, only if it was still there (not recovered by another
-    // worker meanwhile), pushes the replacement onto the destination (queue tail or dead-letter list).
-    settle: Lua::new(
-        r#"
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
-"#,
-    ),
-    // KEYS: consumer registry, queue, redelivered set. ARGV: heartbeat key prefix, in-flight key prefix,
-    // own consumer tag, seconds to keep redelivery marks.
-    // For every other registered consumer whose heartbeat has expired: moves its in-flight messages back
-    // to the head of the queue in their original order, marks them redelivered, and unregisters it.
-    recover: Lua::new(
-        r#"
-local moved = 0
-for _, tag in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if tag ~= ARGV[3] and redis.call('EXISTS', ARGV[1] .. tag) == 0 then
-    local inflight = ARGV[2] .. tag
-    while true do
-      local m = redis.call('LMOVE', inflight, KEYS[2], 'RIGHT', 'LEFT')
-      if not m then break end
-      redis.call('SADD', KEYS[3], redis.sha1hex(m))
-      moved = moved + 1
-    end
-    redis.call('SREM', KEYS[1], tag)
-  end
-end
-if moved > 0 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
-return moved
-"#,
-    ),
-    // KEYS: consumer registry, queue, redelivered set, own in-flight list, own heartbeat. ARGV: own tag,
-    // seconds to keep redelivery marks.
-    // A consumer's goodbye: its unacknowledged messages go back to the head of the queue, and it leaves
-    // the registry.
-    release: Lua::new(
-        r#"
-local moved = 0
-while true do
-  local m = redis.call('LMOVE', KEYS[4], KEYS[2], 'RIGHT', 'LEFT')
-  if not m then break end
-  redis.call('SADD', KEYS[3], redis.sha1hex(m))
-  moved = moved + 1
-end
-if moved > 0 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
-redis.call('DEL', KEYS[5])
-redis.call('SREM', KEYS[1], ARGV[1])
-return moved
-"#,
-    ),
-    // KEYS: delayed-task set. ARGV: now in Unix nanoseconds, most entries to move, default queue.
-    // Moves due entries, unchanged, to the queue named by their RoutingKey (Go's key, or any spelling of
-    // it, as Go's decoder accepts), or the default queue when it has none or the body is not JSON (the
-    // worker then dead-letters it). Reading the routing key with cjson does not re-encode the body.
-    promote: Lua::new(
-        r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  redis.call('ZREM', KEYS[1], m)
-  local queue = ARGV[3]
-  local ok, sig = pcall(cjson.decode, m)
-  if ok and type(sig) == 'table' then
-    local rk = sig['RoutingKey']
-    if rk == nil then
-      for k, v in pairs(sig) do
-        if type(k) == 'string' and string.lower(k) == 'routingkey' then rk = v end
-      end
-    end
-    if type(rk) == 'string' and rk ~= '' then queue = rk end
-  end
-  redis.call('RPUSH', queue, m)
-end
-return #due
-"#,
-    ),
-    // KEYS: queue, delayed set, consumer registry, dead-letter list. ARGV: queue name, in-flight prefix,
-    // default queue. Returns {pending, delayed for this queue, in flight, dead}.
-    stats: Lua::new(
-        r#"
-local delayed = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local queue = ARGV[3]
-  local ok, sig = pcall(cjson.decode, m)
-  if ok and type(sig) == 'table' and type(sig['RoutingKey']) == 'string' and sig['RoutingKey'] ~= '' then
-    queue = sig['RoutingKey']
-  end
-  if queue == ARGV[1] then delayed = delayed + 1 end
-end
-local inflight = 0
-for _, tag in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  inflight = inflight + redis.call('LLEN', ARGV[2] .. tag)
-end
-return {redis.call('LLEN', KEYS[1]), delayed, inflight, redis.call('LLEN', KEYS[4])}
-"#,
-    ),
-    // KEYS: queue. Deletes it and returns how many messages it held, in one step.
-    purge: Lua::new(
-        r#"
-local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
-return n
-"#,
-    ),
+    fetch: Lua::new(include_str!("scripts/fetch.lua")),
+    settle: Lua::new(include_str!("scripts/settle.lua")),
+    recover: Lua::new(include_str!("scripts/recover.lua")),
+    release: Lua::new(include_str!("scripts/release.lua")),
+    promote: Lua::new(include_str!("scripts/promote.lua")),
+    stats: Lua::new(include_str!("scripts/stats.lua")),
+    purge: Lua::new(include_str!("scripts/purge.lua")),
 });
 
 /// The keys we keep beside Go's queue list.
