@@ -9,6 +9,7 @@
 mod backend;
 mod broker;
 mod conn;
+mod inspect;
 mod lock;
 pub mod url;
 
