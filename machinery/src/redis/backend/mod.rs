@@ -15,28 +15,26 @@
 //! - **Exactly-once chord trigger** with an atomic per-group step (see [`Backend::complete_group_member`]
 //!   and `docs/redis.md`), safe beside Go workers that use the `TriggerChordMutex` lock.
 
-use std::collections::HashMap;
+mod groups;
+mod notifier;
+
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt as _;
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::ConnectionManager;
 use redis::{AsyncCommands as _, Client, RedisError};
-use tokio::sync::{mpsc, watch, OnceCell};
-use tokio_util::task::AbortOnDropHandle;
+use tokio::sync::OnceCell;
 
+pub use self::groups::GO_CHORD_LOCK_KEY;
+use self::notifier::Notifier;
 use super::conn::{self, is_noscript, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::retry::Backoff;
 use crate::wire::gotime;
 use crate::wire::state::{GroupMeta, TaskState, REVOKED_ERROR};
-
-/// The key Go machinery's workers lock (redsync) around their chord trigger.
-pub const GO_CHORD_LOCK_KEY: &str = "TriggerChordMutex";
 
 /// The channel on which a final state of `task_uuid` is announced.
 pub fn completion_channel(task_uuid: &str) -> String {
@@ -74,21 +72,12 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    set_state: Lua::new(include_str!("scripts/set_state.lua")),
-    complete_member: Lua::new(include_str!("scripts/complete_member.lua")),
+    set_state: Lua::new(include_str!("../scripts/set_state.lua")),
+    complete_member: Lua::new(include_str!("../scripts/complete_member.lua")),
 });
 
 fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BackendError {
     move |error| BackendError::operation(operation, error)
-}
-
-/// The keys of a group's chord progress, beside Go's group record.
-fn chord_keys(group_uuid: &str) -> [String; 3] {
-    [
-        format!("machinery:chord:{group_uuid}:done"),
-        format!("machinery:chord:{group_uuid}:members"),
-        format!("machinery:chord:{group_uuid}"),
-    ]
 }
 
 /// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
@@ -319,13 +308,6 @@ impl RedisBackend {
             other => other.map_err(op(operation)),
         }
     }
-
-    async fn notifier(&self) -> &Notifier {
-        self.inner
-            .notifier
-            .get_or_init(|| async { Notifier::start(self.inner.client.clone()) })
-            .await
-    }
 }
 
 #[async_trait]
@@ -430,94 +412,24 @@ impl Backend for RedisBackend {
         })
         .transpose()
     }
-
     async fn wait_for_completion(
         &self,
         task_uuid: &str,
         timeout: Duration,
     ) -> Result<Option<TaskState>, BackendError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        // Subscribe before the first read, so that a completion between the two is not missed.
-        let mut waiter = self.notifier().await.register(task_uuid).await;
-        let mut poll = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
-        loop {
-            // Seen before the read: an announcement after it wakes the wait below.
-            waiter.announced.borrow_and_update();
-            let state = self.get_state(task_uuid).await?;
-            if state.as_ref().is_some_and(TaskState::is_completed) {
-                return Ok(state);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(state);
-            }
-            let nap = poll.next_delay().min(deadline - now);
-            tokio::select! {
-                changed = waiter.announced.changed() => {
-                    // The announcement carries the state: no need to read it back.
-                    let announced = waiter.announced.borrow_and_update().clone();
-                    if let Some(state) = announced
-                        .and_then(|json| TaskState::from_json(&json).ok())
-                        .filter(|s| s.task_uuid == task_uuid && s.is_completed())
-                    {
-                        return Ok(Some(state));
-                    }
-                    if changed.is_err() {
-                        // The notifier is gone: polling only.
-                        tokio::time::sleep(nap).await;
-                    }
-                }
-                _ = tokio::time::sleep(nap) => {}
-            }
-        }
+        self.wait_announced(task_uuid, timeout).await
     }
 
     async fn init_group(&self, meta: &GroupMeta) -> Result<(), BackendError> {
-        let json = meta.to_json().map_err(|source| BackendError::Decode {
-            key: meta.group_uuid.clone(),
-            source,
-        })?;
-        let mut conn = self.inner.conn.clone();
-        conn.set_ex::<_, _, ()>(&meta.group_uuid, json, self.inner.expire_secs)
-            .await
-            .map_err(op("store group"))
+        self.store_group(meta).await
     }
 
     async fn get_group(&self, group_uuid: &str) -> Result<Option<GroupMeta>, BackendError> {
-        let mut conn = self.inner.conn.clone();
-        let raw: Option<Vec<u8>> = conn.get(group_uuid).await.map_err(op("get group"))?;
-        raw.map(|bytes| {
-            GroupMeta::from_json(&bytes).map_err(|source| BackendError::Decode {
-                key: group_uuid.to_owned(),
-                source,
-            })
-        })
-        .transpose()
+        self.read_group(group_uuid).await
     }
 
     async fn group_states(&self, group_uuid: &str) -> Result<Vec<TaskState>, BackendError> {
-        let meta = crate::backend::existing_group(self, group_uuid).await?;
-        if meta.task_uuids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One MGET for all members (Go: one per member on go-redis), in group order.
-        let mut conn = self.inner.conn.clone();
-        let raw: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-            .arg(&meta.task_uuids)
-            .query_async(&mut conn)
-            .await
-            .map_err(op("get group states"))?;
-        raw.into_iter()
-            .zip(&meta.task_uuids)
-            .filter_map(|(bytes, uuid)| {
-                bytes.map(|bytes| {
-                    TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
-                        key: uuid.clone(),
-                        source,
-                    })
-                })
-            })
-            .collect()
+        self.read_group_states(group_uuid).await
     }
 
     async fn complete_group_member(
@@ -526,42 +438,8 @@ impl Backend for RedisBackend {
         task_uuid: &str,
         group_task_count: u32,
     ) -> Result<bool, BackendError> {
-        let [done, members, progress] = chord_keys(group_uuid);
-        let count = group_task_count.to_string();
-        let expire = self.inner.expire_secs.to_string();
-        let keys = [
-            group_uuid.as_bytes(),
-            done.as_bytes(),
-            members.as_bytes(),
-            progress.as_bytes(),
-            GO_CHORD_LOCK_KEY.as_bytes(),
-        ];
-        let args = [task_uuid.as_bytes(), count.as_bytes(), expire.as_bytes()];
-        // A Go worker holds its chord lock for a GET and a SET; it expires after 8 s if that worker died.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
-        loop {
-            let mut conn = self.inner.conn.clone();
-            let outcome: i64 = SCRIPTS
-                .complete_member
-                .run(&mut conn, &keys, &args)
-                .await
-                .map_err(op("record chord progress"))?;
-            match outcome {
-                1 => return Ok(true),
-                -2 => return Err(BackendError::UnknownGroup(group_uuid.to_owned())),
-                -1 if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                -1 => {
-                    return Err(BackendError::operation(
-                        "record chord progress",
-                        format!("Go's chord lock {GO_CHORD_LOCK_KEY} stayed held for 10 s"),
-                    ))
-                }
-                _ => return Ok(false),
-            }
-        }
+        self.count_group_member(group_uuid, task_uuid, group_task_count)
+            .await
     }
 
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
@@ -572,172 +450,7 @@ impl Backend for RedisBackend {
     }
 
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError> {
-        let [done, members, progress] = chord_keys(group_uuid);
-        let mut conn = self.inner.conn.clone();
-        conn.del::<_, ()>(&[group_uuid.to_owned(), done, members, progress])
-            .await
-            .map_err(op("delete group"))
-    }
-}
-
-/// Wakes waiters when their task's completion is announced. One pub/sub connection per backend, opened on
-/// the first wait; it reconnects by itself, and waiters keep polling meanwhile.
-struct Notifier {
-    shared: Arc<NotifierShared>,
-    _reader: AbortOnDropHandle<()>,
-}
-
-#[derive(Default)]
-struct NotifierShared {
-    /// Channel → (number of waiters, the last announcement: a state's JSON, or `None` for "look again").
-    waiters: Mutex<HashMap<String, (usize, Announcer)>>,
-    sink: Mutex<Option<PubSubSink>>,
-    unsubscribe: Mutex<Option<mpsc::UnboundedSender<String>>>,
-}
-
-impl NotifierShared {
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Announcer)>> {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn sink(&self) -> Option<PubSubSink> {
-        self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// One waiter's registration; unregisters on drop.
-struct Waiter {
-    shared: Arc<NotifierShared>,
-    channel: String,
-    announced: watch::Receiver<Option<Arc<[u8]>>>,
-}
-
-type Announcer = watch::Sender<Option<Arc<[u8]>>>;
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        let last = {
-            let mut waiters = self.shared.waiters();
-            match waiters.get_mut(&self.channel) {
-                Some((count, _)) if *count > 1 => {
-                    *count -= 1;
-                    false
-                }
-                Some(_) => {
-                    waiters.remove(&self.channel);
-                    true
-                }
-                None => false,
-            }
-        };
-        if last {
-            let sender = self
-                .shared
-                .unsubscribe
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if let Some(sender) = sender {
-                let _ = sender.send(std::mem::take(&mut self.channel));
-            }
-        }
-    }
-}
-
-impl Notifier {
-    fn start(client: Client) -> Notifier {
-        let shared = Arc::new(NotifierShared::default());
-        let (sender, receiver) = mpsc::unbounded_channel();
-        *shared.unsubscribe.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
-        let reader =
-            AbortOnDropHandle::new(tokio::spawn(Self::read(client, shared.clone(), receiver)));
-        Notifier {
-            shared,
-            _reader: reader,
-        }
-    }
-
-    async fn register(&self, task_uuid: &str) -> Waiter {
-        let channel = completion_channel(task_uuid);
-        let (announced, first) = {
-            let mut waiters = self.shared.waiters();
-            let entry = waiters
-                .entry(channel.clone())
-                .or_insert_with(|| (0, watch::channel(None).0));
-            entry.0 += 1;
-            (entry.1.subscribe(), entry.0 == 1)
-        };
-        let waiter = Waiter {
-            shared: self.shared.clone(),
-            channel,
-            announced,
-        };
-        if first {
-            if let Some(mut sink) = self.shared.sink() {
-                if let Err(error) = sink.subscribe(&waiter.channel).await {
-                    tracing::debug!(%error, "cannot subscribe to a completion channel; polling instead");
-                }
-            }
-        }
-        waiter
-    }
-
-    /// Owns the pub/sub connection: wakes waiters, unsubscribes channels nobody waits on, reconnects.
-    async fn read(
-        client: Client,
-        shared: Arc<NotifierShared>,
-        mut unsubscribe: mpsc::UnboundedReceiver<String>,
-    ) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            match client.get_async_pubsub().await {
-                Ok(pubsub) => {
-                    backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-                    let (mut sink, mut stream) = pubsub.split();
-                    // Publish the sink first, then subscribe whoever is waiting: a waiter that registers in
-                    // between subscribes itself, or is in this list (a double SUBSCRIBE is harmless).
-                    *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink.clone());
-                    let channels: Vec<String> = shared.waiters().keys().cloned().collect();
-                    if !channels.is_empty() {
-                        if let Err(error) = sink.subscribe(&channels).await {
-                            tracing::debug!(%error, "cannot resubscribe to completion channels");
-                        }
-                    }
-                    // Anything announced while we were away: let every waiter look again.
-                    for (_, announcer) in shared.waiters().values() {
-                        announcer.send_replace(None);
-                    }
-                    loop {
-                        tokio::select! {
-                            message = stream.next() => match message {
-                                Some(message) => {
-                                    if let Some((_, announcer)) =
-                                        shared.waiters().get(message.get_channel_name())
-                                    {
-                                        announcer.send_replace(Some(Arc::from(message.get_payload_bytes())));
-                                    }
-                                }
-                                None => break,
-                            },
-                            channel = unsubscribe.recv() => match channel {
-                                Some(channel) => {
-                                    if !shared.waiters().contains_key(&channel) {
-                                        let _ = sink.unsubscribe(&channel).await;
-                                    }
-                                }
-                                None => return,
-                            },
-                        }
-                    }
-                    *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    tracing::debug!("completion notifications lost their connection; reconnecting");
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "cannot open the completion notification connection");
-                }
-            }
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
+        self.delete_group(group_uuid).await
     }
 }
 
