@@ -118,8 +118,23 @@ fn is_transient(error: &RedisError) -> bool {
 async fn retrying<T, F, Fut>(
     operation: &'static str,
     conn: &ConnectionManager,
-    mut attempt: F,
+    attempt: F,
 ) -> Result<T, BrokerError>
+where
+    F: FnMut(ConnectionManager) -> Fut,
+    Fut: std::future::Future<Output = Result<T, RedisError>>,
+{
+    retrying_redis(operation, conn, attempt)
+        .await
+        .map_err(op(operation))
+}
+
+/// [`retrying`], handing back the last Redis error itself, for callers that act on its kind.
+async fn retrying_redis<T, F, Fut>(
+    operation: &'static str,
+    conn: &ConnectionManager,
+    mut attempt: F,
+) -> Result<T, RedisError>
 where
     F: FnMut(ConnectionManager) -> Fut,
     Fut: std::future::Future<Output = Result<T, RedisError>>,
@@ -133,10 +148,10 @@ where
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
-            Err(error) => return Err(op(operation)(error)),
+            Err(error) => return Err(error),
         }
     }
-    attempt(conn.clone()).await.map_err(op(operation))
+    attempt(conn.clone()).await
 }
 
 impl Inner {
@@ -151,17 +166,15 @@ impl Inner {
         let send = move |mut conn: ConnectionManager| async move {
             pipe.query_async::<()>(&mut conn).await
         };
-        match retrying(operation, &self.conn, send).await {
-            Err(BrokerError::Operation { source, .. })
-                if source.downcast_ref::<RedisError>().is_some_and(is_noscript) =>
-            {
+        match retrying_redis(operation, &self.conn, send).await {
+            Err(error) if is_noscript(&error) => {
                 backend
                     .load_scripts(&mut self.conn.clone())
                     .await
                     .map_err(|error| BrokerError::operation(operation, error))?;
                 retrying(operation, &self.conn, send).await
             }
-            other => other,
+            other => other.map_err(op(operation)),
         }
     }
 }
