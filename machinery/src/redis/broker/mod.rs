@@ -59,6 +59,7 @@ pub struct RedisBroker {
 pub(super) struct Inner {
     url: RedisUrl,
     client: Client,
+    // The inspection commands (`redis/inspect.rs`) read these three as well.
     pub(super) conn: ConnectionManager,
     pub(super) config: RedisConfig,
     pub(super) default_queue: String,
