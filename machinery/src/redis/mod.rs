@@ -5,10 +5,14 @@
 //! When the broker and the result backend name the same Redis database, [`connect`](crate::connect)
 //! takes a broker that holds its backend half ([`RedisBroker::with_backend`]): the PENDING state rides
 //! with the publish, and a final state with the acknowledgement, in one round trip.
+//!
+//! Every Lua script of the room is a file in `scripts/`, whose header names its KEYS and ARGV and what it
+//! guarantees, so the atomic steps can be read (and reviewed) without the Rust around them.
 
 mod backend;
 mod broker;
 mod conn;
+mod inspect;
 mod lock;
 pub mod url;
 

@@ -1,0 +1,136 @@
+//! Group records (Go's `GroupMeta` under the group uuid) and the chord progress we keep beside them, for
+//! an exactly-once chord trigger that stays safe beside Go workers and their `TriggerChordMutex` lock.
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+
+use super::{op, RedisBackend, SCRIPTS};
+use crate::backend::BackendError;
+use crate::retry::Backoff;
+use crate::wire::state::{GroupMeta, TaskState};
+
+/// The key Go machinery's workers lock (redsync) around their chord trigger.
+pub const GO_CHORD_LOCK_KEY: &str = "TriggerChordMutex";
+
+/// The keys of a group's chord progress, beside Go's group record.
+fn chord_keys(group_uuid: &str) -> [String; 3] {
+    [
+        format!("machinery:chord:{group_uuid}:done"),
+        format!("machinery:chord:{group_uuid}:members"),
+        format!("machinery:chord:{group_uuid}"),
+    ]
+}
+
+/// The bodies of the group methods of [`Backend`](crate::backend::Backend) for [`RedisBackend`].
+impl RedisBackend {
+    /// `SET <group uuid> <GroupMeta JSON> EX <expiry>`, as Go stores it.
+    pub(super) async fn store_group(&self, meta: &GroupMeta) -> Result<(), BackendError> {
+        let json = meta.to_json().map_err(|source| BackendError::Decode {
+            key: meta.group_uuid.clone(),
+            source,
+        })?;
+        let mut conn = self.inner.conn.clone();
+        conn.set_ex::<_, _, ()>(&meta.group_uuid, json, self.inner.expire_secs)
+            .await
+            .map_err(op("store group"))
+    }
+
+    /// Go's group record, if it is still there.
+    pub(super) async fn read_group(
+        &self,
+        group_uuid: &str,
+    ) -> Result<Option<GroupMeta>, BackendError> {
+        let mut conn = self.inner.conn.clone();
+        let raw: Option<Vec<u8>> = conn.get(group_uuid).await.map_err(op("get group"))?;
+        raw.map(|bytes| {
+            GroupMeta::from_json(&bytes).map_err(|source| BackendError::Decode {
+                key: group_uuid.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    pub(super) async fn read_group_states(
+        &self,
+        group_uuid: &str,
+    ) -> Result<Vec<TaskState>, BackendError> {
+        let meta = crate::backend::existing_group(self, group_uuid).await?;
+        if meta.task_uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One MGET for all members (Go: one per member on go-redis), in group order.
+        let mut conn = self.inner.conn.clone();
+        let raw: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&meta.task_uuids)
+            .query_async(&mut conn)
+            .await
+            .map_err(op("get group states"))?;
+        raw.into_iter()
+            .zip(&meta.task_uuids)
+            .filter_map(|(bytes, uuid)| {
+                bytes.map(|bytes| {
+                    TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
+                        key: uuid.clone(),
+                        source,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Runs the `complete_member` script, waiting (up to 10 s) while a Go worker holds its chord lock.
+    pub(super) async fn count_group_member(
+        &self,
+        group_uuid: &str,
+        task_uuid: &str,
+        group_task_count: u32,
+    ) -> Result<bool, BackendError> {
+        let [done, members, progress] = chord_keys(group_uuid);
+        let count = group_task_count.to_string();
+        let expire = self.inner.expire_secs.to_string();
+        let keys = [
+            group_uuid.as_bytes(),
+            done.as_bytes(),
+            members.as_bytes(),
+            progress.as_bytes(),
+            GO_CHORD_LOCK_KEY.as_bytes(),
+        ];
+        let args = [task_uuid.as_bytes(), count.as_bytes(), expire.as_bytes()];
+        // A Go worker holds its chord lock for a GET and a SET; it expires after 8 s if that worker died.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+        loop {
+            let mut conn = self.inner.conn.clone();
+            let outcome: i64 = SCRIPTS
+                .complete_member
+                .run(&mut conn, &keys, &args)
+                .await
+                .map_err(op("record chord progress"))?;
+            match outcome {
+                1 => return Ok(true),
+                -2 => return Err(BackendError::UnknownGroup(group_uuid.to_owned())),
+                -1 if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                -1 => {
+                    return Err(BackendError::operation(
+                        "record chord progress",
+                        format!("Go's chord lock {GO_CHORD_LOCK_KEY} stayed held for 10 s"),
+                    ))
+                }
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    /// Deletes Go's group record and our chord progress beside it.
+    pub(super) async fn delete_group(&self, group_uuid: &str) -> Result<(), BackendError> {
+        let [done, members, progress] = chord_keys(group_uuid);
+        let mut conn = self.inner.conn.clone();
+        conn.del::<_, ()>(&[group_uuid.to_owned(), done, members, progress])
+            .await
+            .map_err(op("delete group"))
+    }
+}

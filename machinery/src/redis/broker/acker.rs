@@ -1,0 +1,136 @@
+//! Settling one delivery: acknowledge, requeue or dead-letter it, by removing it from the consumer's
+//! in-flight list (with its final state in the same script when the broker holds its backend half).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use redis::AsyncCommands as _;
+
+use super::{dead_letter_key, retrying, Envelope, Inner, SCRIPTS};
+use crate::broker::{Acknowledger, BrokerError};
+use crate::redis::backend::RedisBackend;
+use crate::wire::state::TaskState;
+
+/// Counts of the deliveries a consumer handed out and that are not settled yet, by body hash.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Outstanding(Arc<std::sync::Mutex<HashMap<u64, usize>>>);
+
+impl Outstanding {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn add(&self, hash: u64) {
+        *self.lock().entry(hash).or_default() += 1;
+    }
+
+    fn remove(&self, hash: u64) {
+        let mut map = self.lock();
+        if let Some(count) = map.get_mut(&hash) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&hash);
+            }
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> HashMap<u64, usize> {
+        self.lock().clone()
+    }
+}
+
+/// Identifies a body in the consumer's bookkeeping (equal bodies count together).
+pub(super) fn body_hash(body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Settles one delivery.
+pub(super) struct RedisAcker {
+    pub(super) inner: Arc<Inner>,
+    pub(super) states: Option<RedisBackend>,
+    pub(super) queue: String,
+    pub(super) inflight: String,
+    /// The bytes as taken, which identify the message in the in-flight list.
+    pub(super) original: Vec<u8>,
+    pub(super) outstanding: Outstanding,
+    pub(super) hash: u64,
+}
+
+impl Drop for RedisAcker {
+    fn drop(&mut self) {
+        // After the settling command (the methods own the acker until it is done), or when the delivery
+        // is dropped unsettled: either way the consumer no longer hands this message out.
+        self.outstanding.remove(self.hash);
+    }
+}
+
+impl fmt::Debug for RedisAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisAcker")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisAcker {
+    async fn settle(&self, destination: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let keys = &[self.inflight.as_bytes(), destination.as_bytes()];
+        let args = &[self.original.as_slice(), body];
+        let moved: u64 = retrying("settle", &self.inner.conn, move |mut conn| async move {
+            SCRIPTS.settle.run(&mut conn, keys, args).await
+        })
+        .await?;
+        if moved == 0 {
+            tracing::debug!(queue = %self.queue, "message was no longer in flight (returned to the queue meanwhile)");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acknowledger for RedisAcker {
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        let (inflight, original) = (&self.inflight, &self.original);
+        retrying("ack", &self.inner.conn, move |mut conn| async move {
+            conn.lrem::<_, _, ()>(inflight, 1, original).await
+        })
+        .await
+    }
+
+    async fn requeue(self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.settle(&self.queue, &body).await
+    }
+
+    async fn try_ack_with_state(&self, state: &TaskState) -> Result<bool, BrokerError> {
+        // The state first, then the acknowledgement, in one script on the server: if anything fails
+        // before the end the message stays in flight and runs again (at-least-once), never the other way
+        // round.
+        let Some(states) = &self.states else {
+            return Ok(false);
+        };
+        let cmd = states
+            .state_and_ack_cmd(state, &self.inflight, &self.original)
+            .map_err(|error| BrokerError::operation("store the state and acknowledge", error))?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd).ignore();
+        self.inner
+            .run_fused("store the state and acknowledge", states, &pipe)
+            .await?;
+        Ok(true)
+    }
+
+    async fn dead_letter(
+        self: Box<Self>,
+        body: Vec<u8>,
+        reason: String,
+    ) -> Result<(), BrokerError> {
+        let envelope = Envelope::encode(&self.queue, &reason, Utc::now(), &body);
+        self.settle(&dead_letter_key(&self.queue), &envelope).await
+    }
+}
