@@ -124,18 +124,18 @@ fn op_error(operation: &'static str) -> impl Fn(AmqpError) -> BackendError {
 }
 
 impl AmqpBackend {
-    /// Connects to the result backend named by `config.result_backend`.
-    pub async fn connect(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> {
-        Ok(Arc::new(AmqpBackend::new(config).await?))
-    }
-
-    /// Like [`connect`](AmqpBackend::connect), returning the concrete type.
-    pub async fn new(config: &Config) -> Result<AmqpBackend, crate::Error> {
+    /// Connects to the result backend named by `config.result_backend`. A URL that does not parse is
+    /// reported as [`BackendError::Connect`] too, with the configuration error as its source.
+    pub async fn new(config: &Config) -> Result<AmqpBackend, BackendError> {
         let endpoints = super::url::endpoints(
             "result backend",
             &config.result_backend,
             &config.multiple_broker_separator,
-        )?;
+        )
+        .map_err(|e| BackendError::Connect {
+            url: super::url::shown(&e),
+            source: Box::new(e),
+        })?;
         let expire_ms = i32::try_from(config.results_expire_in_secs().saturating_mul(1000))
             .unwrap_or_else(|_| {
                 tracing::warn!(

@@ -155,15 +155,15 @@ struct Inner {
 
 impl AmqpBroker {
     /// Connects to the broker named by `config.broker` (several URLs with
-    /// `config.multiple_broker_separator`; the first that answers is used).
-    pub async fn connect(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
-        Ok(Arc::new(AmqpBroker::new(config).await?))
-    }
-
-    /// Like [`connect`](AmqpBroker::connect), returning the concrete type.
-    pub async fn new(config: &Config) -> Result<AmqpBroker, crate::Error> {
+    /// `config.multiple_broker_separator`; the first that answers is used). A URL that does not parse is
+    /// reported as [`BrokerError::Connect`] too, with the configuration error as its source.
+    pub async fn new(config: &Config) -> Result<AmqpBroker, BrokerError> {
         let endpoints =
-            super::url::endpoints("broker", &config.broker, &config.multiple_broker_separator)?;
+            super::url::endpoints("broker", &config.broker, &config.multiple_broker_separator)
+                .map_err(|e| BrokerError::Connect {
+                    url: super::url::shown(&e),
+                    source: Box::new(e),
+                })?;
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 session: Session::new("broker", endpoints),
