@@ -7,6 +7,7 @@
 mod backend;
 mod broker;
 mod error;
+mod inspect;
 mod session;
 mod table;
 mod url;
