@@ -2,11 +2,14 @@
 //! wire-compatible with Go machinery's. `docs/amqp.md` describes the declarations and the guarantees.
 //!
 //! `session` holds what both roles share: a connection per role that reconnects with back-off, reusable
-//! channels, checked declarations, confirmed publishing.
+//! channels, checked declarations, confirmed publishing. `broker` and `backend` are the two roles, each
+//! split along its own seams (publishing, ETA, consuming; task states, groups, notifications);
+//! `inspect` answers what the CLI and the worker may ask the broker about its queues.
 
 mod backend;
 mod broker;
 mod error;
+mod inspect;
 mod session;
 mod table;
 mod url;

@@ -72,6 +72,14 @@ pub(crate) fn endpoints(
 
 use crate::config::redact_url as redact;
 
+/// The URL (password already redacted) that [`endpoints`] refused, for the connect error that carries it.
+pub(crate) fn shown(error: &ConfigError) -> String {
+    match error {
+        ConfigError::InvalidUrl { url, .. } => url.clone(),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,83 @@
+//! ETA through Go's dead-letter TTL queues: a message due later waits in `delay.<ms>.<exchange>.<routing
+//! key>` (or the configured single `delayed_queue`), and RabbitMQ dead-letters it to the exchange with its
+//! routing key when its TTL runs out. A Go worker and ours both read it from there.
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::Channel;
+
+use super::Inner;
+use crate::amqp::session::{self, bind, declare_queue, AmqpError, QueueSpec};
+use crate::broker::Outgoing;
+
+impl Inner {
+    /// Parks a message in a dead-letter TTL queue until its ETA, as Go does, but with its priority kept and
+    /// its confirm awaited. The target queue is declared first: RabbitMQ drops a dead-lettered message
+    /// that no queue is bound for.
+    pub(super) async fn send_delayed(
+        &self,
+        message: &Outgoing,
+        delay_ms: i64,
+    ) -> Result<session::Sent, AmqpError> {
+        self.ensure_route(&message.routing_key).await?;
+        let s = &self.settings;
+        let (live, topology) = self.topology.get(&self.session).await?;
+        self.ensure_exchange(&live, &topology).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from(s.exchange.as_bytes())),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(message.routing_key.as_bytes())),
+        );
+        let mut properties = self.properties(message);
+        let queue = if s.delayed_queue.is_empty() {
+            // One queue per delay. Declared on every use, as Go does: `x-expires` counts from the last
+            // declaration, and publishing does not reset it.
+            let queue = format!("delay.{delay_ms}.{}.{}", s.exchange, message.routing_key);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms));
+            args.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(delay_ms.saturating_mul(2)),
+            );
+            self.declare_delay_queue(&topology, &queue, args).await?;
+            queue
+        } else {
+            // Go's single delay queue: per-message expiration. Its dead-letter routing key is part of the
+            // declaration, so (as in Go) it serves one routing key only.
+            let queue = s.delayed_queue.clone();
+            let memo = format!("delayed\0{queue}\0{}", message.routing_key);
+            if !live.declared(&memo, None) {
+                self.declare_delay_queue(&topology, &queue, args).await?;
+                live.mark_declared(memo);
+            }
+            properties = properties.with_expiration(delay_ms.to_string().into());
+            queue
+        };
+        let (_, channel) = self.publish.get(&self.session).await?;
+        session::send(&channel, &s.exchange, &queue, &message.body, properties).await
+    }
+
+    /// Declares a delay queue (durable, with the dead-letter arguments in `args`) and binds it to the
+    /// exchange under its own name, as Go does.
+    async fn declare_delay_queue(
+        &self,
+        topology: &Channel,
+        queue: &str,
+        args: FieldTable,
+    ) -> Result<(), AmqpError> {
+        let s = &self.settings;
+        let spec = QueueSpec {
+            durable: true,
+            auto_delete: s.auto_delete,
+            exclusive: false,
+            args,
+        };
+        declare_queue(topology, queue, &spec).await?;
+        if !s.exchange.is_empty() {
+            bind(topology, queue, &s.exchange, queue, &s.binding_args).await?;
+        }
+        Ok(())
+    }
+}
