@@ -85,7 +85,11 @@ pub async fn broker(config: &Config) -> Result<Arc<dyn Broker>, crate::Error> {
     match scheme(url) {
         "memory" | "" | "eager" => Ok(MemoryBroker::connect(url, config)),
         #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => Ok(Arc::new(crate::amqp::AmqpBroker::new(config).await?)),
+        "amqp" | "amqps" => match crate::amqp::AmqpBroker::new(config).await {
+            Ok(broker) => Ok(Arc::new(broker)),
+            Err(crate::amqp::ConnectError::Url(error)) => Err(error.into()),
+            Err(crate::amqp::ConnectError::Server(error)) => Err(error.into()),
+        },
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => {
             Ok(Arc::new(crate::redis::RedisBroker::connect(config).await?))
@@ -120,7 +124,11 @@ pub async fn backend(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
         "memory" | "" | "eager" => Ok(MemoryBackend::connect(url, config)),
         "null" => Ok(Arc::new(NullBackend)),
         #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => Ok(Arc::new(crate::amqp::AmqpBackend::new(config).await?)),
+        "amqp" | "amqps" => match crate::amqp::AmqpBackend::new(config).await {
+            Ok(backend) => Ok(Arc::new(backend)),
+            Err(crate::amqp::ConnectError::Url(error)) => Err(error.into()),
+            Err(crate::amqp::ConnectError::Server(error)) => Err(error.into()),
+        },
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => {
             Ok(Arc::new(crate::redis::RedisBackend::connect(config).await?))

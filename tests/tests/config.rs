@@ -76,3 +76,16 @@ async fn errors_never_show_passwords() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("kafka://admin:***@localhost:9092"), "{text}");
 }
+
+#[tokio::test]
+async fn an_amqp_url_that_does_not_parse_is_a_configuration_error() {
+    // Refused before any connection is tried, for both roles, without echoing the password.
+    for config in [
+        Config::new("amqp://user:secret@host:notaport/", "memory://"),
+        Config::new("memory://", "amqp://user:secret@host:notaport/"),
+    ] {
+        let err = Server::new(config).await.unwrap_err();
+        assert!(matches!(err, machinery::Error::Config(_)), "{err:?}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+}

@@ -19,3 +19,4 @@ pub use broker::{
     dead_letter_queue, AmqpBroker, DEAD_LETTERED_AT_HEADER, DEAD_LETTER_QUEUE_HEADER,
     DEAD_LETTER_REASON_HEADER,
 };
+pub use url::ConnectError;

@@ -72,12 +72,18 @@ pub(crate) fn endpoints(
 
 use crate::config::redact_url as redact;
 
-/// The URL (password already redacted) that [`endpoints`] refused, for the connect error that carries it.
-pub(crate) fn shown(error: &ConfigError) -> String {
-    match error {
-        ConfigError::InvalidUrl { url, .. } => url.clone(),
-        _ => String::new(),
-    }
+/// Why an AMQP broker or result backend could not start: its URL, which no retry mends, or the server,
+/// with the role's error `E` ([`BrokerError`](crate::broker::BrokerError) or
+/// [`BackendError`](crate::backend::BackendError)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError<E: std::error::Error + 'static> {
+    /// The URL cannot be used.
+    #[error(transparent)]
+    Url(ConfigError),
+    /// The server could not be reached.
+    #[error(transparent)]
+    Server(E),
 }
 
 #[cfg(test)]

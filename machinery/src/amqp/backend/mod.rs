@@ -36,6 +36,7 @@ use super::session::{
     self, bind, declare_exchange, declare_queue, json_properties, short, AmqpError, ChannelSlot,
     Live, Mode, QueueSpec, Session,
 };
+use super::url::ConnectError;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::wire::state::{GroupMeta, TaskState};
@@ -87,18 +88,15 @@ fn op_error(operation: &'static str) -> impl Fn(AmqpError) -> BackendError {
 }
 
 impl AmqpBackend {
-    /// Connects to the result backend named by `config.result_backend`. A URL that does not parse is
-    /// reported as [`BackendError::Connect`] too, with the configuration error as its source.
-    pub async fn new(config: &Config) -> Result<AmqpBackend, BackendError> {
+    /// Connects to the result backend named by `config.result_backend`: a URL that does not parse is
+    /// [`ConnectError::Url`], a server that does not answer [`ConnectError::Server`].
+    pub async fn new(config: &Config) -> Result<AmqpBackend, ConnectError<BackendError>> {
         let endpoints = super::url::endpoints(
             "result backend",
             &config.result_backend,
             &config.multiple_broker_separator,
         )
-        .map_err(|e| BackendError::Connect {
-            url: super::url::shown(&e),
-            source: Box::new(e),
-        })?;
+        .map_err(ConnectError::Url)?;
         let expire_ms = i32::try_from(config.results_expire_in_secs().saturating_mul(1000))
             .unwrap_or_else(|_| {
                 tracing::warn!(
@@ -120,15 +118,12 @@ impl AmqpBackend {
                 notifier: tokio::sync::Mutex::new(None),
             }),
         };
-        backend
-            .inner
-            .session
-            .live()
-            .await
-            .map_err(|e| BackendError::Connect {
+        backend.inner.session.live().await.map_err(|e| {
+            ConnectError::Server(BackendError::Connect {
                 url: backend.inner.session.display(),
                 source: Box::new(e),
-            })?;
+            })
+        })?;
         Ok(backend)
     }
 

@@ -35,6 +35,7 @@ use lapin::types::FieldTable;
 use self::consume::AmqpConsumer;
 use super::session::{AmqpError, ChannelSlot, Mode, QueueSpec, Session};
 use super::table::json_table;
+use super::url::ConnectError;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
 use crate::config::Config;
 
@@ -142,15 +143,12 @@ pub(super) struct Inner {
 
 impl AmqpBroker {
     /// Connects to the broker named by `config.broker` (several URLs with
-    /// `config.multiple_broker_separator`; the first that answers is used). A URL that does not parse is
-    /// reported as [`BrokerError::Connect`] too, with the configuration error as its source.
-    pub async fn new(config: &Config) -> Result<AmqpBroker, BrokerError> {
+    /// `config.multiple_broker_separator`; the first that answers is used): a URL that does not parse is
+    /// [`ConnectError::Url`], no server that answers [`ConnectError::Server`].
+    pub async fn new(config: &Config) -> Result<AmqpBroker, ConnectError<BrokerError>> {
         let endpoints =
             super::url::endpoints("broker", &config.broker, &config.multiple_broker_separator)
-                .map_err(|e| BrokerError::Connect {
-                    url: super::url::shown(&e),
-                    source: Box::new(e),
-                })?;
+                .map_err(ConnectError::Url)?;
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 session: Session::new("broker", endpoints),
@@ -159,15 +157,12 @@ impl AmqpBroker {
                 topology: ChannelSlot::recycled(Mode::Plain, 5_000),
             }),
         };
-        broker
-            .inner
-            .session
-            .live()
-            .await
-            .map_err(|e| BrokerError::Connect {
+        broker.inner.session.live().await.map_err(|e| {
+            ConnectError::Server(BrokerError::Connect {
                 url: broker.inner.session.display(),
                 source: Box::new(e),
-            })?;
+            })
+        })?;
         Ok(broker)
     }
 
