@@ -4,10 +4,13 @@ use lapin::uri::AMQPUri;
 
 use crate::config::ConfigError;
 
-/// The largest AMQP frame we offer unless the URL says otherwise (`?frame_max=`). lapin keeps send and
-/// receive buffers of 32 frames each, so RabbitMQ's 128 KiB would cost 8 MiB per connection; task messages
-/// are a few hundred bytes, and a larger body simply travels in several frames.
-const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+/// The largest AMQP frame we offer unless the URL says otherwise (`?frame_max=`): RabbitMQ's default, as
+/// Go's client offers. A message's headers travel in one frame, so a smaller offer leaves RabbitMQ unable
+/// to deliver a message with larger headers that another client published: the connection drops, and the
+/// same message comes back, for ever. lapin keeps send and receive rings of 32 frames per connection
+/// (8 MiB at this size); it allocates them zeroed at the size the URL names, so only the pages traffic has
+/// passed through count towards the RSS (`docs/amqp.md`, "Frames and memory").
+const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
 
 /// One URL of the list: what lapin connects to, and how we name it in logs and errors.
 #[derive(Clone)]

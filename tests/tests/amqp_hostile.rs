@@ -1,0 +1,100 @@
+//! Messages with large headers on RabbitMQ (issue 18, cases 1 and 2): a message published by another
+//! client with headers larger than a small frame, and our own re-publish of a signature with large
+//! `Headers`, both reach the worker and run; the queue keeps moving.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use lapin::types::FieldTable;
+use machinery::{task, Signature, TaskContext, TaskError, Worker};
+use machinery_tests::amqp::{self, queue_info, string, Cleanup, Rabbit};
+use machinery_tests::tasks::probe;
+use machinery_tests::{require, unique, Service};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Fails its first run (asking for a retry), succeeds on the second: the retry is a re-publish of the
+/// whole signature, headers included.
+#[task(name = "amqp_hostile_fails_once", retries = 1)]
+async fn fails_once(ctx: &TaskContext, key: String) -> Result<String, TaskError> {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    if RUNS.fetch_add(1, Ordering::SeqCst) == 0 {
+        return Err(ctx.retry_after(Duration::from_millis(10)));
+    }
+    Ok(key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_headers_over_16_kib_is_delivered_and_run() {
+    if !require(Service::RabbitMq, "big headers") {
+        return;
+    }
+    let config = amqp::config("bigheaders");
+    let _cleanup = Cleanup::for_config(&config);
+    let server = machinery::Server::new(config.clone()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(probe::task())
+        .concurrency(2)
+        .start()
+        .await
+        .unwrap();
+    // Published as another client (Go's, at RabbitMQ's 128 KiB frames) would: a valid task, with an
+    // AMQP header of 16,400 bytes.
+    let key = unique("bigheaders");
+    let mut signature = probe::signature(&key, 7, 0).erase();
+    signature.uuid = unique("task_bigheaders");
+    let body = signature.to_json().unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("big".into(), string(&"h".repeat(16_400)));
+    let rabbit = Rabbit::connect().await;
+    rabbit
+        .publish(
+            &config.amqp.exchange,
+            &config.default_queue,
+            &body,
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    let state = server
+        .result::<i64>(signature.uuid.clone())
+        .get(WAIT)
+        .await
+        .expect("the message with large headers runs");
+    assert_eq!(state, 7);
+    // The queue keeps moving, and nothing is left behind.
+    let next = probe::send(&server, &key, 8, 0).await.unwrap();
+    assert_eq!(next.get(WAIT).await.unwrap(), 8);
+    assert_eq!(
+        queue_info(&config.default_queue).map(|q| (q.ready, q.unacked)),
+        Some((0, 0))
+    );
+    worker.shutdown(WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_signature_with_20_kb_headers_is_republished_and_succeeds() {
+    if !require(Service::RabbitMq, "big signature headers") {
+        return;
+    }
+    let config = amqp::config("bigsigheaders");
+    let _cleanup = Cleanup::for_config(&config);
+    let server = machinery::Server::new(config.clone()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(fails_once::task())
+        .register(probe::task())
+        .concurrency(2)
+        .start()
+        .await
+        .unwrap();
+    let key = unique("bigsig");
+    let signature: Signature<String> =
+        fails_once::signature(key.clone()).header("big", "h".repeat(20_000));
+    let result = server.send(signature).await.unwrap();
+    assert_eq!(
+        result.get(WAIT).await.expect("the retry is re-published"),
+        key
+    );
+    let next = probe::send(&server, &key, 9, 0).await.unwrap();
+    assert_eq!(next.get(WAIT).await.unwrap(), 9);
+    worker.shutdown(WAIT).await.unwrap();
+}
