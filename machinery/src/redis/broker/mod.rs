@@ -98,6 +98,9 @@ const REDELIVERED_MARK_SECS: &str = "86400";
 
 /// Most delayed entries one promotion moves (the next poll moves the rest).
 const PROMOTE_LIMIT: &str = "1000";
+/// The largest delayed entry the promotion script may decode to find a routing key spelt otherwise than
+/// Go spells it; anything larger is only scanned, so that one huge message cannot hold Redis for long.
+const PROMOTE_DECODE_LIMIT: &str = "65536";
 
 /// A failed Redis command as a broker error naming what we were doing.
 pub(super) fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
@@ -259,16 +262,20 @@ async fn promote(inner: &Inner) -> Result<u64, BrokerError> {
         .timestamp_nanos_opt()
         .unwrap_or(i64::MAX)
         .to_string();
+    let at = crate::wire::gotime::format(&Utc::now());
+    let dead = keys::dead_letter_key(&inner.default_queue);
     let mut conn = inner.conn.clone();
     SCRIPTS
         .promote
         .run(
             &mut conn,
-            &[inner.config.delayed_tasks_key.as_bytes()],
+            &[inner.config.delayed_tasks_key.as_bytes(), dead.as_bytes()],
             &[
                 now.as_bytes(),
                 PROMOTE_LIMIT.as_bytes(),
                 inner.default_queue.as_bytes(),
+                at.as_bytes(),
+                PROMOTE_DECODE_LIMIT.as_bytes(),
             ],
         )
         .await
