@@ -67,6 +67,15 @@ pub enum BackendError {
     /// The group record is missing.
     #[error("group {0} is not in the result backend")]
     UnknownGroup(String),
+    /// The backend will never store this record, however often it is asked: the key names something
+    /// else (a queue, the backend's own bookkeeping), or the server refused the record for good.
+    #[error("result backend refuses record {key}: {reason}")]
+    Refused {
+        /// The key (task or group id).
+        key: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl BackendError {

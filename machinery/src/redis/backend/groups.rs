@@ -26,6 +26,7 @@ fn chord_keys(group_uuid: &str) -> [String; 3] {
 impl RedisBackend {
     /// `SET <group uuid> <GroupMeta JSON> EX <expiry>`, as Go stores it.
     pub(super) async fn store_group(&self, meta: &GroupMeta) -> Result<(), BackendError> {
+        self.check_key(&meta.group_uuid)?;
         let json = meta.to_json().map_err(|source| BackendError::Decode {
             key: meta.group_uuid.clone(),
             source,
@@ -127,6 +128,7 @@ impl RedisBackend {
 
     /// Deletes Go's group record and our chord progress beside it.
     pub(super) async fn delete_group(&self, group_uuid: &str) -> Result<(), BackendError> {
+        self.check_key(group_uuid)?;
         let [done, members, progress] = chord_keys(group_uuid);
         let mut conn = self.inner.conn.clone();
         conn.del::<_, ()>(&[group_uuid.to_owned(), done, members, progress])

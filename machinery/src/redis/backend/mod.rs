@@ -53,6 +53,9 @@ struct Inner {
     conn: ConnectionManager,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
+    /// Keys a task or group id must not name: the default queue, its dead letters, the delayed-task set.
+    /// A state written there would turn a queue into a string (Go does that).
+    reserved: [String; 3],
 }
 
 impl fmt::Debug for RedisBackend {
@@ -130,6 +133,11 @@ impl RedisBackend {
                 conn,
                 expire_secs: config.results_expire_in_secs(),
                 notifier: OnceCell::new(),
+                reserved: [
+                    config.default_queue.clone(),
+                    crate::redis::dead_letter_key(&config.default_queue),
+                    config.redis.delayed_tasks_key.clone(),
+                ],
             }),
         })
     }
@@ -155,11 +163,14 @@ impl RedisBackend {
         let pieces = self.pieces(state)?;
         let completed = state.is_completed();
         if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !unless_revoked {
+            // GET makes the server refuse (WRONGTYPE) to replace a key that is not a string, such as a
+            // queue's list, where a plain SET would.
             let mut cmd = redis::cmd("SET");
             cmd.arg(&state.task_uuid)
                 .arg(pieces.concat())
                 .arg("EX")
-                .arg(self.inner.expire_secs);
+                .arg(self.inner.expire_secs)
+                .arg("GET");
             return Ok(cmd);
         }
         let channel = if completed {
@@ -202,7 +213,26 @@ impl RedisBackend {
         ))
     }
 
+    /// Refuses an id that names one of our keys: the default queue, its dead letters, the delayed-task
+    /// set, or anything under `machinery:` (in-flight lists, heartbeats, chord records). Other lists (a
+    /// custom queue that holds messages) are refused by the server itself (`WRONGTYPE`), as the state
+    /// writes never replace a key that is not a string.
+    pub(crate) fn check_key(&self, key: &str) -> Result<(), BackendError> {
+        let reason = if key.starts_with("machinery:") {
+            "ids under machinery: are the queue's own keys"
+        } else if self.inner.reserved.iter().any(|reserved| reserved == key) {
+            "the id names a queue, its dead letters or the delayed-task set"
+        } else {
+            return Ok(());
+        };
+        Err(BackendError::Refused {
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        })
+    }
+
     fn pieces(&self, state: &TaskState) -> Result<[Vec<u8>; 5], BackendError> {
+        self.check_key(&state.task_uuid)?;
         state_pieces(state).map_err(|source| BackendError::Decode {
             key: state.task_uuid.clone(),
             source,
@@ -443,6 +473,7 @@ impl Backend for RedisBackend {
     }
 
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
+        self.check_key(task_uuid)?;
         let mut conn = self.inner.conn.clone();
         conn.del::<_, ()>(task_uuid)
             .await

@@ -351,9 +351,11 @@ impl Broker for RedisBroker {
         let Some(states) = &self.states else {
             return Ok(Some(message));
         };
-        let state_cmd = states
-            .state_cmd(pending)
-            .map_err(|error| BrokerError::operation("publish", error))?;
+        // A state the backend will not write (an id that names one of our keys, say) is declined here: the
+        // sender then stores it through the backend, which reports why, and publishes nothing.
+        let Ok(state_cmd) = states.state_cmd(pending) else {
+            return Ok(Some(message));
+        };
         let mut pipe = redis::pipe();
         pipe.add_command(state_cmd)
             .ignore()

@@ -19,11 +19,17 @@
 -- Writes one state per middle, in order, each as SET ... EX; announces the last; then removes the
 -- message from the in-flight list. All in one atomic step, the state before the acknowledgement, so a
 -- failure leaves the message in flight (it runs again) and never acknowledged without its state.
+-- A key that holds anything but a string (a queue's list, say) is never replaced: the script answers
+-- WRONGTYPE and changes nothing.
 -- Returns 1; with a revocation text, writes nothing and returns 0 if the previous record is that
 -- revocation. Only strings are read from the old record; the JSON text we made is stored as it is (big
 -- integers in results stay exact). The old record is decoded only when a look at its text cannot tell:
 -- a record without results holds TaskName and CreatedAt once, at the top level, as plain JSON strings
 -- that are copied as they are, and a record without the word FAILURE is no revocation.
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and kind ~= 'string' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a task state')
+end
 local name, created = ARGV[2], ARGV[3]
 local raw = false
 if name == '' or created == '' or ARGV[7] ~= '' then raw = redis.call('GET', KEYS[1]) end
