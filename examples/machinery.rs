@@ -110,10 +110,11 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// A worker with every task above and Go's example hooks.
+/// A worker with every task above and Go's example hooks. Go's example names its consumer
+/// `machinery_worker`; we keep the default tag, unique per process, because two copies of the example
+/// under one tag would each return the other's in-flight messages to the queue at start.
 fn worker(server: &Server) -> Worker {
     Worker::auto(server)
-        .consumer_tag("machinery_worker")
         .concurrency(10)
         .error_handler(|error| tracing::error!("I am an error handler: {error}"))
         .pre_task_handler(|sig: &Signature| {

@@ -179,7 +179,10 @@ impl Worker {
         self
     }
 
-    /// Names this worker's consumer (AMQP consumer tag, Redis in-flight list).
+    /// Names this worker's consumer (AMQP consumer tag, Redis in-flight list). The default,
+    /// `machinery-<pid>-<uuid>`, is unique per process; a tag of your own must be too: on Redis a consumer
+    /// starting under a tag returns what that tag holds in flight to the queue, so two live processes under
+    /// one tag hand each other's running messages out again.
     pub fn consumer_tag(mut self, tag: impl Into<String>) -> Self {
         self.consumer_tag = tag.into();
         self
