@@ -213,6 +213,13 @@ pub trait Inspect: Send + Sync + fmt::Debug {
     /// Counts for a queue.
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError>;
 
+    /// What a metrics sampler reads every few seconds: counts that cost the broker O(1) whatever the size
+    /// of its queues and sets (no scan). Fields it cannot count that cheaply are `None`; see each broker
+    /// for what a field counts here. The default asks [`Inspect::queue_stats`].
+    async fn queue_depth(&self, queue: &str) -> Result<QueueStats, BrokerError> {
+        self.queue_stats(queue).await
+    }
+
     /// Up to `limit` messages waiting in a queue, oldest first, without taking them.
     async fn pending(&self, queue: &str, limit: usize) -> Result<Vec<Vec<u8>>, BrokerError>;
 

@@ -959,3 +959,42 @@ async fn a_worker_killed_with_sigkill_mid_task_loses_no_task() {
     );
     names.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_samplers_depth_counts_with_llen_and_zcard_and_the_cli_scans() {
+    if !require(Service::Redis, "queue depth") {
+        return;
+    }
+    let names = Names::new("depth");
+    let broker = broker(&names).await;
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&names.queue, &["a", "b", "c"]).await.unwrap();
+    // One delayed task of this queue, two of another queue, and an entry that is not JSON at all: the
+    // sampler's count takes the set's size as it is (`ZCARD`), never reading an entry.
+    let mine = format!(r#"{{"UUID":"task_1","RoutingKey":"{}"}}"#, names.queue);
+    let far = chrono::Utc::now().timestamp_nanos_opt().unwrap() + 3_600_000_000_000;
+    for (n, entry) in [
+        mine.clone(),
+        r#"{"UUID":"task_2","RoutingKey":"elsewhere"}"#.to_owned(),
+        r#"{"UUID":"task_3","RoutingKey":"elsewhere"}"#.to_owned(),
+        "not json".to_owned(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let _: () = conn
+            .zadd(&names.delayed, entry, far + n as i64)
+            .await
+            .unwrap();
+    }
+    let depth = broker.queue_depth(&names.queue).await.unwrap();
+    assert_eq!(
+        (depth.pending, depth.delayed, depth.in_flight, depth.dead),
+        (3, Some(4), None, None)
+    );
+    // The CLI's statistics read every entry to count this queue's own (the entry that is not JSON would
+    // be promoted to the default queue, which this is).
+    let stats = broker.queue_stats(&names.queue).await.unwrap();
+    assert_eq!((stats.pending, stats.delayed), (3, Some(2)));
+    names.cleanup().await;
+}

@@ -65,6 +65,26 @@ impl Inspect for RedisBroker {
         })
     }
 
+    /// `LLEN` of the queue and `ZCARD` of the delayed-task set, in one round trip. The set is shared by
+    /// every queue (Go's layout), so `delayed` counts the delayed tasks of all of them; per queue it takes
+    /// the full scan of [`Inspect::queue_stats`], which is for the CLI, not for a sampler.
+    async fn queue_depth(&self, queue: &str) -> Result<QueueStats, BrokerError> {
+        let mut conn = self.inner.conn.clone();
+        let (pending, delayed): (u64, u64) = redis::pipe()
+            .llen(queue)
+            .zcard(self.delayed_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(op("queue depth"))?;
+        Ok(QueueStats {
+            queue: queue.to_owned(),
+            pending,
+            delayed: Some(delayed),
+            in_flight: None,
+            dead: None,
+        })
+    }
+
     async fn pending(&self, queue: &str, limit: usize) -> Result<Vec<Vec<u8>>, BrokerError> {
         if limit == 0 {
             return Ok(Vec::new());

@@ -11,7 +11,7 @@
 //! | `machinery_tasks_in_flight` | gauge | `queue` | messages a worker holds right now |
 //! | `machinery_tasks_dead_lettered_total` | counter | `queue`, `reason` (`malformed`, `unknown_task`) | messages given up on |
 //! | `machinery_queue_depth` | gauge | `queue` | messages waiting, sampled by each worker |
-//! | `machinery_queue_delayed` | gauge | `queue` | messages waiting for their ETA, sampled (where the broker can tell) |
+//! | `machinery_queue_delayed` | gauge | `queue` | messages waiting for their ETA, sampled (where the broker can tell; on Redis, every queue's: the set is shared) |
 //! | `machinery_broker_reconnects_total` | counter | `broker` | times a worker got messages again after broker errors |
 
 use std::time::Duration;

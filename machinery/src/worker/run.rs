@@ -190,7 +190,8 @@ async fn sample_queue(context: Arc<WorkerContext>) {
         let Ok(inspect) = broker.inspect() else {
             return;
         };
-        if let Ok(stats) = inspect.queue_stats(&context.queue).await {
+        // The cheap counts: the full statistics scan the delayed set, which can be millions of entries.
+        if let Ok(stats) = inspect.queue_depth(&context.queue).await {
             metrics::queue_sampled(&context.queue, stats.pending, stats.delayed);
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
