@@ -179,9 +179,7 @@ async fn run_task(
     delivery: Delivery,
     slot: &mut Slot,
 ) {
-    if let Some(hook) = &ctx.hooks.pre_task {
-        hook(&signature);
-    }
+    ctx.hooks.pre_task(&signature);
     let signature = Arc::new(signature);
     let started_at = std::time::Instant::now();
     let outcome = call(ctx, def, signature.clone()).await;
@@ -232,9 +230,7 @@ fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took:
     };
     metrics::task_finished(&signature.name, outcome, took);
     tracing::Span::current().record("outcome", state.state.as_str());
-    if let Some(hook) = &ctx.hooks.post_task {
-        hook(signature, state);
-    }
+    ctx.hooks.post_task(signature, state);
 }
 
 fn signature_body(signature: &Signature) -> Vec<u8> {
