@@ -19,6 +19,7 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 
+mod follow_up;
 mod process;
 mod registry;
 mod run;

@@ -10,6 +10,7 @@ use chrono::Utc;
 use futures_util::FutureExt as _;
 use tracing::Instrument;
 
+use super::follow_up::{self, FollowUpFailed};
 use super::registry::Registry;
 use super::slot::Slot;
 use super::Hooks;
@@ -185,7 +186,7 @@ async fn run_task(
     let outcome = call(ctx, def, signature.clone()).await;
     let took = started_at.elapsed();
     slot.handler_done().await;
-    let (final_state, delivery) = match outcome {
+    let (finish, delivery) = match outcome {
         Ok(results) if nothing_follows(&signature) => {
             // Nothing to send after this task: its SUCCESS and the acknowledgement can travel together
             // (one round trip where the broker and backend share a server).
@@ -204,14 +205,42 @@ async fn run_task(
         Ok(results) => (succeeded(ctx, def, &signature, results).await, delivery),
         Err(failure) => (failed(ctx, def, &signature, failure).await, delivery),
     };
-    let Some(final_state) = final_state else {
-        // The outcome could not be stored: leave the task to run again rather than lose it.
-        tracing::error!("the outcome could not be stored; the message goes back to the queue");
-        settle("requeue", delivery.requeue(signature_body(&signature))).await;
-        return;
-    };
-    finished(ctx, &signature, &final_state, took);
-    settle("ack", delivery.ack()).await;
+    match finish {
+        Finish::Done(state) => {
+            finished(ctx, &signature, &state, took);
+            settle("ack", delivery.ack()).await;
+        }
+        Finish::NotStored => {
+            // The outcome could not be stored: leave the task to run again rather than lose it.
+            tracing::error!("the outcome could not be stored; the message goes back to the queue");
+            settle("requeue", delivery.requeue(signature_body(&signature))).await;
+        }
+        Finish::FollowUpFailed(state, failed) => {
+            finished(ctx, &signature, &state, took);
+            follow_up::requeue(ctx, &signature, delivery, failed).await;
+        }
+    }
+}
+
+/// How a run ends once its outcome is dealt with.
+enum Finish {
+    /// The final state is stored and every follow-up sent: acknowledge the message.
+    Done(TaskState),
+    /// The outcome could not be stored: put the message back to run again.
+    NotStored,
+    /// The final state is stored but a follow-up could not be sent: put the message back to run again
+    /// ([`follow_up::requeue`]).
+    FollowUpFailed(TaskState, FollowUpFailed),
+}
+
+impl Finish {
+    /// `Done(state)`, or `FollowUpFailed` if sending the follow-ups failed.
+    fn after(state: TaskState, sent: Result<(), FollowUpFailed>) -> Finish {
+        match sent {
+            Ok(()) => Finish::Done(state),
+            Err(failed) => Finish::FollowUpFailed(state, failed),
+        }
+    }
 }
 
 /// Whether a successful run of `signature` sends nothing further (no callback, no chord step), so that
@@ -285,7 +314,7 @@ async fn succeeded(
     def: &'static TaskDef,
     signature: &Signature,
     results: Vec<TaskResult>,
-) -> Option<TaskState> {
+) -> Finish {
     let state = TaskState::success(&signature.uuid, &signature.name, results.clone());
     match store_final(ctx, &state).await {
         Ok(()) => {}
@@ -294,18 +323,14 @@ async fn succeeded(
             let failure = TaskFailure::new(FailureKind::Encode, message);
             return failed(ctx, def, signature, failure).await;
         }
-        Err(_) => return None,
+        Err(_) => return Finish::NotStored,
     }
     tracing::debug!("task succeeded");
-    for callback in &signature.on_success {
-        let mut callback = callback.clone();
-        if !signature.immutable {
-            callback.args.extend(results.iter().map(result_arg));
-        }
-        send_follow_up(ctx, "OnSuccess callback", &mut callback).await;
-    }
-    group_member_finished(ctx, signature).await;
-    Some(state)
+    let sent = match follow_up::send_success_callbacks(ctx, signature, &results).await {
+        Ok(()) => follow_up::group_member_finished(ctx, signature).await,
+        Err(failed) => Err(failed),
+    };
+    Finish::after(state, sent)
 }
 
 /// Retries the task if it may be retried, else stores FAILURE and sends the error callbacks.
@@ -314,28 +339,22 @@ async fn failed(
     def: &'static TaskDef,
     signature: &Signature,
     failure: TaskFailure,
-) -> Option<TaskState> {
+) -> Finish {
     if failure.is_retryable() && signature.retry_count > 0 {
         return retry(ctx, def, signature, &failure).await;
     }
     let state = TaskState::failure(&signature.uuid, &signature.name, failure.message.clone());
-    store_final(ctx, &state).await.ok()?;
+    if store_final(ctx, &state).await.is_err() {
+        return Finish::NotStored;
+    }
     tracing::info!(error = %failure.message, kind = ?failure.kind, "task failed");
     ctx.hooks.error(&failure);
-    send_error_callbacks(ctx, &signature.on_error, &failure.message).await;
-    group_member_finished(ctx, signature).await;
-    Some(state)
-}
-
-/// Sends `OnError` callbacks with the error text prepended as a `string` argument, as Go does.
-async fn send_error_callbacks(ctx: &WorkerContext, callbacks: &[Signature], error: &str) {
-    for callback in callbacks {
-        let mut callback = callback.clone();
-        callback
-            .args
-            .insert(0, Arg::new("", "string", error.into()));
-        send_follow_up(ctx, "OnError callback", &mut callback).await;
-    }
+    let sent =
+        match follow_up::send_error_callbacks(ctx, &signature.on_error, &failure.message).await {
+            Ok(()) => follow_up::group_member_finished(ctx, signature).await,
+            Err(failed) => Err(failed),
+        };
+    Finish::after(state, sent)
 }
 
 /// Go's retry: RETRY state, one retry fewer, and the same message (same id) again with an ETA. The delay
@@ -346,9 +365,11 @@ async fn retry(
     def: &'static TaskDef,
     signature: &Signature,
     failure: &TaskFailure,
-) -> Option<TaskState> {
+) -> Finish {
     let state = TaskState::retry(&signature.uuid, &signature.name);
-    store_final(ctx, &state).await.ok()?;
+    if store_final(ctx, &state).await.is_err() {
+        return Finish::NotStored;
+    }
     let attempt = signature
         .header_value(RETRY_ATTEMPT_HEADER)
         .and_then(|v| v.as_u64())
@@ -368,95 +389,20 @@ async fn retry(
         Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX));
     tracing::info!(error = %failure.message, retry_in = ?delay, retries_left = again.retry_count, "task failed; retrying");
     match ctx.server.publish(&mut again).await {
-        Ok(()) => Some(state),
+        Ok(()) => Finish::Done(state),
         Err(error) => {
             tracing::error!(%error, "cannot schedule the retry");
             ctx.hooks.error(&error);
-            None
+            Finish::NotStored
         }
-    }
-}
-
-/// A group member finished: if it was the last, and the group is a chord, send the callback with the
-/// members' results in group order.
-async fn group_member_finished(ctx: &WorkerContext, signature: &Signature) {
-    let backend = ctx.server.backend();
-    if signature.group_uuid.is_empty() {
-        return;
-    }
-    let Some(callback) = &signature.chord_callback else {
-        return;
-    };
-    let fire = retry_io("complete group member", || {
-        backend.complete_group_member(
-            &signature.group_uuid,
-            &signature.uuid,
-            signature.group_task_count,
-        )
-    })
-    .await;
-    match fire {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(error) => {
-            tracing::error!(%error, group = %signature.group_uuid, "cannot record chord progress; the chord callback may not fire");
-            ctx.hooks.error(&error);
-            return;
-        }
-    }
-    let states = match backend.group_states(&signature.group_uuid).await {
-        Ok(states) => states,
-        Err(error) => {
-            tracing::error!(%error, group = %signature.group_uuid, "cannot read the group's states; the chord callback is not sent");
-            ctx.hooks.error(&error);
-            return;
-        }
-    };
-    if let Some((index, failed)) = states
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.state != State::Success)
-    {
-        // Go never fires such a chord and never tells; we fail the callback, so that its result says why,
-        // and run its error callbacks.
-        let error = format!(
-            "chord callback {} not run: group member {index} ({}) failed: {}",
-            callback.name, failed.task_uuid, failed.error
-        );
-        tracing::warn!(group = %signature.group_uuid, member = %failed.task_uuid, %error, "a chord member failed");
-        if !callback.uuid.is_empty() {
-            let state = TaskState::failure(&callback.uuid, &callback.name, error.clone());
-            if store_final(ctx, &state).await.is_err() {
-                return;
-            }
-        }
-        send_error_callbacks(ctx, &callback.on_error, &error).await;
-        return;
-    }
-    let mut callback = (**callback).clone();
-    if !callback.immutable {
-        for state in &states {
-            callback
-                .args
-                .extend(state.results.iter().flatten().map(result_arg));
-        }
-    }
-    send_follow_up(ctx, "chord callback", &mut callback).await;
-}
-
-fn result_arg(result: &TaskResult) -> Arg {
-    Arg::new("", result.type_tag.clone(), result.value.clone())
-}
-
-async fn send_follow_up(ctx: &WorkerContext, what: &str, signature: &mut Signature) {
-    if let Err(error) = ctx.server.publish(signature).await {
-        tracing::error!(%error, callback = %signature.name, "cannot send the {what}");
-        ctx.hooks.error(&error);
     }
 }
 
 /// Stores a final state, retrying for a while: acknowledging without it would lose the outcome.
-async fn store_final(ctx: &WorkerContext, state: &TaskState) -> Result<(), BackendError> {
+pub(super) async fn store_final(
+    ctx: &WorkerContext,
+    state: &TaskState,
+) -> Result<(), BackendError> {
     let backend = ctx.server.backend();
     retry_io("store final state", || backend.set_state(state))
         .await
@@ -467,7 +413,7 @@ async fn store_final(ctx: &WorkerContext, state: &TaskState) -> Result<(), Backe
         })
 }
 
-async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>
+pub(super) async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, BackendError>>,
@@ -492,7 +438,10 @@ where
     }
 }
 
-async fn settle<F: Future<Output = Result<(), crate::broker::BrokerError>>>(what: &str, op: F) {
+pub(super) async fn settle<F: Future<Output = Result<(), crate::broker::BrokerError>>>(
+    what: &str,
+    op: F,
+) {
     if let Err(error) = op.await {
         tracing::warn!(%error, "cannot {what} the message; the broker will deliver it again");
     }
