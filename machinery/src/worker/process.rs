@@ -49,9 +49,13 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     let signature = match Signature::from_json(&delivery.body) {
         Ok(signature) => signature,
         Err(error) => {
-            let reason = format!("malformed message: {error}");
+            let reason = format!("malformed message: cannot decode the task signature: {error}");
             tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a message that is not a task signature");
             metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
+            // A sender waiting for the task learns why at once, if the id can be read.
+            if let Some((uuid, name)) = readable_id(&delivery.body) {
+                store_dead_letter_state(ctx, &uuid, &name, &reason).await;
+            }
             settle("dead-letter", delivery.dead_letter(reason)).await;
             return None;
         }
@@ -154,6 +158,7 @@ async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Deliv
         );
         tracing::warn!(task.uuid = %signature.uuid, %reason, "dead-lettering a task no worker knows");
         metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::UnknownTask);
+        store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
         settle("dead-letter", delivery.dead_letter(reason)).await;
         return;
     }
@@ -170,6 +175,25 @@ async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Deliv
             )
             .await
         }
+    }
+}
+
+/// The task id (and name, if any) of a message that does not decode as a signature, when its JSON is an
+/// object with a non-empty string `UUID`.
+fn readable_id(body: &[u8]) -> Option<(String, String)> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let uuid = value.get("UUID")?.as_str().filter(|u| !u.is_empty())?;
+    let name = value.get("Name").and_then(|n| n.as_str()).unwrap_or("");
+    Some((uuid.to_owned(), name.to_owned()))
+}
+
+/// Stores FAILURE with the reason a task's message is dead-lettered, so that a sender waiting for its
+/// result gets that error at once instead of waiting out its timeout. Best effort: the message is
+/// dead-lettered whether or not this works.
+async fn store_dead_letter_state(ctx: &WorkerContext, uuid: &str, name: &str, reason: &str) {
+    let state = TaskState::failure(uuid, name, format!("dead-lettered: {reason}"));
+    if let Err(error) = ctx.server.backend().set_state(&state).await {
+        tracing::warn!(%error, task.uuid = %uuid, "cannot store the FAILURE state of a dead-lettered task");
     }
 }
 
