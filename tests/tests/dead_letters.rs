@@ -128,3 +128,91 @@ async fn a_message_that_does_not_decode_fails_its_task_when_its_id_can_be_read()
     assert_eq!(dead.len(), 1);
     running.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+static COUNTED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn dl_counted(a: i64) -> Result<i64, TaskError> {
+    COUNTED_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(a)
+}
+
+#[tokio::test]
+async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it_again() {
+    if !require(
+        Service::Redis,
+        "a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it_again",
+    ) {
+        return;
+    }
+    let names = Names::new("dl_wrongtype");
+    // The task's id names a list: storing its state there fails with WRONGTYPE, every time.
+    let victim = format!("{}_victim", names.id);
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&victim, "x").await.unwrap();
+    let server = Server::new(names.config()).await.unwrap();
+    let running = Worker::new(&server)
+        .register(dl_counted::task())
+        .start()
+        .await
+        .unwrap();
+    // A valid message pushed straight onto the queue list, as a Go sender writes it.
+    let body = Signature::with_args(
+        "dl_counted",
+        vec![machinery::Arg::new("", "int64", serde_json::json!(5))],
+    )
+    .with_uuid(&victim)
+    .to_json()
+    .unwrap();
+    let _: () = conn.rpush(&names.queue, body).await.unwrap();
+
+    let inspect = server.broker();
+    let dead_lettered = eventually(PROMPTLY, || async {
+        let dead = inspect
+            .inspect()
+            .unwrap()
+            .dead_letters(&names.queue, 10)
+            .await
+            .unwrap();
+        dead.len() == 1
+    })
+    .await;
+    assert!(
+        dead_lettered,
+        "the task is dead-lettered within {PROMPTLY:?}"
+    );
+    let dead = inspect
+        .inspect()
+        .unwrap()
+        .dead_letters(&names.queue, 10)
+        .await
+        .unwrap();
+    assert!(
+        dead[0].reason.contains("WRONGTYPE"),
+        "the reason names the refusal: {}",
+        dead[0].reason
+    );
+    assert_eq!(
+        Signature::from_json(&dead[0].body).unwrap().uuid,
+        victim,
+        "the dead letter is the task's message"
+    );
+    // Nothing is left to run it again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = inspect
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 1, "the task ran once");
+    // The worker goes on serving.
+    let normal = dl_counted::send(&server, 9).await.unwrap();
+    assert_eq!(normal.get(PROMPTLY).await.unwrap(), 9);
+    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 2);
+    let kept: Vec<String> = conn.lrange(&victim, 0, -1).await.unwrap();
+    assert_eq!(kept, ["x"], "the list the id names is untouched");
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}

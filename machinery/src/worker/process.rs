@@ -243,6 +243,15 @@ async fn run_task(
             finished(ctx, &signature, &state, took);
             follow_up::requeue(ctx, &signature, delivery, failed).await;
         }
+        Finish::Unstorable(error) => {
+            // Running the task again would end the same way, for ever: give it up, saying why.
+            let reason = format!("the task's final state cannot be stored: {error}");
+            tracing::error!(%reason, "dead-lettering a task whose outcome can never be stored; it is not run again");
+            tracing::Span::current().record("outcome", "DEAD_LETTERED");
+            metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
+            store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
+            settle("dead-letter", delivery.dead_letter(reason)).await;
+        }
     }
 }
 
@@ -250,14 +259,26 @@ async fn run_task(
 enum Finish {
     /// The final state is stored and every follow-up sent: acknowledge the message.
     Done(TaskState),
-    /// The outcome could not be stored: put the message back to run again.
+    /// The outcome could not be stored, for a transient reason: put the message back to run again.
     NotStored,
+    /// The outcome can never be stored (a [permanent](BackendError::is_permanent) error): dead-letter
+    /// the message with the reason, without running the task again.
+    Unstorable(BackendError),
     /// The final state is stored but a follow-up could not be sent: put the message back to run again
     /// ([`follow_up::requeue`]).
     FollowUpFailed(TaskState, FollowUpFailed),
 }
 
 impl Finish {
+    /// The outcome could not be stored: `Unstorable` if the error is permanent, else `NotStored`.
+    fn not_stored(error: BackendError) -> Finish {
+        if error.is_permanent() {
+            Finish::Unstorable(error)
+        } else {
+            Finish::NotStored
+        }
+    }
+
     /// `Done(state)`, or `FollowUpFailed` if sending the follow-ups failed.
     fn after(state: TaskState, sent: Result<(), FollowUpFailed>) -> Finish {
         match sent {
@@ -347,7 +368,7 @@ async fn succeeded(
             let failure = TaskFailure::new(FailureKind::Encode, message);
             return failed(ctx, def, signature, failure).await;
         }
-        Err(_) => return Finish::NotStored,
+        Err(error) => return Finish::not_stored(error),
     }
     tracing::debug!("task succeeded");
     let sent = match follow_up::send_success_callbacks(ctx, signature, &results).await {
@@ -368,8 +389,8 @@ async fn failed(
         return retry(ctx, def, signature, &failure).await;
     }
     let state = TaskState::failure(&signature.uuid, &signature.name, failure.message.clone());
-    if store_final(ctx, &state).await.is_err() {
-        return Finish::NotStored;
+    if let Err(error) = store_final(ctx, &state).await {
+        return Finish::not_stored(error);
     }
     tracing::info!(error = %failure.message, kind = ?failure.kind, "task failed");
     ctx.hooks.error(&failure);
@@ -391,8 +412,8 @@ async fn retry(
     failure: &TaskFailure,
 ) -> Finish {
     let state = TaskState::retry(&signature.uuid, &signature.name);
-    if store_final(ctx, &state).await.is_err() {
-        return Finish::NotStored;
+    if let Err(error) = store_final(ctx, &state).await {
+        return Finish::not_stored(error);
     }
     let attempt = signature
         .header_value(RETRY_ATTEMPT_HEADER)
@@ -448,9 +469,7 @@ where
         match op().await {
             Ok(value) => return Ok(value),
             // Retrying cannot help these.
-            Err(error @ (BackendError::NotStored { .. } | BackendError::TooLarge { .. })) => {
-                return Err(error)
-            }
+            Err(error) if error.is_permanent() => return Err(error),
             Err(error) if attempts >= 6 => return Err(error),
             Err(error) => {
                 attempts += 1;
