@@ -285,6 +285,7 @@ impl Worker {
                 queue: queue.clone(),
                 source,
             })?;
+        self.server.config().warn_if_in_process_by_default("worker");
         tracing::info!(
             queue = %queue,
             concurrency = self.concurrency,
