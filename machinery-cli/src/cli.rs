@@ -28,8 +28,8 @@ pub(crate) struct Global {
     /// Configuration file (.yaml, .yml or .toml) instead of the environment variables
     #[arg(short, long, global = true, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
-    /// Broker URL (redis://host:6379/0, amqp://user:pass@host:5672/, memory://), overriding the
-    /// configuration
+    /// Broker URL (redis://host:6379/0, amqp://user:pass@host:5672/), overriding the configuration.
+    /// The in-process memory:// broker is refused: no other process can reach it
     #[arg(long, global = true, value_name = "URL")]
     pub(crate) broker: Option<String>,
     /// Result backend URL, overriding the configuration
@@ -56,7 +56,6 @@ Which queues: with --queue, exactly those. Without, the ones the broker can find
           worker is registered on it, since Redis deletes empty lists.
   amqp    AMQP cannot list queues (RabbitMQ's management HTTP API can): the default queue only;
           name the others with --queue.
-  memory  the queues of this process, so always just the default one.
 
 A count the broker cannot know is shown as '-' (null in JSON): RabbitMQ keeps delayed messages in
 per-delay queues and does not count unacknowledged ones per queue over AMQP. Counting the delayed

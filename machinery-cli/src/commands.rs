@@ -36,10 +36,29 @@ pub(crate) fn load_config(global: &Global) -> Result<Config, CliError> {
     Ok(config)
 }
 
+/// Refuses the in-process broker: every command asks about queues that other processes use, and no
+/// other process can reach this one's `memory://` queues.
+fn refuse_in_process_broker(config: &Config, global: &Global) -> Result<(), CliError> {
+    if !config.broker.trim_start().starts_with("memory:") {
+        return Ok(());
+    }
+    let hint = if global.broker.is_none() && config.broker_is_in_process_by_default() {
+        "BROKER is not set: set it (for example BROKER=redis://localhost:6379) or pass --broker URL"
+    } else {
+        "Name the broker your workers use with BROKER, -c FILE or --broker URL"
+    };
+    Err(CliError::InProcessBroker {
+        broker: config.broker.clone(),
+        hint,
+    })
+}
+
 /// Runs one command line.
 pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
+    let config = load_config(&cli.global)?;
+    refuse_in_process_broker(&config, &cli.global)?;
     let app = App {
-        config: load_config(&cli.global)?,
+        config,
         json: cli.global.json,
         style: Style::detect(),
     };

@@ -10,6 +10,14 @@ pub(crate) enum CliError {
     /// The configuration could not be loaded.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The broker is the in-process `memory://` one: the tool would only see its own empty queues.
+    #[error("the broker is {broker:?}, the in-process broker: this tool would inspect its own empty queues, not those of your workers and senders (no other process can reach an in-process broker). {hint}")]
+    InProcessBroker {
+        /// The broker URL.
+        broker: String,
+        /// How to name the real broker.
+        hint: &'static str,
+    },
     /// The broker or result backend could not be reached (or its URL is wrong).
     #[error(transparent)]
     Connect(machinery::Error),

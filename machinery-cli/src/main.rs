@@ -1,4 +1,5 @@
-//! `machinery`: the command-line inspector of a machinery task queue (Redis, AMQP or in-memory broker).
+//! `machinery`: the command-line inspector of a machinery task queue (Redis or AMQP broker; the in-process
+//! memory broker is refused, since no other process can reach it).
 //!
 //! ```text
 //! machinery queues                      # pending, delayed, in-flight, dead-letter counts per queue

@@ -805,39 +805,51 @@ async fn configuration_comes_from_env_file_and_flags_and_errors_name_the_cause()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_memory_broker_answers_for_its_own_empty_process() {
-    // No server needed: the tool's own in-memory broker is empty (it cannot see another process's).
+async fn every_command_refuses_the_in_process_broker() {
+    // No server needed: the tool's own in-process broker cannot see any other process's queues, so it
+    // refuses to answer from it, naming the cause, instead of showing empty queues or losing a send.
     let queue = unique("cli_memory");
-    let env: HashMap<String, String> = [
-        ("BROKER", "memory://"),
-        ("RESULT_BACKEND", "memory://"),
-        ("DEFAULT_QUEUE", queue.as_str()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let run = |args: &'static [&'static str]| machinery(args, &env);
-    assert_eq!(
-        run(&["queues", "--json"]).await.json(),
-        serde_json::json!([{"queue": queue, "pending": 0, "delayed": 0, "in_flight": 0, "dead": 0}])
-    );
-    assert_eq!(
-        run(&["workers", "--json"]).await.json(),
-        serde_json::json!([])
-    );
-    assert_eq!(
-        run(&["delayed", "--json"]).await.json(),
-        serde_json::json!([])
-    );
-    assert_eq!(
-        run(&["dead", "q", "--json"]).await.json(),
-        serde_json::json!([])
-    );
-    let sent = run(&["send", "cli_add", "--json"]).await.json();
-    assert_eq!(sent["queue"], queue.as_str());
-    run(&["task", "task_x"])
+    let unset: HashMap<String, String> = [("DEFAULT_QUEUE", queue.as_str())]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let mut named = unset.clone();
+    named.insert("BROKER".into(), "memory://".into());
+    let commands: [&[&str]; 9] = [
+        &["queues"],
+        &["queues", "--json"],
+        &["workers"],
+        &["delayed"],
+        &["pending", "q"],
+        &["dead", "q"],
+        &["purge", "q", "--yes"],
+        &["send", "cli_add"],
+        &["task", "task_x"],
+    ];
+    for args in commands {
+        let run = machinery(args, &unset).await;
+        run.fails(1, "the in-process broker");
+        run.fails(1, "BROKER is not set");
+        assert!(run.stdout.is_empty(), "nothing on stdout: {run:#?}");
+        machinery(args, &named)
+            .await
+            .fails(1, "the in-process broker");
+    }
+    let mut flag = vec!["--broker", "memory://", "queues"];
+    machinery(&flag, &unset)
         .await
-        .fails(1, "no state in the memory result backend");
+        .fails(1, "Name the broker your workers use");
+    // The same command against a real broker is not refused on its account.
+    if require(
+        Service::Redis,
+        "every_command_refuses_the_in_process_broker",
+    ) {
+        let url = Service::Redis.url();
+        flag[1] = &url;
+        let run = machinery(&flag, &unset).await;
+        assert!(!run.stderr.contains("in-process"), "{run:#?}");
+        run.ok();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -851,12 +863,19 @@ async fn colour_only_on_a_terminal_and_never_with_no_color() {
         eprintln!("SKIPPED colour test: `script` (util-linux) is not installed");
         return;
     }
+    if !require(
+        Service::Redis,
+        "colour_only_on_a_terminal_and_never_with_no_color",
+    ) {
+        return;
+    }
     let bin = env!("CARGO_BIN_EXE_machinery");
+    let url = Service::Redis.url();
     let on_terminal = |no_color: bool| {
         let mut cmd = tokio::process::Command::new("script");
         cmd.args([
             "-qec",
-            &format!("{bin} --broker memory:// workers"),
+            &format!("{bin} --broker {url} queues --queue cli_colour_q"),
             "/dev/null",
         ])
         .env_clear();

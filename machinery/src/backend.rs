@@ -37,6 +37,17 @@ pub enum BackendError {
         #[source]
         source: BoxError,
     },
+    /// The server refused the operation for a reason that trying again cannot fix (Redis `WRONGTYPE`
+    /// on the task's key and other server errors that are not about the connection; an AMQP queue name
+    /// over 255 bytes). The worker dead-letters a task whose final state fails so.
+    #[error("result backend {operation} refused: {source}")]
+    Refused {
+        /// What we were doing.
+        operation: &'static str,
+        /// The server's or client's error.
+        #[source]
+        source: BoxError,
+    },
     /// A stored record is not valid JSON of the expected shape.
     #[error("result backend record {key}: {source}")]
     Decode {
@@ -85,6 +96,25 @@ impl BackendError {
             operation,
             source: source.into(),
         }
+    }
+
+    /// A [refusal](BackendError::Refused) from any client error.
+    pub fn refused(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        BackendError::Refused {
+            operation,
+            source: source.into(),
+        }
+    }
+
+    /// Whether trying the same operation again cannot help (a refusal, a record too large, a backend
+    /// that stores nothing), as opposed to a transient failure (I/O, a timeout, a refused connection).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Refused { .. }
+                | BackendError::TooLarge { .. }
+                | BackendError::NotStored { .. }
+        )
     }
 }
 

@@ -8,7 +8,8 @@
 //! - [`Broker::publish`] stores the message durably before it returns, and delays it until its ETA.
 //! - A [`Consumer`] hands out [`Delivery`]s; a delivery stays owned by its consumer until it is
 //!   [acknowledged](Delivery::ack), [requeued](Delivery::requeue) or [dead-lettered](Delivery::dead_letter).
-//!   If the worker dies first, the message goes back to the queue (at-least-once delivery).
+//!   If the worker dies first, the message goes back to the queue (at-least-once delivery); a delivery
+//!   dropped unsettled in a live worker goes back at once ([`Acknowledger::abandon`]).
 //! - [`Consumer::next_batch`] is cancel-safe, and [`Consumer::close`] returns unfinished messages.
 
 use std::fmt;
@@ -290,16 +291,37 @@ pub trait Acknowledger: Send + Sync + fmt::Debug {
         let _ = state;
         Ok(false)
     }
+
+    /// The delivery was dropped without being settled (its task cut off, or the code handling it
+    /// panicked): give the message back to its queue promptly, without waiting for the consumer to
+    /// close. Called from a destructor, so it must not block: a broker that needs a round trip spawns
+    /// it on the current tokio runtime. The default does nothing (the message returns when the consumer
+    /// closes, or when the broker notices the consumer is gone).
+    fn abandon(self: Box<Self>) {}
 }
 
 /// One message handed to the worker.
+///
+/// Dropping a delivery without settling it ([`ack`](Delivery::ack), [`requeue`](Delivery::requeue),
+/// [`dead_letter`](Delivery::dead_letter), or a successful
+/// [`try_ack_with_state`](Delivery::try_ack_with_state)) gives the message back to its queue at once
+/// ([`Acknowledger::abandon`]), so a task cut off by a panic or a shutdown runs again promptly.
 #[derive(Debug)]
 pub struct Delivery {
     /// The message body (Signature JSON, if well-formed).
     pub body: Vec<u8>,
     /// The broker delivered it before (AMQP redelivery, Redis recovery from a dead worker).
     pub redelivered: bool,
-    acker: Box<dyn Acknowledger>,
+    /// `None` once settled.
+    acker: Option<Box<dyn Acknowledger>>,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take() {
+            acker.abandon();
+        }
+    }
 }
 
 impl Delivery {
@@ -308,27 +330,39 @@ impl Delivery {
         Delivery {
             body,
             redelivered,
-            acker,
+            acker: Some(acker),
         }
     }
 
+    /// Takes the acknowledger out, to settle the message with it.
+    fn settling(&mut self) -> Result<Box<dyn Acknowledger>, BrokerError> {
+        self.acker.take().ok_or(BrokerError::Closed)
+    }
+
     /// The message was handled: forget it.
-    pub async fn ack(self) -> Result<(), BrokerError> {
-        self.acker.ack().await
+    pub async fn ack(mut self) -> Result<(), BrokerError> {
+        self.settling()?.ack().await
     }
 
     /// Puts `body` back at the tail of the queue in place of this message.
-    pub async fn requeue(self, body: Vec<u8>) -> Result<(), BrokerError> {
-        self.acker.requeue(body).await
+    pub async fn requeue(mut self, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.settling()?.requeue(body).await
     }
 
     /// Stores `state` (the task's final state) and acknowledges the message in one step, where the broker
     /// holds the result backend's half (one round trip on Redis). Gives the delivery back, with nothing
     /// acknowledged, when the broker cannot do that or it failed: the caller then stores the state and
     /// acknowledges separately (the state may already be stored; storing it again is harmless).
-    pub async fn try_ack_with_state(self, state: &TaskState) -> Result<(), Delivery> {
-        match self.acker.try_ack_with_state(state).await {
-            Ok(true) => Ok(()),
+    pub async fn try_ack_with_state(mut self, state: &TaskState) -> Result<(), Delivery> {
+        let Some(acker) = &self.acker else {
+            return Err(self);
+        };
+        match acker.try_ack_with_state(state).await {
+            Ok(true) => {
+                // Settled: the acknowledger is dropped without giving anything back.
+                self.acker = None;
+                Ok(())
+            }
             Ok(false) => Err(self),
             Err(error) => {
                 tracing::debug!(%error, "storing the state and acknowledging in one step failed; doing it in two");
@@ -338,8 +372,9 @@ impl Delivery {
     }
 
     /// Moves the message to the dead-letter place with this reason.
-    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<(), BrokerError> {
-        let Delivery { body, acker, .. } = self;
+    pub async fn dead_letter(mut self, reason: impl Into<String>) -> Result<(), BrokerError> {
+        let acker = self.settling()?;
+        let body = std::mem::take(&mut self.body);
         acker.dead_letter(body, reason.into()).await
     }
 }

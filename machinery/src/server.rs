@@ -51,6 +51,7 @@ impl fmt::Debug for Server {
 impl Server {
     /// Connects to the broker and result backend that `config` names.
     pub async fn new(config: Config) -> Result<Server, crate::Error> {
+        config.warn_if_in_process_by_default("server");
         let (broker, backend, lock) = crate::connect::all(&config).await?;
         Ok(Server {
             inner: Arc::new(Inner {

@@ -19,6 +19,7 @@ impl Config {
         let mut c = Config::default();
         let env = Env { lookup: &lookup };
         env.string("BROKER", &mut c.broker);
+        c.broker_defaulted = super::BrokerDefaulted(env.get("BROKER").is_none());
         env.string("LOCK", &mut c.lock);
         env.string(
             "MULTIPLE_BROKEN_SEPARATOR",

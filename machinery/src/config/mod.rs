@@ -84,6 +84,9 @@ pub enum ConfigError {
 #[non_exhaustive]
 pub struct Config {
     /// Broker URL: `memory://` (in-process, the default), `redis://…`, `amqp://…`, … (env `BROKER`).
+    /// When [`Config::from_env`] finds `BROKER` unset, the server and the worker warn that the default
+    /// in-process broker is not reachable from other processes
+    /// ([`Config::broker_is_in_process_by_default`]).
     pub broker: String,
     /// Lock URL for periodic tasks (env `LOCK`); empty means the broker's Redis if there is one.
     pub lock: String,
@@ -107,6 +110,21 @@ pub struct Config {
     /// How many times a worker puts back a message whose task it does not know before it dead-letters it
     /// (env `UNKNOWN_TASK_REQUEUES`). Go requeues forever.
     pub unknown_task_requeues: u32,
+    /// Whether `broker` is the in-process default because [`Config::from_env`] found `BROKER` unset.
+    #[serde(skip)]
+    pub(crate) broker_defaulted: BrokerDefaulted,
+}
+
+/// Set when the broker URL is the in-process default only because the environment named none, so that
+/// the server and the worker can warn that other processes cannot reach their queues. Not part of the
+/// configuration's value: ignored by comparison and never serialised.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BrokerDefaulted(pub(crate) bool);
+
+impl PartialEq for BrokerDefaulted {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Default for Config {
@@ -122,6 +140,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             no_unix_signals: false,
             unknown_task_requeues: 10,
+            broker_defaulted: BrokerDefaulted(false),
         }
     }
 }
@@ -133,6 +152,26 @@ impl Config {
             broker: broker.into(),
             result_backend: result_backend.into(),
             ..Config::default()
+        }
+    }
+
+    /// Whether the broker is the in-process `memory://` one only because [`Config::from_env`] found
+    /// `BROKER` unset: tasks sent through it reach only workers in this process. The server and worker
+    /// log a warning then (a `memory://` broker chosen on purpose, in code, a file or `BROKER`, is quiet).
+    pub fn broker_is_in_process_by_default(&self) -> bool {
+        self.broker_defaulted.0 && self.broker.trim_start().starts_with("memory:")
+    }
+
+    /// Logs, at WARN, that the broker is in-process by default (see
+    /// [`Config::broker_is_in_process_by_default`]); `who` names the component that starts.
+    pub(crate) fn warn_if_in_process_by_default(&self, who: &str) {
+        if self.broker_is_in_process_by_default() {
+            tracing::warn!(
+                broker = %self.broker,
+                "{who}: BROKER is not set, so the broker is the in-process memory:// one: only this process \
+                 can send to and consume its queues; other processes (workers, senders, the machinery CLI) \
+                 cannot reach them. Set BROKER (for example redis://localhost:6379) to share queues"
+            );
         }
     }
 

@@ -422,6 +422,30 @@ impl fmt::Debug for Shared {
     }
 }
 
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        // Dropped unsettled (settling removes the message from the in-flight set first): back to the
+        // head of the queue, marked redelivered.
+        let returned = {
+            let mut state = self.shared.lock();
+            let Some(queue) = state.queues.get_mut(&self.queue) else {
+                return;
+            };
+            match queue.in_flight.remove(&self.id) {
+                Some((_, mut entry)) => {
+                    entry.redelivered = true;
+                    queue.ready.push_front(entry);
+                    true
+                }
+                None => false,
+            }
+        };
+        if returned {
+            self.shared.changed.notify_waiters();
+        }
+    }
+}
+
 impl MemoryAcker {
     /// Removes the message from the in-flight set; `false` if it is no longer there (its consumer closed
     /// and it went back to the queue).

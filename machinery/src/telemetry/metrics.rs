@@ -55,6 +55,8 @@ pub(crate) fn task_finished(task: &str, outcome: Outcome, took: Duration) {
 pub(crate) enum DeadLetterReason {
     Malformed,
     UnknownTask,
+    /// The task's final state can never be stored.
+    Unstorable,
 }
 
 /// A message was dead-lettered.
@@ -64,6 +66,7 @@ pub(crate) fn dead_lettered(queue: &str, reason: DeadLetterReason) {
         let reason = match reason {
             DeadLetterReason::Malformed => "malformed",
             DeadLetterReason::UnknownTask => "unknown_task",
+            DeadLetterReason::Unstorable => "unstorable",
         };
         counter!("machinery_tasks_dead_lettered_total", "queue" => queue.to_owned(), "reason" => reason)
             .increment(1);

@@ -34,6 +34,15 @@ pub const TIME_LIMIT_HEADER: &str = "machinery_time_limit_ms";
 /// The header counting the retries already made, for back-off strategies. Go workers keep it unchanged.
 pub const RETRY_ATTEMPT_HEADER: &str = "machinery_retry_attempt";
 
+/// The header counting how often a worker put a message back because a follow-up of its task (a
+/// callback, the next step of a chain, a chord callback) could not be published. Go workers ignore it.
+pub const FOLLOW_UP_ATTEMPTS_HEADER: &str = "machinery_follow_up_attempts";
+
+/// Set (`true`) on a group member's message that a worker put back after this member completed its
+/// chord but the chord callback could not be published: the next run sends the callback without asking
+/// the backend again (which says yes only once). Go workers ignore it.
+pub const CHORD_ELECTED_HEADER: &str = "machinery_chord_elected";
+
 /// One task argument: `{"Name": "", "Type": "int64", "Value": 1}`.
 ///
 /// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](super::args::TypeTag)).

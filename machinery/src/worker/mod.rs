@@ -19,6 +19,7 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 
+mod follow_up;
 mod process;
 mod registry;
 mod run;
@@ -101,12 +102,47 @@ pub(crate) struct Hooks {
 }
 
 impl Hooks {
+    /// Calls the error handler (or logs the error when there is none). A handler that panics is logged
+    /// and otherwise ignored.
     pub(crate) fn error(&self, error: &(dyn std::error::Error + 'static)) {
         match &self.error {
-            Some(handler) => handler(error),
+            Some(handler) => guarded("error", || handler(error)),
             None => tracing::error!(%error, "worker error"),
         }
     }
+
+    /// Calls the pre-task handler, if any; a panic in it is logged and the task runs as if it had returned.
+    pub(crate) fn pre_task(&self, signature: &Signature) {
+        if let Some(handler) = &self.pre_task {
+            guarded("pre-task", || handler(signature));
+        }
+    }
+
+    /// Calls the post-task handler, if any; a panic in it is logged and the message is settled as if it
+    /// had returned.
+    pub(crate) fn post_task(&self, signature: &Signature, state: &TaskState) {
+        if let Some(handler) = &self.post_task {
+            guarded("post-task", || handler(signature, state));
+        }
+    }
+}
+
+/// Runs a user hook, catching a panic (logged at ERROR) so that it cannot take down the batch of tasks it
+/// runs in, nor leave their messages unsettled.
+fn guarded(which: &str, hook: impl FnOnce()) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)) {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(hook = which, panic = %message, "a worker {which} handler panicked; carrying on as if it had returned");
+    }
+}
+
+/// The text of a panic payload (`&str` or `String`), or a placeholder.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 /// A worker being configured. [`start`](Worker::start) it, or [`launch`](Worker::launch) it to run until
@@ -252,6 +288,7 @@ impl Worker {
                 queue: queue.clone(),
                 source,
             })?;
+        self.server.config().warn_if_in_process_by_default("worker");
         tracing::info!(
             queue = %queue,
             concurrency = self.concurrency,

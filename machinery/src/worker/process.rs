@@ -10,6 +10,7 @@ use chrono::Utc;
 use futures_util::FutureExt as _;
 use tracing::Instrument;
 
+use super::follow_up::{self, FollowUpFailed};
 use super::registry::Registry;
 use super::slot::Slot;
 use super::Hooks;
@@ -48,9 +49,13 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     let signature = match Signature::from_json(&delivery.body) {
         Ok(signature) => signature,
         Err(error) => {
-            let reason = format!("malformed message: {error}");
+            let reason = format!("malformed message: cannot decode the task signature: {error}");
             tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a message that is not a task signature");
             metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
+            // A sender waiting for the task learns why at once, if the id can be read.
+            if let Some((uuid, name)) = readable_id(&delivery.body) {
+                store_dead_letter_state(ctx, &uuid, &name, &reason).await;
+            }
             settle("dead-letter", delivery.dead_letter(reason)).await;
             return None;
         }
@@ -153,6 +158,7 @@ async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Deliv
         );
         tracing::warn!(task.uuid = %signature.uuid, %reason, "dead-lettering a task no worker knows");
         metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::UnknownTask);
+        store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
         settle("dead-letter", delivery.dead_letter(reason)).await;
         return;
     }
@@ -172,6 +178,25 @@ async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Deliv
     }
 }
 
+/// The task id (and name, if any) of a message that does not decode as a signature, when its JSON is an
+/// object with a non-empty string `UUID`.
+fn readable_id(body: &[u8]) -> Option<(String, String)> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let uuid = value.get("UUID")?.as_str().filter(|u| !u.is_empty())?;
+    let name = value.get("Name").and_then(|n| n.as_str()).unwrap_or("");
+    Some((uuid.to_owned(), name.to_owned()))
+}
+
+/// Stores FAILURE with the reason a task's message is dead-lettered, so that a sender waiting for its
+/// result gets that error at once instead of waiting out its timeout. Best effort: the message is
+/// dead-lettered whether or not this works.
+async fn store_dead_letter_state(ctx: &WorkerContext, uuid: &str, name: &str, reason: &str) {
+    let state = TaskState::failure(uuid, name, format!("dead-lettered: {reason}"));
+    if let Err(error) = ctx.server.backend().set_state(&state).await {
+        tracing::warn!(%error, task.uuid = %uuid, "cannot store the FAILURE state of a dead-lettered task");
+    }
+}
+
 async fn run_task(
     ctx: &WorkerContext,
     def: &'static TaskDef,
@@ -179,15 +204,13 @@ async fn run_task(
     delivery: Delivery,
     slot: &mut Slot,
 ) {
-    if let Some(hook) = &ctx.hooks.pre_task {
-        hook(&signature);
-    }
+    ctx.hooks.pre_task(&signature);
     let signature = Arc::new(signature);
     let started_at = std::time::Instant::now();
     let outcome = call(ctx, def, signature.clone()).await;
     let took = started_at.elapsed();
     slot.handler_done().await;
-    let (final_state, delivery) = match outcome {
+    let (finish, delivery) = match outcome {
         Ok(results) if nothing_follows(&signature) => {
             // Nothing to send after this task: its SUCCESS and the acknowledgement can travel together
             // (one round trip where the broker and backend share a server).
@@ -206,14 +229,63 @@ async fn run_task(
         Ok(results) => (succeeded(ctx, def, &signature, results).await, delivery),
         Err(failure) => (failed(ctx, def, &signature, failure).await, delivery),
     };
-    let Some(final_state) = final_state else {
-        // The outcome could not be stored: leave the task to run again rather than lose it.
-        tracing::error!("the outcome could not be stored; the message goes back to the queue");
-        settle("requeue", delivery.requeue(signature_body(&signature))).await;
-        return;
-    };
-    finished(ctx, &signature, &final_state, took);
-    settle("ack", delivery.ack()).await;
+    match finish {
+        Finish::Done(state) => {
+            finished(ctx, &signature, &state, took);
+            settle("ack", delivery.ack()).await;
+        }
+        Finish::NotStored => {
+            // The outcome could not be stored: leave the task to run again rather than lose it.
+            tracing::error!("the outcome could not be stored; the message goes back to the queue");
+            settle("requeue", delivery.requeue(signature_body(&signature))).await;
+        }
+        Finish::FollowUpFailed(state, failed) => {
+            finished(ctx, &signature, &state, took);
+            follow_up::requeue(ctx, &signature, delivery, failed).await;
+        }
+        Finish::Unstorable(error) => {
+            // Running the task again would end the same way, for ever: give it up, saying why.
+            let reason = format!("the task's final state cannot be stored: {error}");
+            tracing::error!(%reason, "dead-lettering a task whose outcome can never be stored; it is not run again");
+            tracing::Span::current().record("outcome", "DEAD_LETTERED");
+            metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
+            store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
+            settle("dead-letter", delivery.dead_letter(reason)).await;
+        }
+    }
+}
+
+/// How a run ends once its outcome is dealt with.
+enum Finish {
+    /// The final state is stored and every follow-up sent: acknowledge the message.
+    Done(TaskState),
+    /// The outcome could not be stored, for a transient reason: put the message back to run again.
+    NotStored,
+    /// The outcome can never be stored (a [permanent](BackendError::is_permanent) error): dead-letter
+    /// the message with the reason, without running the task again.
+    Unstorable(BackendError),
+    /// The final state is stored but a follow-up could not be sent: put the message back to run again
+    /// ([`follow_up::requeue`]).
+    FollowUpFailed(TaskState, FollowUpFailed),
+}
+
+impl Finish {
+    /// The outcome could not be stored: `Unstorable` if the error is permanent, else `NotStored`.
+    fn not_stored(error: BackendError) -> Finish {
+        if error.is_permanent() {
+            Finish::Unstorable(error)
+        } else {
+            Finish::NotStored
+        }
+    }
+
+    /// `Done(state)`, or `FollowUpFailed` if sending the follow-ups failed.
+    fn after(state: TaskState, sent: Result<(), FollowUpFailed>) -> Finish {
+        match sent {
+            Ok(()) => Finish::Done(state),
+            Err(failed) => Finish::FollowUpFailed(state, failed),
+        }
+    }
 }
 
 /// Whether a successful run of `signature` sends nothing further (no callback, no chord step), so that
@@ -232,9 +304,7 @@ fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took:
     };
     metrics::task_finished(&signature.name, outcome, took);
     tracing::Span::current().record("outcome", state.state.as_str());
-    if let Some(hook) = &ctx.hooks.post_task {
-        hook(signature, state);
-    }
+    ctx.hooks.post_task(signature, state);
 }
 
 fn signature_body(signature: &Signature) -> Vec<u8> {
@@ -289,7 +359,7 @@ async fn succeeded(
     def: &'static TaskDef,
     signature: &Signature,
     results: Vec<TaskResult>,
-) -> Option<TaskState> {
+) -> Finish {
     let state = TaskState::success(&signature.uuid, &signature.name, results.clone());
     match store_final(ctx, &state).await {
         Ok(()) => {}
@@ -298,18 +368,14 @@ async fn succeeded(
             let failure = TaskFailure::new(FailureKind::Encode, message);
             return failed(ctx, def, signature, failure).await;
         }
-        Err(_) => return None,
+        Err(error) => return Finish::not_stored(error),
     }
     tracing::debug!("task succeeded");
-    for callback in &signature.on_success {
-        let mut callback = callback.clone();
-        if !signature.immutable {
-            callback.args.extend(results.iter().map(result_arg));
-        }
-        send_follow_up(ctx, "OnSuccess callback", &mut callback).await;
-    }
-    group_member_finished(ctx, signature).await;
-    Some(state)
+    let sent = match follow_up::send_success_callbacks(ctx, signature, &results).await {
+        Ok(()) => follow_up::group_member_finished(ctx, signature).await,
+        Err(failed) => Err(failed),
+    };
+    Finish::after(state, sent)
 }
 
 /// Retries the task if it may be retried, else stores FAILURE and sends the error callbacks.
@@ -318,28 +384,22 @@ async fn failed(
     def: &'static TaskDef,
     signature: &Signature,
     failure: TaskFailure,
-) -> Option<TaskState> {
+) -> Finish {
     if failure.is_retryable() && signature.retry_count > 0 {
         return retry(ctx, def, signature, &failure).await;
     }
     let state = TaskState::failure(&signature.uuid, &signature.name, failure.message.clone());
-    store_final(ctx, &state).await.ok()?;
+    if let Err(error) = store_final(ctx, &state).await {
+        return Finish::not_stored(error);
+    }
     tracing::info!(error = %failure.message, kind = ?failure.kind, "task failed");
     ctx.hooks.error(&failure);
-    send_error_callbacks(ctx, &signature.on_error, &failure.message).await;
-    group_member_finished(ctx, signature).await;
-    Some(state)
-}
-
-/// Sends `OnError` callbacks with the error text prepended as a `string` argument, as Go does.
-async fn send_error_callbacks(ctx: &WorkerContext, callbacks: &[Signature], error: &str) {
-    for callback in callbacks {
-        let mut callback = callback.clone();
-        callback
-            .args
-            .insert(0, Arg::new("", "string", error.into()));
-        send_follow_up(ctx, "OnError callback", &mut callback).await;
-    }
+    let sent =
+        match follow_up::send_error_callbacks(ctx, &signature.on_error, &failure.message).await {
+            Ok(()) => follow_up::group_member_finished(ctx, signature).await,
+            Err(failed) => Err(failed),
+        };
+    Finish::after(state, sent)
 }
 
 /// Go's retry: RETRY state, one retry fewer, and the same message (same id) again with an ETA. The delay
@@ -350,9 +410,11 @@ async fn retry(
     def: &'static TaskDef,
     signature: &Signature,
     failure: &TaskFailure,
-) -> Option<TaskState> {
+) -> Finish {
     let state = TaskState::retry(&signature.uuid, &signature.name);
-    store_final(ctx, &state).await.ok()?;
+    if let Err(error) = store_final(ctx, &state).await {
+        return Finish::not_stored(error);
+    }
     let attempt = signature
         .header_value(RETRY_ATTEMPT_HEADER)
         .and_then(|v| v.as_u64())
@@ -372,95 +434,20 @@ async fn retry(
         Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX));
     tracing::info!(error = %failure.message, retry_in = ?delay, retries_left = again.retry_count, "task failed; retrying");
     match ctx.server.publish(&mut again).await {
-        Ok(()) => Some(state),
+        Ok(()) => Finish::Done(state),
         Err(error) => {
             tracing::error!(%error, "cannot schedule the retry");
             ctx.hooks.error(&error);
-            None
+            Finish::NotStored
         }
-    }
-}
-
-/// A group member finished: if it was the last, and the group is a chord, send the callback with the
-/// members' results in group order.
-async fn group_member_finished(ctx: &WorkerContext, signature: &Signature) {
-    let backend = ctx.server.backend();
-    if signature.group_uuid.is_empty() {
-        return;
-    }
-    let Some(callback) = &signature.chord_callback else {
-        return;
-    };
-    let fire = retry_io("complete group member", || {
-        backend.complete_group_member(
-            &signature.group_uuid,
-            &signature.uuid,
-            signature.group_task_count,
-        )
-    })
-    .await;
-    match fire {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(error) => {
-            tracing::error!(%error, group = %signature.group_uuid, "cannot record chord progress; the chord callback may not fire");
-            ctx.hooks.error(&error);
-            return;
-        }
-    }
-    let states = match backend.group_states(&signature.group_uuid).await {
-        Ok(states) => states,
-        Err(error) => {
-            tracing::error!(%error, group = %signature.group_uuid, "cannot read the group's states; the chord callback is not sent");
-            ctx.hooks.error(&error);
-            return;
-        }
-    };
-    if let Some((index, failed)) = states
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.state != State::Success)
-    {
-        // Go never fires such a chord and never tells; we fail the callback, so that its result says why,
-        // and run its error callbacks.
-        let error = format!(
-            "chord callback {} not run: group member {index} ({}) failed: {}",
-            callback.name, failed.task_uuid, failed.error
-        );
-        tracing::warn!(group = %signature.group_uuid, member = %failed.task_uuid, %error, "a chord member failed");
-        if !callback.uuid.is_empty() {
-            let state = TaskState::failure(&callback.uuid, &callback.name, error.clone());
-            if store_final(ctx, &state).await.is_err() {
-                return;
-            }
-        }
-        send_error_callbacks(ctx, &callback.on_error, &error).await;
-        return;
-    }
-    let mut callback = (**callback).clone();
-    if !callback.immutable {
-        for state in &states {
-            callback
-                .args
-                .extend(state.results.iter().flatten().map(result_arg));
-        }
-    }
-    send_follow_up(ctx, "chord callback", &mut callback).await;
-}
-
-fn result_arg(result: &TaskResult) -> Arg {
-    Arg::new("", result.type_tag.clone(), result.value.clone())
-}
-
-async fn send_follow_up(ctx: &WorkerContext, what: &str, signature: &mut Signature) {
-    if let Err(error) = ctx.server.publish(signature).await {
-        tracing::error!(%error, callback = %signature.name, "cannot send the {what}");
-        ctx.hooks.error(&error);
     }
 }
 
 /// Stores a final state, retrying for a while: acknowledging without it would lose the outcome.
-async fn store_final(ctx: &WorkerContext, state: &TaskState) -> Result<(), BackendError> {
+pub(super) async fn store_final(
+    ctx: &WorkerContext,
+    state: &TaskState,
+) -> Result<(), BackendError> {
     let backend = ctx.server.backend();
     retry_io("store final state", || backend.set_state(state))
         .await
@@ -471,7 +458,7 @@ async fn store_final(ctx: &WorkerContext, state: &TaskState) -> Result<(), Backe
         })
 }
 
-async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>
+pub(super) async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, BackendError>>,
@@ -482,9 +469,7 @@ where
         match op().await {
             Ok(value) => return Ok(value),
             // Retrying cannot help these.
-            Err(error @ (BackendError::NotStored { .. } | BackendError::TooLarge { .. })) => {
-                return Err(error)
-            }
+            Err(error) if error.is_permanent() => return Err(error),
             Err(error) if attempts >= 6 => return Err(error),
             Err(error) => {
                 attempts += 1;
@@ -496,7 +481,10 @@ where
     }
 }
 
-async fn settle<F: Future<Output = Result<(), crate::broker::BrokerError>>>(what: &str, op: F) {
+pub(super) async fn settle<F: Future<Output = Result<(), crate::broker::BrokerError>>>(
+    what: &str,
+    op: F,
+) {
     if let Err(error) = op.await {
         tracing::warn!(%error, "cannot {what} the message; the broker will deliver it again");
     }

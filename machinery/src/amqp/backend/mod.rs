@@ -82,9 +82,15 @@ struct Inner {
     notifier: tokio::sync::Mutex<Option<Arc<Notifier>>>,
 }
 
-/// Every AMQP failure of a backend call is that operation's: the backend has no refusal of its own.
+/// An AMQP failure of a backend call: a [refusal](BackendError::Refused) when the request itself cannot
+/// succeed (a queue name over 255 bytes, a record that is not JSON), else that operation's error.
 fn op_error(operation: &'static str) -> impl Fn(AmqpError) -> BackendError {
-    move |error| BackendError::operation(operation, error)
+    move |error| match error {
+        AmqpError::NameTooLong { .. } | AmqpError::Json { .. } => {
+            BackendError::refused(operation, error)
+        }
+        error => BackendError::operation(operation, error),
+    }
 }
 
 impl AmqpBackend {

@@ -450,10 +450,26 @@ impl Acknowledger for AmqpAcker {
 impl Drop for AmqpAcker {
     fn drop(&mut self) {
         if !self.settled {
-            // Dropped unsettled (a task cut off at shutdown): the message and any copy held back stay
-            // unacknowledged and return to the queue when the consumer's channel closes.
+            // Dropped unsettled (a task cut off by a panic or a shutdown): give the message and any copy
+            // held back to the queue now (`basic.nack` with requeue), rather than when the consumer's
+            // channel closes. Without a runtime to send the nack on, they return when it closes.
             let parked = self.ledger.settle(&self.key, false, false);
-            drop(parked);
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let acker = self.acker.clone();
+            let queue = self.queue.clone();
+            runtime.spawn(async move {
+                let options = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                match acker.nack(options).await {
+                    Ok(_) => tracing::info!(%queue, "an unsettled message was given back to its queue"),
+                    Err(error) => tracing::debug!(%error, %queue, "nack of an unsettled message failed; it returns when its channel closes"),
+                }
+                settle_parked(parked, false).await;
+            });
         }
     }
 }

@@ -79,8 +79,44 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete_member: Lua::new(include_str!("../scripts/complete_member.lua")),
 });
 
+/// A failed Redis command as a backend error: a [refusal](BackendError::Refused) when the server
+/// refused the command itself ([`is_refusal`]), else an operation error (transient).
 fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BackendError {
-    move |error| BackendError::operation(operation, error)
+    move |error| {
+        if is_refusal(&error) {
+            BackendError::refused(operation, error)
+        } else {
+            BackendError::operation(operation, error)
+        }
+    }
+}
+
+/// Whether the server refused a command for a reason that repeating it cannot fix: `WRONGTYPE` and
+/// other server errors (`ERR ...`, `NOPERM`, a script that raised), but not those about the server's
+/// condition (loading, read-only, out of memory, a busy script, a missing script, cluster states), and
+/// never I/O, timeouts or refused connections.
+pub(crate) fn is_refusal(error: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    if error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+    {
+        return false;
+    }
+    match error.kind() {
+        ErrorKind::Server(
+            ServerErrorKind::ResponseError
+            | ServerErrorKind::ExecAbort
+            | ServerErrorKind::CrossSlot
+            | ServerErrorKind::NoPerm,
+        ) => true,
+        ErrorKind::Extension => !matches!(
+            error.code(),
+            Some("OOM" | "BUSY" | "MISCONF" | "LOADING" | "NOREPLICAS" | "UNBLOCKED")
+        ),
+        _ => false,
+    }
 }
 
 /// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values

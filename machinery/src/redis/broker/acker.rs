@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 use redis::AsyncCommands as _;
 
-use super::{dead_letter_key, retrying, Envelope, Inner, SCRIPTS};
+use super::{
+    dead_letter_key, retrying, Envelope, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS,
+};
 use crate::broker::{Acknowledger, BrokerError};
 use crate::redis::backend::RedisBackend;
 use crate::wire::state::TaskState;
@@ -132,5 +134,38 @@ impl Acknowledger for RedisAcker {
     ) -> Result<(), BrokerError> {
         let envelope = Envelope::encode(&self.queue, &reason, Utc::now(), &body);
         self.settle(&dead_letter_key(&self.queue), &envelope).await
+    }
+
+    /// Moves the message from the in-flight list back to the head of the queue, in a task of its own.
+    /// The consumer keeps counting it as handed out until that is done, so that a fetch reconciling
+    /// the in-flight list meanwhile does not hand it out a second time.
+    fn abandon(self: Box<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!(queue = %self.queue, "an unsettled delivery was dropped outside a runtime; it returns when its consumer closes");
+            return;
+        };
+        // One more count, removed when the give-back is done (the acker's own count goes with it below).
+        self.outstanding.add(self.hash);
+        let (inner, outstanding, hash) = (self.inner.clone(), self.outstanding.clone(), self.hash);
+        let redelivered = QueueKeys::new(&self.queue).redelivered;
+        let (queue, inflight, body) = (
+            self.queue.clone(),
+            self.inflight.clone(),
+            self.original.clone(),
+        );
+        runtime.spawn(async move {
+            let keys = &[inflight.as_bytes(), queue.as_bytes(), redelivered.as_bytes()];
+            let args = &[body.as_slice(), REDELIVERED_MARK_SECS.as_bytes()];
+            let moved = retrying("give back", &inner.conn, move |mut conn| async move {
+                SCRIPTS.give_back.run::<u64, _>(&mut conn, keys, args).await
+            })
+            .await;
+            match moved {
+                Ok(1) => tracing::info!(%queue, "an unsettled message was given back to the head of its queue"),
+                Ok(_) => tracing::debug!(%queue, "an unsettled message was no longer in flight"),
+                Err(error) => tracing::warn!(%error, %queue, "cannot give an unsettled message back; it returns when its consumer closes"),
+            }
+            outstanding.remove(hash);
+        });
     }
 }

@@ -80,6 +80,7 @@ pub(super) struct Scripts {
     fetch: Lua,
     /// Also requeues dead letters, for inspection.
     pub(super) settle: Lua,
+    give_back: Lua,
     recover: Lua,
     release: Lua,
     promote: Lua,
@@ -88,6 +89,7 @@ pub(super) struct Scripts {
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     fetch: Lua::new(include_str!("../scripts/fetch.lua")),
     settle: Lua::new(include_str!("../scripts/settle.lua")),
+    give_back: Lua::new(include_str!("../scripts/give_back.lua")),
     recover: Lua::new(include_str!("../scripts/recover.lua")),
     release: Lua::new(include_str!("../scripts/release.lua")),
     promote: Lua::new(include_str!("../scripts/promote.lua")),

@@ -1,0 +1,218 @@
+//! Dead letters that tell (issues 13 and 18): a dead-lettered task gets a FAILURE state naming the
+//! reason, so its sender's `get` fails at once instead of waiting out its timeout; and a final state that
+//! can never be stored (a permanent backend error such as Redis `WRONGTYPE`) dead-letters the message
+//! instead of running the task again for ever.
+
+mod redis_common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machinery::backend::memory::MemoryBackend;
+use machinery::broker::memory::MemoryBroker;
+use machinery::broker::Outgoing;
+use machinery::{task, Config, ResultError, Server, Signature, TaskError, Worker};
+use machinery_tests::{eventually, require, Service};
+use redis::AsyncCommands as _;
+use redis_common::{raw, Names};
+
+/// How long a sender is willing to wait: the error must come well before.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// How soon it must come.
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+#[task]
+async fn dl_known(a: i64) -> Result<i64, TaskError> {
+    Ok(a)
+}
+
+fn memory_server(config: Config) -> Server {
+    Server::from_parts(
+        config,
+        Arc::new(MemoryBroker::new("memory://", "machinery_tasks")),
+        Arc::new(MemoryBackend::new("memory://", Duration::from_secs(600))),
+    )
+}
+
+/// Sends a task no worker knows and checks that `get` fails promptly with the dead-letter reason.
+async fn unknown_task_fails_promptly(server: &Server) {
+    let running = Worker::new(server)
+        .register(dl_known::task())
+        .start()
+        .await
+        .unwrap();
+    let unknown = server
+        .send(Signature::new("dl_nobody_knows"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = unknown
+        .get(PATIENCE)
+        .await
+        .expect_err("an unknown task cannot succeed");
+    let took = started.elapsed();
+    match &error {
+        ResultError::Failed { error, .. } => assert!(
+            error.contains("unknown task name \"dl_nobody_knows\""),
+            "the reason is named: {error}"
+        ),
+        other => panic!("expected the dead-letter FAILURE, got {other:?}"),
+    }
+    assert!(took < PROMPTLY, "failed after {took:?}, not at once");
+    // The worker still serves known tasks.
+    let known = dl_known::send(server, 7).await.unwrap();
+    assert_eq!(known.get(PROMPTLY).await.unwrap(), 7);
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_task_fails_at_once_on_memory() {
+    let mut config = Config::default();
+    config.unknown_task_requeues = 2;
+    unknown_task_fails_promptly(&memory_server(config)).await;
+}
+
+#[tokio::test]
+async fn an_unknown_task_fails_at_once_on_redis() {
+    if !require(Service::Redis, "an_unknown_task_fails_at_once_on_redis") {
+        return;
+    }
+    let names = Names::new("dl_unknown");
+    let mut config = names.config();
+    config.unknown_task_requeues = 2;
+    unknown_task_fails_promptly(&Server::new(config).await.unwrap()).await;
+    names.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_that_does_not_decode_fails_its_task_when_its_id_can_be_read() {
+    let server = memory_server(Config::default());
+    let running = Worker::new(&server)
+        .register(dl_known::task())
+        .start()
+        .await
+        .unwrap();
+    // Args is not a list: not a signature, but the UUID is there.
+    let body = br#"{"UUID":"task_dl_undecodable","Name":"dl_known","Args":"oops"}"#.to_vec();
+    server
+        .broker()
+        .publish(Outgoing {
+            uuid: String::new(),
+            name: String::new(),
+            routing_key: "machinery_tasks".into(),
+            body,
+            eta: None,
+            priority: 0,
+            headers: Default::default(),
+        })
+        .await
+        .unwrap();
+    let result = server.result::<i64>("task_dl_undecodable");
+    match result.get(PROMPTLY).await {
+        Err(ResultError::Failed { error, .. }) => {
+            assert!(
+                error.contains("cannot decode"),
+                "the reason is named: {error}"
+            )
+        }
+        other => panic!("expected the dead-letter FAILURE, got {other:?}"),
+    }
+    let dead = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .dead_letters("machinery_tasks", 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+static COUNTED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn dl_counted(a: i64) -> Result<i64, TaskError> {
+    COUNTED_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(a)
+}
+
+#[tokio::test]
+async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it_again() {
+    if !require(
+        Service::Redis,
+        "a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it_again",
+    ) {
+        return;
+    }
+    let names = Names::new("dl_wrongtype");
+    // The task's id names a list: storing its state there fails with WRONGTYPE, every time.
+    let victim = format!("{}_victim", names.id);
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&victim, "x").await.unwrap();
+    let server = Server::new(names.config()).await.unwrap();
+    let running = Worker::new(&server)
+        .register(dl_counted::task())
+        .start()
+        .await
+        .unwrap();
+    // A valid message pushed straight onto the queue list, as a Go sender writes it.
+    let body = Signature::with_args(
+        "dl_counted",
+        vec![machinery::Arg::new("", "int64", serde_json::json!(5))],
+    )
+    .with_uuid(&victim)
+    .to_json()
+    .unwrap();
+    let _: () = conn.rpush(&names.queue, body).await.unwrap();
+
+    let inspect = server.broker();
+    let dead_lettered = eventually(PROMPTLY, || async {
+        let dead = inspect
+            .inspect()
+            .unwrap()
+            .dead_letters(&names.queue, 10)
+            .await
+            .unwrap();
+        dead.len() == 1
+    })
+    .await;
+    assert!(
+        dead_lettered,
+        "the task is dead-lettered within {PROMPTLY:?}"
+    );
+    let dead = inspect
+        .inspect()
+        .unwrap()
+        .dead_letters(&names.queue, 10)
+        .await
+        .unwrap();
+    assert!(
+        dead[0].reason.contains("WRONGTYPE"),
+        "the reason names the refusal: {}",
+        dead[0].reason
+    );
+    assert_eq!(
+        Signature::from_json(&dead[0].body).unwrap().uuid,
+        victim,
+        "the dead letter is the task's message"
+    );
+    // Nothing is left to run it again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = inspect
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 1, "the task ran once");
+    // The worker goes on serving.
+    let normal = dl_counted::send(&server, 9).await.unwrap();
+    assert_eq!(normal.get(PROMPTLY).await.unwrap(), 9);
+    assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 2);
+    let kept: Vec<String> = conn.lrange(&victim, 0, -1).await.unwrap();
+    assert_eq!(kept, ["x"], "the list the id names is untouched");
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}

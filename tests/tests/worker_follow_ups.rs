@@ -1,0 +1,152 @@
+//! A follow-up that cannot be published (issue 13): the next step of a chain, or a chord callback, whose
+//! publish fails is not acknowledged away. The message goes back to the queue, the task runs again, and
+//! the workflow completes once the broker takes the follow-up.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use machinery::backend::memory::MemoryBackend;
+use machinery::broker::memory::MemoryBroker;
+use machinery::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
+use machinery::{task, Chain, Chord, Config, Group, Server, TaskError, Worker};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A memory broker that refuses the first `failures` publishes of the task named `refused`.
+#[derive(Debug)]
+struct Refusing {
+    inner: MemoryBroker,
+    refused: &'static str,
+    failures: AtomicUsize,
+}
+
+#[async_trait]
+impl Broker for Refusing {
+    fn kind(&self) -> &'static str {
+        "refusing"
+    }
+    fn route(&self, routing_key: &str) -> String {
+        self.inner.route(routing_key)
+    }
+    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+        if message.name == self.refused
+            && self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(BrokerError::operation(
+                "publish",
+                "connection reset (simulated)",
+            ));
+        }
+        self.inner.publish(message).await
+    }
+    async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
+        self.inner.consume(options).await
+    }
+    fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
+        self.inner.inspect()
+    }
+}
+
+fn server(refused: &'static str, failures: usize) -> (Server, Arc<Refusing>) {
+    let broker = Arc::new(Refusing {
+        inner: MemoryBroker::new("memory://", "machinery_tasks"),
+        refused,
+        failures: AtomicUsize::new(failures),
+    });
+    let server = Server::from_parts(
+        Config::default(),
+        broker.clone(),
+        Arc::new(MemoryBackend::new("memory://", Duration::from_secs(600))),
+    );
+    (server, broker)
+}
+
+static STEP_ONE_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn fu_step_one(a: i64, b: i64) -> Result<i64, TaskError> {
+    STEP_ONE_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(a + b)
+}
+
+#[task]
+async fn fu_step_two(a: i64, b: i64) -> Result<i64, TaskError> {
+    Ok(a * b)
+}
+
+#[tokio::test]
+async fn a_chain_step_that_cannot_be_published_is_sent_by_a_later_run() {
+    const FAILURES: usize = 3;
+    let (server, broker) = server("fu_step_two", FAILURES);
+    let running = Worker::new(&server)
+        .register(fu_step_one::task())
+        .register(fu_step_two::task())
+        .concurrency(2)
+        .start()
+        .await
+        .unwrap();
+    // (2 + 3) * 10
+    let chain = Chain::new(fu_step_one::signature(2, 3)).then(fu_step_two::partial(10));
+    let result = server.send_chain(chain).await.unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), 50, "the chain completes");
+    assert_eq!(
+        broker.failures.load(Ordering::SeqCst),
+        0,
+        "every simulated failure happened"
+    );
+    let runs = STEP_ONE_RUNS.load(Ordering::SeqCst);
+    assert!(
+        (2..=FAILURES + 1).contains(&runs),
+        "step one ran again after each failed publish, no more: {runs} runs"
+    );
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+static MEMBER_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn fu_member(x: i64) -> Result<i64, TaskError> {
+    MEMBER_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(x)
+}
+
+#[task]
+async fn fu_total(xs: Vec<i64>) -> Result<i64, TaskError> {
+    Ok(xs.iter().sum())
+}
+
+#[tokio::test]
+async fn a_chord_callback_that_cannot_be_published_is_sent_by_a_later_run() {
+    const FAILURES: usize = 2;
+    let (server, broker) = server("fu_total", FAILURES);
+    let running = Worker::new(&server)
+        .register(fu_member::task())
+        .register(fu_total::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let group = Group::new([
+        fu_member::signature(1),
+        fu_member::signature(20),
+        fu_member::signature(300),
+    ]);
+    let result = server
+        .send_chord(Chord::new(group, fu_total::partial()))
+        .await
+        .unwrap();
+    // The backend elects the last member only once: its next runs must still send the callback.
+    assert_eq!(result.get(WAIT).await.unwrap(), 321, "the chord completes");
+    assert_eq!(broker.failures.load(Ordering::SeqCst), 0);
+    let runs = MEMBER_RUNS.load(Ordering::SeqCst);
+    assert!(
+        (3 + 1..=3 + FAILURES).contains(&runs),
+        "only the electing member ran again: {runs} member runs"
+    );
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
