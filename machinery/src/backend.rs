@@ -78,10 +78,10 @@ pub enum BackendError {
     /// The group record is missing.
     #[error("group {0} is not in the result backend")]
     UnknownGroup(String),
-    /// The backend will never store this record, however often it is asked: the key names something
-    /// else (a queue, the backend's own bookkeeping), or the server refused the record for good.
+    /// The id names a key the backend keeps for something else (a queue, its own bookkeeping): a record
+    /// stored there would destroy it, so the backend will never store it.
     #[error("result backend refuses record {key}: {reason}")]
-    Refused {
+    ReservedKey {
         /// The key (task or group id).
         key: String,
         /// Why.
@@ -112,6 +112,7 @@ impl BackendError {
         matches!(
             self,
             BackendError::Refused { .. }
+                | BackendError::ReservedKey { .. }
                 | BackendError::TooLarge { .. }
                 | BackendError::NotStored { .. }
         )

@@ -26,7 +26,7 @@ async fn a_send_whose_id_names_the_queue_or_our_keys_is_refused_and_nothing_is_w
         signature.uuid = id.clone();
         let error = server.send(signature).await.unwrap_err();
         assert!(
-            matches!(&error, SendError::Backend { source: BackendError::Refused { key, .. }, .. } if key == id),
+            matches!(&error, SendError::Backend { source: BackendError::ReservedKey { key, .. }, .. } if key == id),
             "{id}: {error:?}"
         );
         let kind: String = redis::cmd("TYPE")
@@ -41,7 +41,10 @@ async fn a_send_whose_id_names_the_queue_or_our_keys_is_refused_and_nothing_is_w
     // A group id is checked the same way.
     let meta = GroupMeta::new(names.queue.clone(), vec![names.task(1)]);
     let error = server.backend().init_group(&meta).await.unwrap_err();
-    assert!(matches!(error, BackendError::Refused { .. }), "{error:?}");
+    assert!(
+        matches!(error, BackendError::ReservedKey { .. }),
+        "{error:?}"
+    );
     names.cleanup().await;
 }
 
@@ -69,5 +72,78 @@ async fn a_state_never_replaces_a_list_another_queue_holds() {
     let left: Vec<String> = conn.lrange(&other_queue, 0, -1).await.unwrap();
     assert_eq!(left, vec!["a waiting message".to_owned()]);
     let _: () = conn.del(&other_queue).await.unwrap();
+    names.cleanup().await;
+}
+
+static RESERVED_RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+#[machinery::task(name = "reserved_counted")]
+async fn reserved_counted(n: i64) -> Result<i64, machinery::TaskError> {
+    RESERVED_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(n)
+}
+
+#[tokio::test]
+async fn a_message_whose_id_names_the_queue_is_dead_lettered_without_running() {
+    if !require(Service::Redis, "reserved id in a message") {
+        return;
+    }
+    let names = Names::new("reserved_msg");
+    let server = Server::new(names.config()).await.unwrap();
+    let running = machinery::Worker::new(&server)
+        .register(reserved_counted::task())
+        .start()
+        .await
+        .unwrap();
+    // As a Go sender (or anyone) could write it: a valid task whose UUID is the queue's own name.
+    let body = Signature::with_args(
+        "reserved_counted",
+        vec![machinery::Arg::new("", "int64", serde_json::json!(5))],
+    )
+    .with_uuid(&names.queue)
+    .to_json()
+    .unwrap();
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&names.queue, body).await.unwrap();
+
+    let inspect = server.broker().inspect().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let dead = loop {
+        let dead = inspect.dead_letters(&names.queue, 10).await.unwrap();
+        if !dead.is_empty() || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.len(), 1, "dead-lettered within 10 s");
+    assert!(
+        dead[0].reason.contains("names a queue"),
+        "{}",
+        dead[0].reason
+    );
+    let kind: String = redis::cmd("TYPE")
+        .arg(&names.queue)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_ne!(kind, "string", "the queue never became a state record");
+    // It did not run, and the queue keeps serving.
+    let normal = reserved_counted::send(&server, 9).await.unwrap();
+    assert_eq!(
+        normal
+            .get(std::time::Duration::from_secs(10))
+            .await
+            .unwrap(),
+        9
+    );
+    assert_eq!(
+        RESERVED_RUNS.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the normal task ran"
+    );
+    running
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
     names.cleanup().await;
 }

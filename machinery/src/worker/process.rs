@@ -82,10 +82,22 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     })
 }
 
+/// Whether a fetched task may run, once its RECEIVED and STARTED are stored.
+pub(crate) enum Start {
+    /// Run it.
+    Run,
+    /// It was revoked: acknowledge it without running it.
+    Revoked,
+    /// Its states can never be stored (a [permanent](BackendError::is_permanent) error, such as an id that
+    /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
+    /// not be stored either.
+    Refused(BackendError),
+}
+
 /// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
-/// tells for each whether it may run: `false` for a revoked task. A task whose states could not be
-/// stored runs anyway (its final state matters more), with a warning.
-pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<bool> {
+/// tells for each whether it may run. A task whose states could not be stored for a transient reason runs
+/// anyway (its final state matters more), with a warning.
+pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
     let pairs: Vec<(TaskState, TaskState)> = ready
         .iter()
         .map(|r| {
@@ -105,18 +117,20 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<bool> {
         .into_iter()
         .zip(ready)
         .map(|(result, r)| match result {
-            Ok(may_run) => may_run,
+            Ok(true) => Start::Run,
+            Ok(false) => Start::Revoked,
+            Err(error) if error.is_permanent() => Start::Refused(error),
             Err(error) => {
                 r.span
                     .in_scope(|| tracing::warn!(%error, "cannot store RECEIVED and STARTED"));
-                true
+                Start::Run
             }
         })
         .collect()
 }
 
 /// Runs a started task (or acknowledges a revoked one without running it) in its span.
-pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, may_run: bool, mut slot: Slot) {
+pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slot: Slot) {
     let Ready {
         def,
         signature,
@@ -124,13 +138,21 @@ pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, may_run: bool, mut sl
         span,
     } = ready;
     async move {
-        if !may_run {
-            tracing::info!("task was revoked; acknowledging it without running it");
-            tracing::Span::current().record("outcome", "REVOKED");
-            settle("ack", delivery.ack()).await;
-            return;
+        match start {
+            Start::Run => run_task(ctx, def, signature, delivery, &mut slot).await,
+            Start::Revoked => {
+                tracing::info!("task was revoked; acknowledging it without running it");
+                tracing::Span::current().record("outcome", "REVOKED");
+                settle("ack", delivery.ack()).await;
+            }
+            Start::Refused(error) => {
+                let reason = format!("the task's state cannot be stored: {error}");
+                tracing::error!(%reason, "dead-lettering a task whose states can never be stored; it does not run");
+                tracing::Span::current().record("outcome", "DEAD_LETTERED");
+                metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
+                settle("dead-letter", delivery.dead_letter(reason)).await;
+            }
         }
-        run_task(ctx, def, signature, delivery, &mut slot).await;
     }
     .instrument(span)
     .await

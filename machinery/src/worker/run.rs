@@ -168,12 +168,12 @@ async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
             slots.push(slot);
         }
     }
-    let may_run = process::start(&context, &ready).await;
+    let starts = process::start(&context, &ready).await;
     let mut runs: FuturesUnordered<_> = ready
         .into_iter()
-        .zip(may_run)
+        .zip(starts)
         .zip(slots)
-        .map(|((task, may_run), slot)| process::run(&context, task, may_run, slot))
+        .map(|((task, start), slot)| process::run(&context, task, start, slot))
         .collect();
     while runs.next().await.is_some() {}
 }

@@ -261,7 +261,7 @@ impl RedisBackend {
         } else {
             return Ok(());
         };
-        Err(BackendError::Refused {
+        Err(BackendError::ReservedKey {
             key: key.to_owned(),
             reason: reason.to_owned(),
         })
