@@ -5,6 +5,7 @@
 //! loud `SKIPPED` line and returns early, so a developer without the servers can still run the rest.
 
 pub mod amqp;
+pub mod fault_proxy;
 pub mod tasks;
 
 use std::net::{TcpStream, ToSocketAddrs};
