@@ -23,13 +23,12 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands as _, Client, RedisError};
 use tokio::sync::OnceCell;
 
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
-use super::conn::{self, is_noscript, Lua};
+use super::conn::{self, is_noscript, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
@@ -50,7 +49,7 @@ pub struct RedisBackend {
 struct Inner {
     url: RedisUrl,
     client: Client,
-    conn: ConnectionManager,
+    conn: Healing,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
 }
@@ -137,6 +136,12 @@ impl RedisBackend {
     /// The server this backend talks to (password redacted when displayed).
     pub fn url(&self) -> &RedisUrl {
         &self.inner.url
+    }
+
+    /// The connection its commands go over (a broker holding this backend replaces it when it sees the
+    /// link go silent).
+    pub(crate) fn link(&self) -> &Healing {
+        &self.inner.conn
     }
 
     /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
@@ -239,10 +244,7 @@ impl RedisBackend {
     }
 
     /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
-    pub(crate) async fn load_scripts(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<(), BackendError> {
+    pub(crate) async fn load_scripts(&self, conn: &mut Healing) -> Result<(), BackendError> {
         SCRIPTS
             .set_state
             .load(conn)
