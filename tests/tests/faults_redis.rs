@@ -141,6 +141,61 @@ async fn a_silent_shared_connection_is_replaced_after_the_read_timeout() {
     );
 }
 
+/// A client waiting for results over a frozen link (its shared and its pub/sub connection) still gets
+/// them within its timeout: the send goes over a new connection after `REDIS_READ_TIMEOUT`, and the wait
+/// neither hangs on the silent pub/sub connection nor needs it.
+#[tokio::test]
+async fn a_client_waiting_for_results_over_a_frozen_link_gets_them() {
+    if !require(
+        Service::Redis,
+        "a_client_waiting_for_results_over_a_frozen_link_gets_them",
+    ) {
+        return;
+    }
+    let names = Names::new("fault_client");
+    let proxy = FaultProxy::start(Service::Redis.addr()).await;
+    let mut config = names.config();
+    config.broker = proxy.redis_url();
+    config.result_backend = proxy.redis_url();
+    config.redis.read_timeout = 1;
+    let client = Server::new(config).await.unwrap();
+    let worker_server = Server::new(names.config()).await.unwrap();
+    let running = Worker::auto(&worker_server)
+        .concurrency(2)
+        .start()
+        .await
+        .unwrap();
+    // The first result opens the pub/sub connection.
+    let first = fault_add::send(&client, 1, 2).await.unwrap();
+    assert_eq!(first.get(Duration::from_secs(5)).await.unwrap(), 3);
+    assert!(proxy.freeze_open() >= 2);
+
+    let started = Instant::now();
+    let waited = tokio::time::timeout(Duration::from_secs(8), async {
+        let sent = fault_add::send(&client, 40, 2).await?;
+        Ok::<_, Box<dyn std::error::Error>>(sent.get(Duration::from_secs(5)).await?)
+    })
+    .await;
+    eprintln!(
+        "after the freeze: {:?} in {:?}",
+        waited
+            .as_ref()
+            .map(|r| r.as_ref().map_err(|e| e.to_string())),
+        started.elapsed()
+    );
+    assert!(
+        matches!(waited, Ok(Ok(42))),
+        "no result within 8 s over a frozen link"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    running.shutdown(Duration::from_secs(10)).await.unwrap();
+    names.cleanup().await;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     /// Every open connection goes silent for ever; new ones work.

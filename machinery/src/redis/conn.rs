@@ -350,6 +350,16 @@ impl Lua {
     }
 }
 
+/// Whether an error means the command may not have run because the connection broke, timed out or was
+/// replaced (worth retrying once the connection is back).
+pub(crate) fn is_transient(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
+}
+
 /// Whether a pipeline failed because the server does not know a script.
 pub(crate) fn is_noscript(error: &redis::RedisError) -> bool {
     error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)

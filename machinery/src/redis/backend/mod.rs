@@ -23,7 +23,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::{AsyncCommands as _, Client, RedisError};
+use redis::{AsyncCommands as _, Client, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
 pub use self::groups::GO_CHORD_LOCK_KEY;
@@ -77,6 +77,17 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BackendError {
     move |error| BackendError::operation(operation, error)
+}
+
+/// A stored state's JSON as a [`TaskState`].
+fn decode_state(task_uuid: &str, raw: Option<Vec<u8>>) -> Result<Option<TaskState>, BackendError> {
+    raw.map(|bytes| {
+        TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
+            key: task_uuid.to_owned(),
+            source,
+        })
+    })
+    .transpose()
 }
 
 /// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
@@ -142,6 +153,12 @@ impl RedisBackend {
     /// link go silent).
     pub(crate) fn link(&self) -> &Healing {
         &self.inner.conn
+    }
+
+    /// The stored JSON of a task's state, if any.
+    pub(super) async fn get_raw_state(&self, task_uuid: &str) -> RedisResult<Option<Vec<u8>>> {
+        let mut conn = self.inner.conn.clone();
+        conn.get(task_uuid).await
     }
 
     /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
@@ -404,16 +421,13 @@ impl Backend for RedisBackend {
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
-        let mut conn = self.inner.conn.clone();
-        let raw: Option<Vec<u8>> = conn.get(task_uuid).await.map_err(op("get task state"))?;
-        raw.map(|bytes| {
-            TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
-                key: task_uuid.to_owned(),
-                source,
-            })
-        })
-        .transpose()
+        let raw = self
+            .get_raw_state(task_uuid)
+            .await
+            .map_err(op("get task state"))?;
+        decode_state(task_uuid, raw)
     }
+
     async fn wait_for_completion(
         &self,
         task_uuid: &str,

@@ -39,7 +39,7 @@ pub(super) use self::envelope::Envelope;
 pub use self::keys::dead_letter_key;
 pub(super) use self::keys::QueueKeys;
 use super::backend::RedisBackend;
-use super::conn::{self, is_noscript, Healing, Lua};
+use super::conn::{self, is_noscript, is_transient, Healing, Lua};
 use super::url::RedisUrl;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
 use crate::config::{Config, RedisConfig};
@@ -101,16 +101,6 @@ const PROMOTE_LIMIT: &str = "1000";
 /// A failed Redis command as a broker error naming what we were doing.
 pub(super) fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BrokerError {
     move |error| BrokerError::operation(operation, error)
-}
-
-/// Whether an error means the command may not have run because the connection broke (worth retrying
-/// once the connection manager has reconnected).
-fn is_transient(error: &RedisError) -> bool {
-    error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_timeout()
-        || error.is_unrecoverable_error()
 }
 
 /// Runs `attempt` up to four times while it fails for connection reasons (50 ms, 100 ms, 200 ms apart).
