@@ -3,8 +3,12 @@
 //! Service-backed tests call [`require`] first. When the server is unreachable the test fails if
 //! `CI=true` or `MACHINERY_REQUIRE_SERVICES=1` (the README's test command sets it); otherwise it prints a
 //! loud `SKIPPED` line and returns early, so a developer without the servers can still run the rest.
+//!
+//! [`fault_proxy::FaultProxy`] sits between a client and a server to reset, refuse, stall, freeze or
+//! delay its connections (`tests/tests/faults_redis.rs`).
 
 pub mod amqp;
+pub mod fault_proxy;
 pub mod tasks;
 
 use std::net::{TcpStream, ToSocketAddrs};

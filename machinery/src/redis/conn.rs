@@ -1,11 +1,23 @@
 //! Connections shared by the Redis broker and result backend: a self-healing multiplexed connection for
-//! ordinary commands, dedicated connections for blocking commands, and Lua scripts that survive a server
-//! restart (`NOSCRIPT` reloads them).
+//! ordinary commands ([`Healing`]), dedicated connections for blocking commands, and Lua scripts that
+//! survive a server restart (`NOSCRIPT` reloads them).
+//!
+//! A link can die without a word: after a failover or a NAT table drop, the TCP connection stays open on
+//! our side and nothing ever arrives. Every connection here therefore has a response timeout, TCP
+//! keepalive (and, on Linux, `TCP_USER_TIMEOUT`), and a shared connection that goes silent is replaced
+//! rather than waited on for ever (`docs/redis.md`, "Network faults").
 
+use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisResult, ServerErrorKind};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, Value,
+};
+use tokio_util::sync::CancellationToken;
 
 use super::url::RedisUrl;
 use crate::config::RedisConfig;
@@ -13,6 +25,40 @@ use crate::config::RedisConfig;
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
 fn secs(value: u64) -> Option<Duration> {
     (value > 0).then(|| Duration::from_secs(value))
+}
+
+/// How much longer than its own timeout a blocking fetch, or one round of a consumer's housekeeping,
+/// may go without an answer before its link counts as silent.
+const SILENCE_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long a consumer waits for an answer that should come within one poll period (its `BLMOVE`, a
+/// round of housekeeping) before it declares the link silent and replaces its connections.
+pub(crate) fn silence_limit(config: &RedisConfig) -> Duration {
+    Duration::from_millis(config.normal_tasks_poll_period.max(100)) + SILENCE_MARGIN
+}
+
+/// Idle seconds before the first TCP keepalive probe, seconds between probes, and unanswered probes (or
+/// seconds of unacknowledged data, `TCP_USER_TIMEOUT`) before the kernel gives the connection up: a
+/// peer that vanished is noticed by the kernel within about half a minute even on an idle connection.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const KEEPALIVE_PROBES: u32 = 3;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// TCP settings of every connection: keepalive probes, and on Linux a bound on unacknowledged data.
+fn tcp_settings() -> TcpSettings {
+    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let keepalive = keepalive
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let settings = TcpSettings::default().set_keepalive(keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let settings = settings.set_user_timeout(USER_TIMEOUT);
+    settings
 }
 
 /// Why [`open`] failed: the URL (password hidden) and the cause.
@@ -26,7 +72,7 @@ pub(crate) struct OpenError {
 pub(crate) async fn open(
     url: &str,
     config: &RedisConfig,
-) -> Result<(RedisUrl, Client, ConnectionManager), OpenError> {
+) -> Result<(RedisUrl, Client, Healing), OpenError> {
     let parsed = RedisUrl::parse(url).map_err(|e| OpenError {
         url: super::url::redact(url),
         source: Box::new(e),
@@ -40,18 +86,16 @@ pub(crate) async fn open(
     Ok((parsed, client, conn))
 }
 
-/// A client for `url`.
+/// A client for `url`, whose TCP connections carry [`tcp_settings`].
 pub(crate) fn client(url: &RedisUrl) -> RedisResult<Client> {
-    Client::open(url.connection_info()?)
+    Client::open(url.connection_info()?.set_tcp_settings(tcp_settings()))
 }
 
 /// The connection for ordinary commands. It reconnects by itself with exponential back-off (100 ms,
 /// doubling, up to 2 s between tries); a command that fails on a dead connection returns the error and
-/// the next one waits for the new connection.
-pub(crate) async fn manager(
-    client: &Client,
-    config: &RedisConfig,
-) -> RedisResult<ConnectionManager> {
+/// the next one waits for the new connection. A command unanswered for `read_timeout` fails, and the
+/// connection is replaced (see [`Healing`]).
+pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResult<Healing> {
     // The manager retries its first connection for seconds; a wrong URL or password should fail at once,
     // so one plain connection is tried first.
     let probe = AsyncConnectionConfig::new().set_connection_timeout(secs(config.connect_timeout));
@@ -60,22 +104,189 @@ pub(crate) async fn manager(
             .get_multiplexed_async_connection_with_config(&probe)
             .await?,
     );
-    let settings = redis::aio::ConnectionManagerConfig::new()
+    let settings = ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_millis(100))
         .set_max_delay(Duration::from_secs(2))
         .set_response_timeout(secs(config.read_timeout))
         .set_connection_timeout(secs(config.connect_timeout));
-    client.get_connection_manager_with_config(settings).await
+    let manager = client
+        .get_connection_manager_with_config(settings.clone())
+        .await?;
+    Ok(Healing {
+        shared: Arc::new(HealingShared {
+            client: client.clone(),
+            settings,
+            db: manager.get_db(),
+            current: Mutex::new(Generation {
+                number: 0,
+                manager,
+                abandoned: CancellationToken::new(),
+            }),
+        }),
+    })
+}
+
+/// A self-healing connection for ordinary commands: `redis`'s [`ConnectionManager`], which reconnects
+/// when the connection breaks, and which this replaces when the connection goes silent instead.
+///
+/// The manager treats a response timeout as a passing hiccup and keeps the connection, so on a
+/// half-open link every command would wait out the timeout for ever. Here a timed-out command, or a
+/// caller that saw the link go silent ([`Healing::replace`]), swaps in a new manager; the commands still
+/// waiting on the old one fail at once as dropped by the connection (the broker retries its safe
+/// operations on the new one). Clones share the connection.
+#[derive(Clone)]
+pub(crate) struct Healing {
+    shared: Arc<HealingShared>,
+}
+
+struct HealingShared {
+    client: Client,
+    settings: ConnectionManagerConfig,
+    db: i64,
+    current: Mutex<Generation>,
+}
+
+/// One connection manager in the life of a [`Healing`] connection.
+#[derive(Clone)]
+struct Generation {
+    number: u64,
+    manager: ConnectionManager,
+    /// Cancelled when this generation is replaced: its waiting commands give up.
+    abandoned: CancellationToken,
+}
+
+impl std::fmt::Debug for Healing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Healing")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The error of a command abandoned with its silent connection: dropped by the connection, so safe
+/// operations are retried on the new one.
+fn abandoned() -> RedisError {
+    RedisError::from(io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the redis connection went silent and was replaced",
+    ))
+}
+
+impl Healing {
+    fn current(&self) -> Generation {
+        self.shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Which connection is in use; pass it to [`Healing::replace`] after watching it go silent.
+    pub(crate) fn generation(&self) -> u64 {
+        self.shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .number
+    }
+
+    /// Replaces the connection with a new one (connected on first use), if it is still `generation`
+    /// (so many callers that saw the same silence replace it once); the commands waiting on the old one
+    /// fail at once. Returns whether it replaced it.
+    pub(crate) fn replace(&self, generation: u64, why: &str) -> bool {
+        let old = {
+            let mut current = self
+                .shared
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if current.number != generation {
+                return false;
+            }
+            let fresh = match ConnectionManager::new_lazy_with_config(
+                self.shared.client.clone(),
+                self.shared.settings.clone(),
+            ) {
+                Ok(fresh) => fresh,
+                Err(error) => {
+                    tracing::warn!(%error, why, "cannot replace a silent redis connection");
+                    return false;
+                }
+            };
+            std::mem::replace(
+                &mut *current,
+                Generation {
+                    number: generation + 1,
+                    manager: fresh,
+                    abandoned: CancellationToken::new(),
+                },
+            )
+        };
+        old.abandoned.cancel();
+        tracing::warn!(why, "replaced a silent redis connection");
+        true
+    }
+
+    /// Runs one request on the current connection; a timeout replaces the connection.
+    async fn request<'a, T>(
+        &self,
+        send: impl FnOnce(ConnectionManager) -> RedisFuture<'a, T>,
+    ) -> RedisResult<T> {
+        let generation = self.current();
+        let result = tokio::select! {
+            result = send(generation.manager.clone()) => result,
+            () = generation.abandoned.cancelled() => Err(abandoned()),
+        };
+        if let Err(error) = &result {
+            if error.is_timeout() {
+                self.replace(
+                    generation.number,
+                    "a command got no answer within REDIS_READ_TIMEOUT",
+                );
+            }
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Healing {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            self.request(|mut manager| {
+                Box::pin(async move { manager.send_packed_command(cmd).await })
+            })
+            .await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.request(|mut manager| {
+                Box::pin(async move { manager.send_packed_commands(cmd, offset, count).await })
+            })
+            .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.shared.db
+    }
 }
 
 /// A connection of its own for blocking commands (`BLMOVE`), which would stall every other command on a
-/// shared multiplexed connection. It has no response timeout: the command's own timeout bounds it.
+/// shared multiplexed connection. Its response timeout is the blocking command's own plus a margin
+/// ([`silence_limit`]): a link that stays silent past it is dead, and the caller replaces it.
 pub(crate) async fn blocking_connection(
     client: &Client,
     config: &RedisConfig,
 ) -> RedisResult<redis::aio::MultiplexedConnection> {
     let settings = AsyncConnectionConfig::new()
-        .set_response_timeout(None)
+        .set_response_timeout(Some(silence_limit(config)))
         .set_connection_timeout(secs(config.connect_timeout));
     client
         .get_multiplexed_async_connection_with_config(&settings)
@@ -137,6 +348,16 @@ impl Lua {
     ) -> RedisResult<()> {
         self.script.load_async(conn).await.map(drop)
     }
+}
+
+/// Whether an error means the command may not have run because the connection broke, timed out or was
+/// replaced (worth retrying once the connection is back).
+pub(crate) fn is_transient(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.is_unrecoverable_error()
 }
 
 /// Whether a pipeline failed because the server does not know a script.

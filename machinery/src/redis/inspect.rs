@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::DateTime;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 
 use super::broker::{dead_letter_key, op, Envelope, Inner, QueueKeys, RedisBroker, SCRIPTS};
-use super::conn::Lua;
+use super::conn::{Healing, Lua};
 use crate::broker::{BrokerError, DeadLetter, DelayedMessage, Inspect, QueueStats, WorkerInfo};
 use crate::wire::signature::Signature;
 
@@ -154,7 +153,7 @@ impl Inspect for RedisBroker {
 
 /// Every key matching `pattern` (and of `kind`, if given), walked with `SCAN`.
 async fn scan(
-    conn: &mut ConnectionManager,
+    conn: &mut Healing,
     pattern: &str,
     kind: Option<&str>,
 ) -> Result<Vec<String>, BrokerError> {

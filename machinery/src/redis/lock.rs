@@ -5,9 +5,8 @@
 use std::fmt;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 
-use super::conn;
+use super::conn::{self, Healing};
 use super::url::RedisUrl;
 use crate::config::Config;
 use crate::lock::{Lock, LockError};
@@ -16,7 +15,7 @@ use crate::lock::{Lock, LockError};
 #[derive(Clone)]
 pub struct RedisLock {
     url: RedisUrl,
-    conn: ConnectionManager,
+    conn: Healing,
 }
 
 impl fmt::Debug for RedisLock {

@@ -23,13 +23,12 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands as _, Client, RedisError};
+use redis::{AsyncCommands as _, Client, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
-use super::conn::{self, is_noscript, Lua};
+use super::conn::{self, is_noscript, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
@@ -50,7 +49,7 @@ pub struct RedisBackend {
 struct Inner {
     url: RedisUrl,
     client: Client,
-    conn: ConnectionManager,
+    conn: Healing,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
     /// Keys a task or group id must not name: the default queue, its dead letters, the delayed-task set.
@@ -119,6 +118,17 @@ pub(crate) fn is_refusal(error: &RedisError) -> bool {
     }
 }
 
+/// A stored state's JSON as a [`TaskState`].
+fn decode_state(task_uuid: &str, raw: Option<Vec<u8>>) -> Result<Option<TaskState>, BackendError> {
+    raw.map(|bytes| {
+        TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
+            key: task_uuid.to_owned(),
+            source,
+        })
+    })
+    .transpose()
+}
+
 /// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
 /// are empty when the previous record should supply them.
 fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
@@ -181,6 +191,18 @@ impl RedisBackend {
     /// The server this backend talks to (password redacted when displayed).
     pub fn url(&self) -> &RedisUrl {
         &self.inner.url
+    }
+
+    /// The connection its commands go over (a broker holding this backend replaces it when it sees the
+    /// link go silent).
+    pub(crate) fn link(&self) -> &Healing {
+        &self.inner.conn
+    }
+
+    /// The stored JSON of a task's state, if any.
+    pub(super) async fn get_raw_state(&self, task_uuid: &str) -> RedisResult<Option<Vec<u8>>> {
+        let mut conn = self.inner.conn.clone();
+        conn.get(task_uuid).await
     }
 
     /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
@@ -305,10 +327,7 @@ impl RedisBackend {
     }
 
     /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
-    pub(crate) async fn load_scripts(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<(), BackendError> {
+    pub(crate) async fn load_scripts(&self, conn: &mut Healing) -> Result<(), BackendError> {
         SCRIPTS
             .set_state
             .load(conn)
@@ -468,16 +487,13 @@ impl Backend for RedisBackend {
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
-        let mut conn = self.inner.conn.clone();
-        let raw: Option<Vec<u8>> = conn.get(task_uuid).await.map_err(op("get task state"))?;
-        raw.map(|bytes| {
-            TaskState::from_json(&bytes).map_err(|source| BackendError::Decode {
-                key: task_uuid.to_owned(),
-                source,
-            })
-        })
-        .transpose()
+        let raw = self
+            .get_raw_state(task_uuid)
+            .await
+            .map_err(op("get task state"))?;
+        decode_state(task_uuid, raw)
     }
+
     async fn wait_for_completion(
         &self,
         task_uuid: &str,

@@ -1,6 +1,10 @@
 //! Waiting for a task's final state without polling: the `set_state` script announces a final state on
 //! `machinery:done:<task uuid>`, and one shared pub/sub connection per backend wakes the waiters. States
 //! written by Go workers are not announced, so a slow poll runs as well.
+//!
+//! The pub/sub connection is only a shortcut: a `SUBSCRIBE` unanswered within [`ANSWER_TIMEOUT`] (a
+//! silent link) leaves the waiter polling and makes the notifier open a new connection, so a waiter never
+//! hangs on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,11 +13,12 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use redis::aio::PubSubSink;
 use redis::Client;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{completion_channel, RedisBackend};
-use crate::backend::{Backend as _, BackendError};
+use super::{completion_channel, decode_state, op, RedisBackend};
+use crate::backend::BackendError;
+use crate::redis::conn::is_transient;
 use crate::retry::Backoff;
 use crate::wire::state::TaskState;
 
@@ -32,7 +37,16 @@ impl RedisBackend {
         loop {
             // Seen before the read: an announcement after it wakes the wait below.
             waiter.announced.borrow_and_update();
-            let state = self.get_state(task_uuid).await?;
+            // A read lost to the connection (a silent link is replaced meanwhile) is tried again after
+            // the nap, while time remains.
+            let state = match self.get_raw_state(task_uuid).await {
+                Ok(raw) => decode_state(task_uuid, raw)?,
+                Err(error) if is_transient(&error) => {
+                    tracing::debug!(%error, "cannot read a task's state while waiting; trying again");
+                    None
+                }
+                Err(error) => return Err(op("get task state")(error)),
+            };
             if state.as_ref().is_some_and(TaskState::is_completed) {
                 return Ok(state);
             }
@@ -69,6 +83,11 @@ impl RedisBackend {
     }
 }
 
+/// How long the notifier waits for a `SUBSCRIBE` to be confirmed, or for its connection to open, before it
+/// counts the link as silent.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Wakes waiters when their task's completion is announced. One pub/sub connection per backend, opened on
 /// the first wait; it reconnects by itself, and waiters keep polling meanwhile.
 pub(super) struct Notifier {
@@ -82,6 +101,8 @@ struct NotifierShared {
     waiters: Mutex<HashMap<String, (usize, Announcer)>>,
     sink: Mutex<Option<PubSubSink>>,
     unsubscribe: Mutex<Option<mpsc::UnboundedSender<String>>>,
+    /// Told when the connection went silent: the reader drops it and opens a new one.
+    silent: Notify,
 }
 
 impl NotifierShared {
@@ -163,8 +184,16 @@ impl Notifier {
         };
         if first {
             if let Some(mut sink) = self.shared.sink() {
-                if let Err(error) = sink.subscribe(&waiter.channel).await {
-                    tracing::debug!(%error, "cannot subscribe to a completion channel; polling instead");
+                match tokio::time::timeout(ANSWER_TIMEOUT, sink.subscribe(&waiter.channel)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "cannot subscribe to a completion channel; polling instead");
+                    }
+                    Err(_) => {
+                        tracing::warn!("the completion notification connection went silent; polling, and reconnecting it");
+                        *self.shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        self.shared.silent.notify_one();
+                    }
                 }
             }
         }
@@ -179,7 +208,14 @@ impl Notifier {
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match client.get_async_pubsub().await {
+            let opened = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )))
+                });
+            match opened {
                 Ok(pubsub) => {
                     backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
                     let (mut sink, mut stream) = pubsub.split();
@@ -188,8 +224,13 @@ impl Notifier {
                     *shared.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink.clone());
                     let channels: Vec<String> = shared.waiters().keys().cloned().collect();
                     if !channels.is_empty() {
-                        if let Err(error) = sink.subscribe(&channels).await {
-                            tracing::debug!(%error, "cannot resubscribe to completion channels");
+                        match tokio::time::timeout(ANSWER_TIMEOUT, sink.subscribe(&channels)).await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "cannot resubscribe to completion channels");
+                            }
+                            Err(_) => shared.silent.notify_one(),
                         }
                     }
                     // Anything announced while we were away: let every waiter look again.
@@ -198,6 +239,7 @@ impl Notifier {
                     }
                     loop {
                         tokio::select! {
+                            () = shared.silent.notified() => break,
                             message = stream.next() => match message {
                                 Some(message) => {
                                     if let Some((_, announcer)) =
@@ -211,7 +253,11 @@ impl Notifier {
                             channel = unsubscribe.recv() => match channel {
                                 Some(channel) => {
                                     if !shared.waiters().contains_key(&channel) {
-                                        let _ = sink.unsubscribe(&channel).await;
+                                        let unsubscribed =
+                                            tokio::time::timeout(ANSWER_TIMEOUT, sink.unsubscribe(&channel)).await;
+                                        if unsubscribed.is_err() {
+                                            break;
+                                        }
                                     }
                                 }
                                 None => return,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,13 +17,26 @@ use crate::broker::{Acknowledger, BrokerError};
 use crate::redis::backend::RedisBackend;
 use crate::wire::state::TaskState;
 
-/// Counts of the deliveries a consumer handed out and that are not settled yet, by body hash.
+/// Counts of the deliveries a consumer handed out and that are not settled yet, by body hash; and whether
+/// one was dropped without being settled (its message still sits in the in-flight list, unclaimed).
 #[derive(Debug, Clone, Default)]
-pub(super) struct Outstanding(Arc<std::sync::Mutex<HashMap<u64, usize>>>);
+pub(super) struct Outstanding(Arc<OutstandingInner>);
+
+#[derive(Debug, Default)]
+struct OutstandingInner {
+    counts: std::sync::Mutex<HashMap<u64, usize>>,
+    unsettled: AtomicBool,
+}
 
 impl Outstanding {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a delivery was dropped unsettled since the last call (a failed acknowledgement): the
+    /// consumer then hands its message out again.
+    pub(super) fn take_unsettled(&self) -> bool {
+        self.0.unsettled.swap(false, Ordering::SeqCst)
     }
 
     pub(super) fn add(&self, hash: u64) {
@@ -62,12 +76,19 @@ pub(super) struct RedisAcker {
     pub(super) original: Vec<u8>,
     pub(super) outstanding: Outstanding,
     pub(super) hash: u64,
+    /// Set once a settling command succeeded.
+    pub(super) settled: AtomicBool,
 }
 
 impl Drop for RedisAcker {
     fn drop(&mut self) {
         // After the settling command (the methods own the acker until it is done), or when the delivery
-        // is dropped unsettled: either way the consumer no longer hands this message out.
+        // is dropped unsettled: either way the consumer no longer counts this message as handed out. If
+        // it was not settled (the acknowledgement failed, say over a broken link), the message is still in
+        // flight: the consumer's next fetch hands it out again, so that it runs again (at-least-once).
+        if !self.settled.load(Ordering::SeqCst) {
+            self.outstanding.0.unsettled.store(true, Ordering::SeqCst);
+        }
         self.outstanding.remove(self.hash);
     }
 }
@@ -88,6 +109,7 @@ impl RedisAcker {
             SCRIPTS.settle.run(&mut conn, keys, args).await
         })
         .await?;
+        self.settled.store(true, Ordering::SeqCst);
         if moved == 0 {
             tracing::debug!(queue = %self.queue, "message was no longer in flight (returned to the queue meanwhile)");
         }
@@ -102,7 +124,9 @@ impl Acknowledger for RedisAcker {
         retrying("ack", &self.inner.conn, move |mut conn| async move {
             conn.lrem::<_, _, ()>(inflight, 1, original).await
         })
-        .await
+        .await?;
+        self.settled.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn requeue(self: Box<Self>, body: Vec<u8>) -> Result<(), BrokerError> {
@@ -124,6 +148,7 @@ impl Acknowledger for RedisAcker {
         self.inner
             .run_fused("store the state and acknowledge", states, &pipe)
             .await?;
+        self.settled.store(true, Ordering::SeqCst);
         Ok(true)
     }
 

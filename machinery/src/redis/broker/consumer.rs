@@ -3,6 +3,7 @@
 //! of dead consumers in the background, and returns what it holds when it closes.
 
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +23,38 @@ use crate::redis::conn::{self, is_noscript};
 /// Most messages one fetch takes, whatever the worker asks.
 const MAX_FETCH: usize = 1000;
 
+/// The generations of the shared connections a silent link takes down with it: the broker's, and that of
+/// the backend half it holds (the worker's result backend, when on the same database).
+#[derive(Debug, Clone, Copy)]
+struct Links {
+    broker: u64,
+    backend: Option<u64>,
+}
+
+impl Links {
+    fn now(inner: &Inner, states: Option<&RedisBackend>) -> Links {
+        Links {
+            broker: inner.conn.generation(),
+            backend: states.map(|states| states.link().generation()),
+        }
+    }
+
+    /// Replaces those connections (each only if nobody replaced it since `self` was taken).
+    fn replace(self, inner: &Inner, states: Option<&RedisBackend>, why: &str) {
+        inner.conn.replace(self.broker, why);
+        if let (Some(states), Some(generation)) = (states, self.backend) {
+            states.link().replace(generation, why);
+        }
+    }
+}
+
 /// Renews the heartbeat, promotes delayed tasks and recovers dead consumers' messages until stopped.
+///
+/// Each round is also the probe of the shared connections: a round that gets no answer within the
+/// poll period plus a second ([`conn::silence_limit`]) means a silent link, and they are replaced.
 async fn background(
     inner: Arc<Inner>,
+    states: Option<RedisBackend>,
     keys: QueueKeys,
     tag: String,
     heartbeat_timeout: Duration,
@@ -32,11 +62,13 @@ async fn background(
 ) {
     let beat_every = heartbeat_timeout / 5;
     let promote_every = Duration::from_millis(inner.config.delayed_tasks_poll_period.max(10));
+    let silence = conn::silence_limit(&inner.config);
     // The first round recovers at once: a restarted worker picks up what its dead predecessors left.
     let mut next_beat = tokio::time::Instant::now();
     let mut failing = false;
     loop {
-        let result = async {
+        let links = Links::now(&inner, states.as_ref());
+        let round = async {
             let now = tokio::time::Instant::now();
             if now >= next_beat {
                 next_beat = now + beat_every;
@@ -51,8 +83,23 @@ async fn background(
                 tracing::debug!(promoted, "moved due delayed tasks to their queues");
             }
             Ok::<_, BrokerError>(())
-        }
-        .await;
+        };
+        let result = match tokio::time::timeout(silence, round).await {
+            Ok(result) => result,
+            Err(_) => {
+                links.replace(
+                    &inner,
+                    states.as_ref(),
+                    "broker housekeeping got no answer within the poll period plus a second",
+                );
+                // The heartbeat may not have been renewed: the next round renews it at once.
+                next_beat = tokio::time::Instant::now();
+                Err(BrokerError::operation(
+                    "housekeeping",
+                    format!("no answer from redis within {silence:?}"),
+                ))
+            }
+        };
         match result {
             Ok(()) if failing => {
                 failing = false;
@@ -101,6 +148,27 @@ async fn beat(
     Ok(())
 }
 
+/// Who a connection is on the server, from `CLIENT INFO`: its id and its address as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClientId {
+    id: u64,
+    addr: String,
+}
+
+impl ClientId {
+    /// Reads `id=` and `addr=` from a `CLIENT INFO` line.
+    fn parse(info: &str) -> Option<ClientId> {
+        let field = |name: &str| {
+            info.split_ascii_whitespace()
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        };
+        Some(ClientId {
+            id: field("id")?.parse().ok()?,
+            addr: field("addr")?.to_owned(),
+        })
+    }
+}
+
 /// A consumer of one Redis queue.
 pub(super) struct RedisConsumer {
     inner: Arc<Inner>,
@@ -110,8 +178,11 @@ pub(super) struct RedisConsumer {
     tag: String,
     inflight: String,
     heartbeat: String,
-    /// The connection `BLMOVE` blocks on, and its server-side id (to cut it off on close).
-    blocking: Option<(MultiplexedConnection, i64)>,
+    /// The connection `BLMOVE` blocks on, and who it is on the server (to cut it off).
+    blocking: Option<(MultiplexedConnection, ClientId)>,
+    /// A blocking connection given up but not yet known to be gone on the server: until it is killed
+    /// there, a `BLMOVE` it carried may still move a message into our in-flight list.
+    killing: Option<ClientId>,
     background: Option<AbortOnDropHandle<()>>,
     stop: CancellationToken,
     /// Hashes of the bodies handed to the worker and not yet settled, with counts.
@@ -151,6 +222,7 @@ impl RedisConsumer {
             keys,
             tag,
             blocking: None,
+            killing: None,
             background: None,
             stop: CancellationToken::new(),
             outstanding: Outstanding::default(),
@@ -167,6 +239,7 @@ impl RedisConsumer {
         consumer.beat().await?;
         consumer.background = Some(AbortOnDropHandle::new(tokio::spawn(background(
             consumer.inner.clone(),
+            consumer.states.clone(),
             consumer.keys.clone(),
             consumer.tag.clone(),
             heartbeat_timeout,
@@ -232,31 +305,47 @@ impl RedisConsumer {
             original: body.clone(),
             outstanding: self.outstanding.clone(),
             hash,
+            settled: AtomicBool::new(false),
         };
         Delivery::new(body, redelivered, Box::new(acker))
     }
 
-    /// Cuts the blocking connection, so that a `BLMOVE` left waiting by a dropped call can no longer move a
-    /// message into our in-flight list.
-    async fn cut_blocking_connection(&mut self) {
+    /// Cuts the blocking connection, so that a `BLMOVE` left waiting by a dropped call, or sent over a link
+    /// that went silent, can no longer move a message into our in-flight list: the connection is
+    /// dropped and killed on the server. Until the kill succeeds it is remembered, and this fails.
+    async fn cut_blocking_connection(&mut self) -> Result<(), BrokerError> {
         if let Some((conn, id)) = self.blocking.take() {
             drop(conn);
-            let mut admin = self.inner.conn.clone();
-            let killed: Result<redis::Value, RedisError> = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ID")
-                .arg(id)
-                .query_async(&mut admin)
-                .await;
-            if let Err(error) = killed {
+            self.killing = Some(id);
+        }
+        let Some(id) = &self.killing else {
+            return Ok(());
+        };
+        // Killed by id and address together: after a failover the new server may have given that id to
+        // someone else. A connection already gone counts 0, which is as good.
+        let mut admin = self.inner.conn.clone();
+        let killed: Result<u64, RedisError> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id.id)
+            .arg("ADDR")
+            .arg(&id.addr)
+            .query_async(&mut admin)
+            .await;
+        match killed {
+            Ok(_) => {}
+            Err(error) if matches!(error.kind(), redis::ErrorKind::Server(_)) => {
                 tracing::debug!(%error, "could not kill the blocking fetch connection (already gone?)");
             }
+            Err(error) => return Err(op("cut the blocking fetch connection")(error)),
         }
+        self.killing = None;
+        Ok(())
     }
 
     /// After a dropped call: the messages in our in-flight list that were never handed out (up to `max`).
     async fn orphans(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        self.cut_blocking_connection().await;
+        self.cut_blocking_connection().await?;
         // Snapshot first: a delivery settled meanwhile leaves the list before it leaves the snapshot.
         let mut handed_out = self.outstanding.snapshot();
         let mut conn = self.inner.conn.clone();
@@ -307,11 +396,14 @@ impl RedisConsumer {
             let mut conn = conn::blocking_connection(&self.inner.client, &self.inner.config)
                 .await
                 .map_err(op("connect for fetching"))?;
-            let id: i64 = redis::cmd("CLIENT")
-                .arg("ID")
+            let info: String = redis::cmd("CLIENT")
+                .arg("INFO")
                 .query_async(&mut conn)
                 .await
                 .map_err(op("connect for fetching"))?;
+            let id = ClientId::parse(&info).ok_or_else(|| {
+                BrokerError::operation("connect for fetching", "CLIENT INFO without id and addr")
+            })?;
             self.blocking = Some((conn, id));
         }
         match &mut self.blocking {
@@ -336,17 +428,28 @@ impl RedisConsumer {
                 &self.fetch_keys(),
                 &[(max - 1).to_string().as_bytes(), b"after-wait"],
             ));
+        let links = Links::now(&self.inner, self.states.as_ref());
         let conn = self.blocking_connection().await?;
         let replies: Result<(Option<Vec<u8>>, Vec<redis::Value>), RedisError> =
             pipe.query_async(conn).await;
         let (moved, fetched) = match replies {
             Ok(replies) => replies,
             Err(error) => {
-                // A broken blocking connection is replaced on the next call. BLMOVE may have moved a
-                // message before the script failed (NOSCRIPT after a server restart): the next call hands
-                // out what sits in our in-flight list unclaimed.
-                self.blocking = None;
+                // A broken blocking connection is cut (killed on the server) and replaced on the next
+                // call, which then hands out what sits in our in-flight list unclaimed: BLMOVE may have
+                // moved a message whose answer never came (a silent link), or before the script failed
+                // (NOSCRIPT after a server restart).
                 self.reconcile = true;
+                if error.is_timeout() {
+                    // No answer within the poll period plus a second: the link is silent, and the shared
+                    // connections over it most likely too.
+                    tracing::warn!(queue = %self.keys.queue, "the blocking fetch got no answer within the poll period plus a second; replacing the connections");
+                    links.replace(
+                        &self.inner,
+                        self.states.as_ref(),
+                        "the blocking fetch got no answer within the poll period plus a second",
+                    );
+                }
                 if is_noscript(&error) {
                     let mut conn = self.inner.conn.clone();
                     SCRIPTS.fetch.load(&mut conn).await.map_err(op("fetch"))?;
@@ -377,7 +480,7 @@ impl Consumer for RedisConsumer {
         // Cancel safety: a call dropped while its script or BLMOVE ran on the server may have moved
         // messages into our in-flight list without handing them out. The next call notices (`busy` is
         // still set), and hands out whatever is in the list but not outstanding.
-        if self.busy {
+        if self.busy || self.outstanding.take_unsettled() {
             self.reconcile = true;
         }
         self.busy = true;
@@ -392,7 +495,9 @@ impl Consumer for RedisConsumer {
         // A BLMOVE whose future was dropped may still be waiting on the server, and would move a message
         // into our in-flight list after we emptied it. Killing that connection first makes the release
         // below the last word.
-        self.cut_blocking_connection().await;
+        if let Err(error) = self.cut_blocking_connection().await {
+            tracing::warn!(%error, queue = %self.keys.queue, "could not kill the blocking fetch connection before returning the in-flight messages");
+        }
         let returned = self.release().await?;
         if returned > 0 {
             tracing::info!(queue = %self.keys.queue, returned, "returned unacknowledged messages to the queue");
@@ -405,5 +510,25 @@ impl Drop for RedisConsumer {
     fn drop(&mut self) {
         // Without close(): the heartbeat stops, and live workers return our messages once it expires.
         self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientId;
+
+    #[test]
+    fn client_info_gives_the_id_and_the_address_not_the_local_one() {
+        let info =
+            "id=42 addr=127.0.0.1:51234 laddr=127.0.0.1:6379 fd=9 name= age=0 idle=0 flags=N db=0";
+        assert_eq!(
+            ClientId::parse(info),
+            Some(ClientId {
+                id: 42,
+                addr: "127.0.0.1:51234".into()
+            })
+        );
+        assert_eq!(ClientId::parse("laddr=127.0.0.1:6379 idle=0"), None);
+        assert_eq!(ClientId::parse("id=x addr=127.0.0.1:1"), None);
     }
 }

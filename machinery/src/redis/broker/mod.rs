@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use redis::aio::ConnectionManager;
 use redis::{Client, RedisError};
 
 use self::consumer::RedisConsumer;
@@ -40,7 +39,7 @@ pub(super) use self::envelope::Envelope;
 pub use self::keys::dead_letter_key;
 pub(super) use self::keys::QueueKeys;
 use super::backend::RedisBackend;
-use super::conn::{self, is_noscript, Lua};
+use super::conn::{self, is_noscript, is_transient, Healing, Lua};
 use super::url::RedisUrl;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
 use crate::config::{Config, RedisConfig};
@@ -60,7 +59,7 @@ pub(super) struct Inner {
     url: RedisUrl,
     client: Client,
     // The inspection commands (`redis/inspect.rs`) read these three as well.
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Healing,
     pub(super) config: RedisConfig,
     pub(super) default_queue: String,
 }
@@ -109,25 +108,15 @@ pub(super) fn op(operation: &'static str) -> impl FnOnce(RedisError) -> BrokerEr
     move |error| BrokerError::operation(operation, error)
 }
 
-/// Whether an error means the command may not have run because the connection broke (worth retrying
-/// once the connection manager has reconnected).
-fn is_transient(error: &RedisError) -> bool {
-    error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_timeout()
-        || error.is_unrecoverable_error()
-}
-
 /// Runs `attempt` up to four times while it fails for connection reasons (50 ms, 100 ms, 200 ms apart).
 /// Only used for operations that are safe to repeat (at worst a duplicate, which at-least-once allows).
 async fn retrying<T, F, Fut>(
     operation: &'static str,
-    conn: &ConnectionManager,
+    conn: &Healing,
     attempt: F,
 ) -> Result<T, BrokerError>
 where
-    F: FnMut(ConnectionManager) -> Fut,
+    F: FnMut(Healing) -> Fut,
     Fut: std::future::Future<Output = Result<T, RedisError>>,
 {
     retrying_redis(operation, conn, attempt)
@@ -138,11 +127,11 @@ where
 /// [`retrying`], handing back the last Redis error itself, for callers that act on its kind.
 async fn retrying_redis<T, F, Fut>(
     operation: &'static str,
-    conn: &ConnectionManager,
+    conn: &Healing,
     mut attempt: F,
 ) -> Result<T, RedisError>
 where
-    F: FnMut(ConnectionManager) -> Fut,
+    F: FnMut(Healing) -> Fut,
     Fut: std::future::Future<Output = Result<T, RedisError>>,
 {
     let mut delay = Duration::from_millis(50);
@@ -169,9 +158,7 @@ impl Inner {
         backend: &RedisBackend,
         pipe: &redis::Pipeline,
     ) -> Result<(), BrokerError> {
-        let send = move |mut conn: ConnectionManager| async move {
-            pipe.query_async::<()>(&mut conn).await
-        };
+        let send = move |mut conn: Healing| async move { pipe.query_async::<()>(&mut conn).await };
         match retrying_redis(operation, &self.conn, send).await {
             Err(error) if is_noscript(&error) => {
                 backend
