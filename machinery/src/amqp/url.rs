@@ -12,6 +12,12 @@ use crate::config::ConfigError;
 /// passed through count towards the RSS (`docs/amqp.md`, "Frames and memory").
 const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
 
+/// The heartbeat we ask for unless the URL says otherwise (`?heartbeat=`), in seconds: Go's amqp091
+/// default. lapin drops a connection that has heard nothing for twice this, so a half-open link (a
+/// failover or NAT drop that leaves the socket open with nothing arriving) is replaced after about 20 s
+/// instead of the 120 s that RabbitMQ's proposal of 60 s would give.
+const DEFAULT_HEARTBEAT: u16 = 10;
+
 /// One URL of the list: what lapin connects to, and how we name it in logs and errors.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
@@ -67,6 +73,9 @@ pub(crate) fn endpoints(
             }
             if uri.query.frame_max.is_none() {
                 uri.query.frame_max = Some(DEFAULT_FRAME_MAX);
+            }
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(DEFAULT_HEARTBEAT);
             }
             Ok(Endpoint { uri, display })
         })

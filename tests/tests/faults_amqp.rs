@@ -1,0 +1,67 @@
+//! A worker whose RabbitMQ connection goes silent (issue 13): the fault proxy freezes the open connection
+//! (half-open: the socket stays open, nothing arrives) while new connections work. With AMQP heartbeats
+//! at Go's 10 s the worker notices within about 20 s, reconnects, and serves again; every task sent before
+//! and during the freeze completes. RabbitMQ's own proposal (60 s) would leave it deaf for two minutes.
+
+use std::time::{Duration, Instant};
+
+use machinery::{Config, Server, Worker};
+use machinery_tests::amqp::{self, Cleanup};
+use machinery_tests::fault_proxy::FaultProxy;
+use machinery_tests::tasks::probe;
+use machinery_tests::{require, unique, Service};
+
+/// How long after a freeze the worker must serve again: two heartbeat intervals, a reconnection, and a
+/// margin for a loaded machine.
+const SERVES_AGAIN_WITHIN: Duration = Duration::from_secs(45);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_rabbitmq_link_goes_silent_reconnects_and_loses_nothing() {
+    if !require(Service::RabbitMq, "amqp half-open") || !require(Service::Redis, "amqp half-open") {
+        return;
+    }
+    let proxy = FaultProxy::start(Service::RabbitMq.addr()).await;
+    let mut config: Config = amqp::config("halfopen");
+    config.result_backend = Service::Redis.url();
+    let _cleanup = Cleanup::for_config(&config);
+    // The sender talks to RabbitMQ directly; the worker through the proxy.
+    let sender = Server::new(config.clone()).await.unwrap();
+    let mut through_proxy = config.clone();
+    through_proxy.broker = format!("amqp://guest:guest@{}/", proxy.addr());
+    let worker_server = Server::new(through_proxy).await.unwrap();
+    let worker = Worker::new(&worker_server)
+        .register(probe::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let key = unique("halfopen");
+    let first = probe::send(&sender, &key, 1, 0).await.unwrap();
+    assert_eq!(first.get(Duration::from_secs(20)).await.unwrap(), 1);
+
+    let frozen = proxy.freeze_open();
+    assert!(frozen >= 1, "the worker's connection was open");
+    let froze_at = Instant::now();
+    let mut during = Vec::new();
+    for n in 0..20 {
+        during.push((n, probe::send(&sender, &key, n, 0).await.unwrap()));
+    }
+    let fresh = probe::send(&sender, &key, 100, 0).await.unwrap();
+    let served = fresh.get(SERVES_AGAIN_WITHIN).await;
+    assert_eq!(
+        served.ok(),
+        Some(100),
+        "the worker serves again within {SERVES_AGAIN_WITHIN:?} of the freeze"
+    );
+    let took = froze_at.elapsed();
+    for (n, result) in during {
+        assert_eq!(
+            result.get(Duration::from_secs(20)).await.unwrap(),
+            n,
+            "task {n} sent during the freeze completes"
+        );
+    }
+    eprintln!("served again {took:?} after the freeze");
+    worker.shutdown(Duration::from_secs(20)).await.unwrap();
+    drop(proxy);
+}
