@@ -62,6 +62,45 @@ pub(super) async fn send_error_callbacks(
     Ok(())
 }
 
+/// Why a chord member can never complete its chord correctly, if it cannot (Go's rule: a chord fires
+/// only when every member listed in the group record has finished). The trigger counts members up to the
+/// message's `GroupTaskCount`, so a count of 0 (negative counts read as 0), or one that differs from the
+/// group record's list, or a member the record does not list, would fire the callback early, with
+/// results missing. Such a member is dead-lettered before it runs. One read of the group record per chord
+/// member; a record that cannot be read leaves the decision to the trigger, as before.
+pub(super) async fn impossible_chord_member(
+    ctx: &WorkerContext,
+    signature: &Signature,
+) -> Option<String> {
+    if signature.group_uuid.is_empty() || signature.chord_callback.is_none() {
+        return None;
+    }
+    let member = |why: String| {
+        format!(
+            "chord member {} of group {}: {why}; the chord callback could never get every member's result",
+            signature.uuid, signature.group_uuid
+        )
+    };
+    if signature.group_task_count == 0 {
+        return Some(member("GroupTaskCount is 0 (or negative)".to_owned()));
+    }
+    let meta = match ctx.server.backend().get_group(&signature.group_uuid).await {
+        Ok(Some(meta)) => meta,
+        _ => return None,
+    };
+    if meta.task_uuids.len() != signature.group_task_count as usize {
+        return Some(member(format!(
+            "GroupTaskCount is {}, but the group record lists {} members",
+            signature.group_task_count,
+            meta.task_uuids.len()
+        )));
+    }
+    if !meta.task_uuids.contains(&signature.uuid) {
+        return Some(member("the group record does not list it".to_owned()));
+    }
+    None
+}
+
 /// A group member finished: if it was the last, and the group is a chord, send the callback with the
 /// members' results in group order.
 pub(super) async fn group_member_finished(

@@ -64,6 +64,13 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         unknown_task(ctx, signature, delivery).await;
         return None;
     };
+    if let Some(reason) = follow_up::impossible_chord_member(ctx, &signature).await {
+        tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a chord member that could only fire its chord early");
+        metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
+        store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
+        settle("dead-letter", delivery.dead_letter(reason)).await;
+        return None;
+    }
     let span = tracing::info_span!(
         "task",
         task.name = %signature.name,
