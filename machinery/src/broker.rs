@@ -70,6 +70,16 @@ impl BrokerError {
             source: source.into(),
         }
     }
+
+    /// Whether trying the same message again cannot help: the broker refused it (a message too large
+    /// for it, a publisher nack), or cannot do the operation at all. Connection losses and time-outs are
+    /// transient.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Rejected(_) | BrokerError::Unsupported { .. }
+        )
+    }
 }
 
 /// A message ready to publish.

@@ -46,6 +46,19 @@ pub enum SendError {
     Workflow(String),
 }
 
+impl SendError {
+    /// Whether sending the same signature again cannot help: it cannot be encoded, the workflow is
+    /// invalid, or the broker or the backend refused it for good (see [`BrokerError::is_permanent`] and
+    /// [`BackendError::is_permanent`]). Lost connections and time-outs are transient.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SendError::Encode(_) | SendError::Json { .. } | SendError::Workflow(_) => true,
+            SendError::Backend { source, .. } => source.is_permanent(),
+            SendError::Broker { source, .. } => source.is_permanent(),
+        }
+    }
+}
+
 impl From<EncodeError> for SendError {
     fn from(e: EncodeError) -> Self {
         SendError::Encode(e.to_string())

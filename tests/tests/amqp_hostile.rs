@@ -1,6 +1,7 @@
 //! Messages with large headers on RabbitMQ (issue 18, cases 1 and 2): a message published by another
 //! client with headers larger than a small frame, and our own re-publish of a signature with large
-//! `Headers`, both reach the worker and run; the queue keeps moving.
+//! `Headers`, both reach the worker and run; a retry whose headers can never fit in a frame fails the task
+//! with the reason instead of looping; the queue keeps moving.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -22,6 +23,12 @@ async fn fails_once(ctx: &TaskContext, key: String) -> Result<String, TaskError>
         return Err(ctx.retry_after(Duration::from_millis(10)));
     }
     Ok(key)
+}
+
+/// Always fails, asking for its retries.
+#[task(name = "amqp_hostile_always_fails", retries = 1)]
+async fn always_fails(key: String) -> Result<String, TaskError> {
+    Err(TaskError::new(format!("{key} fails")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,5 +103,55 @@ async fn a_retry_of_a_signature_with_20_kb_headers_is_republished_and_succeeds()
     );
     let next = probe::send(&server, &key, 9, 0).await.unwrap();
     assert_eq!(next.get(WAIT).await.unwrap(), 9);
+    worker.shutdown(WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_headers_can_never_fit_a_frame_fails_the_task_with_the_reason() {
+    if !require(Service::RabbitMq, "headers over a frame") {
+        return;
+    }
+    let config = amqp::config("hugeheaders");
+    let _cleanup = Cleanup::for_config(&config);
+    let server = machinery::Server::new(config.clone()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(always_fails::task())
+        .register(probe::task())
+        .concurrency(2)
+        .start()
+        .await
+        .unwrap();
+    // The body carries `Headers` of 200 KB (a body may be any size); a re-publish copies them into the
+    // AMQP headers, which must fit in one 128 KiB frame.
+    let key = unique("hugeheaders");
+    let mut signature = always_fails::signature(key.clone())
+        .header("big", "h".repeat(200_000))
+        .erase();
+    signature.uuid = unique("task_hugeheaders");
+    let body = signature.to_json().unwrap();
+    Rabbit::connect()
+        .await
+        .publish(
+            &config.amqp.exchange,
+            &config.default_queue,
+            &body,
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    let error = server
+        .result::<String>(signature.uuid.clone())
+        .get(WAIT)
+        .await
+        .expect_err("the task fails");
+    let text = error.to_string();
+    assert!(text.contains(&format!("{key} fails")), "{text}");
+    assert!(text.contains("do not fit in one AMQP frame"), "{text}");
+    let next = probe::send(&server, &key, 11, 0).await.unwrap();
+    assert_eq!(next.get(WAIT).await.unwrap(), 11);
+    assert_eq!(
+        queue_info(&config.default_queue).map(|q| (q.ready, q.unacked)),
+        Some((0, 0)),
+        "nothing loops"
+    );
     worker.shutdown(WAIT).await.unwrap();
 }

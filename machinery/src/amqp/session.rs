@@ -101,6 +101,16 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// The largest frame this session offers (the smallest of its URLs'): a message's headers must fit
+    /// in one.
+    pub(crate) fn frame_max(&self) -> u32 {
+        self.endpoints
+            .iter()
+            .filter_map(|endpoint| endpoint.uri.query.frame_max)
+            .min()
+            .unwrap_or(u32::MAX)
+    }
+
     /// A session for `role` (`broker`, `result backend`) over these URLs; nothing is connected yet.
     pub(crate) fn new(role: &'static str, endpoints: Vec<Endpoint>) -> Self {
         // The name shows in `rabbitmqctl list_connections client_properties` and the management UI; the

@@ -230,6 +230,15 @@ pub(super) async fn requeue(
         error,
         chord_elected,
     } = failed;
+    if error.is_permanent() {
+        // The broker refuses this follow-up for good: running the task again would send it again, and
+        // be refused again, for ever. Give the message up, saying why.
+        let reason = format!("the {what} {callback} can never be sent: {error}");
+        tracing::error!(%reason, "dead-lettering a task whose follow-up the broker refuses for good");
+        ctx.hooks.error(&error);
+        settle("dead-letter", delivery.dead_letter(reason)).await;
+        return;
+    }
     tracing::warn!(%error, callback = %callback, attempt, retry_in = ?pause, "cannot send the {what}; the message goes back to the queue and the task runs again (at-least-once: follow-ups may be sent twice)");
     ctx.hooks.error(&error);
     let mut again = signature.clone().header(FOLLOW_UP_ATTEMPTS_HEADER, attempt);

@@ -417,6 +417,11 @@ async fn failed(
     if failure.is_retryable() && signature.retry_count > 0 {
         return retry(ctx, def, signature, &failure).await;
     }
+    final_failure(ctx, signature, failure).await
+}
+
+/// Stores FAILURE and sends the error callbacks: a failure with no retry left.
+async fn final_failure(ctx: &WorkerContext, signature: &Signature, failure: TaskFailure) -> Finish {
     let state = TaskState::failure(&signature.uuid, &signature.name, failure.message.clone());
     if let Err(error) = store_final(ctx, &state).await {
         return Finish::not_stored(error);
@@ -464,6 +469,17 @@ async fn retry(
     tracing::info!(error = %failure.message, retry_in = ?delay, retries_left = again.retry_count, "task failed; retrying");
     match ctx.server.publish(&mut again).await {
         Ok(()) => Finish::Done(state),
+        Err(error) if error.is_permanent() => {
+            // The broker will never take the retry (headers too large for it, say): the task fails now,
+            // saying why, rather than run again and again.
+            tracing::error!(%error, "the retry can never be scheduled; the task fails");
+            ctx.hooks.error(&error);
+            let message = format!(
+                "{}; the retry cannot be scheduled: {error}",
+                failure.message
+            );
+            final_failure(ctx, signature, TaskFailure::new(failure.kind, message)).await
+        }
         Err(error) => {
             tracing::error!(%error, "cannot schedule the retry");
             ctx.hooks.error(&error);

@@ -209,6 +209,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+        headers_fit(&message, self.inner.session.frame_max())?;
         self.inner
             .publish(&message)
             .await
@@ -217,6 +218,10 @@ impl Broker for AmqpBroker {
 
     /// Sends every message before waiting for any confirm, so a group costs about one round trip.
     async fn publish_many(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+        let frame_max = self.inner.session.frame_max();
+        for message in &messages {
+            headers_fit(message, frame_max)?;
+        }
         self.inner
             .publish_many(&messages)
             .await
@@ -233,4 +238,28 @@ impl Broker for AmqpBroker {
     fn inspect(&self) -> Result<&dyn Inspect, BrokerError> {
         Ok(self)
     }
+}
+
+/// Room in the content-header frame for everything but the headers table: frame and header overhead, the
+/// content type, delivery mode and priority, with a margin.
+const HEADER_FRAME_RESERVE: usize = 512;
+
+/// Refuses a message whose headers cannot fit in one AMQP frame, before it is sent: RabbitMQ would close
+/// the whole connection (`frame_too_large`), and sending it again would do the same, for ever. The size
+/// is estimated from the headers' JSON, which is at least as long as their AMQP table for the strings and
+/// numbers headers carry, plus a few bytes per entry for the table's type and length fields.
+fn headers_fit(message: &Outgoing, frame_max: u32) -> Result<(), BrokerError> {
+    if message.headers.is_empty() {
+        return Ok(());
+    }
+    let estimate = serde_json::to_vec(&message.headers).map_or(usize::MAX, |json| json.len())
+        + 8 * message.headers.len();
+    let room = (frame_max as usize).saturating_sub(HEADER_FRAME_RESERVE);
+    if estimate > room {
+        return Err(BrokerError::Rejected(format!(
+            "the headers of task {} ({} bytes or so) do not fit in one AMQP frame of {frame_max} bytes",
+            message.uuid, estimate
+        )));
+    }
+    Ok(())
 }
