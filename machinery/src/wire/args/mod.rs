@@ -82,6 +82,17 @@ impl Scalar {
         }
     }
 
+    /// The kind of value a Go type holds: two tags of one kind can carry each other's values (the value's
+    /// range is checked when it is decoded).
+    fn kind(self) -> Kind {
+        match self {
+            Scalar::Bool => Kind::Bool,
+            Scalar::Float32 | Scalar::Float64 => Kind::Float,
+            Scalar::String => Kind::String,
+            _ => Kind::Integer,
+        }
+    }
+
     fn parse(tag: &str) -> Option<Scalar> {
         Some(match tag {
             "bool" => Scalar::Bool,
@@ -101,6 +112,15 @@ impl Scalar {
             _ => return None,
         })
     }
+}
+
+/// See [`Scalar::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bool,
+    Integer,
+    Float,
+    String,
 }
 
 /// The type tag of a value on the wire: one of Go machinery's 29 tags, or `json` for any other serde type.
@@ -135,6 +155,23 @@ impl TypeTag {
         match tag.strip_prefix("[]") {
             Some(inner) => Scalar::parse(inner).map(TypeTag::Slice),
             None => Scalar::parse(tag).map(TypeTag::Scalar),
+        }
+    }
+
+    /// Whether a value tagged `found` on the wire may be read as a parameter whose tag is `self`. Go checks
+    /// the tag of every argument against its parameter; we accept the tags of the same kind of value:
+    /// any Go integer type for an integer parameter (the value's range is checked when it is decoded),
+    /// `float32`/`float64` for a float, `[]T` forms of those for a slice, and, for a Rust-only type
+    /// (`json`), any tag Go or we write. A tag that names another kind, or no known type, is refused.
+    pub fn accepts(self, found: &str) -> bool {
+        let Some(found) = TypeTag::parse(found) else {
+            return false;
+        };
+        match (self, found) {
+            (TypeTag::Json, _) => true,
+            (TypeTag::Scalar(want), TypeTag::Scalar(got))
+            | (TypeTag::Slice(want), TypeTag::Slice(got)) => want.kind() == got.kind(),
+            _ => false,
         }
     }
 
@@ -465,6 +502,59 @@ mod tests {
             err.to_string(),
             "task sum: argument 1: expected []int64, got string \"x\""
         );
+    }
+
+    #[test]
+    fn tags_must_fit_the_parameter() {
+        let cases: [(&str, Value, bool); 10] = [
+            ("int32", json!(5), true),
+            ("uint8", json!(5), true),
+            ("int128", json!(5), false),
+            ("string", json!(5), false),
+            ("float64", json!(5), false),
+            ("json", json!(5), false),
+            ("main.Money", json!(5), false),
+            ("", json!(5), false),
+            ("int8", json!(-0), true),
+            ("uint64", json!(u64::MAX), false),
+        ];
+        for (tag, value, ok) in cases {
+            let args = [arg(tag, value.clone())];
+            let result = ArgReader::new("t", &args, 1, false).next::<i64>();
+            assert_eq!(result.is_ok(), ok, "{tag} {value}: {result:?}");
+        }
+        let args = [arg("bool", json!("str"))];
+        assert_eq!(
+            ArgReader::new("echo", &args, 1, false)
+                .next::<String>()
+                .unwrap_err()
+                .to_string(),
+            "task echo: argument 1: expected string, got bool \"str\""
+        );
+        let args = [arg("float32", json!(1.5)), arg("[]float32", json!([2]))];
+        let mut reader = ArgReader::new("f", &args, 2, false);
+        assert_eq!(reader.next::<f64>().unwrap(), 1.5);
+        assert_eq!(reader.next::<Vec<f64>>().unwrap(), vec![2.0]);
+        // Rust-only types take any known tag, never an unknown one.
+        let args = [arg("int64", json!(1)), arg("main.Money", json!(1))];
+        let mut reader = ArgReader::new("v", &args, 2, false);
+        assert_eq!(reader.next::<Value>().unwrap(), json!(1));
+        assert!(reader.next::<Value>().is_err());
+        // A variadic tail checks each argument: elements of the element's kind, slices of the slice's.
+        let args = [arg("[]int32", json!([1, 2])), arg("uint8", json!(3))];
+        assert_eq!(
+            ArgReader::new("sum", &args, 1, true).rest::<i64>().unwrap(),
+            vec![1, 2, 3]
+        );
+        for bad in [arg("[]string", json!([1])), arg("string", json!(1))] {
+            let args = [bad];
+            assert!(ArgReader::new("sum", &args, 1, true).rest::<i64>().is_err());
+        }
+        let args = [arg("[]int64", Value::Null)];
+        assert!(ArgReader::new("sum", &args, 1, true)
+            .rest::<i64>()
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -92,26 +92,40 @@ impl<'a> ArgReader<'a> {
         let index = self.pos;
         let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
         self.pos += 1;
+        if !TypeTag::of::<T>().accepts(&arg.type_tag) {
+            return Err(self.type_error::<T>(index, arg));
+        }
         decode_value(&arg.type_tag, &arg.value).map_err(|_| self.type_error::<T>(index, arg))
     }
 
     /// Reads all remaining arguments into a `Vec<T>`: one slice argument, trailing scalar arguments of `T`
     /// (Go's variadic calls, and results appended by chains and chords), or a mix of both, in order.
+    ///
+    /// Each argument's tag must fit: the element's tag (or one of its kind) for a single element, the
+    /// slice's for a slice (see [`TypeTag::accepts`]).
     pub fn rest<T: DeserializeOwned>(&mut self) -> Result<Vec<T>, ArgError> {
+        let element = TypeTag::of::<T>();
+        let slice = TypeTag::of::<Vec<T>>();
         let mut out = Vec::new();
         while let Some(arg) = self.args.get(self.pos) {
             let index = self.pos;
             self.pos += 1;
+            let as_element = element.accepts(&arg.type_tag);
+            let as_slice = slice.accepts(&arg.type_tag);
             let value = normalize(&arg.type_tag, &arg.value);
-            if value.is_array() {
+            if as_slice && value.is_null() && element != slice {
+                // Go's nil slice.
+                continue;
+            }
+            if as_slice && value.is_array() {
                 if let Ok(items) = Vec::<T>::deserialize(value.as_ref()) {
                     out.extend(items);
                     continue;
                 }
             }
             match T::deserialize(value.as_ref()) {
-                Ok(item) => out.push(item),
-                Err(_) => return Err(self.type_error::<Vec<T>>(index, arg)),
+                Ok(item) if as_element => out.push(item),
+                _ => return Err(self.type_error::<Vec<T>>(index, arg)),
             }
         }
         Ok(out)

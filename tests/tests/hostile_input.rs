@@ -1,0 +1,218 @@
+//! Issue 18: hostile input never wedges a queue, loops for ever, or loses a message. Each test pushes a raw
+//! message onto the Redis queue (`RPUSH` of the JSON, as any other client could write it) next to a running
+//! worker, checks where it ends (run, FAILURE with a stored reason, or `<queue>.dead` with a reason), and
+//! then checks that a normal task sent right after still completes.
+
+mod redis_common;
+
+use std::time::Duration;
+
+use machinery::{task, Server, State, TaskError, TaskState, Worker};
+use machinery_tests::{require, Service};
+use redis::AsyncCommands as _;
+use redis_common::{raw, Names};
+use serde_json::Value;
+
+#[task]
+async fn add(a: i64, b: i64) -> Result<i64, TaskError> {
+    Ok(a + b)
+}
+
+#[task]
+async fn echo(text: String) -> Result<String, TaskError> {
+    Ok(text)
+}
+
+#[task]
+async fn scale(x: f64) -> Result<f64, TaskError> {
+    Ok(x * 2.0)
+}
+
+#[task]
+async fn total(values: Vec<i64>) -> Result<i64, TaskError> {
+    Ok(values.iter().sum())
+}
+
+/// Returns a number JSON cannot hold.
+#[task]
+async fn not_finite(kind: String) -> Result<f64, TaskError> {
+    Ok(match kind.as_str() {
+        "nan" => f64::NAN,
+        "-inf" => f64::NEG_INFINITY,
+        _ => f64::INFINITY,
+    })
+}
+
+/// Takes any JSON value and tells how deep it is.
+#[task]
+async fn depth(value: Value) -> Result<i64, TaskError> {
+    let mut depth = 0;
+    let mut at = &value;
+    while let Some(next) = at.as_array().and_then(|a| a.first()) {
+        depth += 1;
+        at = next;
+    }
+    Ok(depth)
+}
+
+/// One step of a long chain: the previous step's result plus one.
+#[task]
+async fn step(n: i64) -> Result<i64, TaskError> {
+    Ok(n + 1)
+}
+
+/// A worker on this test's queue with every task of this file, and a server to send and read with.
+async fn worker(names: &Names) -> (Server, machinery::RunningWorker) {
+    let server = Server::new(names.config()).await.unwrap();
+    let running = Worker::new(&server)
+        .register(add::task())
+        .register(echo::task())
+        .register(scale::task())
+        .register(total::task())
+        .register(not_finite::task())
+        .register(depth::task())
+        .register(step::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    (server, running)
+}
+
+/// A message as Go's `SendTask` writes it, with these arguments (JSON text of the `Args` array).
+fn go_message(uuid: &str, name: &str, queue: &str, args: &str) -> String {
+    format!(
+        r#"{{"UUID":"{uuid}","Name":"{name}","RoutingKey":"{queue}","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":{args},"Headers":{{}},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}}"#
+    )
+}
+
+async fn push(queue: &str, body: &str) {
+    let mut conn = raw().await;
+    let _: () = conn.rpush(queue, body).await.unwrap();
+}
+
+/// Waits for the final state of `uuid`.
+async fn final_state(server: &Server, uuid: &str) -> TaskState {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(state)) = server.backend().get_state(uuid).await {
+            if state.is_completed() {
+                return state;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no final state of {uuid}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A normal task sent after the hostile ones completes.
+async fn a_normal_task_completes(server: &Server) {
+    let sum = add::send(server, 20, 22).await.unwrap();
+    assert_eq!(sum.get(Duration::from_secs(10)).await.unwrap(), 42);
+}
+
+fn assert_failure(state: &TaskState, needles: &[&str]) {
+    assert_eq!(state.state, State::Failure, "{state:?}");
+    for needle in needles {
+        assert!(
+            state.error.contains(needle),
+            "{needle:?} not in the stored error {:?}",
+            state.error
+        );
+    }
+}
+
+#[tokio::test]
+async fn type_tags_are_checked_against_the_parameter() {
+    if !require(
+        Service::Redis,
+        "type_tags_are_checked_against_the_parameter",
+    ) {
+        return;
+    }
+    let names = Names::new("hi_tags");
+    let (server, running) = worker(&names).await;
+    let q = &names.queue;
+    let arg = |tag: &str, value: &str| format!(r#"{{"Name":"","Type":"{tag}","Value":{value}}}"#);
+    let refused = [
+        // (task, args, what the error names)
+        (
+            "add",
+            format!("[{},{}]", arg("int128", "5"), arg("int64", "1")),
+            vec!["task add", "argument 1", "expected int64", "int128 5"],
+        ),
+        (
+            "add",
+            format!("[{},{}]", arg("int64", "1"), arg("string", "5")),
+            vec!["task add", "argument 2", "expected int64", "string 5"],
+        ),
+        (
+            "echo",
+            format!("[{}]", arg("bool", r#""str""#)),
+            vec![
+                "task echo",
+                "argument 1",
+                "expected string",
+                r#"bool "str""#,
+            ],
+        ),
+        (
+            "scale",
+            format!("[{}]", arg("string", "1.5")),
+            vec!["task scale", "argument 1", "expected float64", "string 1.5"],
+        ),
+        (
+            "total",
+            format!("[{}]", arg("[]string", "[1,2]")),
+            vec![
+                "task total",
+                "argument 1",
+                "expected []int64",
+                "[]string [1,2]",
+            ],
+        ),
+        (
+            "add",
+            format!("[{},{}]", arg("main.Money", "1"), arg("int64", "1")),
+            vec!["task add", "argument 1", "expected int64", "main.Money 1"],
+        ),
+    ];
+    for (n, (task, args, _)) in refused.iter().enumerate() {
+        push(q, &go_message(&names.task(n), task, q, args)).await;
+    }
+    // Compatible tags still pass: every Go integer kind within range, float32 for f64, []int32 for Vec<i64>.
+    let accepted = [
+        (
+            "add",
+            format!("[{},{}]", arg("int", "40"), arg("uint8", "2")),
+            "42",
+        ),
+        (
+            "add",
+            format!("[{},{}]", arg("int32", "-1"), arg("uint64", "3")),
+            "2",
+        ),
+        ("scale", format!("[{}]", arg("float32", "1.5")), "3"),
+        ("total", format!("[{}]", arg("[]int32", "[1,2,3]")), "6"),
+        ("echo", format!("[{}]", arg("string", r#""ok""#)), r#""ok""#),
+    ];
+    for (n, (task, args, _)) in accepted.iter().enumerate() {
+        push(q, &go_message(&names.task(100 + n), task, q, args)).await;
+    }
+    for (n, (_, _, needles)) in refused.iter().enumerate() {
+        let state = final_state(&server, &names.task(n)).await;
+        assert_failure(&state, needles);
+    }
+    for (n, (_, _, result)) in accepted.iter().enumerate() {
+        let state = final_state(&server, &names.task(100 + n)).await;
+        assert_eq!(state.state, State::Success, "{state:?}");
+        let results = state.results.unwrap();
+        assert_eq!(results[0].value.to_string(), *result);
+    }
+    a_normal_task_completes(&server).await;
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}
