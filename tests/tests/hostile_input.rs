@@ -216,3 +216,41 @@ async fn type_tags_are_checked_against_the_parameter() {
     running.shutdown(Duration::from_secs(5)).await.unwrap();
     names.cleanup().await;
 }
+
+#[tokio::test]
+async fn non_finite_numbers_fail_the_task_instead_of_storing_null() {
+    if !require(
+        Service::Redis,
+        "non_finite_numbers_fail_the_task_instead_of_storing_null",
+    ) {
+        return;
+    }
+    let names = Names::new("hi_float");
+    let (server, running) = worker(&names).await;
+    let q = &names.queue;
+    for (n, kind) in ["inf", "nan", "-inf"].iter().enumerate() {
+        let args = format!(r#"[{{"Name":"","Type":"string","Value":"{kind}"}}]"#);
+        push(q, &go_message(&names.task(n), "not_finite", q, &args)).await;
+    }
+    // A number JSON cannot hold, as the raw text of an argument.
+    let args = r#"[{"Name":"","Type":"int64","Value":1},{"Name":"","Type":"int64","Value":1e400}]"#;
+    push(q, &go_message(&names.task("big"), "add", q, args)).await;
+    for n in 0..3 {
+        let state = final_state(&server, &names.task(n)).await;
+        assert_failure(&state, &["result is not a finite number"]);
+        assert!(state.results.is_none(), "{state:?}");
+    }
+    let state = final_state(&server, &names.task("big")).await;
+    assert_failure(&state, &["task add", "argument 2", "1e400"]);
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(q)
+        .await
+        .unwrap();
+    assert_eq!(stats.dead, Some(0), "nothing is dead-lettered");
+    a_normal_task_completes(&server).await;
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}

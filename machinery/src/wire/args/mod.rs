@@ -219,22 +219,59 @@ impl Shape {
 
 /// A value that could not be turned into JSON.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot encode {rust_type} as a task value: {source}")]
-pub struct EncodeError {
-    rust_type: &'static str,
-    #[source]
-    source: serde_json::Error,
+#[non_exhaustive]
+pub enum EncodeError {
+    /// serde could not serialize it.
+    #[error("cannot encode {rust_type} as a task value: {source}")]
+    Serialize {
+        /// The Rust type.
+        rust_type: &'static str,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A float that is NaN or infinite: JSON has no such numbers (Go's encoder refuses them too, where
+    /// serde would write `null`).
+    #[error("{what} is not a finite number ({rust_type} NaN or infinity): JSON cannot hold it")]
+    NotFinite {
+        /// `result` or `argument`.
+        what: &'static str,
+        /// The Rust type.
+        rust_type: &'static str,
+    },
 }
 
-/// Encodes a Rust value as a wire value with its type tag.
+impl EncodeError {
+    fn of(self, what: &'static str) -> Self {
+        match self {
+            EncodeError::NotFinite { rust_type, .. } => EncodeError::NotFinite { what, rust_type },
+            other => other,
+        }
+    }
+}
+
+/// Encodes a Rust value as a wire value with its type tag. A NaN or infinite float (alone or in a
+/// slice) is an error, as in Go, rather than serde's `null`.
 pub fn encode_value<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<(TypeTag, Value), EncodeError> {
     let tag = TypeTag::of::<T>();
-    let mut json = serde_json::to_value(value).map_err(|source| EncodeError {
-        rust_type: std::any::type_name::<T>(),
-        source,
-    })?;
+    let rust_type = std::any::type_name::<T>();
+    let mut json = serde_json::to_value(value)
+        .map_err(|source| EncodeError::Serialize { rust_type, source })?;
+    let not_finite = match (tag, &json) {
+        (TypeTag::Scalar(Scalar::Float32 | Scalar::Float64), Value::Null) => true,
+        (TypeTag::Slice(Scalar::Float32 | Scalar::Float64), Value::Array(items)) => {
+            items.iter().any(Value::is_null)
+        }
+        _ => false,
+    };
+    if not_finite {
+        return Err(EncodeError::NotFinite {
+            what: "value",
+            rust_type,
+        });
+    }
     apply_go_conventions(tag, &mut json);
     Ok((tag, json))
 }
@@ -244,7 +281,7 @@ pub fn encode_arg<T: Serialize + DeserializeOwned>(
     name: &str,
     value: &T,
 ) -> Result<Arg, EncodeError> {
-    let (tag, value) = encode_value(value)?;
+    let (tag, value) = encode_value(value).map_err(|e| e.of("argument"))?;
     Ok(Arg::new(name, tag.as_str(), value))
 }
 
@@ -260,7 +297,7 @@ pub fn encode_variadic_args<T: Serialize + DeserializeOwned>(
 pub fn encode_result<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<TaskResult, EncodeError> {
-    let (tag, value) = encode_value(value)?;
+    let (tag, value) = encode_value(value).map_err(|e| e.of("result"))?;
     Ok(TaskResult::new(tag.as_str(), value))
 }
 
@@ -411,6 +448,20 @@ mod tests {
             encode_value(&Point { x: 1, y: 2 }).unwrap(),
             (TypeTag::Json, json!({"x": 1, "y": 2}))
         );
+    }
+
+    #[test]
+    fn non_finite_floats_are_errors() {
+        for f in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = encode_result(&f).unwrap_err().to_string();
+            assert!(
+                error.starts_with("result is not a finite number"),
+                "{error}"
+            );
+            assert!(encode_arg("x", &vec![1.0, f]).is_err());
+            assert!(encode_value(&(f as f32)).is_err());
+        }
+        assert_eq!(encode_value(&f64::MAX).unwrap().1, json!(f64::MAX));
     }
 
     #[test]

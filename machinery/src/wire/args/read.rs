@@ -77,11 +77,19 @@ impl<'a> ArgReader<'a> {
             TypeTag::Json => format!("json ({})", std::any::type_name::<T>()),
             tag => tag.as_str().to_owned(),
         };
+        let found = match arg.unreadable_value() {
+            Some(unreadable) => format!(
+                "{}: {}",
+                describe_text(&arg.type_tag, unreadable.raw.clone()),
+                unreadable.reason
+            ),
+            None => describe(&arg.type_tag, &arg.value),
+        };
         ArgError::Type {
             task: self.task.to_owned(),
             index: index + 1,
             expected,
-            found: describe(&arg.type_tag, &arg.value),
+            found,
         }
     }
 
@@ -92,7 +100,7 @@ impl<'a> ArgReader<'a> {
         let index = self.pos;
         let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
         self.pos += 1;
-        if !TypeTag::of::<T>().accepts(&arg.type_tag) {
+        if arg.unreadable_value().is_some() || !TypeTag::of::<T>().accepts(&arg.type_tag) {
             return Err(self.type_error::<T>(index, arg));
         }
         decode_value(&arg.type_tag, &arg.value).map_err(|_| self.type_error::<T>(index, arg))
@@ -110,6 +118,9 @@ impl<'a> ArgReader<'a> {
         while let Some(arg) = self.args.get(self.pos) {
             let index = self.pos;
             self.pos += 1;
+            if arg.unreadable_value().is_some() {
+                return Err(self.type_error::<Vec<T>>(index, arg));
+            }
             let as_element = element.accepts(&arg.type_tag);
             let as_slice = slice.accepts(&arg.type_tag);
             let value = normalize(&arg.type_tag, &arg.value);
@@ -142,7 +153,10 @@ impl<'a> ArgReader<'a> {
 
 /// `string "x"`, `int64 3`, ... for error messages; long values are cut.
 fn describe(type_tag: &str, value: &Value) -> String {
-    let mut text = value.to_string();
+    describe_text(type_tag, value.to_string())
+}
+
+fn describe_text(type_tag: &str, mut text: String) -> String {
     if text.len() > 64 {
         let mut cut = 61;
         while !text.is_char_boundary(cut) {
