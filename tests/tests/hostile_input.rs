@@ -7,7 +7,7 @@ mod redis_common;
 
 use std::time::Duration;
 
-use machinery::{task, Server, State, TaskError, TaskState, Worker};
+use machinery::{task, Server, Signature, State, TaskError, TaskState, Worker};
 use machinery_tests::{require, Service};
 use redis::AsyncCommands as _;
 use redis_common::{raw, Names};
@@ -250,6 +250,136 @@ async fn non_finite_numbers_fail_the_task_instead_of_storing_null() {
         .await
         .unwrap();
     assert_eq!(stats.dead, Some(0), "nothing is dead-lettered");
+    a_normal_task_completes(&server).await;
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}
+
+/// A chain of `steps` `step` tasks as Go's `NewChain` + `SendChain` writes it: nested `OnSuccess`, the
+/// first step with the argument 1, the others with no arguments (each receives the previous result).
+fn go_chain(names: &Names, steps: usize) -> String {
+    let mut text = String::with_capacity(steps * 400);
+    for i in 1..=steps {
+        let args = if i == 1 {
+            r#"[{"Name":"","Type":"int64","Value":1}]"#
+        } else {
+            "null"
+        };
+        let routing = if i == 1 { names.queue.as_str() } else { "" };
+        text.push_str(&format!(
+            r#"{{"UUID":"{}","Name":"step","RoutingKey":"{routing}","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":{args},"Headers":{{}},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":"#,
+            names.task(i)
+        ));
+        if i < steps {
+            text.push('[');
+        } else {
+            text.push_str("null");
+        }
+    }
+    let tail = r#","OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
+    for i in (1..=steps).rev() {
+        text.push_str(tail);
+        if i > 1 {
+            text.push(']');
+        }
+    }
+    text
+}
+
+/// How many signatures a chain message holds (`OnSuccess` nesting), counted without recursion.
+fn chain_length(signature: &Signature) -> usize {
+    let mut length = 1;
+    let mut at = signature;
+    while let Some(next) = at.on_success.first() {
+        length += 1;
+        at = next;
+    }
+    length
+}
+
+#[tokio::test]
+async fn a_ten_thousand_step_chain_runs_and_travels_on() {
+    if !require(
+        Service::Redis,
+        "a_ten_thousand_step_chain_runs_and_travels_on",
+    ) {
+        return;
+    }
+    const STEPS: usize = 10_000;
+    let names = Names::new("hi_chain");
+    let (server, running) = worker(&names).await;
+    let q = &names.queue;
+    push(q, &go_chain(&names, STEPS)).await;
+    // Step i receives i (step 1 its argument, the others the previous result) and returns i + 1.
+    for i in 1..=3 {
+        let state = final_state(&server, &names.task(i)).await;
+        assert_eq!(state.state, State::Success, "step {i}: {state:?}");
+        assert_eq!(state.results.unwrap()[0].value, i as i64 + 1);
+    }
+    running.shutdown(Duration::from_secs(10)).await.unwrap();
+    // The rest of the chain is back on the queue, whole: the next step carries every step after it.
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(q)
+        .await
+        .unwrap();
+    assert_eq!(stats.dead, Some(0), "nothing is dead-lettered");
+    let pending = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .pending(q, 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "the chain's next step waits on the queue");
+    let next = Signature::from_json(&pending[0]).unwrap();
+    let k: usize = next.uuid.rsplit('_').next().unwrap().parse().unwrap();
+    assert!(k >= 4, "step {k} is next");
+    eprintln!("the worker ran {} steps before it stopped", k - 1);
+    assert_eq!(next.args.len(), 1);
+    assert_eq!(
+        next.args[0].value, k as i64,
+        "step {k} got the previous result"
+    );
+    assert_eq!(
+        chain_length(&next),
+        STEPS - k + 1,
+        "the chain after step {k} is whole"
+    );
+    let done = final_state(&server, &names.task(k - 1)).await;
+    assert_eq!(done.results.unwrap()[0].value, k as i64);
+    let (server, running) = worker(&names).await;
+    a_normal_task_completes(&server).await;
+    running.shutdown(Duration::from_secs(10)).await.unwrap();
+    names.cleanup().await;
+}
+
+#[tokio::test]
+async fn deep_nesting_inside_an_argument_is_refused_without_overflowing_the_stack() {
+    if !require(
+        Service::Redis,
+        "deep_nesting_inside_an_argument_is_refused_without_overflowing_the_stack",
+    ) {
+        return;
+    }
+    let names = Names::new("hi_deep");
+    let (server, running) = worker(&names).await;
+    let q = &names.queue;
+    let levels = 100_000;
+    let value = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+    let args = format!(r#"[{{"Name":"","Type":"json","Value":{value}}}]"#);
+    push(q, &go_message(&names.task("deep"), "depth", q, &args)).await;
+    // A value nested to a reasonable depth still runs.
+    let value = format!("{}{}", "[".repeat(100), "]".repeat(100));
+    let args = format!(r#"[{{"Name":"","Type":"json","Value":{value}}}]"#);
+    push(q, &go_message(&names.task("fine"), "depth", q, &args)).await;
+    let state = final_state(&server, &names.task("deep")).await;
+    assert_failure(&state, &["task depth", "argument 1", "nested too deeply"]);
+    let state = final_state(&server, &names.task("fine")).await;
+    assert_eq!(state.state, State::Success, "{state:?}");
+    assert_eq!(state.results.unwrap()[0].value, 99);
     a_normal_task_completes(&server).await;
     running.shutdown(Duration::from_secs(5)).await.unwrap();
     names.cleanup().await;

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use serde::ser::{self, SerializeStruct};
+use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+pub use super::arg::{Arg, MAX_VALUE_DEPTH};
 use super::gotime;
 use super::tolerant::{wire_fields, Lenient};
 
@@ -34,130 +35,6 @@ pub const TIME_LIMIT_HEADER: &str = "machinery_time_limit_ms";
 
 /// The header counting the retries already made, for back-off strategies. Go workers keep it unchanged.
 pub const RETRY_ATTEMPT_HEADER: &str = "machinery_retry_attempt";
-
-/// One task argument: `{"Name": "", "Type": "int64", "Value": 1}`.
-///
-/// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](super::args::TypeTag)).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Arg {
-    /// The parameter name, informational only.
-    pub name: String,
-    /// The Go type tag, e.g. `int64`, `[]string`, or `json`.
-    pub type_tag: String,
-    /// The JSON value (`null` when the message's value could not be read, see [`Arg::unreadable`]).
-    pub value: Value,
-    /// A value that is valid JSON but cannot be held in a [`Value`]: kept as its text, so that the task
-    /// fails naming this argument and a re-published message carries the text unchanged.
-    unreadable: Option<Unreadable>,
-}
-
-/// The raw text of an argument value that could not be read, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Unreadable {
-    pub(crate) raw: String,
-    pub(crate) reason: String,
-}
-
-/// How deep an argument value may nest (serde_json's own limit), so that reading, dropping and
-/// formatting it stay within any thread's stack.
-pub const MAX_VALUE_DEPTH: usize = 128;
-
-impl Arg {
-    /// An argument with the given name, type tag and value.
-    pub fn new(name: impl Into<String>, type_tag: impl Into<String>, value: Value) -> Self {
-        Arg {
-            name: name.into(),
-            type_tag: type_tag.into(),
-            value,
-            unreadable: None,
-        }
-    }
-
-    /// Why the message's value of this argument could not be read (a number JSON cannot hold such as
-    /// `1e400`, or nesting deeper than [`MAX_VALUE_DEPTH`]), if it could not.
-    pub fn unreadable(&self) -> Option<&str> {
-        self.unreadable.as_ref().map(|u| u.reason.as_str())
-    }
-
-    pub(crate) fn unreadable_value(&self) -> Option<&Unreadable> {
-        self.unreadable.as_ref()
-    }
-
-    /// Reads an argument value from its raw JSON text; what cannot be read is kept as text.
-    fn read_value(&mut self, raw: &RawValue) {
-        match serde_json::from_str::<Value>(raw.get()) {
-            Ok(value) => self.value = value,
-            Err(error) => {
-                let text = error.to_string();
-                let reason = if text.starts_with("recursion limit exceeded") {
-                    format!("nested too deeply (more than {MAX_VALUE_DEPTH} levels)")
-                } else {
-                    // serde_json says where in the value's own text; that is no help to a reader.
-                    text.split(" at line ")
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                self.unreadable = Some(Unreadable {
-                    raw: raw.get().to_owned(),
-                    reason,
-                });
-            }
-        }
-    }
-}
-
-impl Serialize for Arg {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Arg", 3)?;
-        st.serialize_field("Name", &self.name)?;
-        st.serialize_field("Type", &self.type_tag)?;
-        match &self.unreadable {
-            Some(unreadable) => {
-                let raw =
-                    RawValue::from_string(unreadable.raw.clone()).map_err(ser::Error::custom)?;
-                st.serialize_field("Value", &raw)?;
-            }
-            None => st.serialize_field("Value", &self.value)?,
-        }
-        st.end()
-    }
-}
-
-wire_fields!(
-    enum ArgField {
-        Name = "Name",
-        Type = "Type",
-        Value = "Value",
-    }
-);
-
-impl<'de> Deserialize<'de> for Arg {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ArgVisitor;
-        impl<'de> Visitor<'de> for ArgVisitor {
-            type Value = Arg;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a machinery Arg object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Arg, A::Error> {
-                let mut arg = Arg::new("", "", Value::Null);
-                while let Some(key) = map.next_key::<ArgField>()? {
-                    match key {
-                        ArgField::Name => arg.name = map.next_value::<Lenient<String>>()?.0,
-                        ArgField::Type => arg.type_tag = map.next_value::<Lenient<String>>()?.0,
-                        ArgField::Value => arg.read_value(&map.next_value::<Box<RawValue>>()?),
-                        ArgField::Unknown => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(arg)
-            }
-        }
-        d.deserialize_map(ArgVisitor)
-    }
-}
 
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
@@ -255,35 +132,45 @@ impl Signature {
     }
 
     /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
+    ///
+    /// A chain nests each step in the `OnSuccess` of the one before, and Go sends chains of thousands of
+    /// steps, so serde_json's depth limit (128, i.e. 63 steps) is lifted here and the stack grows on the
+    /// heap as nested signatures are read. Free-form values (argument values, `Headers`) keep a depth
+    /// limit of their own ([`MAX_VALUE_DEPTH`]).
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        de.disable_recursion_limit();
+        let signature = Signature::deserialize(&mut de)?;
+        de.end()?;
+        Ok(signature)
     }
 }
 
 impl<T> Signature<T> {
     /// The same message with another output type.
-    pub fn retype<U>(self) -> Signature<U> {
+    pub fn retype<U>(mut self) -> Signature<U> {
+        use std::mem::take;
         Signature {
-            uuid: self.uuid,
-            name: self.name,
-            routing_key: self.routing_key,
+            uuid: take(&mut self.uuid),
+            name: take(&mut self.name),
+            routing_key: take(&mut self.routing_key),
             eta: self.eta,
-            group_uuid: self.group_uuid,
+            group_uuid: take(&mut self.group_uuid),
             group_task_count: self.group_task_count,
-            args: self.args,
-            headers: self.headers,
+            args: take(&mut self.args),
+            headers: self.headers.take(),
             priority: self.priority,
             immutable: self.immutable,
             retry_count: self.retry_count,
             retry_timeout: self.retry_timeout,
-            on_success: self.on_success,
-            on_error: self.on_error,
-            chord_callback: self.chord_callback,
-            broker_message_group_id: self.broker_message_group_id,
-            sqs_receipt_handle: self.sqs_receipt_handle,
+            on_success: take(&mut self.on_success),
+            on_error: take(&mut self.on_error),
+            chord_callback: self.chord_callback.take(),
+            broker_message_group_id: take(&mut self.broker_message_group_id),
+            sqs_receipt_handle: take(&mut self.sqs_receipt_handle),
             stop_task_deletion_on_error: self.stop_task_deletion_on_error,
             ignore_when_task_not_registered: self.ignore_when_task_not_registered,
-            encode_error: self.encode_error,
+            encode_error: self.encode_error.take(),
             _output: PhantomData,
         }
     }
@@ -402,9 +289,38 @@ pub fn new_chord_uuid() -> String {
     format!("chord_{}", uuid::Uuid::new_v4())
 }
 
+/// Stack room that the recursive operations on a signature (reading, writing, cloning, comparing,
+/// formatting a chain nested thousands deep) keep free, and the size of each stack segment they add on
+/// the heap when they reach it.
+const RED_ZONE: usize = 64 * 1024;
+const STACK_SEGMENT: usize = 1024 * 1024;
+
+/// Runs `f`, first moving to a fresh stack segment if the current one is nearly full.
+fn deep<R>(f: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, f)
+}
+
+impl<T> Drop for Signature<T> {
+    /// Takes nested callbacks apart one level at a time: the glue Rust would generate recurses once per
+    /// chain step, and a chain of thousands of steps would overflow the stack.
+    fn drop(&mut self) {
+        if self.on_success.is_empty() && self.on_error.is_empty() && self.chord_callback.is_none() {
+            return;
+        }
+        let mut nested: Vec<Signature> = std::mem::take(&mut self.on_success);
+        nested.append(&mut self.on_error);
+        nested.extend(self.chord_callback.take().map(|callback| *callback));
+        while let Some(mut signature) = nested.pop() {
+            nested.append(&mut signature.on_success);
+            nested.append(&mut signature.on_error);
+            nested.extend(signature.chord_callback.take().map(|callback| *callback));
+        }
+    }
+}
+
 impl<T> Clone for Signature<T> {
     fn clone(&self) -> Self {
-        Signature {
+        deep(|| Signature {
             uuid: self.uuid.clone(),
             name: self.name.clone(),
             routing_key: self.routing_key.clone(),
@@ -426,12 +342,18 @@ impl<T> Clone for Signature<T> {
             ignore_when_task_not_registered: self.ignore_when_task_not_registered,
             encode_error: self.encode_error.clone(),
             _output: PhantomData,
-        }
+        })
     }
 }
 
 impl<T> PartialEq for Signature<T> {
     fn eq(&self, other: &Self) -> bool {
+        deep(|| self.eq_fields(other))
+    }
+}
+
+impl<T> Signature<T> {
+    fn eq_fields(&self, other: &Self) -> bool {
         self.uuid == other.uuid
             && self.name == other.name
             && self.routing_key == other.routing_key
@@ -456,6 +378,12 @@ impl<T> PartialEq for Signature<T> {
 
 impl<T> fmt::Debug for Signature<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        deep(|| self.fmt_fields(f))
+    }
+}
+
+impl<T> Signature<T> {
+    fn fmt_fields(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Signature");
         s.field("uuid", &self.uuid).field("name", &self.name);
         if !self.routing_key.is_empty() {
@@ -509,6 +437,12 @@ impl Serialize for EtaField<'_> {
 
 impl<T> Serialize for Signature<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        deep(|| self.serialize_fields(s))
+    }
+}
+
+impl<T> Signature<T> {
+    fn serialize_fields<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("Signature", 19)?;
         st.serialize_field("UUID", &self.uuid)?;
         st.serialize_field("Name", &self.name)?;
@@ -568,6 +502,21 @@ impl<'de> Deserialize<'de> for EtaValue {
     }
 }
 
+/// Reads `Headers` from its raw text with serde_json's depth limit, which [`Signature::from_json`] lifts
+/// for the nesting of chains.
+fn read_headers<E: de::Error>(raw: &RawValue) -> Result<Option<Headers>, E> {
+    serde_json::from_str(raw.get()).map_err(|error| {
+        let text = error.to_string();
+        if text.starts_with("recursion limit exceeded") {
+            E::custom(format!(
+                "Headers: nested too deeply (more than {MAX_VALUE_DEPTH} levels)"
+            ))
+        } else {
+            E::custom(format!("Headers: {text}"))
+        }
+    })
+}
+
 impl<'de, T> Deserialize<'de> for Signature<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct SigVisitor<T>(PhantomData<fn() -> T>);
@@ -595,7 +544,9 @@ impl<'de, T> Deserialize<'de> for Signature<T> {
                         SigField::Args => {
                             sig.args = map.next_value::<Option<Vec<Arg>>>()?.unwrap_or_default()
                         }
-                        SigField::Headers => sig.headers = map.next_value()?,
+                        SigField::Headers => {
+                            sig.headers = read_headers(&map.next_value::<Box<RawValue>>()?)?
+                        }
                         SigField::Priority => sig.priority = map.next_value::<Lenient<u8>>()?.0,
                         SigField::Immutable => sig.immutable = map.next_value::<Lenient<bool>>()?.0,
                         SigField::RetryCount => {
@@ -605,16 +556,14 @@ impl<'de, T> Deserialize<'de> for Signature<T> {
                             sig.retry_timeout = map.next_value::<Lenient<u32>>()?.0
                         }
                         SigField::OnSuccess => {
-                            sig.on_success = map
-                                .next_value::<Option<Vec<Signature>>>()?
+                            sig.on_success = deep(|| map.next_value::<Option<Vec<Signature>>>())?
                                 .unwrap_or_default()
                         }
                         SigField::OnError => {
-                            sig.on_error = map
-                                .next_value::<Option<Vec<Signature>>>()?
+                            sig.on_error = deep(|| map.next_value::<Option<Vec<Signature>>>())?
                                 .unwrap_or_default()
                         }
-                        SigField::ChordCallback => sig.chord_callback = map.next_value()?,
+                        SigField::ChordCallback => sig.chord_callback = deep(|| map.next_value())?,
                         SigField::BrokerMessageGroupId => {
                             sig.broker_message_group_id = map.next_value::<Lenient<String>>()?.0
                         }
@@ -710,6 +659,70 @@ mod tests {
             sig.args[0].unreadable(),
             Some("nested too deeply (more than 128 levels)")
         );
+    }
+
+    /// A chain of `steps` as Go writes it, built without recursion.
+    fn chain_json(steps: usize) -> String {
+        let mut text = String::new();
+        for i in 0..steps {
+            text.push_str(&format!(
+                r#"{{"UUID":"task_{i}","Name":"step","OnSuccess":["#
+            ));
+        }
+        text.push_str(r#"{"Name":"last","Args":[{"Type":"int64","Value":1}]}"#);
+        for _ in 0..steps {
+            text.push_str("]}");
+        }
+        text
+    }
+
+    #[test]
+    fn ten_thousand_step_chains_decode_encode_clone_and_drop_on_a_small_stack() {
+        // 256 KiB: smaller than any thread a worker runs on.
+        let worker = std::thread::Builder::new().stack_size(256 * 1024);
+        let handle = worker
+            .spawn(|| {
+                let sig = Signature::from_json(chain_json(10_000).as_bytes()).unwrap();
+                let mut at = &sig;
+                let mut length = 1;
+                while let Some(next) = at.on_success.first() {
+                    at = next;
+                    length += 1;
+                }
+                assert_eq!((length, at.name.as_str()), (10_001, "last"));
+                let json = sig.to_json().unwrap();
+                let copy = sig.clone();
+                assert!(copy == sig);
+                assert!(format!("{copy:?}").len() > 10_000);
+                let again = Signature::from_json(&json).unwrap();
+                assert_eq!(again.to_json().unwrap(), json);
+            })
+            .unwrap();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn deep_free_form_values_are_refused_by_name() {
+        let levels = 100_000;
+        let deep = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let body = format!(r#"{{"Args":[{{"Type":"json","Value":{deep}}}]}}"#);
+        let sig = Signature::from_json(body.as_bytes()).unwrap();
+        assert_eq!(
+            sig.args[0].unreadable(),
+            Some("nested too deeply (more than 128 levels)")
+        );
+        let body = format!(r#"{{"Headers":{{"x":{deep}}}}}"#);
+        let error = Signature::from_json(body.as_bytes()).unwrap_err();
+        assert!(
+            error.to_string().starts_with("Headers: nested too deeply"),
+            "{error}"
+        );
+        // Deep nesting where a signature's fields hold no free-form value is a type error, not a stack
+        // overflow.
+        let body = format!(r#"{{"OnSuccess":{deep}}}"#);
+        assert!(Signature::from_json(body.as_bytes()).is_err());
+        let body = format!(r#"{{"Unknown":{deep},"Name":"x"}}"#);
+        assert_eq!(Signature::from_json(body.as_bytes()).unwrap().name, "x");
     }
 
     #[test]
