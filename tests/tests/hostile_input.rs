@@ -384,3 +384,80 @@ async fn deep_nesting_inside_an_argument_is_refused_without_overflowing_the_stac
     running.shutdown(Duration::from_secs(5)).await.unwrap();
     names.cleanup().await;
 }
+
+/// Waits for `count` dead letters on `queue` and returns their reasons.
+async fn dead_reasons(server: &Server, queue: &str, count: usize) -> Vec<String> {
+    let inspect = server.broker().inspect().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let dead = inspect.dead_letters(queue, 100).await.unwrap();
+        if dead.len() >= count {
+            return dead.into_iter().map(|d| d.reason).collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} dead letters on {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn numbers_are_reported_as_sent_and_long_names_are_cut_in_reasons() {
+    if !require(
+        Service::Redis,
+        "numbers_are_reported_as_sent_and_long_names_are_cut_in_reasons",
+    ) {
+        return;
+    }
+    let names = Names::new("hi_small");
+    let mut config = names.config();
+    config.unknown_task_requeues = 1;
+    let server = Server::new(config).await.unwrap();
+    let running = Worker::new(&server)
+        .register(add::task())
+        .start()
+        .await
+        .unwrap();
+    let q = &names.queue;
+    let int = |value: &str| format!(r#"{{"Name":"","Type":"int64","Value":{value}}}"#);
+    // RetryCount far out of range: the message is dead-lettered, naming the number as sent.
+    let body = go_message(&names.task("retry"), "add", q, "null")
+        .replace(r#""RetryCount":0"#, r#""RetryCount":1e30"#);
+    push(q, &body).await;
+    // An integer below int64's range: the task fails, showing the number exactly.
+    let args = format!("[{},{}]", int("1"), int("-9223372036854775809"));
+    push(q, &go_message(&names.task("min"), "add", q, &args)).await;
+    // Go reads -0 as an int64 0.
+    let args = format!("[{},{}]", int("-0"), int("5"));
+    push(q, &go_message(&names.task("zero"), "add", q, &args)).await;
+    // A 10 KB name no worker knows: dead-lettered, with the name cut in the reason.
+    let long_name = "n".repeat(10 * 1024);
+    push(q, &go_message(&names.task("long"), &long_name, q, "null")).await;
+
+    let state = final_state(&server, &names.task("min")).await;
+    assert_failure(
+        &state,
+        &["task add", "argument 2", "int64 -9223372036854775809"],
+    );
+    let state = final_state(&server, &names.task("zero")).await;
+    assert_eq!(state.state, State::Success, "{state:?}");
+    assert_eq!(state.results.unwrap()[0].value, 5);
+    let reasons = dead_reasons(&server, q, 2).await;
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    let retry = reasons
+        .iter()
+        .find(|r| r.contains("RetryCount"))
+        .unwrap_or(&reasons[0]);
+    assert!(retry.contains("1e30"), "{retry}");
+    assert!(!retry.contains("9223372036854775807"), "{retry}");
+    let long = reasons.iter().find(|r| r.contains("unknown task")).unwrap();
+    assert!(long.len() < 1_000, "a reason of {} bytes", long.len());
+    assert!(
+        long.contains("nnnn…") && long.contains("10240 bytes"),
+        "{long}"
+    );
+    a_normal_task_completes(&server).await;
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}

@@ -23,21 +23,44 @@ pub struct Arg {
     pub type_tag: String,
     /// The JSON value (`null` when the message's value could not be read, see [`Arg::unreadable`]).
     pub value: Value,
-    /// A value that is valid JSON but cannot be held in a [`Value`]: kept as its text, so that the task
-    /// fails naming this argument and a re-published message carries the text unchanged.
-    unreadable: Option<Unreadable>,
+    /// The value's text as the message had it, when a [`Value`] cannot hold it (`1e400`, nesting deeper
+    /// than [`MAX_VALUE_DEPTH`]) or holds it only approximately (an integer beyond 64 bits): errors show
+    /// it exactly, and a re-published message carries it unchanged.
+    raw: Option<RawText>,
 }
 
-/// The raw text of an argument value that could not be read, and why.
+/// The text of an argument value, and why it could not be read, if it could not.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Unreadable {
-    pub(crate) raw: String,
-    pub(crate) reason: String,
+pub(crate) struct RawText {
+    pub(crate) text: String,
+    pub(crate) unreadable: Option<String>,
 }
 
-/// How deep an argument value may nest (serde_json's own limit), so that reading, dropping and
-/// formatting it stay within any thread's stack.
+/// How deep an argument value or `Headers` may nest (serde_json's own limit), so that reading, dropping
+/// and formatting it stay within any thread's stack.
 pub const MAX_VALUE_DEPTH: usize = 128;
+
+/// Reads a free-form value (an argument's, `Headers`) from its raw text with serde_json's depth limit;
+/// the error says why, without serde_json's position inside the value's own text.
+pub(crate) fn free_form_value<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T, String> {
+    serde_json::from_str(raw).map_err(|error| {
+        let text = error.to_string();
+        if text.starts_with("recursion limit exceeded") {
+            format!("nested too deeply (more than {MAX_VALUE_DEPTH} levels)")
+        } else {
+            text.split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    })
+}
+
+/// Whether `text` is a JSON integer literal (`-12`, `0`), which Go reads as an integer whatever its size.
+pub(crate) fn is_integer_literal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
 
 impl Arg {
     /// An argument with the given name, type tag and value.
@@ -46,39 +69,44 @@ impl Arg {
             name: name.into(),
             type_tag: type_tag.into(),
             value,
-            unreadable: None,
+            raw: None,
         }
     }
 
     /// Why the message's value of this argument could not be read (a number JSON cannot hold such as
     /// `1e400`, or nesting deeper than [`MAX_VALUE_DEPTH`]), if it could not.
     pub fn unreadable(&self) -> Option<&str> {
-        self.unreadable.as_ref().map(|u| u.reason.as_str())
+        self.raw.as_ref().and_then(|r| r.unreadable.as_deref())
     }
 
-    pub(crate) fn unreadable_value(&self) -> Option<&Unreadable> {
-        self.unreadable.as_ref()
+    /// The value's text as the message had it, when [`Arg::value`] does not hold it exactly.
+    pub(crate) fn raw_text(&self) -> Option<&RawText> {
+        self.raw.as_ref()
     }
 
-    /// Reads an argument value from its raw JSON text; what cannot be read is kept as text.
+    /// Reads an argument value from its raw JSON text; what cannot be read, or only approximately, is
+    /// kept as text too.
     fn read_value(&mut self, raw: &RawValue) {
-        match serde_json::from_str::<Value>(raw.get()) {
-            Ok(value) => self.value = value,
-            Err(error) => {
-                let text = error.to_string();
-                let reason = if text.starts_with("recursion limit exceeded") {
-                    format!("nested too deeply (more than {MAX_VALUE_DEPTH} levels)")
-                } else {
-                    // serde_json says where in the value's own text; that is no help to a reader.
-                    text.split(" at line ")
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                self.unreadable = Some(Unreadable {
-                    raw: raw.get().to_owned(),
-                    reason,
-                });
+        let text = raw.get().trim();
+        match free_form_value::<Value>(text) {
+            Ok(value) => {
+                let approximate = value.is_f64() && is_integer_literal(text);
+                self.value = value;
+                if approximate && self.value.as_f64() == Some(0.0) {
+                    // `-0`: Go reads it as the integer 0.
+                    self.value = Value::from(0);
+                } else if approximate {
+                    self.raw = Some(RawText {
+                        text: text.to_owned(),
+                        unreadable: None,
+                    });
+                }
+            }
+            Err(reason) => {
+                self.raw = Some(RawText {
+                    text: text.to_owned(),
+                    unreadable: Some(reason),
+                })
             }
         }
     }
@@ -89,10 +117,9 @@ impl Serialize for Arg {
         let mut st = s.serialize_struct("Arg", 3)?;
         st.serialize_field("Name", &self.name)?;
         st.serialize_field("Type", &self.type_tag)?;
-        match &self.unreadable {
-            Some(unreadable) => {
-                let raw =
-                    RawValue::from_string(unreadable.raw.clone()).map_err(ser::Error::custom)?;
+        match &self.raw {
+            Some(raw) => {
+                let raw = RawValue::from_string(raw.text.clone()).map_err(ser::Error::custom)?;
                 st.serialize_field("Value", &raw)?;
             }
             None => st.serialize_field("Value", &self.value)?,

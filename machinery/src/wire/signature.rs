@@ -11,15 +11,14 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::ser::SerializeStruct;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_json::value::RawValue;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 pub use super::arg::{Arg, MAX_VALUE_DEPTH};
 use super::gotime;
-use super::tolerant::{wire_fields, Lenient};
+
+mod read;
 
 /// The free-form `Headers` map of a signature. Go's tracing stores string values here; we keep every
 /// value, understood or not, when a message is re-published.
@@ -259,6 +258,19 @@ impl<T> Signature<T> {
         self
     }
 
+    /// The task name quoted and escaped as `{:?}` writes it, cut to 100 characters (and its length told)
+    /// when longer: for log lines and dead-letter reasons, which a 10 KB name would otherwise fill.
+    pub fn quoted_name(&self) -> String {
+        const MAX: usize = 100;
+        match self.name.char_indices().nth(MAX) {
+            None => format!("{:?}", self.name),
+            Some((end, _)) => {
+                let cut = format!("{}…", &self.name[..end]);
+                format!("{cut:?} (a name of {} bytes)", self.name.len())
+            }
+        }
+    }
+
     /// A header's value, if it is present.
     pub fn header_value(&self, key: &str) -> Option<&Value> {
         self.headers.as_ref().and_then(|h| h.get(key))
@@ -470,128 +482,6 @@ impl<T> Signature<T> {
     }
 }
 
-wire_fields!(
-    enum SigField {
-        Uuid = "UUID",
-        Name = "Name",
-        RoutingKey = "RoutingKey",
-        Eta = "ETA",
-        GroupUuid = "GroupUUID",
-        GroupTaskCount = "GroupTaskCount",
-        Args = "Args",
-        Headers = "Headers",
-        Priority = "Priority",
-        Immutable = "Immutable",
-        RetryCount = "RetryCount",
-        RetryTimeout = "RetryTimeout",
-        OnSuccess = "OnSuccess",
-        OnError = "OnError",
-        ChordCallback = "ChordCallback",
-        BrokerMessageGroupId = "BrokerMessageGroupId",
-        SqsReceiptHandle = "SQSReceiptHandle",
-        StopTaskDeletionOnError = "StopTaskDeletionOnError",
-        IgnoreWhenTaskNotRegistered = "IgnoreWhenTaskNotRegistered",
-    }
-);
-
-struct EtaValue(Option<DateTime<Utc>>);
-
-impl<'de> Deserialize<'de> for EtaValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        gotime::deserialize_opt(d).map(EtaValue)
-    }
-}
-
-/// Reads `Headers` from its raw text with serde_json's depth limit, which [`Signature::from_json`] lifts
-/// for the nesting of chains.
-fn read_headers<E: de::Error>(raw: &RawValue) -> Result<Option<Headers>, E> {
-    serde_json::from_str(raw.get()).map_err(|error| {
-        let text = error.to_string();
-        if text.starts_with("recursion limit exceeded") {
-            E::custom(format!(
-                "Headers: nested too deeply (more than {MAX_VALUE_DEPTH} levels)"
-            ))
-        } else {
-            E::custom(format!("Headers: {text}"))
-        }
-    })
-}
-
-impl<'de, T> Deserialize<'de> for Signature<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct SigVisitor<T>(PhantomData<fn() -> T>);
-        impl<'de, T> Visitor<'de> for SigVisitor<T> {
-            type Value = Signature<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a machinery Signature object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signature<T>, A::Error> {
-                let mut sig = Signature::with_args(String::new(), Vec::new()).retype::<T>();
-                while let Some(key) = map.next_key::<SigField>()? {
-                    match key {
-                        SigField::Uuid => sig.uuid = map.next_value::<Lenient<String>>()?.0,
-                        SigField::Name => sig.name = map.next_value::<Lenient<String>>()?.0,
-                        SigField::RoutingKey => {
-                            sig.routing_key = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::Eta => sig.eta = map.next_value::<EtaValue>()?.0,
-                        SigField::GroupUuid => {
-                            sig.group_uuid = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::GroupTaskCount => {
-                            sig.group_task_count = map.next_value::<Lenient<u32>>()?.0
-                        }
-                        SigField::Args => {
-                            sig.args = map.next_value::<Option<Vec<Arg>>>()?.unwrap_or_default()
-                        }
-                        SigField::Headers => {
-                            sig.headers = read_headers(&map.next_value::<Box<RawValue>>()?)?
-                        }
-                        SigField::Priority => sig.priority = map.next_value::<Lenient<u8>>()?.0,
-                        SigField::Immutable => sig.immutable = map.next_value::<Lenient<bool>>()?.0,
-                        SigField::RetryCount => {
-                            sig.retry_count = map.next_value::<Lenient<u32>>()?.0
-                        }
-                        SigField::RetryTimeout => {
-                            sig.retry_timeout = map.next_value::<Lenient<u32>>()?.0
-                        }
-                        SigField::OnSuccess => {
-                            sig.on_success = deep(|| map.next_value::<Option<Vec<Signature>>>())?
-                                .unwrap_or_default()
-                        }
-                        SigField::OnError => {
-                            sig.on_error = deep(|| map.next_value::<Option<Vec<Signature>>>())?
-                                .unwrap_or_default()
-                        }
-                        SigField::ChordCallback => sig.chord_callback = deep(|| map.next_value())?,
-                        SigField::BrokerMessageGroupId => {
-                            sig.broker_message_group_id = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::SqsReceiptHandle => {
-                            sig.sqs_receipt_handle = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::StopTaskDeletionOnError => {
-                            sig.stop_task_deletion_on_error = map.next_value::<Lenient<bool>>()?.0
-                        }
-                        SigField::IgnoreWhenTaskNotRegistered => {
-                            sig.ignore_when_task_not_registered =
-                                map.next_value::<Lenient<bool>>()?.0
-                        }
-                        SigField::Unknown => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(sig)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Signature<T>, E> {
-                Err(E::custom("a machinery Signature cannot be null"))
-            }
-        }
-        d.deserialize_map(SigVisitor(PhantomData))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +613,36 @@ mod tests {
         assert!(Signature::from_json(body.as_bytes()).is_err());
         let body = format!(r#"{{"Unknown":{deep},"Name":"x"}}"#);
         assert_eq!(Signature::from_json(body.as_bytes()).unwrap().name, "x");
+    }
+
+    #[test]
+    fn numbers_keep_the_text_they_were_sent_as() {
+        let body = br#"{"Args":[{"Type":"int64","Value":-0},{"Type":"int64","Value":-9223372036854775809}]}"#;
+        let sig = Signature::from_json(body).unwrap();
+        assert_eq!(sig.args[0].value, json!(0));
+        assert_eq!(sig.args[1].unreadable(), None);
+        let again = String::from_utf8(sig.to_json().unwrap()).unwrap();
+        assert!(
+            again.contains(r#""Value":-9223372036854775809}"#),
+            "{again}"
+        );
+        let error = Signature::from_json(br#"{"RetryCount":1e30}"#).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("RetryCount: integer 1e30 out of range"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn long_names_are_cut_when_quoted() {
+        assert_eq!(Signature::new("a\nb").quoted_name(), r#""a\nb""#);
+        let long = Signature::new("n".repeat(10_240)).quoted_name();
+        assert_eq!(
+            long,
+            format!("\"{}…\" (a name of 10240 bytes)", "n".repeat(100))
+        );
     }
 
     #[test]

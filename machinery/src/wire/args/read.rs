@@ -77,12 +77,14 @@ impl<'a> ArgReader<'a> {
             TypeTag::Json => format!("json ({})", std::any::type_name::<T>()),
             tag => tag.as_str().to_owned(),
         };
-        let found = match arg.unreadable_value() {
-            Some(unreadable) => format!(
-                "{}: {}",
-                describe_text(&arg.type_tag, unreadable.raw.clone()),
-                unreadable.reason
-            ),
+        let found = match arg.raw_text() {
+            Some(raw) => {
+                let text = describe_text(&arg.type_tag, raw.text.clone());
+                match &raw.unreadable {
+                    Some(reason) => format!("{text}: {reason}"),
+                    None => text,
+                }
+            }
             None => describe(&arg.type_tag, &arg.value),
         };
         ArgError::Type {
@@ -100,7 +102,7 @@ impl<'a> ArgReader<'a> {
         let index = self.pos;
         let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
         self.pos += 1;
-        if arg.unreadable_value().is_some() || !TypeTag::of::<T>().accepts(&arg.type_tag) {
+        if arg.unreadable().is_some() || !TypeTag::of::<T>().accepts(&arg.type_tag) {
             return Err(self.type_error::<T>(index, arg));
         }
         decode_value(&arg.type_tag, &arg.value).map_err(|_| self.type_error::<T>(index, arg))
@@ -118,7 +120,7 @@ impl<'a> ArgReader<'a> {
         while let Some(arg) = self.args.get(self.pos) {
             let index = self.pos;
             self.pos += 1;
-            if arg.unreadable_value().is_some() {
+            if arg.unreadable().is_some() {
                 return Err(self.type_error::<Vec<T>>(index, arg));
             }
             let as_element = element.accepts(&arg.type_tag);
