@@ -43,6 +43,12 @@ async fn not_finite(kind: String) -> Result<f64, TaskError> {
     })
 }
 
+/// Returns a number JSON cannot hold inside a Rust-only (`json`) type.
+#[task]
+async fn maybe_not_finite(kind: String) -> Result<Option<f64>, TaskError> {
+    Ok((kind != "none").then_some(f64::NAN))
+}
+
 /// Takes any JSON value and tells how deep it is.
 #[task]
 async fn depth(value: Value) -> Result<i64, TaskError> {
@@ -70,6 +76,7 @@ async fn worker(names: &Names) -> (Server, machinery::RunningWorker) {
         .register(scale::task())
         .register(total::task())
         .register(not_finite::task())
+        .register(maybe_not_finite::task())
         .register(depth::task())
         .register(step::task())
         .concurrency(4)
@@ -232,6 +239,14 @@ async fn non_finite_numbers_fail_the_task_instead_of_storing_null() {
         let args = format!(r#"[{{"Name":"","Type":"string","Value":"{kind}"}}]"#);
         push(q, &go_message(&names.task(n), "not_finite", q, &args)).await;
     }
+    for kind in ["nan", "none"] {
+        let args = format!(r#"[{{"Name":"","Type":"string","Value":"{kind}"}}]"#);
+        push(
+            q,
+            &go_message(&names.task(kind), "maybe_not_finite", q, &args),
+        )
+        .await;
+    }
     // A number JSON cannot hold, as the raw text of an argument.
     let args = r#"[{"Name":"","Type":"int64","Value":1},{"Name":"","Type":"int64","Value":1e400}]"#;
     push(q, &go_message(&names.task("big"), "add", q, args)).await;
@@ -240,6 +255,11 @@ async fn non_finite_numbers_fail_the_task_instead_of_storing_null() {
         assert_failure(&state, &["result is not a finite number"]);
         assert!(state.results.is_none(), "{state:?}");
     }
+    let state = final_state(&server, &names.task("nan")).await;
+    assert_failure(&state, &["result is not a finite number"]);
+    let state = final_state(&server, &names.task("none")).await;
+    assert_eq!(state.state, State::Success, "{state:?}");
+    assert_eq!(state.results.unwrap()[0].value, Value::Null);
     let state = final_state(&server, &names.task("big")).await;
     assert_failure(&state, &["task add", "argument 2", "1e400"]);
     let stats = server

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Number, Value};
 
+mod finite;
 mod probe;
 mod read;
 
@@ -250,8 +251,8 @@ impl EncodeError {
     }
 }
 
-/// Encodes a Rust value as a wire value with its type tag. A NaN or infinite float (alone or in a
-/// slice) is an error, as in Go, rather than serde's `null`.
+/// Encodes a Rust value as a wire value with its type tag. A NaN or infinite float anywhere in it (alone,
+/// in a slice, in a struct's field) is an error, as in Go, rather than serde's `null`.
 pub fn encode_value<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<(TypeTag, Value), EncodeError> {
@@ -259,14 +260,7 @@ pub fn encode_value<T: Serialize + DeserializeOwned>(
     let rust_type = std::any::type_name::<T>();
     let mut json = serde_json::to_value(value)
         .map_err(|source| EncodeError::Serialize { rust_type, source })?;
-    let not_finite = match (tag, &json) {
-        (TypeTag::Scalar(Scalar::Float32 | Scalar::Float64), Value::Null) => true,
-        (TypeTag::Slice(Scalar::Float32 | Scalar::Float64), Value::Array(items)) => {
-            items.iter().any(Value::is_null)
-        }
-        _ => false,
-    };
-    if not_finite {
+    if finite::has_non_finite(value) {
         return Err(EncodeError::NotFinite {
             what: "value",
             rust_type,
@@ -462,6 +456,29 @@ mod tests {
             assert!(encode_value(&(f as f32)).is_err());
         }
         assert_eq!(encode_value(&f64::MAX).unwrap().1, json!(f64::MAX));
+        #[derive(Serialize, Deserialize)]
+        struct Reading {
+            at: String,
+            value: Option<f64>,
+        }
+        let nan = Reading {
+            at: "now".into(),
+            value: Some(f64::NAN),
+        };
+        assert!(encode_result(&nan).is_err());
+        assert!(encode_result(&std::collections::BTreeMap::from([(
+            "x".to_owned(),
+            f32::INFINITY
+        )]))
+        .is_err());
+        let fine = Reading {
+            at: "now".into(),
+            value: None,
+        };
+        assert_eq!(
+            encode_value(&fine).unwrap().1,
+            json!({"at": "now", "value": null})
+        );
     }
 
     #[test]
