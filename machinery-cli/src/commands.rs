@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::cli::{Cli, Command, Global};
 use crate::error::CliError;
 use crate::message::{result_summary, when, Message};
-use crate::output::{print, print_json, truncate, Cell, Paint, Style, Table};
+use crate::output::{escape, print, print_json, truncate, Cell, Paint, Style, Table};
 
 /// Widest argument summary and reason in a table (JSON has them whole).
 const CELL_MAX: usize = 60;
@@ -266,13 +266,13 @@ impl App {
             _ => None,
         };
         let mut lines = vec![
-            ("Task", state.task_uuid.clone()),
+            ("Task", escape(&state.task_uuid)),
             (
                 "Name",
                 if state.task_name.is_empty() {
                     "-".to_owned()
                 } else {
-                    state.task_name.clone()
+                    escape(&state.task_name)
                 },
             ),
             ("State", self.style.paint(state.state.as_str(), paint)),
@@ -285,12 +285,18 @@ impl App {
             }
             Some(results) => {
                 for (i, result) in results.iter().enumerate() {
-                    lines.push((if i == 0 { "Results" } else { "" }, result_summary(result)));
+                    lines.push((
+                        if i == 0 { "Results" } else { "" },
+                        escape(&result_summary(result)),
+                    ));
                 }
             }
         }
         if !state.error.is_empty() {
-            lines.push(("Error", self.style.paint(&state.error, Some(Paint::Red))));
+            lines.push((
+                "Error",
+                self.style.paint(&escape(&state.error), Some(Paint::Red)),
+            ));
         }
         let mut out = String::new();
         for (label, value) in lines {

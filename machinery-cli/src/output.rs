@@ -66,11 +66,15 @@ pub(crate) struct Cell {
     right: bool,
 }
 
+/// The widest a table cell gets: longer text is cut with `…` (the whole value is in `--json`).
+pub(crate) const CELL_WIDTH: usize = 80;
+
 impl Cell {
-    /// Left-aligned text.
-    pub(crate) fn text(text: impl Into<String>) -> Cell {
+    /// Left-aligned text, [escaped](escape) and cut to [`CELL_WIDTH`] characters: a cell shows what a
+    /// message holds, and a message can hold anything.
+    pub(crate) fn text(text: impl AsRef<str>) -> Cell {
         Cell {
-            text: text.into(),
+            text: truncate(&escape(text.as_ref()), CELL_WIDTH),
             paint: None,
             right: false,
         }
@@ -151,6 +155,26 @@ impl Table {
     }
 }
 
+/// `text` with every control character (C0, DEL, C1: ESC sequences, BEL, CR, newlines) and every
+/// bidirectional override written as a Rust escape (`\u{1b}`, `\n`, ...), so that text from a message
+/// cannot move the cursor, recolour, retitle or beep the operator's terminal, or break a table's rows.
+pub(crate) fn escape(text: &str) -> String {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Shortens `text` to at most `max` characters, ending with `…` when cut.
 pub(crate) fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -206,6 +230,22 @@ mod tests {
         assert_eq!(
             text,
             "\x1b[1mA\x1b[0m   \x1b[1mB\x1b[0m\n\x1b[32mok\x1b[0m  z\n"
+        );
+    }
+
+    #[test]
+    fn cells_escape_control_characters_and_are_cut() {
+        assert_eq!(
+            escape("a\u{1b}[31mb\u{7}\r\n\t\u{9b}\u{202e}c ü"),
+            "a\\u{1b}[31mb\\u{7}\\r\\n\\t\\u{9b}\\u{202e}c ü"
+        );
+        let mut table = Table::new(&["A", "B"]);
+        table.row(vec![Cell::text("x\ny"), Cell::text("z".repeat(10_000))]);
+        let text = table.render(Style::with_color(false));
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            format!("x\\ny  {}…", "z".repeat(CELL_WIDTH - 1))
         );
     }
 

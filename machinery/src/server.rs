@@ -120,8 +120,8 @@ impl Server {
         self.publish(&mut signature).await?;
         Ok(AsyncResult::new(
             self.clone(),
-            signature.uuid,
-            signature.name,
+            std::mem::take(&mut signature.uuid),
+            std::mem::take(&mut signature.name),
         ))
     }
 

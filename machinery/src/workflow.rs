@@ -32,6 +32,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::mem::take;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -449,7 +450,7 @@ impl Server {
             group_uuid,
             members: members
                 .into_iter()
-                .map(|m| AsyncResult::new(self.clone(), m.uuid, m.name))
+                .map(|mut m| AsyncResult::new(self.clone(), take(&mut m.uuid), take(&mut m.name)))
                 .collect(),
         })
     }
@@ -471,10 +472,16 @@ impl Server {
                 group_uuid,
                 members: members
                     .into_iter()
-                    .map(|m| AsyncResult::new(self.clone(), m.uuid, m.name))
+                    .map(|mut m| {
+                        AsyncResult::new(self.clone(), take(&mut m.uuid), take(&mut m.name))
+                    })
                     .collect(),
             },
-            callback: AsyncResult::new(self.clone(), callback.uuid, callback.name),
+            callback: AsyncResult::new(
+                self.clone(),
+                take(&mut callback.uuid),
+                take(&mut callback.name),
+            ),
         })
     }
 

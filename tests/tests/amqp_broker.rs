@@ -664,7 +664,7 @@ async fn pending_peeks_without_taking_and_purge_empties() {
     let pending = b.pending(&config.default_queue, 2).await.unwrap();
     let names: Vec<_> = pending
         .iter()
-        .map(|body| Signature::from_json(body).unwrap().name)
+        .map(|body| Signature::from_json(body).unwrap().name.clone())
         .collect();
     assert_eq!(names, ["t0", "t1"]);
     let back = wait_for(WAIT, || {

@@ -73,7 +73,7 @@ async fn chord_members_with_an_impossible_count_are_dead_lettered_and_never_fire
             "{}",
             letter.reason
         );
-        let uuid = Signature::from_json(&letter.body).unwrap().uuid;
+        let uuid = Signature::from_json(&letter.body).unwrap().uuid.clone();
         // The sender learns why at once.
         let state = server.result::<i64>(uuid).state().await.unwrap().unwrap();
         assert_eq!(state.state, State::Failure);

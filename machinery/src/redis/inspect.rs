@@ -183,7 +183,7 @@ async fn scan(
 fn routing_key(body: &[u8], default: &str) -> String {
     Signature::from_json(body)
         .ok()
-        .map(|signature| signature.routing_key)
+        .map(|mut signature| std::mem::take(&mut signature.routing_key))
         .filter(|key| !key.is_empty())
         .unwrap_or_else(|| default.to_owned())
 }

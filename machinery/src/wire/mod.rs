@@ -6,6 +6,7 @@
 //! This room sits below everything else: it imports nothing of the crate outside itself, so every
 //! transport and the engine can build on it.
 
+mod arg;
 pub mod args;
 pub mod gotime;
 pub mod signature;

@@ -11,13 +11,14 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::ser::SerializeStruct;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
+pub use super::arg::{Arg, MAX_VALUE_DEPTH};
 use super::gotime;
-use super::tolerant::{wire_fields, Lenient};
+
+mod read;
 
 /// The free-form `Headers` map of a signature. Go's tracing stores string values here; we keep every
 /// value, understood or not, when a message is re-published.
@@ -42,68 +43,6 @@ pub const FOLLOW_UP_ATTEMPTS_HEADER: &str = "machinery_follow_up_attempts";
 /// chord but the chord callback could not be published: the next run sends the callback without asking
 /// the backend again (which says yes only once). Go workers ignore it.
 pub const CHORD_ELECTED_HEADER: &str = "machinery_chord_elected";
-
-/// One task argument: `{"Name": "", "Type": "int64", "Value": 1}`.
-///
-/// `Name` is informational (Go never binds by it); `Type` is a Go type tag (see [`TypeTag`](super::args::TypeTag)).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Arg {
-    /// The parameter name, informational only.
-    #[serde(rename = "Name")]
-    pub name: String,
-    /// The Go type tag, e.g. `int64`, `[]string`, or `json`.
-    #[serde(rename = "Type")]
-    pub type_tag: String,
-    /// The JSON value.
-    #[serde(rename = "Value")]
-    pub value: Value,
-}
-
-impl Arg {
-    /// An argument with the given name, type tag and value.
-    pub fn new(name: impl Into<String>, type_tag: impl Into<String>, value: Value) -> Self {
-        Arg {
-            name: name.into(),
-            type_tag: type_tag.into(),
-            value,
-        }
-    }
-}
-
-wire_fields!(
-    enum ArgField {
-        Name = "Name",
-        Type = "Type",
-        Value = "Value",
-    }
-);
-
-impl<'de> Deserialize<'de> for Arg {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ArgVisitor;
-        impl<'de> Visitor<'de> for ArgVisitor {
-            type Value = Arg;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a machinery Arg object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Arg, A::Error> {
-                let mut arg = Arg::new("", "", Value::Null);
-                while let Some(key) = map.next_key::<ArgField>()? {
-                    match key {
-                        ArgField::Name => arg.name = map.next_value::<Lenient<String>>()?.0,
-                        ArgField::Type => arg.type_tag = map.next_value::<Lenient<String>>()?.0,
-                        ArgField::Value => arg.value = map.next_value()?,
-                        ArgField::Unknown => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(arg)
-            }
-        }
-        d.deserialize_map(ArgVisitor)
-    }
-}
 
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
@@ -201,35 +140,45 @@ impl Signature {
     }
 
     /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
+    ///
+    /// A chain nests each step in the `OnSuccess` of the one before, and Go sends chains of thousands of
+    /// steps, so serde_json's depth limit (128, i.e. 63 steps) is lifted here and the stack grows on the
+    /// heap as nested signatures are read. Free-form values (argument values, `Headers`) keep a depth
+    /// limit of their own ([`MAX_VALUE_DEPTH`]).
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        de.disable_recursion_limit();
+        let signature = Signature::deserialize(&mut de)?;
+        de.end()?;
+        Ok(signature)
     }
 }
 
 impl<T> Signature<T> {
     /// The same message with another output type.
-    pub fn retype<U>(self) -> Signature<U> {
+    pub fn retype<U>(mut self) -> Signature<U> {
+        use std::mem::take;
         Signature {
-            uuid: self.uuid,
-            name: self.name,
-            routing_key: self.routing_key,
+            uuid: take(&mut self.uuid),
+            name: take(&mut self.name),
+            routing_key: take(&mut self.routing_key),
             eta: self.eta,
-            group_uuid: self.group_uuid,
+            group_uuid: take(&mut self.group_uuid),
             group_task_count: self.group_task_count,
-            args: self.args,
-            headers: self.headers,
+            args: take(&mut self.args),
+            headers: self.headers.take(),
             priority: self.priority,
             immutable: self.immutable,
             retry_count: self.retry_count,
             retry_timeout: self.retry_timeout,
-            on_success: self.on_success,
-            on_error: self.on_error,
-            chord_callback: self.chord_callback,
-            broker_message_group_id: self.broker_message_group_id,
-            sqs_receipt_handle: self.sqs_receipt_handle,
+            on_success: take(&mut self.on_success),
+            on_error: take(&mut self.on_error),
+            chord_callback: self.chord_callback.take(),
+            broker_message_group_id: take(&mut self.broker_message_group_id),
+            sqs_receipt_handle: take(&mut self.sqs_receipt_handle),
             stop_task_deletion_on_error: self.stop_task_deletion_on_error,
             ignore_when_task_not_registered: self.ignore_when_task_not_registered,
-            encode_error: self.encode_error,
+            encode_error: self.encode_error.take(),
             _output: PhantomData,
         }
     }
@@ -318,6 +267,19 @@ impl<T> Signature<T> {
         self
     }
 
+    /// The task name quoted and escaped as `{:?}` writes it, cut to 100 characters (and its length told)
+    /// when longer: for log lines and dead-letter reasons, which a 10 KB name would otherwise fill.
+    pub fn quoted_name(&self) -> String {
+        const MAX: usize = 100;
+        match self.name.char_indices().nth(MAX) {
+            None => format!("{:?}", self.name),
+            Some((end, _)) => {
+                let cut = format!("{}…", &self.name[..end]);
+                format!("{cut:?} (a name of {} bytes)", self.name.len())
+            }
+        }
+    }
+
     /// A header's value, if it is present.
     pub fn header_value(&self, key: &str) -> Option<&Value> {
         self.headers.as_ref().and_then(|h| h.get(key))
@@ -348,9 +310,38 @@ pub fn new_chord_uuid() -> String {
     format!("chord_{}", uuid::Uuid::new_v4())
 }
 
+/// Stack room that the recursive operations on a signature (reading, writing, cloning, comparing,
+/// formatting a chain nested thousands deep) keep free, and the size of each stack segment they add on
+/// the heap when they reach it.
+const RED_ZONE: usize = 64 * 1024;
+const STACK_SEGMENT: usize = 1024 * 1024;
+
+/// Runs `f`, first moving to a fresh stack segment if the current one is nearly full.
+fn deep<R>(f: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(RED_ZONE, STACK_SEGMENT, f)
+}
+
+impl<T> Drop for Signature<T> {
+    /// Takes nested callbacks apart one level at a time: the glue Rust would generate recurses once per
+    /// chain step, and a chain of thousands of steps would overflow the stack.
+    fn drop(&mut self) {
+        if self.on_success.is_empty() && self.on_error.is_empty() && self.chord_callback.is_none() {
+            return;
+        }
+        let mut nested: Vec<Signature> = std::mem::take(&mut self.on_success);
+        nested.append(&mut self.on_error);
+        nested.extend(self.chord_callback.take().map(|callback| *callback));
+        while let Some(mut signature) = nested.pop() {
+            nested.append(&mut signature.on_success);
+            nested.append(&mut signature.on_error);
+            nested.extend(signature.chord_callback.take().map(|callback| *callback));
+        }
+    }
+}
+
 impl<T> Clone for Signature<T> {
     fn clone(&self) -> Self {
-        Signature {
+        deep(|| Signature {
             uuid: self.uuid.clone(),
             name: self.name.clone(),
             routing_key: self.routing_key.clone(),
@@ -372,12 +363,18 @@ impl<T> Clone for Signature<T> {
             ignore_when_task_not_registered: self.ignore_when_task_not_registered,
             encode_error: self.encode_error.clone(),
             _output: PhantomData,
-        }
+        })
     }
 }
 
 impl<T> PartialEq for Signature<T> {
     fn eq(&self, other: &Self) -> bool {
+        deep(|| self.eq_fields(other))
+    }
+}
+
+impl<T> Signature<T> {
+    fn eq_fields(&self, other: &Self) -> bool {
         self.uuid == other.uuid
             && self.name == other.name
             && self.routing_key == other.routing_key
@@ -402,6 +399,12 @@ impl<T> PartialEq for Signature<T> {
 
 impl<T> fmt::Debug for Signature<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        deep(|| self.fmt_fields(f))
+    }
+}
+
+impl<T> Signature<T> {
+    fn fmt_fields(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Signature");
         s.field("uuid", &self.uuid).field("name", &self.name);
         if !self.routing_key.is_empty() {
@@ -455,6 +458,12 @@ impl Serialize for EtaField<'_> {
 
 impl<T> Serialize for Signature<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        deep(|| self.serialize_fields(s))
+    }
+}
+
+impl<T> Signature<T> {
+    fn serialize_fields<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("Signature", 19)?;
         st.serialize_field("UUID", &self.uuid)?;
         st.serialize_field("Name", &self.name)?;
@@ -479,113 +488,6 @@ impl<T> Serialize for Signature<T> {
             &self.ignore_when_task_not_registered,
         )?;
         st.end()
-    }
-}
-
-wire_fields!(
-    enum SigField {
-        Uuid = "UUID",
-        Name = "Name",
-        RoutingKey = "RoutingKey",
-        Eta = "ETA",
-        GroupUuid = "GroupUUID",
-        GroupTaskCount = "GroupTaskCount",
-        Args = "Args",
-        Headers = "Headers",
-        Priority = "Priority",
-        Immutable = "Immutable",
-        RetryCount = "RetryCount",
-        RetryTimeout = "RetryTimeout",
-        OnSuccess = "OnSuccess",
-        OnError = "OnError",
-        ChordCallback = "ChordCallback",
-        BrokerMessageGroupId = "BrokerMessageGroupId",
-        SqsReceiptHandle = "SQSReceiptHandle",
-        StopTaskDeletionOnError = "StopTaskDeletionOnError",
-        IgnoreWhenTaskNotRegistered = "IgnoreWhenTaskNotRegistered",
-    }
-);
-
-struct EtaValue(Option<DateTime<Utc>>);
-
-impl<'de> Deserialize<'de> for EtaValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        gotime::deserialize_opt(d).map(EtaValue)
-    }
-}
-
-impl<'de, T> Deserialize<'de> for Signature<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct SigVisitor<T>(PhantomData<fn() -> T>);
-        impl<'de, T> Visitor<'de> for SigVisitor<T> {
-            type Value = Signature<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a machinery Signature object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signature<T>, A::Error> {
-                let mut sig = Signature::with_args(String::new(), Vec::new()).retype::<T>();
-                while let Some(key) = map.next_key::<SigField>()? {
-                    match key {
-                        SigField::Uuid => sig.uuid = map.next_value::<Lenient<String>>()?.0,
-                        SigField::Name => sig.name = map.next_value::<Lenient<String>>()?.0,
-                        SigField::RoutingKey => {
-                            sig.routing_key = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::Eta => sig.eta = map.next_value::<EtaValue>()?.0,
-                        SigField::GroupUuid => {
-                            sig.group_uuid = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::GroupTaskCount => {
-                            sig.group_task_count = map.next_value::<Lenient<u32>>()?.0
-                        }
-                        SigField::Args => {
-                            sig.args = map.next_value::<Option<Vec<Arg>>>()?.unwrap_or_default()
-                        }
-                        SigField::Headers => sig.headers = map.next_value()?,
-                        SigField::Priority => sig.priority = map.next_value::<Lenient<u8>>()?.0,
-                        SigField::Immutable => sig.immutable = map.next_value::<Lenient<bool>>()?.0,
-                        SigField::RetryCount => {
-                            sig.retry_count = map.next_value::<Lenient<u32>>()?.0
-                        }
-                        SigField::RetryTimeout => {
-                            sig.retry_timeout = map.next_value::<Lenient<u32>>()?.0
-                        }
-                        SigField::OnSuccess => {
-                            sig.on_success = map
-                                .next_value::<Option<Vec<Signature>>>()?
-                                .unwrap_or_default()
-                        }
-                        SigField::OnError => {
-                            sig.on_error = map
-                                .next_value::<Option<Vec<Signature>>>()?
-                                .unwrap_or_default()
-                        }
-                        SigField::ChordCallback => sig.chord_callback = map.next_value()?,
-                        SigField::BrokerMessageGroupId => {
-                            sig.broker_message_group_id = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::SqsReceiptHandle => {
-                            sig.sqs_receipt_handle = map.next_value::<Lenient<String>>()?.0
-                        }
-                        SigField::StopTaskDeletionOnError => {
-                            sig.stop_task_deletion_on_error = map.next_value::<Lenient<bool>>()?.0
-                        }
-                        SigField::IgnoreWhenTaskNotRegistered => {
-                            sig.ignore_when_task_not_registered =
-                                map.next_value::<Lenient<bool>>()?.0
-                        }
-                        SigField::Unknown => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(sig)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Signature<T>, E> {
-                Err(E::custom("a machinery Signature cannot be null"))
-            }
-        }
-        d.deserialize_map(SigVisitor(PhantomData))
     }
 }
 
@@ -632,6 +534,124 @@ mod tests {
         assert!(Signature::from_json(b"null").is_err());
         assert!(Signature::from_json(br#"{"ETA":"tomorrow"}"#).is_err());
         assert!(Signature::from_json(br#"{"Priority":300}"#).is_err());
+    }
+
+    #[test]
+    fn unreadable_argument_values_are_kept_as_text() {
+        let body =
+            br#"{"Name":"add","Args":[{"Type":"int64","Value":1},{"Type":"int64","Value":1e400}]}"#;
+        let sig = Signature::from_json(body).unwrap();
+        assert_eq!(sig.args[0].unreadable(), None);
+        assert_eq!(sig.args[1].unreadable(), Some("number out of range"));
+        let again = String::from_utf8(sig.to_json().unwrap()).unwrap();
+        assert!(
+            again.contains(r#"{"Name":"","Type":"int64","Value":1e400}"#),
+            "{again}"
+        );
+        let deep = format!(
+            r#"{{"Args":[{{"Type":"json","Value":{}{}}}]}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let sig = Signature::from_json(deep.as_bytes()).unwrap();
+        assert_eq!(
+            sig.args[0].unreadable(),
+            Some("nested too deeply (more than 128 levels)")
+        );
+    }
+
+    /// A chain of `steps` as Go writes it, built without recursion.
+    fn chain_json(steps: usize) -> String {
+        let mut text = String::new();
+        for i in 0..steps {
+            text.push_str(&format!(
+                r#"{{"UUID":"task_{i}","Name":"step","OnSuccess":["#
+            ));
+        }
+        text.push_str(r#"{"Name":"last","Args":[{"Type":"int64","Value":1}]}"#);
+        for _ in 0..steps {
+            text.push_str("]}");
+        }
+        text
+    }
+
+    #[test]
+    fn ten_thousand_step_chains_decode_encode_clone_and_drop_on_a_small_stack() {
+        // 256 KiB: smaller than any thread a worker runs on.
+        let worker = std::thread::Builder::new().stack_size(256 * 1024);
+        let handle = worker
+            .spawn(|| {
+                let sig = Signature::from_json(chain_json(10_000).as_bytes()).unwrap();
+                let mut at = &sig;
+                let mut length = 1;
+                while let Some(next) = at.on_success.first() {
+                    at = next;
+                    length += 1;
+                }
+                assert_eq!((length, at.name.as_str()), (10_001, "last"));
+                let json = sig.to_json().unwrap();
+                let copy = sig.clone();
+                assert!(copy == sig);
+                assert!(format!("{copy:?}").len() > 10_000);
+                let again = Signature::from_json(&json).unwrap();
+                assert_eq!(again.to_json().unwrap(), json);
+            })
+            .unwrap();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn deep_free_form_values_are_refused_by_name() {
+        let levels = 100_000;
+        let deep = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let body = format!(r#"{{"Args":[{{"Type":"json","Value":{deep}}}]}}"#);
+        let sig = Signature::from_json(body.as_bytes()).unwrap();
+        assert_eq!(
+            sig.args[0].unreadable(),
+            Some("nested too deeply (more than 128 levels)")
+        );
+        let body = format!(r#"{{"Headers":{{"x":{deep}}}}}"#);
+        let error = Signature::from_json(body.as_bytes()).unwrap_err();
+        assert!(
+            error.to_string().starts_with("Headers: nested too deeply"),
+            "{error}"
+        );
+        // Deep nesting where a signature's fields hold no free-form value is a type error, not a stack
+        // overflow.
+        let body = format!(r#"{{"OnSuccess":{deep}}}"#);
+        assert!(Signature::from_json(body.as_bytes()).is_err());
+        let body = format!(r#"{{"Unknown":{deep},"Name":"x"}}"#);
+        assert_eq!(Signature::from_json(body.as_bytes()).unwrap().name, "x");
+    }
+
+    #[test]
+    fn numbers_keep_the_text_they_were_sent_as() {
+        let body = br#"{"Args":[{"Type":"int64","Value":-0},{"Type":"int64","Value":-9223372036854775809}]}"#;
+        let sig = Signature::from_json(body).unwrap();
+        assert_eq!(sig.args[0].value, json!(0));
+        assert_eq!(sig.args[1].unreadable(), None);
+        let again = String::from_utf8(sig.to_json().unwrap()).unwrap();
+        assert!(
+            again.contains(r#""Value":-9223372036854775809}"#),
+            "{again}"
+        );
+        let error = Signature::from_json(br#"{"RetryCount":1e30}"#).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("RetryCount: integer 1e30 out of range"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn long_names_are_cut_when_quoted() {
+        assert_eq!(Signature::new("a\nb").quoted_name(), r#""a\nb""#);
+        let long = Signature::new("n".repeat(10_240)).quoted_name();
+        assert_eq!(
+            long,
+            format!("\"{}…\" (a name of 10240 bytes)", "n".repeat(100))
+        );
     }
 
     #[test]

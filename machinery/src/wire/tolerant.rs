@@ -1,10 +1,9 @@
 //! Helpers for reading Go machinery's JSON tolerantly, as Go's `encoding/json` does: keys in any case,
 //! `null` or missing values as zero values, unknown keys ignored.
 
-use std::fmt;
-use std::marker::PhantomData;
-
-use serde::de::{self, Deserialize, Deserializer, Visitor};
+use serde::de::{self, Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 /// Declares an enum of a wire struct's fields whose `Deserialize` matches keys case-insensitively and maps
 /// unknown keys to `Unknown`, without allocating.
@@ -55,50 +54,76 @@ macro_rules! lenient_int {
     ($($ty:ty),*) => {$(
         impl<'de> Deserialize<'de> for Lenient<$ty> {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                d.deserialize_any(IntVisitor::<$ty>(PhantomData)).map(Lenient)
+                // Read through the raw text, so that an error shows the number as it was sent.
+                let raw = Box::<RawValue>::deserialize(d)?;
+                lenient_int(raw.get().trim()).map(Lenient).map_err(de::Error::custom)
             }
         }
     )*};
 }
 lenient_int!(u8, u32, i64);
 
-struct IntVisitor<T>(PhantomData<T>);
-
-impl<'de, T> Visitor<'de> for IntVisitor<T>
+/// Reads an integer field tolerantly from its JSON text: `null` is 0, an integral float is its integer,
+/// a negative count is 0; anything else out of range is an error naming the number as sent.
+fn lenient_int<T>(text: &str) -> Result<T, String>
 where
     T: TryFrom<i64> + TryFrom<u64> + Default + Bounded,
 {
-    type Value = T;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an integer")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
-        Ok(T::default())
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<T, E> {
-        Ok(T::default())
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
-        if v < 0 && !T::SIGNED {
+    let shown = cut(text);
+    let out_of_range = || format!("integer {shown} out of range");
+    let number = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Null) => return Ok(T::default()),
+        Ok(Value::Number(number)) => number,
+        Ok(_) => return Err(format!("expected an integer, got {shown}")),
+        Err(error) => {
+            let reason = error.to_string();
+            let reason = reason.split(" at line ").next().unwrap_or_default();
+            return Err(format!("{shown}: {reason}"));
+        }
+    };
+    if let Some(n) = number.as_i64() {
+        if n < 0 && !T::SIGNED {
             return Ok(T::default());
         }
-        T::try_from(v).map_err(|_| E::custom(format!("integer {v} out of range")))
+        return T::try_from(n).map_err(|_| out_of_range());
     }
+    if let Some(n) = number.as_u64() {
+        return T::try_from(n).map_err(|_| out_of_range());
+    }
+    let f = number.as_f64().unwrap_or(f64::NAN);
+    if f.fract() != 0.0 {
+        return Err(format!("expected an integer, got {shown}"));
+    }
+    // `-0` (which serde_json reads as a float) is 0, as in Go; so is any negative count.
+    if f == 0.0 || (f < 0.0 && !T::SIGNED) {
+        return Ok(T::default());
+    }
+    // An integer literal that fits neither i64 nor u64 (serde_json made it a float): out of range.
+    if super::arg::is_integer_literal(text) {
+        return Err(out_of_range());
+    }
+    // 2^63 and 2^64 are exact as floats.
+    const I64_END: f64 = 9_223_372_036_854_775_808.0;
+    const U64_END: f64 = 18_446_744_073_709_551_616.0;
+    if (-I64_END..I64_END).contains(&f) {
+        T::try_from(f as i64).map_err(|_| out_of_range())
+    } else if (0.0..U64_END).contains(&f) {
+        T::try_from(f as u64).map_err(|_| out_of_range())
+    } else {
+        Err(out_of_range())
+    }
+}
 
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
-        T::try_from(v).map_err(|_| E::custom(format!("integer {v} out of range")))
+/// At most 64 characters of a value's text, for an error message.
+fn cut(text: &str) -> String {
+    if text.len() <= 64 {
+        return text.to_owned();
     }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
-        if v.fract() != 0.0 {
-            return Err(E::custom(format!("expected an integer, got {v}")));
-        }
-        self.visit_i64(v as i64)
+    let mut end = 61;
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
+    format!("{}...", &text[..end])
 }
 
 pub(crate) trait Bounded {
@@ -127,6 +152,28 @@ mod tests {
         let Lenient(n): Lenient<u32> = serde_json::from_str("4.0").unwrap();
         assert_eq!(n, 4);
         assert!(serde_json::from_str::<Lenient<u8>>("300").is_err());
+        let Lenient(n): Lenient<i64> = serde_json::from_str("-0").unwrap();
+        assert_eq!(n, 0);
+        let Lenient(n): Lenient<i64> = serde_json::from_str("-9223372036854775808").unwrap();
+        assert_eq!(n, i64::MIN);
+        let error = |text: &str| {
+            serde_json::from_str::<Lenient<i64>>(text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(error("1e30").starts_with("integer 1e30 out of range"));
+        assert!(
+            error("-9223372036854775809").starts_with("integer -9223372036854775809 out of range")
+        );
+        assert!(error("1e400").starts_with("1e400: number out of range"));
+        assert!(error("1.5").starts_with("expected an integer, got 1.5"));
+        let error = serde_json::from_str::<Lenient<u32>>("4294967296")
+            .err()
+            .unwrap();
+        assert!(error
+            .to_string()
+            .starts_with("integer 4294967296 out of range"));
         let Lenient(s): Lenient<String> = serde_json::from_str("null").unwrap();
         assert_eq!(s, "");
     }

@@ -180,8 +180,8 @@ async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Deliv
     let limit = u64::from(ctx.server.config().unknown_task_requeues);
     if requeues >= limit {
         let reason = format!(
-            "unknown task name {:?}: no worker on queue {} knows it (requeued {requeues} times; this worker knows {})",
-            signature.name,
+            "unknown task name {}: no worker on queue {} knows it (requeued {requeues} times; this worker knows {})",
+            signature.quoted_name(),
             ctx.queue,
             ctx.registry.names().join(", ")
         );

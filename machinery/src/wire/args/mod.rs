@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Number, Value};
 
+mod finite;
 mod probe;
 mod read;
 
@@ -82,6 +83,17 @@ impl Scalar {
         }
     }
 
+    /// The kind of value a Go type holds: two tags of one kind can carry each other's values (the value's
+    /// range is checked when it is decoded).
+    fn kind(self) -> Kind {
+        match self {
+            Scalar::Bool => Kind::Bool,
+            Scalar::Float32 | Scalar::Float64 => Kind::Float,
+            Scalar::String => Kind::String,
+            _ => Kind::Integer,
+        }
+    }
+
     fn parse(tag: &str) -> Option<Scalar> {
         Some(match tag {
             "bool" => Scalar::Bool,
@@ -101,6 +113,15 @@ impl Scalar {
             _ => return None,
         })
     }
+}
+
+/// See [`Scalar::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bool,
+    Integer,
+    Float,
+    String,
 }
 
 /// The type tag of a value on the wire: one of Go machinery's 29 tags, or `json` for any other serde type.
@@ -135,6 +156,23 @@ impl TypeTag {
         match tag.strip_prefix("[]") {
             Some(inner) => Scalar::parse(inner).map(TypeTag::Slice),
             None => Scalar::parse(tag).map(TypeTag::Scalar),
+        }
+    }
+
+    /// Whether a value tagged `found` on the wire may be read as a parameter whose tag is `self`. Go checks
+    /// the tag of every argument against its parameter; we accept the tags of the same kind of value:
+    /// any Go integer type for an integer parameter (the value's range is checked when it is decoded),
+    /// `float32`/`float64` for a float, `[]T` forms of those for a slice, and, for a Rust-only type
+    /// (`json`), any tag Go or we write. A tag that names another kind, or no known type, is refused.
+    pub fn accepts(self, found: &str) -> bool {
+        let Some(found) = TypeTag::parse(found) else {
+            return false;
+        };
+        match (self, found) {
+            (TypeTag::Json, _) => true,
+            (TypeTag::Scalar(want), TypeTag::Scalar(got))
+            | (TypeTag::Slice(want), TypeTag::Slice(got)) => want.kind() == got.kind(),
+            _ => false,
         }
     }
 
@@ -182,22 +220,52 @@ impl Shape {
 
 /// A value that could not be turned into JSON.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot encode {rust_type} as a task value: {source}")]
-pub struct EncodeError {
-    rust_type: &'static str,
-    #[source]
-    source: serde_json::Error,
+#[non_exhaustive]
+pub enum EncodeError {
+    /// serde could not serialize it.
+    #[error("cannot encode {rust_type} as a task value: {source}")]
+    Serialize {
+        /// The Rust type.
+        rust_type: &'static str,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A float that is NaN or infinite: JSON has no such numbers (Go's encoder refuses them too, where
+    /// serde would write `null`).
+    #[error("{what} is not a finite number ({rust_type} NaN or infinity): JSON cannot hold it")]
+    NotFinite {
+        /// `result` or `argument`.
+        what: &'static str,
+        /// The Rust type.
+        rust_type: &'static str,
+    },
 }
 
-/// Encodes a Rust value as a wire value with its type tag.
+impl EncodeError {
+    fn of(self, what: &'static str) -> Self {
+        match self {
+            EncodeError::NotFinite { rust_type, .. } => EncodeError::NotFinite { what, rust_type },
+            other => other,
+        }
+    }
+}
+
+/// Encodes a Rust value as a wire value with its type tag. A NaN or infinite float anywhere in it (alone,
+/// in a slice, in a struct's field) is an error, as in Go, rather than serde's `null`.
 pub fn encode_value<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<(TypeTag, Value), EncodeError> {
     let tag = TypeTag::of::<T>();
-    let mut json = serde_json::to_value(value).map_err(|source| EncodeError {
-        rust_type: std::any::type_name::<T>(),
-        source,
-    })?;
+    let rust_type = std::any::type_name::<T>();
+    let mut json = serde_json::to_value(value)
+        .map_err(|source| EncodeError::Serialize { rust_type, source })?;
+    if finite::has_non_finite(value) {
+        return Err(EncodeError::NotFinite {
+            what: "value",
+            rust_type,
+        });
+    }
     apply_go_conventions(tag, &mut json);
     Ok((tag, json))
 }
@@ -207,7 +275,7 @@ pub fn encode_arg<T: Serialize + DeserializeOwned>(
     name: &str,
     value: &T,
 ) -> Result<Arg, EncodeError> {
-    let (tag, value) = encode_value(value)?;
+    let (tag, value) = encode_value(value).map_err(|e| e.of("argument"))?;
     Ok(Arg::new(name, tag.as_str(), value))
 }
 
@@ -223,7 +291,7 @@ pub fn encode_variadic_args<T: Serialize + DeserializeOwned>(
 pub fn encode_result<T: Serialize + DeserializeOwned>(
     value: &T,
 ) -> Result<TaskResult, EncodeError> {
-    let (tag, value) = encode_value(value)?;
+    let (tag, value) = encode_value(value).map_err(|e| e.of("result"))?;
     Ok(TaskResult::new(tag.as_str(), value))
 }
 
@@ -377,6 +445,43 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_floats_are_errors() {
+        for f in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = encode_result(&f).unwrap_err().to_string();
+            assert!(
+                error.starts_with("result is not a finite number"),
+                "{error}"
+            );
+            assert!(encode_arg("x", &vec![1.0, f]).is_err());
+            assert!(encode_value(&(f as f32)).is_err());
+        }
+        assert_eq!(encode_value(&f64::MAX).unwrap().1, json!(f64::MAX));
+        #[derive(Serialize, Deserialize)]
+        struct Reading {
+            at: String,
+            value: Option<f64>,
+        }
+        let nan = Reading {
+            at: "now".into(),
+            value: Some(f64::NAN),
+        };
+        assert!(encode_result(&nan).is_err());
+        assert!(encode_result(&std::collections::BTreeMap::from([(
+            "x".to_owned(),
+            f32::INFINITY
+        )]))
+        .is_err());
+        let fine = Reading {
+            at: "now".into(),
+            value: None,
+        };
+        assert_eq!(
+            encode_value(&fine).unwrap().1,
+            json!({"at": "now", "value": null})
+        );
+    }
+
+    #[test]
     fn decodes_go_encodings() {
         assert_eq!(
             decode_value::<Vec<u8>>("[]uint8", &json!("aGVsbG8=")).unwrap(),
@@ -465,6 +570,59 @@ mod tests {
             err.to_string(),
             "task sum: argument 1: expected []int64, got string \"x\""
         );
+    }
+
+    #[test]
+    fn tags_must_fit_the_parameter() {
+        let cases: [(&str, Value, bool); 10] = [
+            ("int32", json!(5), true),
+            ("uint8", json!(5), true),
+            ("int128", json!(5), false),
+            ("string", json!(5), false),
+            ("float64", json!(5), false),
+            ("json", json!(5), false),
+            ("main.Money", json!(5), false),
+            ("", json!(5), false),
+            ("int8", json!(-0), true),
+            ("uint64", json!(u64::MAX), false),
+        ];
+        for (tag, value, ok) in cases {
+            let args = [arg(tag, value.clone())];
+            let result = ArgReader::new("t", &args, 1, false).next::<i64>();
+            assert_eq!(result.is_ok(), ok, "{tag} {value}: {result:?}");
+        }
+        let args = [arg("bool", json!("str"))];
+        assert_eq!(
+            ArgReader::new("echo", &args, 1, false)
+                .next::<String>()
+                .unwrap_err()
+                .to_string(),
+            "task echo: argument 1: expected string, got bool \"str\""
+        );
+        let args = [arg("float32", json!(1.5)), arg("[]float32", json!([2]))];
+        let mut reader = ArgReader::new("f", &args, 2, false);
+        assert_eq!(reader.next::<f64>().unwrap(), 1.5);
+        assert_eq!(reader.next::<Vec<f64>>().unwrap(), vec![2.0]);
+        // Rust-only types take any known tag, never an unknown one.
+        let args = [arg("int64", json!(1)), arg("main.Money", json!(1))];
+        let mut reader = ArgReader::new("v", &args, 2, false);
+        assert_eq!(reader.next::<Value>().unwrap(), json!(1));
+        assert!(reader.next::<Value>().is_err());
+        // A variadic tail checks each argument: elements of the element's kind, slices of the slice's.
+        let args = [arg("[]int32", json!([1, 2])), arg("uint8", json!(3))];
+        assert_eq!(
+            ArgReader::new("sum", &args, 1, true).rest::<i64>().unwrap(),
+            vec![1, 2, 3]
+        );
+        for bad in [arg("[]string", json!([1])), arg("string", json!(1))] {
+            let args = [bad];
+            assert!(ArgReader::new("sum", &args, 1, true).rest::<i64>().is_err());
+        }
+        let args = [arg("[]int64", Value::Null)];
+        assert!(ArgReader::new("sum", &args, 1, true)
+            .rest::<i64>()
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -77,11 +77,21 @@ impl<'a> ArgReader<'a> {
             TypeTag::Json => format!("json ({})", std::any::type_name::<T>()),
             tag => tag.as_str().to_owned(),
         };
+        let found = match arg.raw_text() {
+            Some(raw) => {
+                let text = describe_text(&arg.type_tag, raw.text.clone());
+                match &raw.unreadable {
+                    Some(reason) => format!("{text}: {reason}"),
+                    None => text,
+                }
+            }
+            None => describe(&arg.type_tag, &arg.value),
+        };
         ArgError::Type {
             task: self.task.to_owned(),
             index: index + 1,
             expected,
-            found: describe(&arg.type_tag, &arg.value),
+            found,
         }
     }
 
@@ -92,26 +102,43 @@ impl<'a> ArgReader<'a> {
         let index = self.pos;
         let arg = self.args.get(index).ok_or_else(|| self.count_error())?;
         self.pos += 1;
+        if arg.unreadable().is_some() || !TypeTag::of::<T>().accepts(&arg.type_tag) {
+            return Err(self.type_error::<T>(index, arg));
+        }
         decode_value(&arg.type_tag, &arg.value).map_err(|_| self.type_error::<T>(index, arg))
     }
 
     /// Reads all remaining arguments into a `Vec<T>`: one slice argument, trailing scalar arguments of `T`
     /// (Go's variadic calls, and results appended by chains and chords), or a mix of both, in order.
+    ///
+    /// Each argument's tag must fit: the element's tag (or one of its kind) for a single element, the
+    /// slice's for a slice (see [`TypeTag::accepts`]).
     pub fn rest<T: DeserializeOwned>(&mut self) -> Result<Vec<T>, ArgError> {
+        let element = TypeTag::of::<T>();
+        let slice = TypeTag::of::<Vec<T>>();
         let mut out = Vec::new();
         while let Some(arg) = self.args.get(self.pos) {
             let index = self.pos;
             self.pos += 1;
+            if arg.unreadable().is_some() {
+                return Err(self.type_error::<Vec<T>>(index, arg));
+            }
+            let as_element = element.accepts(&arg.type_tag);
+            let as_slice = slice.accepts(&arg.type_tag);
             let value = normalize(&arg.type_tag, &arg.value);
-            if value.is_array() {
+            if as_slice && value.is_null() && element != slice {
+                // Go's nil slice.
+                continue;
+            }
+            if as_slice && value.is_array() {
                 if let Ok(items) = Vec::<T>::deserialize(value.as_ref()) {
                     out.extend(items);
                     continue;
                 }
             }
             match T::deserialize(value.as_ref()) {
-                Ok(item) => out.push(item),
-                Err(_) => return Err(self.type_error::<Vec<T>>(index, arg)),
+                Ok(item) if as_element => out.push(item),
+                _ => return Err(self.type_error::<Vec<T>>(index, arg)),
             }
         }
         Ok(out)
@@ -128,7 +155,10 @@ impl<'a> ArgReader<'a> {
 
 /// `string "x"`, `int64 3`, ... for error messages; long values are cut.
 fn describe(type_tag: &str, value: &Value) -> String {
-    let mut text = value.to_string();
+    describe_text(type_tag, value.to_string())
+}
+
+fn describe_text(type_tag: &str, mut text: String) -> String {
     if text.len() > 64 {
         let mut cut = 61;
         while !text.is_char_boundary(cut) {

@@ -1,0 +1,139 @@
+//! Reading a [`Signature`] from Go's JSON: keys in any case, `null`s and unknown keys, integer fields
+//! whose errors name the field and the number as sent, nested callbacks on a stack that grows as deep as
+//! a chain is long, and `Headers` with a depth limit of their own.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use chrono::{DateTime, Utc};
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use super::{deep, Headers, Signature};
+use crate::wire::arg::{free_form_value, Arg};
+use crate::wire::gotime;
+use crate::wire::tolerant::{wire_fields, Lenient};
+
+wire_fields!(
+    enum SigField {
+        Uuid = "UUID",
+        Name = "Name",
+        RoutingKey = "RoutingKey",
+        Eta = "ETA",
+        GroupUuid = "GroupUUID",
+        GroupTaskCount = "GroupTaskCount",
+        Args = "Args",
+        Headers = "Headers",
+        Priority = "Priority",
+        Immutable = "Immutable",
+        RetryCount = "RetryCount",
+        RetryTimeout = "RetryTimeout",
+        OnSuccess = "OnSuccess",
+        OnError = "OnError",
+        ChordCallback = "ChordCallback",
+        BrokerMessageGroupId = "BrokerMessageGroupId",
+        SqsReceiptHandle = "SQSReceiptHandle",
+        StopTaskDeletionOnError = "StopTaskDeletionOnError",
+        IgnoreWhenTaskNotRegistered = "IgnoreWhenTaskNotRegistered",
+    }
+);
+
+struct EtaValue(Option<DateTime<Utc>>);
+
+impl<'de> Deserialize<'de> for EtaValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        gotime::deserialize_opt(d).map(EtaValue)
+    }
+}
+
+/// Reads `Headers` from its raw text with a depth limit of its own ([`Signature::from_json`] lifts
+/// serde_json's for the nesting of chains).
+fn read_headers<E: de::Error>(raw: &RawValue) -> Result<Option<Headers>, E> {
+    free_form_value(raw.get()).map_err(|reason| E::custom(format!("Headers: {reason}")))
+}
+
+/// A tolerant integer field, its error naming the field.
+fn int_field<'de, A: MapAccess<'de>, N>(map: &mut A, field: &str) -> Result<N, A::Error>
+where
+    Lenient<N>: Deserialize<'de>,
+{
+    map.next_value::<Lenient<N>>()
+        .map(|n| n.0)
+        .map_err(|error| de::Error::custom(format!("{field}: {error}")))
+}
+
+impl<'de, T> Deserialize<'de> for Signature<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SigVisitor<T>(PhantomData<fn() -> T>);
+        impl<'de, T> Visitor<'de> for SigVisitor<T> {
+            type Value = Signature<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a machinery Signature object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signature<T>, A::Error> {
+                let mut sig = Signature::with_args(String::new(), Vec::new()).retype::<T>();
+                while let Some(key) = map.next_key::<SigField>()? {
+                    match key {
+                        SigField::Uuid => sig.uuid = map.next_value::<Lenient<String>>()?.0,
+                        SigField::Name => sig.name = map.next_value::<Lenient<String>>()?.0,
+                        SigField::RoutingKey => {
+                            sig.routing_key = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::Eta => sig.eta = map.next_value::<EtaValue>()?.0,
+                        SigField::GroupUuid => {
+                            sig.group_uuid = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::GroupTaskCount => {
+                            sig.group_task_count = int_field(&mut map, "GroupTaskCount")?
+                        }
+                        SigField::Args => {
+                            sig.args = map.next_value::<Option<Vec<Arg>>>()?.unwrap_or_default()
+                        }
+                        SigField::Headers => {
+                            sig.headers = read_headers(&map.next_value::<Box<RawValue>>()?)?
+                        }
+                        SigField::Priority => sig.priority = int_field(&mut map, "Priority")?,
+                        SigField::Immutable => sig.immutable = map.next_value::<Lenient<bool>>()?.0,
+                        SigField::RetryCount => {
+                            sig.retry_count = int_field(&mut map, "RetryCount")?
+                        }
+                        SigField::RetryTimeout => {
+                            sig.retry_timeout = int_field(&mut map, "RetryTimeout")?
+                        }
+                        SigField::OnSuccess => {
+                            sig.on_success = deep(|| map.next_value::<Option<Vec<Signature>>>())?
+                                .unwrap_or_default()
+                        }
+                        SigField::OnError => {
+                            sig.on_error = deep(|| map.next_value::<Option<Vec<Signature>>>())?
+                                .unwrap_or_default()
+                        }
+                        SigField::ChordCallback => sig.chord_callback = deep(|| map.next_value())?,
+                        SigField::BrokerMessageGroupId => {
+                            sig.broker_message_group_id = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::SqsReceiptHandle => {
+                            sig.sqs_receipt_handle = map.next_value::<Lenient<String>>()?.0
+                        }
+                        SigField::StopTaskDeletionOnError => {
+                            sig.stop_task_deletion_on_error = map.next_value::<Lenient<bool>>()?.0
+                        }
+                        SigField::IgnoreWhenTaskNotRegistered => {
+                            sig.ignore_when_task_not_registered =
+                                map.next_value::<Lenient<bool>>()?.0
+                        }
+                        SigField::Unknown => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(sig)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Signature<T>, E> {
+                Err(E::custom("a machinery Signature cannot be null"))
+            }
+        }
+        d.deserialize_map(SigVisitor(PhantomData))
+    }
+}
