@@ -155,3 +155,136 @@ async fn a_retry_whose_headers_can_never_fit_a_frame_fails_the_task_with_the_rea
     );
     worker.shutdown(WAIT).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_is_not_json_is_not_labelled_json() {
+    if !require(Service::RabbitMq, "dead letter content type") {
+        return;
+    }
+    let config = amqp::config("deadtype");
+    let _cleanup = Cleanup::for_config(&config);
+    let server = machinery::Server::new(config.clone()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(probe::task())
+        .start()
+        .await
+        .unwrap();
+    let rabbit = Rabbit::connect().await;
+    rabbit
+        .publish(
+            "",
+            &config.default_queue,
+            b"\xff not json",
+            lapin::BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
+    let key = unique("deadtype");
+    let next = probe::send(&server, &key, 3, 0).await.unwrap();
+    assert_eq!(next.get(WAIT).await.unwrap(), 3);
+    worker.shutdown(WAIT).await.unwrap();
+    let dead_queue = format!("{}.dead", config.default_queue);
+    let letter = rabbit.take(&dead_queue).await.expect("a dead letter");
+    assert_eq!(letter.data, b"\xff not json");
+    assert_eq!(
+        letter
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|t| t.as_str().to_owned()),
+        Some("application/octet-stream".to_owned())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_id_no_queue_can_be_named_after_is_dead_lettered_and_does_not_loop() {
+    if !require(Service::RabbitMq, "long task id") {
+        return;
+    }
+    // The AMQP result backend keeps each state in a queue named by the task id; RabbitMQ names are at
+    // most 255 bytes.
+    let config = amqp::config("longid");
+    let _cleanup = Cleanup::for_config(&config);
+    let server = machinery::Server::new(config.clone()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(probe::task())
+        .start()
+        .await
+        .unwrap();
+    let key = unique("longid");
+    let mut signature = probe::signature(&key, 4, 0).erase();
+    signature.uuid = format!("task_{}", "x".repeat(300));
+    Rabbit::connect()
+        .await
+        .publish(
+            &config.amqp.exchange,
+            &config.default_queue,
+            &signature.to_json().unwrap(),
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    let inspect = server.broker().inspect().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let dead = loop {
+        let dead = inspect
+            .dead_letters(&config.default_queue, 10)
+            .await
+            .unwrap();
+        if !dead.is_empty() || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), 1, "dead-lettered within {WAIT:?}");
+    assert!(
+        dead[0].reason.contains("cannot be stored"),
+        "{}",
+        dead[0].reason
+    );
+    let next = probe::send(&server, &key, 5, 0).await.unwrap();
+    assert_eq!(next.get(WAIT).await.unwrap(), 5);
+    assert_eq!(
+        queue_info(&config.default_queue).map(|q| (q.ready, q.unacked)),
+        Some((0, 0)),
+        "nothing loops"
+    );
+    worker.shutdown(WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_delays_wait_in_a_queue_that_outlives_them() {
+    if !require(Service::RabbitMq, "short delays") {
+        return;
+    }
+    // Go's delay queue expires twice its delay after it is declared: for 10 ms, a loaded broker could
+    // delete it, message and all, before the message was dead-lettered (a retry of 10 ms was once lost
+    // here). Delays under a second wait in a queue of our own that lives 10 s.
+    let config = amqp::config("shortdelay");
+    let _cleanup = Cleanup::for_config(&config);
+    let server = machinery::Server::new(config.clone()).await.unwrap();
+    let key = unique("shortdelay");
+    let mut results = Vec::new();
+    for n in 0..30 {
+        let signature = probe::signature(&key, n, 0).countdown(Duration::from_millis(200));
+        results.push((n, server.send(signature).await.unwrap()));
+    }
+    let delay = machinery_tests::amqp::queues_containing(&config.amqp.exchange)
+        .into_iter()
+        .find(|q| q.name.starts_with("machinery.delay."))
+        .expect("a short-delay queue");
+    assert_eq!(
+        delay.arguments["x-expires"],
+        serde_json::json!(["long", 10_000]),
+        "{:?}",
+        delay.arguments
+    );
+    let worker = Worker::new(&server)
+        .register(probe::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    for (n, result) in results {
+        assert_eq!(result.get(WAIT).await.unwrap(), n);
+    }
+    worker.shutdown(WAIT).await.unwrap();
+}

@@ -417,11 +417,15 @@ impl Acknowledger for AmqpAcker {
             DEAD_LETTERED_AT_HEADER.into(),
             AMQPValue::LongString(LongString::from(now.to_rfc3339().as_bytes())),
         );
-        let properties = self
+        let mut properties = self
             .properties
             .clone()
             .with_headers(headers)
             .with_timestamp(u64::try_from(now.timestamp()).unwrap_or_default());
+        // A body that is not JSON (why it is here, often) must not be labelled as JSON.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            properties = properties.with_content_type("application/octet-stream".into());
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let inner = &self.inner;
         let queue = &self.queue;

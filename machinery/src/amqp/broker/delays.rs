@@ -9,6 +9,14 @@ use super::Inner;
 use crate::amqp::session::{self, bind, declare_queue, AmqpError, QueueSpec};
 use crate::broker::Outgoing;
 
+/// The shortest delay parked in Go's own delay queue (`delay.<ms>.<exchange>.<routing key>`, expiring
+/// after twice the delay); shorter ones wait in `machinery.delay.<ms>.…`, which expires after
+/// [`SHORT_DELAY_QUEUE_EXPIRES_MS`].
+const GO_DELAY_QUEUE_MIN_MS: i64 = 1_000;
+
+/// How long an unused short-delay queue lives.
+const SHORT_DELAY_QUEUE_EXPIRES_MS: i64 = 10_000;
+
 impl Inner {
     /// Parks a message in a dead-letter TTL queue until its ETA, as Go does, but with its priority kept and
     /// its confirm awaited. The target queue is declared first: RabbitMQ drops a dead-lettered message
@@ -34,13 +42,28 @@ impl Inner {
         let mut properties = self.properties(message);
         let queue = if s.delayed_queue.is_empty() {
             // One queue per delay. Declared on every use, as Go does: `x-expires` counts from the last
-            // declaration, and publishing does not reset it.
-            let queue = format!("delay.{delay_ms}.{}.{}", s.exchange, message.routing_key);
+            // declaration, and publishing does not reset it. Go's queue expires twice its delay after
+            // that, so the message has one delay's time to be published and dead-lettered before the
+            // queue, message and all, is deleted: seconds for a delay of seconds, but a loaded broker
+            // misses a window of a few milliseconds, and the task is lost. A short delay therefore gets
+            // a queue of our own name (no clash with Go's declaration of its name) that lives longer;
+            // where it waits does not matter to Go workers, which read the exchange it is routed to.
+            let (queue, expires) = if delay_ms >= GO_DELAY_QUEUE_MIN_MS {
+                (
+                    format!("delay.{delay_ms}.{}.{}", s.exchange, message.routing_key),
+                    delay_ms.saturating_mul(2),
+                )
+            } else {
+                (
+                    format!(
+                        "machinery.delay.{delay_ms}.{}.{}",
+                        s.exchange, message.routing_key
+                    ),
+                    SHORT_DELAY_QUEUE_EXPIRES_MS,
+                )
+            };
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms));
-            args.insert(
-                "x-expires".into(),
-                AMQPValue::LongLongInt(delay_ms.saturating_mul(2)),
-            );
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
             self.declare_delay_queue(&topology, &queue, args).await?;
             queue
         } else {
