@@ -93,10 +93,23 @@ async fn a_retry_of_a_signature_with_20_kb_headers_is_republished_and_succeeds()
         .start()
         .await
         .unwrap();
+    // Pushed raw, as another sender would: the body's `Headers` hold 20 KB; the worker's retry copies
+    // them into the AMQP headers of its re-publish.
     let key = unique("bigsig");
-    let signature: Signature<String> =
-        fails_once::signature(key.clone()).header("big", "h".repeat(20_000));
-    let result = server.send(signature).await.unwrap();
+    let mut signature: Signature = fails_once::signature(key.clone())
+        .header("big", "h".repeat(20_000))
+        .erase();
+    signature.uuid = unique("task_bigsig");
+    Rabbit::connect()
+        .await
+        .publish(
+            &config.amqp.exchange,
+            &config.default_queue,
+            &signature.to_json().unwrap(),
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    let result = server.result::<String>(signature.uuid.clone());
     assert_eq!(
         result.get(WAIT).await.expect("the retry is re-published"),
         key

@@ -6,6 +6,7 @@ mod redis_common;
 
 use machinery::broker::Inspect;
 use machinery::redis::RedisBroker;
+use machinery::{Server, Worker};
 use machinery_tests::{require, Service};
 use redis::AsyncCommands as _;
 use redis_common::{raw, Names};
