@@ -69,7 +69,32 @@ async fn a_due_task_for_a_key_that_is_not_a_list_is_dead_lettered_with_the_reaso
         victim_value, "a string, not a list",
         "the victim key is untouched"
     );
+    // The queue keeps moving: a normal task sent now runs.
+    let _: () = conn.del(&names.queue).await.unwrap();
+    let server = Server::new(names.config()).await.unwrap();
+    let running = Worker::new(&server)
+        .register(promoted_add::task())
+        .start()
+        .await
+        .unwrap();
+    let normal = promoted_add::send(&server, 40, 2).await.unwrap();
+    assert_eq!(
+        normal
+            .get(std::time::Duration::from_secs(10))
+            .await
+            .unwrap(),
+        42
+    );
+    running
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
     names.cleanup().await;
+}
+
+#[machinery::task(name = "promoted_add")]
+async fn promoted_add(a: i64, b: i64) -> Result<i64, machinery::TaskError> {
+    Ok(a + b)
 }
 
 #[tokio::test]
