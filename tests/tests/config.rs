@@ -89,3 +89,46 @@ async fn an_amqp_url_that_does_not_parse_is_a_configuration_error() {
         assert!(!err.to_string().contains("secret"), "{err}");
     }
 }
+
+static NULL_RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+#[machinery::task(name = "null_backend_counted")]
+async fn null_backend_counted(n: i64) -> Result<i64, machinery::TaskError> {
+    NULL_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(n)
+}
+
+#[tokio::test]
+async fn a_worker_on_the_null_backend_runs_every_task() {
+    // Nothing can be stored, and nothing can be revoked: every task runs, none is dead-lettered.
+    let server = Server::new(Config::new("memory://", "null")).await.unwrap();
+    let running = machinery::Worker::new(&server)
+        .register(null_backend_counted::task())
+        .start()
+        .await
+        .unwrap();
+    for n in 0..5 {
+        null_backend_counted::send(&server, n).await.unwrap();
+    }
+    let all_ran = machinery_tests::eventually(std::time::Duration::from_secs(10), || async {
+        NULL_RUNS.load(std::sync::atomic::Ordering::SeqCst) == 5
+    })
+    .await;
+    assert!(
+        all_ran,
+        "{} of 5 ran",
+        NULL_RUNS.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let dead = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .dead_letters(&server.config().default_queue, 10)
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+    running
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+}
