@@ -404,6 +404,89 @@ async fn live_consumers_recover_the_messages_of_a_dead_one() {
     names.cleanup().await;
 }
 
+/// Issue 13: a consumer recovered as dead by another (its in-flight list returned, its registration
+/// removed) that fetches again is registered again by that same fetch (the script, and the script that
+/// follows a `BLMOVE`), so what it takes is never in a list recovery cannot see.
+#[tokio::test]
+async fn a_consumer_recovered_as_dead_is_registered_again_by_its_next_fetch() {
+    if !require(
+        Service::Redis,
+        "a_consumer_recovered_as_dead_is_registered_again_by_its_next_fetch",
+    ) {
+        return;
+    }
+    let names = Names::new("rb_refetch");
+    let mut config = names.config();
+    // Beats every 12 s: nothing but the fetch can register it again during the test.
+    config.redis.heartbeat_timeout = 60_000;
+    let broker = RedisBroker::connect(&config).await.unwrap();
+    for body in ["a", "b"] {
+        broker.publish(outgoing(&names.queue, body)).await.unwrap();
+    }
+    let mut consumer = broker
+        .consume(options(&names.queue, "paused"))
+        .await
+        .unwrap();
+    let registry = format!("machinery:consumers:{}", names.queue);
+    let heartbeat = format!("machinery:heartbeat:{}:paused", names.queue);
+    let inflight = format!("machinery:inflight:{}:paused", names.queue);
+    let mut conn = raw().await;
+    let taken = next(&mut consumer, 1).await;
+    assert_eq!(taken[0].body, b"a");
+    std::mem::forget(taken);
+
+    // The consumer stalls past its heartbeat; another one recovers it as dead.
+    let _: () = conn.del(&heartbeat).await.unwrap();
+    assert_eq!(
+        broker.recover_dead_consumers(&names.queue).await.unwrap(),
+        1
+    );
+    let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+    assert!(!registered, "recovery unregistered it");
+
+    // It resumes and fetches: registered again (with a heartbeat) by the fetch itself.
+    let again = next(&mut consumer, 1).await;
+    assert_eq!(again[0].body, b"a", "the returned message, at the head");
+    let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+    assert!(registered, "the fetch registered the consumer again");
+    let pttl: i64 = conn.pttl(&heartbeat).await.unwrap();
+    assert!((1..=60_000).contains(&pttl), "with a heartbeat: {pttl}");
+    assert_eq!(
+        broker.recover_dead_consumers(&names.queue).await.unwrap(),
+        0,
+        "a registered consumer with a heartbeat is not recovered"
+    );
+    let held: Vec<Vec<u8>> = conn.lrange(&inflight, 0, -1).await.unwrap();
+    assert_eq!(held, [b"a".to_vec()]);
+
+    // The same through BLMOVE: while the consumer waits on an empty queue, it is recovered as dead;
+    // a message then arrives and the script that follows BLMOVE registers it again.
+    let b = next(&mut consumer, 1).await;
+    assert_eq!(b[0].body, b"b");
+    let waited = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _: () = conn.del(&heartbeat).await.unwrap();
+        let _: () = conn.srem(&registry, "paused").await.unwrap();
+        let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+        assert!(!registered);
+        broker.publish(outgoing(&names.queue, "c")).await.unwrap();
+    };
+    let (c, ()) = tokio::join!(next(&mut consumer, 1), waited);
+    assert_eq!(c[0].body, b"c");
+    let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+    assert!(
+        registered,
+        "the script after BLMOVE registered the consumer again"
+    );
+    let held: Vec<Vec<u8>> = conn.lrange(&inflight, 0, -1).await.unwrap();
+    assert_eq!(held, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    for d in again.into_iter().chain(b).chain(c) {
+        d.ack().await.unwrap();
+    }
+    consumer.close().await.unwrap();
+    names.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_worker_takes_no_more_messages_than_it_has_free_slots() {
     if !require(

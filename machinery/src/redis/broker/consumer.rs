@@ -271,21 +271,40 @@ impl RedisConsumer {
     }
 
     /// The fetch script's keys.
-    fn fetch_keys(&self) -> [&[u8]; 3] {
+    fn fetch_keys(&self) -> [&[u8]; 5] {
         [
             self.keys.queue.as_bytes(),
             self.inflight.as_bytes(),
             self.keys.redelivered.as_bytes(),
+            self.keys.consumers.as_bytes(),
+            self.heartbeat.as_bytes(),
         ]
     }
 
-    /// Takes up to `max` messages without waiting.
+    /// The fetch script's arguments: take `count`, register under our tag (with a heartbeat if ours
+    /// expired), and `after-wait` when it follows a `BLMOVE`.
+    fn fetch_args(&self, count: usize, after_wait: bool) -> Vec<Vec<u8>> {
+        let mut args = vec![
+            count.to_string().into_bytes(),
+            self.tag.clone().into_bytes(),
+            Utc::now().timestamp_millis().to_string().into_bytes(),
+            self.heartbeat_timeout.as_millis().to_string().into_bytes(),
+        ];
+        if after_wait {
+            args.push(b"after-wait".to_vec());
+        }
+        args
+    }
+
+    /// Takes up to `max` messages without waiting (registering this consumer again if it was recovered
+    /// as dead meanwhile).
     async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let mut conn = self.inner.conn.clone();
-        let count = max.to_string();
+        let args = self.fetch_args(max, false);
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let pairs: Vec<(Vec<u8>, u8)> = SCRIPTS
             .fetch
-            .run(&mut conn, &self.fetch_keys(), &[count.as_bytes()])
+            .run(&mut conn, &self.fetch_keys(), &args)
             .await
             .map_err(op("fetch"))?;
         Ok(pairs
@@ -424,10 +443,11 @@ impl RedisConsumer {
             .arg("LEFT")
             .arg("RIGHT")
             .arg(&timeout)
-            .add_command(SCRIPTS.fetch.cmd(
-                &self.fetch_keys(),
-                &[(max - 1).to_string().as_bytes(), b"after-wait"],
-            ));
+            .add_command(
+                SCRIPTS
+                    .fetch
+                    .cmd(&self.fetch_keys(), &self.fetch_args(max - 1, true)),
+            );
         let links = Links::now(&self.inner, self.states.as_ref());
         let conn = self.blocking_connection().await?;
         let replies: Result<(Option<Vec<u8>>, Vec<redis::Value>), RedisError> =
