@@ -8,6 +8,7 @@ mod redis_common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -484,6 +485,117 @@ async fn a_consumer_recovered_as_dead_is_registered_again_by_its_next_fetch() {
         d.ack().await.unwrap();
     }
     consumer.close().await.unwrap();
+    names.cleanup().await;
+}
+
+/// Counts, from Redis's `MONITOR` stream, the commands `SMEMBERS <registry>` (the read that starts a
+/// recovery scan) run by scripts; the key is this test's own, so no other client can add to the count.
+async fn count_scans(registry: &str) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(Service::Redis.addr())
+        .await
+        .expect("connect for MONITOR");
+    stream.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let ok = lines.next_line().await.unwrap();
+    assert_eq!(ok.as_deref(), Some("+OK"));
+    let count = Arc::new(AtomicUsize::new(0));
+    let needle = format!("lua] \"SMEMBERS\" \"{registry}\"");
+    let counter = count.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(&needle) {
+                counter.fetch_add(1, AtomicOrdering::SeqCst);
+            }
+        }
+    });
+    (count, reader)
+}
+
+/// Issue 13: recovery of dead consumers is run by one consumer per queue per period (a lock,
+/// `machinery:recovering:<queue>`), not by every consumer (quadratic in workers); a dead consumer's
+/// messages are still returned within a period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_consumer_per_queue_scans_for_dead_consumers_per_period() {
+    if !require(
+        Service::Redis,
+        "one_consumer_per_queue_scans_for_dead_consumers_per_period",
+    ) {
+        return;
+    }
+    let names = Names::new("rb_recoverlock");
+    let mut config = names.config();
+    // A round every 2 s per consumer; the lock lasts 1.8 s.
+    config.redis.heartbeat_timeout = 10_000;
+    let broker = RedisBroker::connect(&config).await.unwrap();
+    let registry = format!("machinery:consumers:{}", names.queue);
+    let (scans, monitor) = count_scans(&registry).await;
+    let started = Instant::now();
+    let mut consumers = Vec::new();
+    for i in 0..5 {
+        consumers.push(
+            broker
+                .consume(options(&names.queue, &format!("w{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut conn = raw().await;
+    // Every consumer runs its first round when it starts.
+    assert!(
+        machinery_tests::eventually(Duration::from_secs(2), || {
+            let mut conn = conn.clone();
+            let registry = registry.clone();
+            async move { conn.scard::<_, usize>(&registry).await.unwrap() == 5 }
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "the test itself was too slow to measure one period: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        scans.load(AtomicOrdering::SeqCst),
+        1,
+        "five consumers started within one period: one scanned"
+    );
+
+    // A dead consumer (registered, with a message in flight, no heartbeat) is recovered by the next
+    // round after the lock expires, by one consumer.
+    let ghost_inflight = format!("machinery:inflight:{}:ghost", names.queue);
+    let _: () = conn.rpush(&ghost_inflight, "g").await.unwrap();
+    let _: () = conn.sadd(&registry, "ghost").await.unwrap();
+    assert!(
+        machinery_tests::eventually(Duration::from_secs(5), || {
+            let mut conn = conn.clone();
+            let ghost_inflight = ghost_inflight.clone();
+            async move { conn.llen::<_, usize>(&ghost_inflight).await.unwrap() == 0 }
+        })
+        .await,
+        "the dead consumer's message was returned"
+    );
+    let at = started.elapsed();
+    assert!(at < Duration::from_millis(3600), "within a period: {at:?}");
+    assert_eq!(
+        scans.load(AtomicOrdering::SeqCst),
+        2,
+        "one more scan in the second period ({at:?})"
+    );
+    let ghost: bool = conn.sismember(&registry, "ghost").await.unwrap();
+    assert!(!ghost, "the dead consumer is unregistered");
+    let got = next(&mut consumers[0], 10).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, b"g");
+    assert!(got[0].redelivered);
+    for d in got {
+        d.ack().await.unwrap();
+    }
+    monitor.abort();
+    for consumer in consumers {
+        consumer.close().await.unwrap();
+    }
     names.cleanup().await;
 }
 

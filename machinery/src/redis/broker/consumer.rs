@@ -48,7 +48,8 @@ impl Links {
     }
 }
 
-/// Renews the heartbeat, promotes delayed tasks and recovers dead consumers' messages until stopped.
+/// Renews the heartbeat, promotes delayed tasks and recovers dead consumers' messages until stopped
+/// (recovery only when no other consumer of the queue ran it within the last nine tenths of a period).
 ///
 /// Each round is also the probe of the shared connections: a round that gets no answer within the
 /// poll period plus a second ([`conn::silence_limit`]) means a silent link, and they are replaced.
@@ -73,8 +74,10 @@ async fn background(
             if now >= next_beat {
                 next_beat = now + beat_every;
                 beat(&inner, &keys, &tag, heartbeat_timeout).await?;
-                let recovered = recover(&inner, &keys, &tag).await?;
-                if recovered > 0 {
+                // One consumer per queue scans per period: the lock lasts nine tenths of it, so that the
+                // holder's own next round (due one period after this one began) finds it free.
+                let recovered = recover(&inner, &keys, &tag, beat_every * 9 / 10).await?;
+                if let Some(recovered @ 1..) = recovered {
                     tracing::warn!(queue = %keys.queue, recovered, "returned the in-flight messages of workers whose heartbeat expired to the queue; those tasks run again");
                 }
             }
