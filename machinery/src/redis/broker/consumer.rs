@@ -64,7 +64,8 @@ async fn background(
     let beat_every = heartbeat_timeout / 5;
     let promote_every = Duration::from_millis(inner.config.delayed_tasks_poll_period.max(10));
     let silence = conn::silence_limit(&inner.config);
-    // The first round recovers at once: a restarted worker picks up what its dead predecessors left.
+    // The first round recovers at once (unless another consumer of the queue did within the period): a
+    // restarted worker picks up what its dead predecessors left.
     let mut next_beat = tokio::time::Instant::now();
     let mut failing = false;
     loop {
