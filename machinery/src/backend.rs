@@ -225,9 +225,12 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Records that member `task_uuid` of the group has finished (its final state is stored), and
-    /// returns `true` to exactly one caller per group: the one whose call completes the group. Calling
-    /// again for the same member (a redelivered message) counts it once. The group record's
-    /// `ChordTriggered` flag is set by the winning call.
+    /// returns `true` for exactly one member per group: the one whose call completes the group (the
+    /// winner), which then sends the chord callback. Calling again for the same member (a redelivered
+    /// message, a retry after a lost reply) counts it once; the winner's later calls return `true`
+    /// again, so a winner whose answer was lost still sends the callback (at least once), while every
+    /// other member's calls return `false`. The group record's `ChordTriggered` flag is set by the
+    /// winning call.
     async fn complete_group_member(
         &self,
         group_uuid: &str,

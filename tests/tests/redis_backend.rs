@@ -6,7 +6,6 @@
 mod redis_common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -406,7 +405,7 @@ async fn the_chord_step_fires_exactly_once_under_concurrency() {
     let names = Names::new("rk_chord");
     let first = backend(&names).await;
     let (group, members) = chord_group(&names, &first, 200).await;
-    let fired = Arc::new(AtomicUsize::new(0));
+    let fired = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..3 {
         let backend = backend(&names).await;
@@ -425,7 +424,7 @@ async fn the_chord_step_fires_exactly_once_under_concurrency() {
                     .await
                     .unwrap()
                 {
-                    fired.fetch_add(1, Ordering::SeqCst);
+                    fired.lock().unwrap().push(member.clone());
                 }
             }
         });
@@ -433,21 +432,105 @@ async fn the_chord_step_fires_exactly_once_under_concurrency() {
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
-    assert_eq!(
-        fired.load(Ordering::SeqCst),
-        1,
-        "exactly one call completes the group"
+    // Exactly one member completes the group. Its reports from the moment it did are all told to send
+    // the callback (an earlier one, before the group was complete, is not); no other member's 597
+    // reports are.
+    let fired = fired.lock().unwrap().clone();
+    assert!(
+        (1..=3).contains(&fired.len()),
+        "the winner's reports: {fired:?}"
     );
+    assert!(
+        fired.iter().all(|m| *m == fired[0]),
+        "one winning member: {fired:?}"
+    );
+    let winner: Option<String> = raw()
+        .await
+        .hget(format!("machinery:chord:{group}"), "winner")
+        .await
+        .unwrap();
+    assert_eq!(winner.as_ref(), Some(&fired[0]));
+    assert!(first
+        .complete_group_member(&group, &fired[0], 200)
+        .await
+        .unwrap());
+    let loser = members.iter().find(|m| **m != fired[0]).unwrap();
     let meta = first.get_group(&group).await.unwrap().unwrap();
     assert!(
         meta.chord_triggered,
         "ChordTriggered set in Go's group record"
     );
     assert!(!first
-        .complete_group_member(&group, &members[0], 200)
+        .complete_group_member(&group, loser, 200)
         .await
         .unwrap());
     first.purge_group(&group).await.unwrap();
+    names.cleanup().await;
+}
+
+/// Issue 13: the winning call's reply can be lost (the connection dropped after the script ran); the
+/// worker then calls again and must still be told to send the callback, while other members are not.
+#[tokio::test]
+async fn the_chord_winner_is_told_again_when_it_calls_again() {
+    if !require(
+        Service::Redis,
+        "the_chord_winner_is_told_again_when_it_calls_again",
+    ) {
+        return;
+    }
+    let names = Names::new("rk_chordwin");
+    let backend = backend(&names).await;
+    let (group, members) = chord_group(&names, &backend, 3).await;
+    let mut told = Vec::new();
+    for member in members.iter().chain(&members).chain(&members) {
+        backend
+            .set_state(&TaskState::success(member, "", vec![]))
+            .await
+            .unwrap();
+        told.push(
+            backend
+                .complete_group_member(&group, member, 3)
+                .await
+                .unwrap(),
+        );
+    }
+    // Member 2 completed the group; its two later calls are told again, members 0 and 1 never.
+    assert_eq!(
+        told,
+        [false, false, true, false, false, true, false, false, true]
+    );
+    let mut conn = raw().await;
+    let progress = format!("machinery:chord:{group}");
+    let winner: Option<String> = conn.hget(&progress, "winner").await.unwrap();
+    assert_eq!(winner.as_deref(), Some(members[2].as_str()));
+    let ttl: i64 = conn.ttl(&progress).await.unwrap();
+    assert!((1..=300).contains(&ttl), "expires with the results: {ttl}");
+    let text = String::from_utf8(raw_get(&group).await).unwrap();
+    assert_eq!(text.matches("\"ChordTriggered\":true").count(), 1, "{text}");
+
+    // A group Go fired has no winner of ours: its last member is told no, every time.
+    let names2 = Names {
+        id: format!("{}b", names.id),
+        ..names.clone()
+    };
+    let (group2, members2) = chord_group(&names2, &backend, 1).await;
+    let triggered = String::from_utf8(raw_get(&group2).await)
+        .unwrap()
+        .replace("\"ChordTriggered\":false", "\"ChordTriggered\":true");
+    let _: () = conn.set(&group2, triggered).await.unwrap();
+    for _ in 0..2 {
+        assert!(!backend
+            .complete_group_member(&group2, &members2[0], 1)
+            .await
+            .unwrap());
+    }
+    let winner2: Option<String> = conn
+        .hget(format!("machinery:chord:{group2}"), "winner")
+        .await
+        .unwrap();
+    assert_eq!(winner2, None);
+    backend.purge_group(&group).await.unwrap();
+    backend.purge_group(&group2).await.unwrap();
     names.cleanup().await;
 }
 

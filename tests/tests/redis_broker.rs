@@ -8,6 +8,7 @@ mod redis_common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -401,6 +402,200 @@ async fn live_consumers_recover_the_messages_of_a_dead_one() {
         .await
         .unwrap();
     assert!(!live_heartbeat, "close() deletes the heartbeat");
+    names.cleanup().await;
+}
+
+/// Issue 13: a consumer recovered as dead by another (its in-flight list returned, its registration
+/// removed) that fetches again is registered again by that same fetch (the script, and the script that
+/// follows a `BLMOVE`), so what it takes is never in a list recovery cannot see.
+#[tokio::test]
+async fn a_consumer_recovered_as_dead_is_registered_again_by_its_next_fetch() {
+    if !require(
+        Service::Redis,
+        "a_consumer_recovered_as_dead_is_registered_again_by_its_next_fetch",
+    ) {
+        return;
+    }
+    let names = Names::new("rb_refetch");
+    let mut config = names.config();
+    // Beats every 12 s: nothing but the fetch can register it again during the test.
+    config.redis.heartbeat_timeout = 60_000;
+    let broker = RedisBroker::connect(&config).await.unwrap();
+    for body in ["a", "b"] {
+        broker.publish(outgoing(&names.queue, body)).await.unwrap();
+    }
+    let mut consumer = broker
+        .consume(options(&names.queue, "paused"))
+        .await
+        .unwrap();
+    let registry = format!("machinery:consumers:{}", names.queue);
+    let heartbeat = format!("machinery:heartbeat:{}:paused", names.queue);
+    let inflight = format!("machinery:inflight:{}:paused", names.queue);
+    let mut conn = raw().await;
+    let taken = next(&mut consumer, 1).await;
+    assert_eq!(taken[0].body, b"a");
+    std::mem::forget(taken);
+
+    // The consumer stalls past its heartbeat; another one recovers it as dead.
+    let _: () = conn.del(&heartbeat).await.unwrap();
+    assert_eq!(
+        broker.recover_dead_consumers(&names.queue).await.unwrap(),
+        1
+    );
+    let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+    assert!(!registered, "recovery unregistered it");
+
+    // It resumes and fetches: registered again (with a heartbeat) by the fetch itself.
+    let again = next(&mut consumer, 1).await;
+    assert_eq!(again[0].body, b"a", "the returned message, at the head");
+    let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+    assert!(registered, "the fetch registered the consumer again");
+    let pttl: i64 = conn.pttl(&heartbeat).await.unwrap();
+    assert!((1..=60_000).contains(&pttl), "with a heartbeat: {pttl}");
+    assert_eq!(
+        broker.recover_dead_consumers(&names.queue).await.unwrap(),
+        0,
+        "a registered consumer with a heartbeat is not recovered"
+    );
+    let held: Vec<Vec<u8>> = conn.lrange(&inflight, 0, -1).await.unwrap();
+    assert_eq!(held, [b"a".to_vec()]);
+
+    // The same through BLMOVE: while the consumer waits on an empty queue, it is recovered as dead;
+    // a message then arrives and the script that follows BLMOVE registers it again.
+    let b = next(&mut consumer, 1).await;
+    assert_eq!(b[0].body, b"b");
+    let waited = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _: () = conn.del(&heartbeat).await.unwrap();
+        let _: () = conn.srem(&registry, "paused").await.unwrap();
+        let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+        assert!(!registered);
+        broker.publish(outgoing(&names.queue, "c")).await.unwrap();
+    };
+    let (c, ()) = tokio::join!(next(&mut consumer, 1), waited);
+    assert_eq!(c[0].body, b"c");
+    let registered: bool = conn.sismember(&registry, "paused").await.unwrap();
+    assert!(
+        registered,
+        "the script after BLMOVE registered the consumer again"
+    );
+    let held: Vec<Vec<u8>> = conn.lrange(&inflight, 0, -1).await.unwrap();
+    assert_eq!(held, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    for d in again.into_iter().chain(b).chain(c) {
+        d.ack().await.unwrap();
+    }
+    consumer.close().await.unwrap();
+    names.cleanup().await;
+}
+
+/// Counts, from Redis's `MONITOR` stream, the commands `SMEMBERS <registry>` (the read that starts a
+/// recovery scan) run by scripts; the key is this test's own, so no other client can add to the count.
+async fn count_scans(registry: &str) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(Service::Redis.addr())
+        .await
+        .expect("connect for MONITOR");
+    stream.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let ok = lines.next_line().await.unwrap();
+    assert_eq!(ok.as_deref(), Some("+OK"));
+    let count = Arc::new(AtomicUsize::new(0));
+    let needle = format!("lua] \"SMEMBERS\" \"{registry}\"");
+    let counter = count.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(&needle) {
+                counter.fetch_add(1, AtomicOrdering::SeqCst);
+            }
+        }
+    });
+    (count, reader)
+}
+
+/// Issue 13: recovery of dead consumers is run by one consumer per queue per period (a lock,
+/// `machinery:recovering:<queue>`), not by every consumer (quadratic in workers); a dead consumer's
+/// messages are still returned within a period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_consumer_per_queue_scans_for_dead_consumers_per_period() {
+    if !require(
+        Service::Redis,
+        "one_consumer_per_queue_scans_for_dead_consumers_per_period",
+    ) {
+        return;
+    }
+    let names = Names::new("rb_recoverlock");
+    let mut config = names.config();
+    // A round every 2 s per consumer; the lock lasts 1.8 s.
+    config.redis.heartbeat_timeout = 10_000;
+    let broker = RedisBroker::connect(&config).await.unwrap();
+    let registry = format!("machinery:consumers:{}", names.queue);
+    let (scans, monitor) = count_scans(&registry).await;
+    let started = Instant::now();
+    let mut consumers = Vec::new();
+    for i in 0..5 {
+        consumers.push(
+            broker
+                .consume(options(&names.queue, &format!("w{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut conn = raw().await;
+    // Every consumer runs its first round when it starts.
+    assert!(
+        machinery_tests::eventually(Duration::from_secs(2), || {
+            let mut conn = conn.clone();
+            let registry = registry.clone();
+            async move { conn.scard::<_, usize>(&registry).await.unwrap() == 5 }
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "the test itself was too slow to measure one period: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        scans.load(AtomicOrdering::SeqCst),
+        1,
+        "five consumers started within one period: one scanned"
+    );
+
+    // A dead consumer (registered, with a message in flight, no heartbeat) is recovered by the next
+    // round after the lock expires, by one consumer.
+    let ghost_inflight = format!("machinery:inflight:{}:ghost", names.queue);
+    let _: () = conn.rpush(&ghost_inflight, "g").await.unwrap();
+    let _: () = conn.sadd(&registry, "ghost").await.unwrap();
+    assert!(
+        machinery_tests::eventually(Duration::from_secs(5), || {
+            let mut conn = conn.clone();
+            let ghost_inflight = ghost_inflight.clone();
+            async move { conn.llen::<_, usize>(&ghost_inflight).await.unwrap() == 0 }
+        })
+        .await,
+        "the dead consumer's message was returned"
+    );
+    let at = started.elapsed();
+    assert!(at < Duration::from_millis(3600), "within a period: {at:?}");
+    assert_eq!(
+        scans.load(AtomicOrdering::SeqCst),
+        2,
+        "one more scan in the second period ({at:?})"
+    );
+    let ghost: bool = conn.sismember(&registry, "ghost").await.unwrap();
+    assert!(!ghost, "the dead consumer is unregistered");
+    let got = next(&mut consumers[0], 10).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, b"g");
+    assert!(got[0].redelivered);
+    for d in got {
+        d.ack().await.unwrap();
+    }
+    monitor.abort();
+    for consumer in consumers {
+        consumer.close().await.unwrap();
+    }
     names.cleanup().await;
 }
 

@@ -12,7 +12,8 @@
 //!   is refused in the same step when the task was revoked.
 //! - Chords fire exactly once: each member sets its bit in a per-group progress record
 //!   (`<group uuid>_chord_progress`) with `cas`; the write that completes the group names its member the
-//!   winner in that same write, and the winner's call that flips `ChordTriggered` (again with `cas`) fires.
+//!   winner in that same write, and the winner's calls (its first and any repeat) set `ChordTriggered`
+//!   (again with `cas`) and fire.
 //!   Go's memcache backend uses a read-modify-write lock flag that two workers can both pass.
 //! - A record too large for memcached is an error ([`BackendError::TooLarge`]), checked before sending and
 //!   again from the server's reply.
@@ -464,9 +465,10 @@ impl Backend for MemcacheBackend {
 
     /// Sets the member's bit in the group's progress record with `gets`/`cas`; the write that makes the
     /// count reach `group_task_count` also names this member the winner, atomically. A call for the winning
-    /// member then sets `ChordTriggered` on the group record with `cas`, and the one call that changes it
-    /// from `false` gets `true`. A redelivered member finds its bit set and counts once; if the winning call
-    /// failed before setting the flag, its retry sets it and gets `true`.
+    /// member then sets `ChordTriggered` on the group record with `cas` (unless it is set already) and
+    /// gets `true`: the first winning call, and every later call for the winning member (a retry after a
+    /// failure before or after setting the flag, a redelivery). A redelivered member finds its bit set
+    /// and counts once; calls for any other member get `false`.
     async fn complete_group_member(
         &self,
         group_uuid: &str,
@@ -509,8 +511,10 @@ impl Backend for MemcacheBackend {
             };
             if progress.winner == task_uuid {
                 // Another call for this member completed the group: a retry after that call failed
-                // before setting the flag, or a duplicate delivery. Whichever sets the flag fires.
-                return self.mark_chord_triggered(group_uuid).await;
+                // before setting the flag or lost its answer, or a duplicate delivery. The winner sends
+                // the callback, so it is told again (the flag is set if that call did not get to it).
+                self.mark_chord_triggered(group_uuid).await?;
+                return Ok(true);
             }
             if !progress.winner.is_empty() {
                 return Ok(false);

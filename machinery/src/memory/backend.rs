@@ -41,6 +41,8 @@ struct Records {
     states: HashMap<String, (TaskState, Instant)>,
     groups: HashMap<String, (GroupMeta, Instant)>,
     finished_members: HashMap<String, HashSet<String>>,
+    /// The member whose call completed each group (told `true` again when it calls again).
+    chord_winners: HashMap<String, String>,
     writes: u64,
 }
 
@@ -55,6 +57,8 @@ impl Records {
         self.groups.retain(|_, (_, expires)| *expires > now);
         let groups = &self.groups;
         self.finished_members
+            .retain(|group, _| groups.contains_key(group));
+        self.chord_winners
             .retain(|group, _| groups.contains_key(group));
     }
 }
@@ -178,6 +182,9 @@ impl Backend for MemoryBackend {
         group_task_count: u32,
     ) -> Result<bool, BackendError> {
         let mut records = self.shared.lock();
+        if records.chord_winners.get(group_uuid).map(String::as_str) == Some(task_uuid) {
+            return Ok(true);
+        }
         let finished = records
             .finished_members
             .entry(group_uuid.to_owned())
@@ -193,6 +200,9 @@ impl Backend for MemoryBackend {
             return Ok(false);
         }
         meta.chord_triggered = true;
+        records
+            .chord_winners
+            .insert(group_uuid.to_owned(), task_uuid.to_owned());
         Ok(true)
     }
 
@@ -205,6 +215,7 @@ impl Backend for MemoryBackend {
         let mut records = self.shared.lock();
         records.groups.remove(group_uuid);
         records.finished_members.remove(group_uuid);
+        records.chord_winners.remove(group_uuid);
         Ok(())
     }
 }
@@ -265,7 +276,9 @@ mod tests {
         assert!(!backend.complete_group_member("g", "a", 2).await.unwrap());
         assert!(!backend.complete_group_member("g", "a", 2).await.unwrap());
         assert!(backend.complete_group_member("g", "b", 2).await.unwrap());
-        assert!(!backend.complete_group_member("g", "b", 2).await.unwrap());
+        // The winner calling again (its answer was lost) is told again; the other member is not.
+        assert!(backend.complete_group_member("g", "b", 2).await.unwrap());
+        assert!(!backend.complete_group_member("g", "a", 2).await.unwrap());
         assert!(
             backend
                 .get_group("g")

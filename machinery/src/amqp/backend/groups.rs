@@ -7,7 +7,8 @@
 //!   the old one, and commits: the publish and the ack happen together or not at all. While the record is
 //!   taken, other members find the queue empty and try again a moment later; if the holder dies, its
 //!   channel closes and RabbitMQ gives the record back. The member whose update completes the group sets
-//!   `ChordTriggered` and is the only one told to send the callback.
+//!   `ChordTriggered` and names itself in the record; it is the only member told to send the callback,
+//!   and is told so again on every later call (a retry after a lost answer, a redelivery).
 //! - `<group>_states` (durable) is bound to the exchange with every member id, so RabbitMQ files a copy
 //!   of each member state there as it is written; the chord's results are read from it, not from the
 //!   member queues that result readers may be holding at that moment.
@@ -91,7 +92,6 @@ impl Inner {
         group: &str,
         task: &str,
         count: u32,
-        uncertain: bool,
     ) -> Result<Option<bool>, AmqpError> {
         let queue = group_record_queue(group);
         let got = channel
@@ -128,16 +128,16 @@ impl Inner {
             record.finished.push(task.to_owned());
         }
         let complete = record.finished.len() >= count as usize;
-        let won = if complete && !record.meta.chord_triggered {
+        let fires_now = complete && !record.meta.chord_triggered;
+        if fires_now {
             record.meta.chord_triggered = true;
             record.triggered_by = task.to_owned();
-            true
-        } else {
-            // Our previous attempt's commit may have gone through with its answer lost: then we are the
-            // one that triggered, and must still say so.
-            uncertain && record.triggered_by == task
-        };
-        let changed = newly_finished || (won && !uncertain);
+        }
+        // A member that triggered before is told again: this call's earlier attempt, or an earlier call,
+        // may have committed with its answer lost (or the message was redelivered), and the member that
+        // triggered must still send the callback.
+        let won = fires_now || record.triggered_by == task;
+        let changed = newly_finished || fires_now;
         if changed {
             let body = serde_json::to_vec(&record).map_err(|source| AmqpError::Json {
                 what: format!("encoding the group record {queue:?}"),
@@ -387,11 +387,10 @@ impl Inner {
             crate::retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
         let mut error_backoff =
             crate::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        let mut uncertain = false;
         loop {
             let attempt = async {
                 let channel = self.group_channel(&mut slot).await?;
-                self.try_complete(&channel, group_uuid, task_uuid, group_task_count, uncertain)
+                self.try_complete(&channel, group_uuid, task_uuid, group_task_count)
                     .await
             }
             .await;
@@ -405,7 +404,6 @@ impl Inner {
                 }
                 Err(error) if error.is_transient() && Instant::now() < deadline => {
                     // The commit may or may not have happened; the record will tell on the next try.
-                    uncertain = true;
                     tokio::time::sleep(error_backoff.next_delay()).await;
                 }
                 Ok(None) => {

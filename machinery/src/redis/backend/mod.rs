@@ -12,8 +12,9 @@
 //!   the channel `machinery:done:<task uuid>`; [`Backend::wait_for_completion`] subscribes through one
 //!   shared pub/sub connection and wakes at once. States written by Go workers are not announced, so a
 //!   slow poll (10 ms doubling to 200 ms) runs as well.
-//! - **Exactly-once chord trigger** with an atomic per-group step (see [`Backend::complete_group_member`]
-//!   and `docs/redis.md`), safe beside Go workers that use the `TriggerChordMutex` lock.
+//! - **One winning member per chord** (told again when it calls again) with an atomic per-group step
+//!   (see [`Backend::complete_group_member`] and `docs/redis.md`), safe beside Go workers that use the
+//!   `TriggerChordMutex` lock.
 
 mod groups;
 mod notifier;

@@ -48,7 +48,8 @@ impl Links {
     }
 }
 
-/// Renews the heartbeat, promotes delayed tasks and recovers dead consumers' messages until stopped.
+/// Renews the heartbeat, promotes delayed tasks and recovers dead consumers' messages until stopped
+/// (recovery only when no other consumer of the queue ran it within the last nine tenths of a period).
 ///
 /// Each round is also the probe of the shared connections: a round that gets no answer within the
 /// poll period plus a second ([`conn::silence_limit`]) means a silent link, and they are replaced.
@@ -63,7 +64,8 @@ async fn background(
     let beat_every = heartbeat_timeout / 5;
     let promote_every = Duration::from_millis(inner.config.delayed_tasks_poll_period.max(10));
     let silence = conn::silence_limit(&inner.config);
-    // The first round recovers at once: a restarted worker picks up what its dead predecessors left.
+    // The first round recovers at once (unless another consumer of the queue did within the period): a
+    // restarted worker picks up what its dead predecessors left.
     let mut next_beat = tokio::time::Instant::now();
     let mut failing = false;
     loop {
@@ -73,8 +75,10 @@ async fn background(
             if now >= next_beat {
                 next_beat = now + beat_every;
                 beat(&inner, &keys, &tag, heartbeat_timeout).await?;
-                let recovered = recover(&inner, &keys, &tag).await?;
-                if recovered > 0 {
+                // One consumer per queue scans per period: the lock lasts nine tenths of it, so that the
+                // holder's own next round (due one period after this one began) finds it free.
+                let recovered = recover(&inner, &keys, &tag, beat_every * 9 / 10).await?;
+                if let Some(recovered @ 1..) = recovered {
                     tracing::warn!(queue = %keys.queue, recovered, "returned the in-flight messages of workers whose heartbeat expired to the queue; those tasks run again");
                 }
             }
@@ -271,21 +275,40 @@ impl RedisConsumer {
     }
 
     /// The fetch script's keys.
-    fn fetch_keys(&self) -> [&[u8]; 3] {
+    fn fetch_keys(&self) -> [&[u8]; 5] {
         [
             self.keys.queue.as_bytes(),
             self.inflight.as_bytes(),
             self.keys.redelivered.as_bytes(),
+            self.keys.consumers.as_bytes(),
+            self.heartbeat.as_bytes(),
         ]
     }
 
-    /// Takes up to `max` messages without waiting.
+    /// The fetch script's arguments: take `count`, register under our tag (with a heartbeat if ours
+    /// expired), and `after-wait` when it follows a `BLMOVE`.
+    fn fetch_args(&self, count: usize, after_wait: bool) -> Vec<Vec<u8>> {
+        let mut args = vec![
+            count.to_string().into_bytes(),
+            self.tag.clone().into_bytes(),
+            Utc::now().timestamp_millis().to_string().into_bytes(),
+            self.heartbeat_timeout.as_millis().to_string().into_bytes(),
+        ];
+        if after_wait {
+            args.push(b"after-wait".to_vec());
+        }
+        args
+    }
+
+    /// Takes up to `max` messages without waiting (registering this consumer again if it was recovered
+    /// as dead meanwhile).
     async fn fetch(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         let mut conn = self.inner.conn.clone();
-        let count = max.to_string();
+        let args = self.fetch_args(max, false);
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         let pairs: Vec<(Vec<u8>, u8)> = SCRIPTS
             .fetch
-            .run(&mut conn, &self.fetch_keys(), &[count.as_bytes()])
+            .run(&mut conn, &self.fetch_keys(), &args)
             .await
             .map_err(op("fetch"))?;
         Ok(pairs
@@ -424,10 +447,11 @@ impl RedisConsumer {
             .arg("LEFT")
             .arg("RIGHT")
             .arg(&timeout)
-            .add_command(SCRIPTS.fetch.cmd(
-                &self.fetch_keys(),
-                &[(max - 1).to_string().as_bytes(), b"after-wait"],
-            ));
+            .add_command(
+                SCRIPTS
+                    .fetch
+                    .cmd(&self.fetch_keys(), &self.fetch_args(max - 1, true)),
+            );
         let links = Links::now(&self.inner, self.states.as_ref());
         let conn = self.blocking_connection().await?;
         let replies: Result<(Option<Vec<u8>>, Vec<redis::Value>), RedisError> =

@@ -1,5 +1,5 @@
 //! The keys the broker keeps beside Go's queue list (`docs/redis.md` lists them): a consumer's in-flight
-//! list and heartbeat, the queue's consumer registry, redelivery marks and dead letters.
+//! list and heartbeat, the queue's consumer registry, recovery lock, redelivery marks and dead letters.
 
 /// The keys we keep beside Go's queue list.
 #[derive(Debug, Clone)]
@@ -9,6 +9,8 @@ pub(in crate::redis) struct QueueKeys {
     pub(in crate::redis) inflight_prefix: String,
     pub(in crate::redis) heartbeat_prefix: String,
     pub(in crate::redis) redelivered: String,
+    /// The recovery lock: one consumer per queue scans for dead consumers per period.
+    pub(in crate::redis) recovering: String,
     pub(in crate::redis) dead: String,
 }
 
@@ -20,6 +22,7 @@ impl QueueKeys {
             inflight_prefix: format!("machinery:inflight:{queue}:"),
             heartbeat_prefix: format!("machinery:heartbeat:{queue}:"),
             redelivered: format!("machinery:redelivered:{queue}"),
+            recovering: format!("machinery:recovering:{queue}"),
             dead: dead_letter_key(queue),
         }
     }

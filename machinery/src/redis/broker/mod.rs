@@ -240,9 +240,11 @@ impl RedisBroker {
     }
 
     /// Puts the in-flight messages of consumers of `queue` whose heartbeat has expired back on the queue;
-    /// returns how many. Live consumers do this by themselves every fifth of the heartbeat timeout.
+    /// returns how many. Live consumers do this by themselves, one per queue every fifth of the heartbeat
+    /// timeout (the recovery lock); this call scans at once, without the lock.
     pub async fn recover_dead_consumers(&self, queue: &str) -> Result<u64, BrokerError> {
-        recover(&self.inner, &QueueKeys::new(queue), "").await
+        let moved = recover(&self.inner, &QueueKeys::new(queue), "", Duration::ZERO).await?;
+        Ok(moved.unwrap_or(0))
     }
 }
 
@@ -271,9 +273,17 @@ async fn promote(inner: &Inner) -> Result<u64, BrokerError> {
         .map_err(op("promote delayed tasks"))
 }
 
-async fn recover(inner: &Inner, keys: &QueueKeys, own_tag: &str) -> Result<u64, BrokerError> {
+/// Runs the recover script: `Some(moved)`, or `None` when another consumer of the queue holds the
+/// recovery lock (taken for `lock` when it is not zero; zero scans regardless).
+async fn recover(
+    inner: &Inner,
+    keys: &QueueKeys,
+    own_tag: &str,
+    lock: Duration,
+) -> Result<Option<u64>, BrokerError> {
     let mut conn = inner.conn.clone();
-    SCRIPTS
+    let lock_ms = lock.as_millis().to_string();
+    let moved: i64 = SCRIPTS
         .recover
         .run(
             &mut conn,
@@ -281,16 +291,19 @@ async fn recover(inner: &Inner, keys: &QueueKeys, own_tag: &str) -> Result<u64, 
                 keys.consumers.as_bytes(),
                 keys.queue.as_bytes(),
                 keys.redelivered.as_bytes(),
+                keys.recovering.as_bytes(),
             ],
             &[
                 keys.heartbeat_prefix.as_bytes(),
                 keys.inflight_prefix.as_bytes(),
                 own_tag.as_bytes(),
                 REDELIVERED_MARK_SECS.as_bytes(),
+                lock_ms.as_bytes(),
             ],
         )
         .await
-        .map_err(op("recover messages of dead workers"))
+        .map_err(op("recover messages of dead workers"))?;
+    Ok(u64::try_from(moved).ok())
 }
 
 #[async_trait]

@@ -4,19 +4,23 @@
 -- KEYS[1]  the group record (the group uuid, Go's GroupMeta JSON)
 -- KEYS[2]  the finished-member set, machinery:chord:<group uuid>:done
 -- KEYS[3]  the member list, machinery:chord:<group uuid>:members (the group's task uuids, in order)
--- KEYS[4]  the progress hash, machinery:chord:<group uuid> (fields cursor, fired)
+-- KEYS[4]  the progress hash, machinery:chord:<group uuid> (fields cursor, fired, winner)
 -- KEYS[5]  Go's chord lock, TriggerChordMutex
 -- ARGV[1]  the finished member's task uuid
 -- ARGV[2]  the group's task count
 -- ARGV[3]  expiry in seconds of the keys above
 --
 -- Atomic, so exactly one call ever sees the group complete: returns 1 to that call (and sets
--- ChordTriggered in the group record, keeping its TTL), 0 otherwise, -1 while a Go worker holds
--- TriggerChordMutex (call again), -2 if the group record is missing when the group completes.
+-- ChordTriggered in the group record, keeping its TTL, and stores its member as the field winner of
+-- KEYS[4], with the same expiry), 0 otherwise, -1 while a Go worker holds TriggerChordMutex (call again),
+-- -2 if the group record is missing when the group completes. Every later call for the winning member
+-- (its reply was lost, its message was redelivered) returns 1 again, at once and without touching the
+-- group record; calls for any other member, and every call once Go fired the chord, return 0.
 -- Members finished by our workers are counted in the set, so a pure Rust group needs no state reads.
 -- Members finished by Go workers are not in the set: a cursor walks the group in order, advancing past
 -- members that are in the set or whose stored state is final, and stops at the first that is not; each
 -- member is passed once, and each call reads at most one state that does not advance it.
+if redis.call('HGET', KEYS[4], 'winner') == ARGV[1] then return 1 end
 if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -66,4 +70,5 @@ if replaced == 0 then
   updated = cjson.encode(t)
 end
 redis.call('SET', KEYS[1], updated, 'KEEPTTL')
+redis.call('HSET', KEYS[4], 'winner', ARGV[1])
 return 1
