@@ -11,6 +11,7 @@ use futures_util::FutureExt as _;
 use tracing::Instrument;
 
 use super::follow_up::{self, FollowUpFailed};
+use super::health::BackendHealth;
 use super::registry::Registry;
 use super::slot::Slot;
 use super::Hooks;
@@ -31,6 +32,8 @@ pub(crate) struct WorkerContext {
     pub(crate) registry: Registry,
     pub(crate) queue: String,
     pub(crate) hooks: Hooks,
+    /// Whether the result backend answers ([`BackendHealth`]).
+    pub(crate) backend_health: BackendHealth,
 }
 
 impl std::error::Error for TaskFailure {}
@@ -99,11 +102,14 @@ pub(crate) enum Start {
     /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
     /// not be stored either.
     Refused(BackendError),
+    /// Its states could not be stored for a transient reason: the backend is down (see
+    /// [`BackendHealth`]), so its outcome could not be stored either. Put it back without running it.
+    PutBack,
 }
 
 /// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
-/// tells for each whether it may run. A task whose states could not be stored for a transient reason runs
-/// anyway (its final state matters more), with a warning.
+/// tells for each whether it may run. A task whose states could not be stored for a transient reason does
+/// not run: the backend counts as down, and the message goes back to the queue.
 pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
     let pairs: Vec<(TaskState, TaskState)> = ready
         .iter()
@@ -129,8 +135,10 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
             Err(error) if error.is_permanent() => Start::Refused(error),
             Err(error) => {
                 r.span
-                    .in_scope(|| tracing::warn!(%error, "cannot store RECEIVED and STARTED"));
-                Start::Run
+                    .in_scope(|| tracing::debug!(%error, "cannot store RECEIVED and STARTED"));
+                ctx.backend_health
+                    .failed(&error, ctx.server.backend().as_ref(), &ctx.queue);
+                Start::PutBack
             }
         })
         .collect()
@@ -158,6 +166,11 @@ pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slo
                 tracing::Span::current().record("outcome", "DEAD_LETTERED");
                 metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
                 settle("dead-letter", delivery.dead_letter(reason)).await;
+            }
+            Start::PutBack => {
+                tracing::debug!("the result backend is down; the task goes back to the queue unrun");
+                let body = delivery.body.clone();
+                settle("requeue", delivery.requeue(body)).await;
             }
         }
     }
@@ -499,6 +512,8 @@ pub(super) async fn store_final(
         .map_err(|error| {
             tracing::error!(%error, state = %state.state, "cannot store the task's state");
             ctx.hooks.error(&error);
+            ctx.backend_health
+                .failed(&error, backend.as_ref(), &ctx.queue);
             error
         })
 }
