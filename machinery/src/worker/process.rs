@@ -109,7 +109,8 @@ pub(crate) enum Start {
 
 /// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
 /// tells for each whether it may run. A task whose states could not be stored for a transient reason does
-/// not run: the backend counts as down, and the message goes back to the queue.
+/// not run if the backend is down ([`BackendHealth::failed`]): its message goes back to the queue. If
+/// the backend answers, the failure was that write's alone and the task runs anyway, with a warning.
 pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
     let pairs: Vec<(TaskState, TaskState)> = ready
         .iter()
@@ -126,6 +127,14 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
         .backend()
         .set_received_and_started_many(&pairs)
         .await;
+    // One probe for the batch, whose writes all went in one call.
+    let down = match stored.iter().find_map(|r| r.as_ref().err()) {
+        Some(error) => {
+            let backend = ctx.server.backend().as_ref();
+            ctx.backend_health.failed(error, backend, &ctx.queue).await
+        }
+        None => false,
+    };
     stored
         .into_iter()
         .zip(ready)
@@ -133,12 +142,11 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
             Ok(true) => Start::Run,
             Ok(false) => Start::Revoked,
             Err(error) if error.is_permanent() => Start::Refused(error),
+            Err(_) if down => Start::PutBack,
             Err(error) => {
                 r.span
-                    .in_scope(|| tracing::debug!(%error, "cannot store RECEIVED and STARTED"));
-                ctx.backend_health
-                    .failed(&error, ctx.server.backend().as_ref(), &ctx.queue);
-                Start::PutBack
+                    .in_scope(|| tracing::warn!(%error, "cannot store RECEIVED and STARTED"));
+                Start::Run
             }
         })
         .collect()
@@ -507,15 +515,15 @@ pub(super) async fn store_final(
     state: &TaskState,
 ) -> Result<(), BackendError> {
     let backend = ctx.server.backend();
-    retry_io("store final state", || backend.set_state(state))
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, state = %state.state, "cannot store the task's state");
-            ctx.hooks.error(&error);
-            ctx.backend_health
-                .failed(&error, backend.as_ref(), &ctx.queue);
-            error
-        })
+    let stored = retry_io("store final state", || backend.set_state(state)).await;
+    if let Err(error) = &stored {
+        tracing::error!(%error, state = %state.state, "cannot store the task's state");
+        ctx.hooks.error(error);
+        ctx.backend_health
+            .failed(error, backend.as_ref(), &ctx.queue)
+            .await;
+    }
+    stored
 }
 
 pub(super) async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>
