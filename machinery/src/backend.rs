@@ -181,6 +181,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError>;
 
+    /// Checks that the backend answers, cheaply: a worker that could not store a state probes with it
+    /// before it fetches again. An error that [is permanent](BackendError::is_permanent) still counts
+    /// as an answer. The default reads the state of [`PING_ID`], which no task has.
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.get_state(PING_ID).await.map(|_| ())
+    }
+
     /// Waits until the task is SUCCESS or FAILURE, or `timeout` passes; returns the last state seen.
     ///
     /// The default polls with a short, growing interval (1 ms to 50 ms); backends that can be notified
@@ -244,6 +251,9 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Deletes a group record.
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError>;
 }
+
+/// The id [`Backend::ping`] reads by default: no task has it (task ids are `task_<uuid>`).
+pub const PING_ID: &str = "machinery_backend_ping";
 
 /// The group record, or [`BackendError::UnknownGroup`] when there is none.
 pub(crate) async fn existing_group<B: Backend + ?Sized>(

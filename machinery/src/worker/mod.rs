@@ -20,6 +20,7 @@
 //! ```
 
 mod follow_up;
+mod health;
 mod process;
 mod registry;
 mod run;
@@ -304,6 +305,7 @@ impl Worker {
             registry,
             queue: queue.clone(),
             hooks: self.hooks,
+            backend_health: health::BackendHealth::default(),
         });
         let handle = tokio::spawn(run::run(
             context,

@@ -11,6 +11,7 @@ use futures_util::FutureExt as _;
 use tracing::Instrument;
 
 use super::follow_up::{self, FollowUpFailed};
+use super::health::BackendHealth;
 use super::registry::Registry;
 use super::slot::Slot;
 use super::Hooks;
@@ -31,6 +32,8 @@ pub(crate) struct WorkerContext {
     pub(crate) registry: Registry,
     pub(crate) queue: String,
     pub(crate) hooks: Hooks,
+    /// Whether the result backend answers ([`BackendHealth`]).
+    pub(crate) backend_health: BackendHealth,
 }
 
 impl std::error::Error for TaskFailure {}
@@ -99,11 +102,15 @@ pub(crate) enum Start {
     /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
     /// not be stored either.
     Refused(BackendError),
+    /// Its states could not be stored for a transient reason: the backend is down (see
+    /// [`BackendHealth`]), so its outcome could not be stored either. Put it back without running it.
+    PutBack,
 }
 
 /// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
-/// tells for each whether it may run. A task whose states could not be stored for a transient reason runs
-/// anyway (its final state matters more), with a warning.
+/// tells for each whether it may run. A task whose states could not be stored for a transient reason does
+/// not run if the backend is down ([`BackendHealth::failed`]): its message goes back to the queue. If
+/// the backend answers, the failure was that write's alone and the task runs anyway, with a warning.
 pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
     let pairs: Vec<(TaskState, TaskState)> = ready
         .iter()
@@ -120,6 +127,14 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
         .backend()
         .set_received_and_started_many(&pairs)
         .await;
+    // One probe for the batch, whose writes all went in one call.
+    let down = match stored.iter().find_map(|r| r.as_ref().err()) {
+        Some(error) => {
+            let backend = ctx.server.backend().as_ref();
+            ctx.backend_health.failed(error, backend, &ctx.queue).await
+        }
+        None => false,
+    };
     stored
         .into_iter()
         .zip(ready)
@@ -127,6 +142,7 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
             Ok(true) => Start::Run,
             Ok(false) => Start::Revoked,
             Err(error) if error.is_permanent() => Start::Refused(error),
+            Err(_) if down => Start::PutBack,
             Err(error) => {
                 r.span
                     .in_scope(|| tracing::warn!(%error, "cannot store RECEIVED and STARTED"));
@@ -158,6 +174,11 @@ pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slo
                 tracing::Span::current().record("outcome", "DEAD_LETTERED");
                 metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
                 settle("dead-letter", delivery.dead_letter(reason)).await;
+            }
+            Start::PutBack => {
+                tracing::debug!("the result backend is down; the task goes back to the queue unrun");
+                let body = delivery.body.clone();
+                settle("requeue", delivery.requeue(body)).await;
             }
         }
     }
@@ -494,13 +515,15 @@ pub(super) async fn store_final(
     state: &TaskState,
 ) -> Result<(), BackendError> {
     let backend = ctx.server.backend();
-    retry_io("store final state", || backend.set_state(state))
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, state = %state.state, "cannot store the task's state");
-            ctx.hooks.error(&error);
-            error
-        })
+    let stored = retry_io("store final state", || backend.set_state(state)).await;
+    if let Err(error) = &stored {
+        tracing::error!(%error, state = %state.state, "cannot store the task's state");
+        ctx.hooks.error(error);
+        ctx.backend_health
+            .failed(error, backend.as_ref(), &ctx.queue)
+            .await;
+    }
+    stored
 }
 
 pub(super) async fn retry_io<T, F, Fut>(what: &str, mut op: F) -> Result<T, BackendError>

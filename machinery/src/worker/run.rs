@@ -88,6 +88,20 @@ pub(super) async fn run(
                 break;
             }
         }
+        // While the result backend is down, fetch nothing: a task run now could not store its outcome
+        // and would only run again. Probe until it answers (`worker/health.rs`).
+        if context.backend_health.is_down() {
+            drop(permits);
+            let backend = context.server.backend().as_ref();
+            if !context
+                .backend_health
+                .wait_until_up(backend, &context.queue, &stop)
+                .await
+            {
+                break;
+            }
+            continue;
+        }
         let batch = tokio::select! {
             batch = consumer.next_batch(permits.len()) => batch,
             _ = stop.cancelled() => break,
