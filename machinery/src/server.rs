@@ -152,6 +152,16 @@ impl Server {
             signature.uuid = new_task_uuid();
         }
         signature.routing_key = self.inner.broker.route(&signature.routing_key);
+        if signature.uuid == signature.routing_key {
+            // Where the result backend keeps states by id (Redis), the state would replace the queue.
+            return Err(SendError::Backend {
+                task: signature.name.clone(),
+                source: crate::backend::BackendError::ReservedKey {
+                    key: signature.uuid.clone(),
+                    reason: "the id names the queue the task is sent to".to_owned(),
+                },
+            });
+        }
         let headers = signature.headers.get_or_insert_with(Headers::new);
         crate::telemetry::trace::inject(headers);
         let headers = headers.clone();

@@ -147,3 +147,80 @@ async fn a_message_whose_id_names_the_queue_is_dead_lettered_without_running() {
         .unwrap();
     names.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_id_that_names_a_custom_queue_is_refused_by_the_sender_and_dead_lettered_by_the_worker()
+{
+    if !require(Service::Redis, "id names a custom queue") {
+        return;
+    }
+    let names = Names::new("reserved_custom");
+    let custom = format!("{}_custom_q", names.id);
+    let server = Server::new(names.config()).await.unwrap();
+    // The sender refuses it outright.
+    let mut signature = Signature::new("reserved_counted").routing_key(&custom);
+    signature.uuid = custom.clone();
+    let error = server.send(signature).await.unwrap_err();
+    assert!(
+        matches!(&error, SendError::Backend { source: BackendError::ReservedKey { key, .. }, .. } if key == &custom),
+        "{error:?}"
+    );
+    // Pushed raw onto the (then empty) custom queue, it never turns the queue into a string.
+    let running = machinery::Worker::new(&server)
+        .queue(&custom)
+        .register(reserved_counted::task())
+        .start()
+        .await
+        .unwrap();
+    let body = Signature::with_args(
+        "reserved_counted",
+        vec![machinery::Arg::new("", "int64", serde_json::json!(7))],
+    )
+    .routing_key(&custom)
+    .with_uuid(&custom)
+    .to_json()
+    .unwrap();
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&custom, body).await.unwrap();
+    let inspect = server.broker().inspect().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let dead = loop {
+        let dead = inspect.dead_letters(&custom, 10).await.unwrap();
+        if !dead.is_empty() || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.len(), 1, "dead-lettered within 10 s");
+    assert!(
+        dead[0].reason.contains("names a queue"),
+        "{}",
+        dead[0].reason
+    );
+    let kind: String = redis::cmd("TYPE")
+        .arg(&custom)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_ne!(kind, "string", "the queue never became a state record");
+    let normal = server
+        .send(reserved_counted::signature(8).routing_key(&custom))
+        .await
+        .unwrap();
+    assert_eq!(
+        normal
+            .get(std::time::Duration::from_secs(10))
+            .await
+            .unwrap(),
+        8
+    );
+    running
+        .shutdown(std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let _: () = conn
+        .del(&[custom.clone(), format!("{custom}.dead")])
+        .await
+        .unwrap();
+    names.cleanup().await;
+}

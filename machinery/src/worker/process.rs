@@ -67,6 +67,17 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         unknown_task(ctx, signature, delivery).await;
         return None;
     };
+    if signature.uuid == ctx.queue || signature.uuid == signature.routing_key {
+        // Its state, stored by id, would replace the queue (on Redis); nothing it does can be recorded.
+        let reason = format!(
+            "the task's state cannot be stored: the id names a queue ({:?}), its own",
+            signature.uuid
+        );
+        tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a task whose id names its queue");
+        metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
+        settle("dead-letter", delivery.dead_letter(reason)).await;
+        return None;
+    }
     if let Some(reason) = follow_up::impossible_chord_member(ctx, &signature).await {
         tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a chord member that could only fire its chord early");
         metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
