@@ -13,6 +13,7 @@
 //! | `machinery_queue_depth` | gauge | `queue` | messages waiting, sampled by each worker |
 //! | `machinery_queue_delayed` | gauge | `queue` | messages waiting for their ETA, sampled (where the broker can tell; on Redis, every queue's: the set is shared) |
 //! | `machinery_broker_reconnects_total` | counter | `broker` | times a worker got messages again after broker errors |
+//! | `machinery_tasks_not_run_again_total` | counter | `task` | messages delivered again whose SUCCESS was stored: follow-ups sent, the task not run |
 //! | `machinery_backend_outages_total` | counter | `backend` | times a worker stopped fetching because it could not store states |
 
 use std::time::Duration;
@@ -89,6 +90,13 @@ pub(crate) fn queue_sampled(queue: &str, pending: u64, delayed: Option<u64>) {
     if let Some(delayed) = delayed {
         gauge!("machinery_queue_delayed", "queue" => queue.to_owned()).set(delayed as f64);
     }
+}
+
+/// A message came again for a task whose SUCCESS is stored: its follow-ups were sent without running it.
+pub(crate) fn not_run_again(task: &str) {
+    #[cfg(feature = "metrics")]
+    counter!("machinery_tasks_not_run_again_total", "task" => task.to_owned()).increment(1);
+    let _ = task;
 }
 
 /// A worker stopped fetching because its result backend could not be reached.

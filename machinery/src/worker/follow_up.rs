@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::process::{settle, store_final, WorkerContext};
 use crate::broker::Delivery;
 use crate::error::SendError;
+use crate::telemetry::metrics;
 use crate::wire::signature::{Arg, Signature, CHORD_ELECTED_HEADER, FOLLOW_UP_ATTEMPTS_HEADER};
 use crate::wire::state::{State, TaskResult, TaskState};
 
@@ -60,6 +61,30 @@ pub(super) async fn send_error_callbacks(
         send_follow_up(ctx, "OnError callback", &mut callback).await?;
     }
     Ok(())
+}
+
+/// The results of an earlier run of this task, if the message came again (redelivered by the broker, or
+/// put back because a follow-up could not be sent) and its SUCCESS is stored: the worker then sends the
+/// follow-ups without running the task again, so its side effects happen once and a chord member's
+/// callback is not sent by a second run. Messages seen for the first time are not looked up (no extra
+/// read on the hot path); a state that cannot be read means running the task, as before.
+pub(super) async fn already_succeeded(
+    ctx: &WorkerContext,
+    signature: &Signature,
+    delivery: &Delivery,
+) -> Option<Vec<TaskResult>> {
+    let again = delivery.redelivered || signature.header_value(FOLLOW_UP_ATTEMPTS_HEADER).is_some();
+    if !again {
+        return None;
+    }
+    match ctx.server.backend().get_state(&signature.uuid).await {
+        Ok(Some(state)) if state.state == State::Success => {
+            tracing::info!(task.uuid = %signature.uuid, "the task's SUCCESS is already stored; its follow-ups are sent without running it again");
+            metrics::not_run_again(&signature.name);
+            Some(state.results.unwrap_or_default())
+        }
+        _ => None,
+    }
 }
 
 /// Why a chord member can never complete its chord correctly, if it cannot (Go's rule: a chord fires

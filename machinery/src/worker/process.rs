@@ -44,6 +44,9 @@ pub(crate) struct Ready {
     signature: Signature,
     delivery: Delivery,
     span: tracing::Span,
+    /// The results of an earlier run whose SUCCESS is stored (a message delivered again): the task is not
+    /// run again, only its follow-ups are sent.
+    succeeded: Option<Vec<TaskResult>>,
 }
 
 /// Decodes a delivery. Malformed messages and unknown tasks are settled here (dead-lettered or requeued)
@@ -95,11 +98,13 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     );
     trace::adopt_parent(&span, signature.headers.as_ref());
     metrics::task_received(&signature.name);
+    let succeeded = follow_up::already_succeeded(ctx, &signature, &delivery).await;
     Some(Ready {
         def,
         signature,
         delivery,
         span,
+        succeeded,
     })
 }
 
@@ -123,8 +128,10 @@ pub(crate) enum Start {
 /// not run if the backend is down ([`BackendHealth::failed`]): its message goes back to the queue. If
 /// the backend answers, the failure was that write's alone and the task runs anyway, with a warning.
 pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
+    // A task whose SUCCESS is stored keeps it: no RECEIVED or STARTED is written over it.
     let pairs: Vec<(TaskState, TaskState)> = ready
         .iter()
+        .filter(|r| r.succeeded.is_none())
         .map(|r| {
             let (uuid, name) = (&r.signature.uuid, &r.signature.name);
             (
@@ -146,8 +153,15 @@ pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
         }
         None => false,
     };
-    stored
-        .into_iter()
+    let mut stored = stored.into_iter();
+    ready
+        .iter()
+        .map(|r| {
+            if r.succeeded.is_some() {
+                return Ok(true);
+            }
+            stored.next().unwrap_or(Ok(true))
+        })
         .zip(ready)
         .map(|(result, r)| match result {
             Ok(true) => Start::Run,
@@ -170,10 +184,11 @@ pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slo
         signature,
         delivery,
         span,
+        succeeded,
     } = ready;
     async move {
         match start {
-            Start::Run => run_task(ctx, def, signature, delivery, &mut slot).await,
+            Start::Run => run_task(ctx, def, signature, delivery, succeeded, &mut slot).await,
             Start::Revoked => {
                 tracing::info!("task was revoked; acknowledging it without running it");
                 tracing::Span::current().record("outcome", "REVOKED");
@@ -263,12 +278,19 @@ async fn run_task(
     def: &'static TaskDef,
     signature: Signature,
     delivery: Delivery,
+    earlier: Option<Vec<TaskResult>>,
     slot: &mut Slot,
 ) {
-    ctx.hooks.pre_task(&signature);
     let signature = Arc::new(signature);
     let started_at = std::time::Instant::now();
-    let outcome = call(ctx, def, signature.clone()).await;
+    let outcome = match earlier {
+        // Its side effects happened already: only what follows it is sent again.
+        Some(results) => Ok(results),
+        None => {
+            ctx.hooks.pre_task(&signature);
+            call(ctx, def, signature.clone()).await
+        }
+    };
     let took = started_at.elapsed();
     slot.handler_done().await;
     let (finish, delivery) = match outcome {
