@@ -2,6 +2,7 @@
 //! (half-open: the socket stays open, nothing arrives) while new connections work. With AMQP heartbeats
 //! at Go's 10 s the worker notices within about 20 s, reconnects, and serves again; every task sent before
 //! and during the freeze completes. RabbitMQ's own proposal (60 s) would leave it deaf for two minutes.
+//! Resets and stalls of the worker's connection, repeated while tasks are sent, lose nothing either.
 
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,58 @@ async fn a_worker_whose_rabbitmq_link_goes_silent_reconnects_and_loses_nothing()
         );
     }
     eprintln!("served again {took:?} after the freeze");
+    worker.shutdown(Duration::from_secs(20)).await.unwrap();
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_rabbitmq_link_is_reset_or_stalled_loses_nothing() {
+    if !require(Service::RabbitMq, "amqp reset") || !require(Service::Redis, "amqp reset") {
+        return;
+    }
+    let proxy = FaultProxy::start(Service::RabbitMq.addr()).await;
+    let mut config: Config = amqp::config("resetstall");
+    config.result_backend = Service::Redis.url();
+    let _cleanup = Cleanup::for_config(&config);
+    let sender = Server::new(config.clone()).await.unwrap();
+    let mut through_proxy = config.clone();
+    through_proxy.broker = format!("amqp://guest:guest@{}/", proxy.addr());
+    let worker_server = Server::new(through_proxy).await.unwrap();
+    let worker = Worker::new(&worker_server)
+        .register(probe::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let key = unique("resetstall");
+    let mut sent = Vec::new();
+    for round in 0..6i64 {
+        for n in 0..10 {
+            let tag = round * 100 + n;
+            sent.push((tag, probe::send(&sender, &key, tag, 20).await.unwrap()));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if round % 2 == 0 {
+            proxy.reset_all();
+        } else {
+            proxy.stall();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            proxy.heal();
+        }
+    }
+    let mut missing = Vec::new();
+    for (tag, result) in &sent {
+        match result.get(Duration::from_secs(30)).await {
+            Ok(value) => assert_eq!(value, *tag),
+            Err(error) => missing.push(format!("{tag}: {error}")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} never completed: {missing:?}",
+        missing.len(),
+        sent.len()
+    );
     worker.shutdown(Duration::from_secs(20)).await.unwrap();
     drop(proxy);
 }
