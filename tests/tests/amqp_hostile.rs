@@ -236,17 +236,18 @@ async fn a_task_id_no_queue_can_be_named_after_is_dead_lettered_and_does_not_loo
         )
         .await;
     let inspect = server.broker().inspect().unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    let dead = loop {
-        let dead = inspect
+    machinery_tests::eventually(WAIT, || async {
+        !inspect
             .dead_letters(&config.default_queue, 10)
             .await
-            .unwrap();
-        if !dead.is_empty() || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let dead = inspect
+        .dead_letters(&config.default_queue, 10)
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 1, "dead-lettered within {WAIT:?}");
     assert!(
         dead[0].reason.contains("cannot be stored"),

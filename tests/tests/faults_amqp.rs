@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use machinery::{Config, Server, Worker};
+use machinery::{Config, RunningWorker, Server, Worker};
 use machinery_tests::amqp::{self, Cleanup};
 use machinery_tests::fault_proxy::FaultProxy;
 use machinery_tests::tasks::probe;
@@ -16,18 +16,15 @@ use machinery_tests::{require, unique, Service};
 /// margin for a loaded machine.
 const SERVES_AGAIN_WITHIN: Duration = Duration::from_secs(45);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_whose_rabbitmq_link_goes_silent_reconnects_and_loses_nothing() {
-    if !require(Service::RabbitMq, "amqp half-open") || !require(Service::Redis, "amqp half-open") {
-        return;
-    }
+/// A sender on RabbitMQ directly and a running worker (probe tasks, concurrency 4) whose broker link goes
+/// through a fault proxy; results on Redis, which stays reachable.
+async fn worker_behind_proxy(prefix: &str) -> (FaultProxy, Server, RunningWorker, Cleanup) {
     let proxy = FaultProxy::start(Service::RabbitMq.addr()).await;
-    let mut config: Config = amqp::config("halfopen");
+    let mut config: Config = amqp::config(prefix);
     config.result_backend = Service::Redis.url();
-    let _cleanup = Cleanup::for_config(&config);
-    // The sender talks to RabbitMQ directly; the worker through the proxy.
+    let cleanup = Cleanup::for_config(&config);
     let sender = Server::new(config.clone()).await.unwrap();
-    let mut through_proxy = config.clone();
+    let mut through_proxy = config;
     through_proxy.broker = format!("amqp://guest:guest@{}/", proxy.addr());
     let worker_server = Server::new(through_proxy).await.unwrap();
     let worker = Worker::new(&worker_server)
@@ -36,6 +33,15 @@ async fn a_worker_whose_rabbitmq_link_goes_silent_reconnects_and_loses_nothing()
         .start()
         .await
         .unwrap();
+    (proxy, sender, worker, cleanup)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_rabbitmq_link_goes_silent_reconnects_and_loses_nothing() {
+    if !require(Service::RabbitMq, "amqp half-open") || !require(Service::Redis, "amqp half-open") {
+        return;
+    }
+    let (proxy, sender, worker, _cleanup) = worker_behind_proxy("halfopen").await;
     let key = unique("halfopen");
     let first = probe::send(&sender, &key, 1, 0).await.unwrap();
     assert_eq!(first.get(Duration::from_secs(20)).await.unwrap(), 1);
@@ -72,20 +78,7 @@ async fn a_worker_whose_rabbitmq_link_is_reset_or_stalled_loses_nothing() {
     if !require(Service::RabbitMq, "amqp reset") || !require(Service::Redis, "amqp reset") {
         return;
     }
-    let proxy = FaultProxy::start(Service::RabbitMq.addr()).await;
-    let mut config: Config = amqp::config("resetstall");
-    config.result_backend = Service::Redis.url();
-    let _cleanup = Cleanup::for_config(&config);
-    let sender = Server::new(config.clone()).await.unwrap();
-    let mut through_proxy = config.clone();
-    through_proxy.broker = format!("amqp://guest:guest@{}/", proxy.addr());
-    let worker_server = Server::new(through_proxy).await.unwrap();
-    let worker = Worker::new(&worker_server)
-        .register(probe::task())
-        .concurrency(4)
-        .start()
-        .await
-        .unwrap();
+    let (proxy, sender, worker, _cleanup) = worker_behind_proxy("resetstall").await;
     let key = unique("resetstall");
     let mut sent = Vec::new();
     for round in 0..6i64 {

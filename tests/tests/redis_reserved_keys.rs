@@ -107,14 +107,15 @@ async fn a_message_whose_id_names_the_queue_is_dead_lettered_without_running() {
     let _: () = conn.rpush(&names.queue, body).await.unwrap();
 
     let inspect = server.broker().inspect().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let dead = loop {
-        let dead = inspect.dead_letters(&names.queue, 10).await.unwrap();
-        if !dead.is_empty() || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    machinery_tests::eventually(std::time::Duration::from_secs(10), || async {
+        !inspect
+            .dead_letters(&names.queue, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let dead = inspect.dead_letters(&names.queue, 10).await.unwrap();
     assert_eq!(dead.len(), 1, "dead-lettered within 10 s");
     assert!(
         dead[0].reason.contains("names a queue"),
@@ -183,14 +184,11 @@ async fn an_id_that_names_a_custom_queue_is_refused_by_the_sender_and_dead_lette
     let mut conn = raw().await;
     let _: () = conn.rpush(&custom, body).await.unwrap();
     let inspect = server.broker().inspect().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let dead = loop {
-        let dead = inspect.dead_letters(&custom, 10).await.unwrap();
-        if !dead.is_empty() || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    machinery_tests::eventually(std::time::Duration::from_secs(10), || async {
+        !inspect.dead_letters(&custom, 10).await.unwrap().is_empty()
+    })
+    .await;
+    let dead = inspect.dead_letters(&custom, 10).await.unwrap();
     assert_eq!(dead.len(), 1, "dead-lettered within 10 s");
     assert!(
         dead[0].reason.contains("names a queue"),
