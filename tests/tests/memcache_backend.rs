@@ -355,9 +355,14 @@ async fn a_200_member_chord_completes_exactly_once_under_concurrent_and_repeated
     while let Some(joined) = calls.join_next().await {
         joined.unwrap().unwrap();
     }
-    // Both copies of the last member are told to send the callback (the one that completed the group,
-    // and the other, which finds itself named the winner); no other member is.
-    assert_eq!(*winners.lock().unwrap(), vec![199, 199]);
+    // Only the last member is told to send the callback. Its two copies race: the one that completed
+    // the group is told so unless the other, finding itself named the winner, set the chord's flag
+    // first; then that other copy is told instead. Either way at least one copy is, and no other member.
+    let winners = winners.lock().unwrap().clone();
+    assert!(
+        !winners.is_empty() && winners.len() <= 2 && winners.iter().all(|&i| i == 199),
+        "winners: {winners:?}"
+    );
     assert!(
         backend
             .get_group(&group)
