@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::error::SendError;
 use crate::lock::Lock;
 use crate::result::AsyncResult;
-use crate::wire::signature::{new_task_uuid, Headers, Signature};
+use crate::wire::signature::{new_task_uuid, Headers, Signature, SENT_AGAIN_HEADER};
 use crate::wire::state::TaskState;
 
 /// A handle to the broker and result backend named by a [`Config`]. Cheap to clone; share one per
@@ -194,6 +194,16 @@ impl Server {
             task: signature.name.clone(),
             source,
         };
+        if signature.header_value(SENT_AGAIN_HEADER).is_some() {
+            // A follow-up sent again: its state was stored when it was first sent, and may be further
+            // along by now (SUCCESS, which tells the worker not to run it again); PENDING would hide it.
+            return self
+                .inner
+                .broker
+                .publish(outgoing)
+                .await
+                .map_err(broker_error);
+        }
         // A broker holding the backend's half stores PENDING with the publish; any other gives the
         // message back, and the state is stored first, then the message published, as Go does.
         let unsent = self

@@ -21,6 +21,8 @@ struct Refusing {
     inner: MemoryBroker,
     refused: &'static str,
     failures: AtomicUsize,
+    /// Every message published, in order.
+    published: std::sync::Mutex<Vec<Outgoing>>,
 }
 
 #[async_trait]
@@ -43,6 +45,10 @@ impl Broker for Refusing {
                 "connection reset (simulated)",
             ));
         }
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(message.clone());
         self.inner.publish(message).await
     }
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -58,6 +64,7 @@ fn server(refused: &'static str, failures: usize) -> (Server, Arc<Refusing>) {
         inner: MemoryBroker::new("memory://", "machinery_tasks"),
         refused,
         failures: AtomicUsize::new(failures),
+        published: Default::default(),
     });
     let server = Server::from_parts(
         Config::default(),
@@ -148,6 +155,100 @@ async fn a_chord_callback_that_cannot_be_published_is_sent_by_a_later_run() {
     assert_eq!(
         runs, 3,
         "each member ran once; the electing member's message came back only to send the callback"
+    );
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+static ONCE_MEMBER_RUNS: AtomicUsize = AtomicUsize::new(0);
+static ONCE_TOTAL_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn fu_once_member(x: i64) -> Result<i64, TaskError> {
+    ONCE_MEMBER_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(x)
+}
+
+#[task]
+async fn fu_once_total(xs: Vec<i64>) -> Result<i64, TaskError> {
+    ONCE_TOTAL_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok(xs.iter().sum())
+}
+
+/// A chord member's message that comes back after its chord's callback has run (its worker was killed
+/// after publishing the callback and before acknowledging the member, or the member was put back because a
+/// later follow-up failed): the member is not run again, and it sends the callback again (it cannot know
+/// whether the first copy arrived), but that copy, carrying the mark of a re-sent follow-up, finds the
+/// callback's SUCCESS stored and does not run it a second time.
+#[tokio::test]
+async fn a_chord_callback_sent_again_after_it_ran_does_not_run_again() {
+    let (server, broker) = server("nothing is refused", 0);
+    let running = Worker::new(&server)
+        .register(fu_once_member::task())
+        .register(fu_once_total::task())
+        .concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let group = Group::new([fu_once_member::signature(1), fu_once_member::signature(20)]);
+    let result = server
+        .send_chord(Chord::new(group, fu_once_total::partial()))
+        .await
+        .unwrap();
+    assert_eq!(result.get(WAIT).await.unwrap(), 21, "the chord completes");
+    assert_eq!(ONCE_TOTAL_RUNS.load(Ordering::SeqCst), 1);
+
+    // Both members come again, as the worker puts a message back (the one that completed the chord is
+    // told so again by the backend).
+    let members: Vec<Outgoing> = broker
+        .published
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.name == "fu_once_member")
+        .cloned()
+        .collect();
+    assert_eq!(members.len(), 2);
+    for member in members {
+        let again = machinery::Signature::from_json(&member.body)
+            .unwrap()
+            .header(machinery::signature::FOLLOW_UP_ATTEMPTS_HEADER, 1);
+        let body = again.to_json().unwrap();
+        broker
+            .inner
+            .publish(Outgoing { body, ..member })
+            .await
+            .unwrap();
+    }
+    let callbacks_published = || {
+        broker
+            .published
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.name == "fu_once_total")
+            .count()
+    };
+    assert!(
+        machinery_tests::eventually(WAIT, || async { callbacks_published() == 2 }).await,
+        "the member that completed the chord sends the callback again"
+    );
+    let idle = || async {
+        let stats = broker.inner.queue_stats("machinery_tasks").await.unwrap();
+        stats.pending == 0 && stats.in_flight.unwrap_or(0) == 0
+    };
+    assert!(
+        machinery_tests::eventually(WAIT, idle).await,
+        "every message is settled"
+    );
+    assert_eq!(
+        ONCE_MEMBER_RUNS.load(Ordering::SeqCst),
+        2,
+        "each member ran once"
+    );
+    assert_eq!(
+        ONCE_TOTAL_RUNS.load(Ordering::SeqCst),
+        1,
+        "the callback ran once; its second copy found its SUCCESS stored"
     );
     running.shutdown(Duration::from_secs(5)).await.unwrap();
 }

@@ -44,6 +44,12 @@ pub const FOLLOW_UP_ATTEMPTS_HEADER: &str = "machinery_follow_up_attempts";
 /// the backend again (which says yes only once). Go workers ignore it.
 pub const CHORD_ELECTED_HEADER: &str = "machinery_chord_elected";
 
+/// Set (`true`) on a follow-up (a callback, the next step of a chain, a chord callback) sent by a task
+/// whose message came more than once (redelivered, or put back): the follow-up may have been sent before,
+/// so the worker that receives it looks up its state first and, if its SUCCESS is stored, does not run it
+/// again. Go workers ignore it.
+pub const SENT_AGAIN_HEADER: &str = "machinery_sent_again";
+
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
 /// Build typed ones with the functions `#[task]` generates (`add::signature(1, 2)`), or untyped ones by

@@ -16,7 +16,9 @@ use super::process::{settle, store_final, WorkerContext};
 use crate::broker::Delivery;
 use crate::error::SendError;
 use crate::telemetry::metrics;
-use crate::wire::signature::{Arg, Signature, CHORD_ELECTED_HEADER, FOLLOW_UP_ATTEMPTS_HEADER};
+use crate::wire::signature::{
+    Arg, Signature, CHORD_ELECTED_HEADER, FOLLOW_UP_ATTEMPTS_HEADER, SENT_AGAIN_HEADER,
+};
 use crate::wire::state::{State, TaskResult, TaskState};
 
 /// A follow-up that could not be published.
@@ -42,39 +44,61 @@ pub(super) async fn send_success_callbacks(
         if !signature.immutable {
             callback.args.extend(results.iter().map(result_arg));
         }
-        send_follow_up(ctx, "OnSuccess callback", &mut callback).await?;
+        send_follow_up(
+            ctx,
+            "OnSuccess callback",
+            came_again(signature),
+            &mut callback,
+        )
+        .await?;
     }
     Ok(())
 }
 
-/// Sends `OnError` callbacks with the error text prepended as a `string` argument, as Go does.
+/// Sends `OnError` callbacks with the error text prepended as a `string` argument, as Go does. `again`:
+/// the failed task's message came more than once ([`came_again`]).
 pub(super) async fn send_error_callbacks(
     ctx: &WorkerContext,
     callbacks: &[Signature],
     error: &str,
+    again: bool,
 ) -> Result<(), FollowUpFailed> {
     for callback in callbacks {
         let mut callback = callback.clone();
         callback
             .args
             .insert(0, Arg::new("", "string", error.into()));
-        send_follow_up(ctx, "OnError callback", &mut callback).await?;
+        send_follow_up(ctx, "OnError callback", again, &mut callback).await?;
     }
     Ok(())
 }
 
-/// The results of an earlier run of this task, if the message came again (redelivered by the broker, or
-/// put back because a follow-up could not be sent) and its SUCCESS is stored: the worker then sends the
-/// follow-ups without running the task again, so its side effects happen once and a chord member's
-/// callback is not sent by a second run. Messages seen for the first time are not looked up (no extra
-/// read on the hot path); a state that cannot be read means running the task, as before.
+/// Whether this message may have come before: it was redelivered or put back (marked so by
+/// [`already_succeeded`]), or it is a follow-up sent again by such a message ([`SENT_AGAIN_HEADER`]).
+pub(super) fn came_again(signature: &Signature) -> bool {
+    signature.header_value(SENT_AGAIN_HEADER).is_some()
+        || signature.header_value(FOLLOW_UP_ATTEMPTS_HEADER).is_some()
+}
+
+/// The results of an earlier run of this task, if the message came again (redelivered by the broker, put
+/// back because a follow-up could not be sent, or a follow-up sent again) and its SUCCESS is stored: the
+/// worker then sends the follow-ups without running the task again, so its side effects happen once and
+/// a chord's callback sent twice runs once (unless both copies run at the same time). Messages seen for
+/// the first time are not looked up (no extra read on the hot path); a state that cannot be read means
+/// running the task, as before. A redelivered message is marked ([`SENT_AGAIN_HEADER`]) so that the
+/// follow-ups it sends are marked too.
 pub(super) async fn already_succeeded(
     ctx: &WorkerContext,
-    signature: &Signature,
+    signature: &mut Signature,
     delivery: &Delivery,
 ) -> Option<Vec<TaskResult>> {
-    let again = delivery.redelivered || signature.header_value(FOLLOW_UP_ATTEMPTS_HEADER).is_some();
-    if !again {
+    if delivery.redelivered && !came_again(signature) {
+        signature
+            .headers
+            .get_or_insert_with(Default::default)
+            .insert(SENT_AGAIN_HEADER.to_owned(), true.into());
+    }
+    if !came_again(signature) {
         return None;
     }
     match ctx.server.backend().get_state(&signature.uuid).await {
@@ -192,7 +216,7 @@ pub(super) async fn group_member_finished(
                 return Ok(());
             }
         }
-        return send_error_callbacks(ctx, &callback.on_error, &error)
+        return send_error_callbacks(ctx, &callback.on_error, &error, came_again(signature))
             .await
             .map_err(elected);
     }
@@ -204,7 +228,7 @@ pub(super) async fn group_member_finished(
                 .extend(state.results.iter().flatten().map(result_arg));
         }
     }
-    send_follow_up(ctx, "chord callback", &mut callback)
+    send_follow_up(ctx, "chord callback", came_again(signature), &mut callback)
         .await
         .map_err(elected)
 }
@@ -213,11 +237,19 @@ fn result_arg(result: &TaskResult) -> Arg {
     Arg::new("", result.type_tag.clone(), result.value.clone())
 }
 
+/// Publishes one follow-up, marked [`SENT_AGAIN_HEADER`] when its task's message came `again`.
 async fn send_follow_up(
     ctx: &WorkerContext,
     what: &'static str,
+    again: bool,
     signature: &mut Signature,
 ) -> Result<(), FollowUpFailed> {
+    if again {
+        signature
+            .headers
+            .get_or_insert_with(Default::default)
+            .insert(SENT_AGAIN_HEADER.to_owned(), true.into());
+    }
     ctx.server
         .publish(signature)
         .await

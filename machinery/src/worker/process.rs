@@ -52,7 +52,7 @@ pub(crate) struct Ready {
 /// Decodes a delivery. Malformed messages and unknown tasks are settled here (dead-lettered or requeued)
 /// and give `None`.
 pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Ready> {
-    let signature = match Signature::from_json(&delivery.body) {
+    let mut signature = match Signature::from_json(&delivery.body) {
         Ok(signature) => signature,
         Err(error) => {
             let reason = format!("malformed message: cannot decode the task signature: {error}");
@@ -98,7 +98,7 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     );
     trace::adopt_parent(&span, signature.headers.as_ref());
     metrics::task_received(&signature.name);
-    let succeeded = follow_up::already_succeeded(ctx, &signature, &delivery).await;
+    let succeeded = follow_up::already_succeeded(ctx, &mut signature, &delivery).await;
     Some(Ready {
         def,
         signature,
@@ -482,11 +482,17 @@ async fn final_failure(ctx: &WorkerContext, signature: &Signature, failure: Task
     }
     tracing::info!(error = %failure.message, kind = ?failure.kind, "task failed");
     ctx.hooks.error(&failure);
-    let sent =
-        match follow_up::send_error_callbacks(ctx, &signature.on_error, &failure.message).await {
-            Ok(()) => follow_up::group_member_finished(ctx, signature).await,
-            Err(failed) => Err(failed),
-        };
+    let sent = match follow_up::send_error_callbacks(
+        ctx,
+        &signature.on_error,
+        &failure.message,
+        follow_up::came_again(signature),
+    )
+    .await
+    {
+        Ok(()) => follow_up::group_member_finished(ctx, signature).await,
+        Err(failed) => Err(failed),
+    };
     Finish::after(state, sent)
 }
 
