@@ -1,8 +1,13 @@
 //! A worker process for tests that must kill a worker (`kill -9`) or cut its connections.
 //!
 //! Configured from the environment with Go machinery's names (`BROKER`, `RESULT_BACKEND`, `DEFAULT_QUEUE`,
-//! `REDIS_HEARTBEAT_TIMEOUT`, ...) plus `WORKER_CONCURRENCY`. It runs until SIGINT/SIGTERM and knows two
-//! tasks: `sleep_ms(ms: int64) -> int64` sleeps, then returns `ms`; `add(a..: int64) -> int64` sums.
+//! `REDIS_HEARTBEAT_TIMEOUT`, ...) plus `WORKER_CONCURRENCY`. It runs until SIGINT/SIGTERM and knows three
+//! tasks: `sleep_ms(ms: int64) -> int64` sleeps, then returns `ms`; `add(a..: int64) -> int64` and `sum`
+//! (the same, under the name a chord callback is sent by) sum their arguments.
+//!
+//! With `LEDGER_KEY` set, `add` and `sum` keep an execution ledger: each run takes 10 ms, then appends
+//! `"<task uuid> <pid>"` to the Redis list `LEDGER_KEY` at `LEDGER_URL` (default the local Redis), on a
+//! connection of its own (tests put faults between the worker and its servers, never the ledger).
 
 use std::time::Duration;
 
@@ -30,11 +35,44 @@ fn sleep_ms(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
     })
 }
 
-fn add(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {
+fn add(ctx: TaskContext, args: Vec<Arg>) -> HandlerFuture {
     Box::pin(async move {
         let sum: i64 = args.iter().filter_map(|a| a.value.as_i64()).sum();
+        record_run(ctx.uuid()).await?;
         Ok(vec![TaskResult::new("int64", sum.into())])
     })
+}
+
+/// The ledger's connection and list, if `LEDGER_KEY` is set.
+async fn ledger() -> &'static Option<(redis::aio::MultiplexedConnection, String)> {
+    static LEDGER: tokio::sync::OnceCell<Option<(redis::aio::MultiplexedConnection, String)>> =
+        tokio::sync::OnceCell::const_new();
+    LEDGER
+        .get_or_init(|| async {
+            let key = std::env::var("LEDGER_KEY").ok()?;
+            let url =
+                std::env::var("LEDGER_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+            let client = redis::Client::open(url).ok()?;
+            let conn = client.get_multiplexed_async_connection().await.ok()?;
+            Some((conn, key))
+        })
+        .await
+}
+
+/// Appends this run to the ledger (see the module docs); a run that cannot be recorded fails.
+async fn record_run(uuid: &str) -> Result<(), TaskFailure> {
+    let Some((conn, key)) = ledger().await else {
+        return Ok(());
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let entry = format!("{uuid} {}", std::process::id());
+    redis::cmd("RPUSH")
+        .arg(key)
+        .arg(entry)
+        .query_async::<i64>(&mut conn.clone())
+        .await
+        .map(drop)
+        .map_err(|e| TaskFailure::new(FailureKind::Error, format!("ledger: {e}")))
 }
 
 const OPTIONS: TaskOptions = TaskOptions {
@@ -59,6 +97,13 @@ static ADD: TaskDef = TaskDef {
     options: OPTIONS,
 };
 
+static SUM: TaskDef = TaskDef {
+    name: "sum",
+    rust_path: "test_worker::add",
+    handler: add,
+    options: OPTIONS,
+};
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
@@ -76,6 +121,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Worker::new(&server)
         .register(&SLEEP_MS)
         .register(&ADD)
+        .register(&SUM)
         .concurrency(concurrency)
         .shutdown_timeout(Duration::from_secs(10))
         .launch()
