@@ -1,6 +1,6 @@
 //! A result backend that goes away while the broker stays up (issue 13): a worker whose broker is the
-//! real Redis and whose result backend sits behind `machinery_tests::fault_proxy`: memcached, or the same
-//! Redis (different URLs, so the broker does not pair with the backend). The backend is made unreachable
+//! real Redis or RabbitMQ and whose result backend sits behind `machinery_tests::fault_proxy`: memcached,
+//! or the same Redis (different URLs, so the broker does not pair with the backend). The backend is made unreachable
 //! for [`OUTAGE`] while tasks wait and more are sent; every task must then finish soon after the heal,
 //! and no task may run more than twice over the whole outage (once before it, once after), where a worker
 //! that kept running tasks whose outcome it could not store ran each again every few seconds.
@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use machinery::{task, Server, State, TaskContext, TaskError, Worker};
+use machinery_tests::amqp::{self, Cleanup};
 use machinery_tests::fault_proxy::FaultProxy;
 use machinery_tests::{require, Service};
 use redis_common::Names;
@@ -41,6 +42,13 @@ async fn outage_work(ctx: &TaskContext, n: i64, ms: i64) -> Result<i64, TaskErro
         .or_default() += 1;
     tokio::time::sleep(Duration::from_millis(ms.max(0) as u64)).await;
     Ok(n)
+}
+
+/// The broker, which stays up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    Redis,
+    RabbitMq,
 }
 
 /// Which backend goes away.
@@ -84,8 +92,11 @@ async fn unfinished(sender: &Server, ids: &[String]) -> Vec<String> {
     left
 }
 
-async fn outage(store: Store, kind: Outage, test: &str) {
+async fn outage(queue: Queue, store: Store, kind: Outage, test: &str) {
     if !require(Service::Redis, test) {
+        return;
+    }
+    if queue == Queue::RabbitMq && !require(Service::RabbitMq, test) {
         return;
     }
     if store == Store::Memcached && !require(Service::Memcached, test) {
@@ -102,12 +113,20 @@ async fn outage(store: Store, kind: Outage, test: &str) {
         (Store::Redis, Outage::Stalled) => "outage_redis_stalled",
         (Store::Memcached, _) => "outage_memcached",
     });
+    let (base, cleanup) = match queue {
+        Queue::Redis => (names.config(), None),
+        Queue::RabbitMq => {
+            let config = amqp::config("outage_amqp");
+            let cleanup = Cleanup::for_config(&config);
+            (config, Some(cleanup))
+        }
+    };
     let (upstream, direct) = match store {
         Store::Redis => (Service::Redis.addr(), Service::Redis.url()),
         Store::Memcached => (Service::Memcached.addr(), Service::Memcached.url()),
     };
     let proxy = FaultProxy::start(upstream).await;
-    let mut worker_config = names.config();
+    let mut worker_config = base.clone();
     worker_config.result_backend = match store {
         Store::Redis => proxy.redis_url(),
         Store::Memcached => format!("memcache://{}", proxy.addr()),
@@ -122,7 +141,7 @@ async fn outage(store: Store, kind: Outage, test: &str) {
         .start()
         .await
         .unwrap();
-    let mut sender_config = names.config();
+    let mut sender_config = base;
     sender_config.result_backend = direct;
     let sender = Server::new(sender_config).await.unwrap();
     let first = outage_work::send(&sender, -1, 0).await.unwrap();
@@ -178,7 +197,7 @@ async fn outage(store: Store, kind: Outage, test: &str) {
     let twice = runs.iter().filter(|&&r| r == 2).count();
     let total: usize = runs.iter().sum();
     eprintln!(
-        "{store:?} {kind:?} for {OUTAGE:?}: {} tasks ({BATCH} before, {sent_during} during); {} SUCCESS \
+        "{queue:?} broker, {store:?} {kind:?} for {OUTAGE:?}: {} tasks ({BATCH} before, {sent_during} during); {} SUCCESS \
          {all_done_after:?} after the heal; runs: {total} in all, {runs_during} before the heal, \
          {twice} tasks ran twice, the worst task {worst} times",
         ids.len(),
@@ -210,25 +229,30 @@ async fn outage(store: Store, kind: Outage, test: &str) {
         .broker()
         .inspect()
         .unwrap()
-        .queue_stats(&names.queue)
+        .queue_stats(&sender.config().default_queue)
         .await
         .unwrap();
     assert_eq!(
-        (stats.pending, stats.in_flight, stats.dead),
-        (0, Some(0), Some(0)),
-        "nothing left behind"
+        (
+            stats.pending,
+            stats.in_flight.unwrap_or(0),
+            stats.dead.unwrap_or(0)
+        ),
+        (0, 0, 0),
+        "nothing left behind: {stats:?}"
     );
     names.cleanup().await;
+    drop(cleanup);
 }
 
+/// memcached behind Redis and behind RabbitMQ at once (two workers, two proxies), in one outage's time.
 #[tokio::test]
 async fn a_worker_whose_memcached_backend_is_down_does_not_rerun_tasks_it_cannot_store() {
-    outage(
-        Store::Memcached,
-        Outage::Refused,
-        "a_worker_whose_memcached_backend_is_down_does_not_rerun_tasks_it_cannot_store",
-    )
-    .await;
+    let test = "a_worker_whose_memcached_backend_is_down_does_not_rerun_tasks_it_cannot_store";
+    tokio::join!(
+        outage(Queue::Redis, Store::Memcached, Outage::Refused, test),
+        outage(Queue::RabbitMq, Store::Memcached, Outage::Refused, test),
+    );
 }
 
 /// Both Redis outages at once (two workers, two proxies), so that the file takes one outage's time on
@@ -238,7 +262,7 @@ async fn a_worker_whose_redis_backend_is_down_or_stalls_does_not_rerun_tasks_it_
     let test =
         "a_worker_whose_redis_backend_is_down_or_stalls_does_not_rerun_tasks_it_cannot_store";
     tokio::join!(
-        outage(Store::Redis, Outage::Refused, test),
-        outage(Store::Redis, Outage::Stalled, test),
+        outage(Queue::Redis, Store::Redis, Outage::Refused, test),
+        outage(Queue::Redis, Store::Redis, Outage::Stalled, test),
     );
 }
