@@ -39,6 +39,21 @@ pub(crate) enum Command {
     /// The worker process of the benchmark (started by the benchmark itself)
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Sends N no-op tasks on the in-process memory broker and backend, then drains them with one worker,
+    /// all on one thread: the run to count instructions of under `valgrind --tool=callgrind`
+    /// (docs/benchmarks.md, "Instructions per task")
+    Count(CountArgs),
+}
+
+/// What `count` runs.
+#[derive(Debug, Args)]
+pub(crate) struct CountArgs {
+    /// Tasks sent, then drained
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) tasks: u64,
+    /// Worker concurrency
+    #[arg(long, default_value_t = 10)]
+    pub(crate) concurrency: usize,
 }
 
 /// What the worker process runs: one worker of the no-op task on one queue.

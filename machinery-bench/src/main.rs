@@ -22,6 +22,7 @@ mod ceiling;
 mod child;
 mod cli;
 mod commands;
+mod count;
 mod error;
 mod measure;
 mod proc_stats;
@@ -44,6 +45,8 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let flavor = match &cli.command {
         Some(cli::Command::Worker(args)) => args.runtime,
+        // One thread, so that the count does not depend on how work spreads over threads.
+        Some(cli::Command::Count(_)) => cli::WorkerRuntime::Current,
         None => cli::WorkerRuntime::Multi,
     };
     let runtime = match flavor.build() {
@@ -57,6 +60,10 @@ fn main() -> ExitCode {
         Some(cli::Command::Worker(args)) => (
             "machinery-bench worker",
             runtime.block_on(child::worker_main(args)),
+        ),
+        Some(cli::Command::Count(args)) => (
+            "machinery-bench count",
+            runtime.block_on(count::count(args)),
         ),
         None => (
             "machinery-bench",
