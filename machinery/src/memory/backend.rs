@@ -63,6 +63,34 @@ impl Records {
     }
 }
 
+impl Records {
+    /// The live record of `uuid`, borrowed.
+    fn live(&self, uuid: &str, now: Instant) -> Option<&TaskState> {
+        self.states
+            .get(uuid)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(state, _)| state)
+    }
+
+    /// Stores `state`, keeping the task name and creation time of the live record it replaces (in place,
+    /// without cloning the old record or the key).
+    fn store(&mut self, mut state: TaskState, now: Instant, expire_in: Duration) {
+        match self.states.get_mut(&state.task_uuid) {
+            Some(slot) => {
+                if slot.1 > now {
+                    state.merge_from_previous(&slot.0);
+                }
+                *slot = (state, now + expire_in);
+            }
+            None => {
+                self.states
+                    .insert(state.task_uuid.clone(), (state, now + expire_in));
+            }
+        }
+        self.sweep(now);
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Records> {
         self.records
@@ -110,18 +138,54 @@ impl Backend for MemoryBackend {
         {
             let mut records = self.shared.lock();
             for state in states {
-                let mut state = state.clone();
-                if let Some(previous) = Self::live_state(&records, &state.task_uuid, now) {
-                    state.merge_from_previous(&previous);
-                }
-                records
-                    .states
-                    .insert(state.task_uuid.clone(), (state, now + self.expire_in));
-                records.sweep(now);
+                records.store(state.clone(), now, self.expire_in);
             }
         }
         self.shared.changed.notify_waiters();
         Ok(())
+    }
+
+    async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
+        let now = Instant::now();
+        {
+            let mut records = self.shared.lock();
+            if records
+                .live(&state.task_uuid, now)
+                .is_some_and(TaskState::is_revoked)
+            {
+                return Ok(false);
+            }
+            records.store(state.clone(), now, self.expire_in);
+        }
+        self.shared.changed.notify_waiters();
+        Ok(true)
+    }
+
+    /// The whole batch under one lock: each pair is stored unless the task was revoked.
+    async fn set_received_and_started_many(
+        &self,
+        pairs: &[(TaskState, TaskState)],
+    ) -> Vec<Result<bool, BackendError>> {
+        let now = Instant::now();
+        let stored = {
+            let mut records = self.shared.lock();
+            pairs
+                .iter()
+                .map(|(received, started)| {
+                    if records
+                        .live(&received.task_uuid, now)
+                        .is_some_and(TaskState::is_revoked)
+                    {
+                        return Ok(false);
+                    }
+                    records.store(received.clone(), now, self.expire_in);
+                    records.store(started.clone(), now, self.expire_in);
+                    Ok(true)
+                })
+                .collect()
+        };
+        self.shared.changed.notify_waiters();
+        stored
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
