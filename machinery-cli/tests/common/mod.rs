@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod web;
+
 /// What one run of the binary gave.
 #[derive(Debug)]
 pub struct Run {
