@@ -141,7 +141,9 @@ pub(crate) async fn task_view(
         .await
         .map_err(backend_error(format!("reading the state of task {uuid}")))?;
     let group = match backend.get_group(uuid).await {
-        Ok(Some(meta)) => {
+        // Go's Redis layout keeps groups and task states under their ids in one keyspace: a task's
+        // record read as a group has no members.
+        Ok(Some(meta)) if meta.group_uuid == uuid && !meta.task_uuids.is_empty() => {
             let states = backend
                 .group_states(uuid)
                 .await

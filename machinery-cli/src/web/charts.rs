@@ -46,6 +46,18 @@ fn label(value: f64) -> String {
     }
 }
 
+/// The span a chart shows: the history there is, at least five minutes, at most `max_ms`.
+pub(crate) fn window(series: &[Series], now_ms: i64, max_ms: i64) -> i64 {
+    let oldest = series
+        .iter()
+        .filter_map(|s| s.points.first().map(|p| p.0))
+        .min()
+        .unwrap_or(now_ms);
+    // Whole minutes, so that the axis labels are round.
+    let span = (now_ms - oldest).div_euclid(60_000) * 60_000 + 60_000;
+    span.clamp(5 * 60_000, max_ms)
+}
+
 /// A chart of `series` over the `window_ms` before `now_ms`, with a legend. `id` names it for tests and
 /// scripts.
 pub(crate) fn line_chart(
@@ -55,6 +67,7 @@ pub(crate) fn line_chart(
     now_ms: i64,
     window_ms: i64,
 ) -> Markup {
+    let window_ms = window_ms.max(60_000);
     let start = now_ms - window_ms;
     let max = series
         .iter()
@@ -81,7 +94,7 @@ pub(crate) fn line_chart(
                     @let tx = LEFT + plot_w * (i as f64 / 2.0);
                     text x=(tx) y=(HEIGHT - 6.0) font-size="11" fill="#555"
                         text-anchor=(["start", "middle", "end"][i]) {
-                        @if i == 2 { "now" } @else { (format!("-{}m", minutes - minutes * i as i64 / 2)) }
+                        @if i == 2 { "now" } @else { (format!("-{}m", minutes as f64 * (1.0 - i as f64 / 2.0))) }
                     }
                 }
                 @if empty {

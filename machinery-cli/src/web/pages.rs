@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use maud::{html, Markup, DOCTYPE};
 
-use super::charts::{line_chart, Series};
+use super::charts::{line_chart, window, Series};
 use super::sampler::{self, Rates};
 use super::{api, queue_page, Shared, WebError};
 use crate::output::{escape, truncate};
@@ -153,7 +153,6 @@ pub(crate) async fn overview(State(web): State<Shared>) -> Response {
     };
     let rabbit_why = "RabbitMQ does not tell this over AMQP (see docs/amqp.md)";
     let now = Utc::now().timestamp_millis();
-    let window = sampler::HOUR.as_millis() as i64;
     let history = web.sampler.all();
     // The busiest queues get a line each (eight at most, by their latest depth).
     let mut busiest: Vec<(&String, &Vec<sampler::Sample>)> = history.iter().collect();
@@ -170,6 +169,7 @@ pub(crate) async fn overview(State(web): State<Shared>) -> Response {
         })
         .collect();
     let throughput = throughput_series(history.values().map(Vec::as_slice));
+    let window = window(&depth, now, sampler::HOUR.as_millis() as i64);
     let body = html! {
         h1 { "Queues" }
         @match &rows {
@@ -207,8 +207,8 @@ pub(crate) async fn overview(State(web): State<Shared>) -> Response {
             }
         }
         section.charts {
-            (line_chart("depth-chart", "Pending messages, last hour", &depth, now, window))
-            (line_chart("throughput-chart", "Tasks finished per minute (all queues), last hour", &throughput, now, window))
+            (line_chart("depth-chart", "Pending messages", &depth, now, window))
+            (line_chart("throughput-chart", "Tasks finished per minute, all queues", &throughput, now, window))
         }
     };
     layout(&web, "Overview", true, body).into_response()

@@ -8,7 +8,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::api::{self, InQueue, Params, DEFAULT_LIMIT};
-use super::charts::{line_chart, Series};
+use super::charts::{line_chart, window, Series};
 use super::pages::{count, cut, error_box, layout, rate, throughput_series};
 use super::{sampler, Shared, WebError};
 use crate::message::{when, Message};
@@ -88,7 +88,6 @@ pub(crate) async fn queue(
     let now = Utc::now();
     let history = web.sampler.history(&queue);
     let now_ms = now.timestamp_millis();
-    let window = sampler::HOUR.as_millis() as i64;
     let depth = vec![Series {
         label: "pending".into(),
         points: history
@@ -97,6 +96,7 @@ pub(crate) async fn queue(
             .collect(),
     }];
     let throughput = throughput_series(std::iter::once(history.as_slice()));
+    let window = window(&depth, now_ms, sampler::HOUR.as_millis() as i64);
     let rates = web.sampler.rates(&queue);
     let why = "RabbitMQ does not tell this over AMQP";
     let revoke = |uuid: &str| {
@@ -130,8 +130,8 @@ pub(crate) async fn queue(
             }
         }
         section.charts {
-            (line_chart("depth-chart", "Pending, last hour", &depth, now_ms, window))
-            (line_chart("throughput-chart", "Finished per minute, last hour", &throughput, now_ms, window))
+            (line_chart("depth-chart", "Pending", &depth, now_ms, window))
+            (line_chart("throughput-chart", "Tasks finished per minute", &throughput, now_ms, window))
         }
         section #pending {
             h2 { "Pending" small { " (first " (limit) ")" } }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub mod web;
+pub mod webdriver;
 
 /// What one run of the binary gave.
 #[derive(Debug)]

@@ -138,12 +138,41 @@ pub async fn request(
     head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     stream.write_all(head.as_bytes()).await.expect("write");
     stream.write_all(body).await.expect("write");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
+    let raw = tokio::time::timeout(Duration::from_secs(60), read_response(&mut stream))
         .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 60 s"))
-        .expect("read");
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 60 s"));
     parse(&raw)
+}
+
+/// Reads one response: the head, then the body by its length, to the last chunk, or to the end of the
+/// connection (some servers keep it open despite `Connection: close`).
+async fn read_response(stream: &mut TcpStream) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).await.expect("read");
+        raw.extend_from_slice(&buf[..n]);
+        let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if n == 0 {
+                return raw;
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let body = raw.len() - split - 4;
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let done = match length {
+            Some(length) => body >= length,
+            None if head.contains("transfer-encoding: chunked") => raw.ends_with(b"0\r\n\r\n"),
+            None => false,
+        };
+        if done || n == 0 {
+            return raw;
+        }
+    }
 }
 
 fn parse(raw: &[u8]) -> Response {
