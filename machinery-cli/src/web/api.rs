@@ -153,7 +153,8 @@ pub(crate) async fn task_view(
         _ => None,
     };
     let mut view = TaskView {
-        state,
+        // Read the other way round, a group's record decodes as a state without an id.
+        state: state.filter(|s| s.task_uuid == uuid),
         group,
         ..TaskView::default()
     };
