@@ -186,7 +186,8 @@ pub(crate) async fn queue(
             }
         }
     };
-    layout(&web, &format!("Queue {queue}"), peek, body).into_response()
+    // On AMQP even the dead letters are read by taking them and handing them back: no live refresh.
+    layout(&web, &format!("Queue {queue}"), !amqp, body).into_response()
 }
 
 fn task_link(queue: &str, uuid: &str) -> Markup {
