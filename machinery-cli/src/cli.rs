@@ -29,7 +29,8 @@ pub(crate) struct Global {
     #[arg(short, long, global = true, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// Broker URL (redis://host:6379/0, amqp://user:pass@host:5672/), overriding the configuration.
-    /// The in-process memory:// broker is refused: no other process can reach it
+    /// The in-process memory:// broker is refused (`web` says so on every page): no other process can
+    /// reach it
     #[arg(long, global = true, value_name = "URL")]
     pub(crate) broker: Option<String>,
     /// Result backend URL, overriding the configuration
