@@ -370,6 +370,70 @@ async fn workers_report_host_pid_and_counters_and_the_rates_follow() {
     })
     .await;
     assert!(gone);
+
+    // A worker that died (its heartbeat lapsed, its card still there) is shown as gone with its last
+    // counters; a dead consumer with neither a card nor messages is dropped.
+    let mut conn = redis::Client::open(Service::Redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let dead_tag = format!("{}_crashed", w.id);
+    let beat = chrono::Utc::now().timestamp_millis() - 30_000;
+    let card = serde_json::json!({"host": "box-7", "pid": 4242, "concurrency": 8, "running": 1,
+        "succeeded": 40, "failed": 2, "started_ms": beat - 60_000, "beat_ms": beat});
+    let _: () = conn
+        .set_ex(
+            format!("machinery:worker:{q}:{dead_tag}"),
+            card.to_string(),
+            60,
+        )
+        .await
+        .unwrap();
+    let forgotten = format!("{}_forgotten", w.id);
+    let _: () = conn
+        .sadd(format!("machinery:consumers:{q}"), &forgotten)
+        .await
+        .unwrap();
+    let workers = web.get_json("/api/workers").await;
+    let crashed = find(&workers, "consumer_tag", &dead_tag);
+    assert_eq!(
+        (
+            &crashed["alive"],
+            &crashed["host"],
+            &crashed["pid"],
+            &crashed["processed"],
+            &crashed["failed"]
+        ),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!("box-7"),
+            &serde_json::json!(4242),
+            &serde_json::json!(42),
+            &serde_json::json!(2)
+        ),
+        "{workers:#}"
+    );
+    let age = crashed["heartbeat_age_ms"].as_u64().unwrap();
+    assert!(
+        (29_000..120_000).contains(&age),
+        "the age of the card's last beat: {age}"
+    );
+    assert!(
+        !workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["consumer_tag"] == forgotten.as_str()),
+        "a dead consumer with no card and nothing in flight is dropped: {workers:#}"
+    );
+    let page = web.get("/workers").await;
+    assert!(
+        page.body
+            .contains(&format!("<tr data-consumer=\"{dead_tag}\" class=\"gone\">")),
+        "{}",
+        page.body
+    );
     web.stop().await;
     w.cleanup().await;
 }
