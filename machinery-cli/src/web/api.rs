@@ -371,7 +371,12 @@ fn wants_html(headers: &HeaderMap) -> bool {
 /// Where a form asked to go back to: a path on this site only.
 pub(crate) fn back(params: &Params, default: String) -> String {
     match params.get("back") {
-        Some(path) if path.starts_with('/') && !path.starts_with("//") && !path.contains('\\') => {
+        // A path on this site, in characters a Location header can carry as they are.
+        Some(path)
+            if path.starts_with('/')
+                && !path.starts_with("//")
+                && path.chars().all(|c| c.is_ascii_graphic() && c != '\\') =>
+        {
             path.to_owned()
         }
         _ => default,
@@ -531,4 +536,29 @@ pub(crate) async fn revoke(
         Ok(json!({"uuid": uuid, "revoked": true, "message": format!("revoked task {uuid}")}))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_form_goes_back_only_to_a_path_of_this_site() {
+        let params = |back: &str| Params([("back".to_owned(), back.to_owned())].into());
+        let default = || "/fallback".to_owned();
+        assert_eq!(
+            back(&params("/queues/q%20x#dead"), default()),
+            "/queues/q%20x#dead"
+        );
+        for evil in [
+            "//evil.example/",
+            "https://evil.example/",
+            "javascript:alert(1)",
+            "/a\\b",
+            "/a\nLocation: x",
+            "/ü",
+        ] {
+            assert_eq!(back(&params(evil), default()), "/fallback", "{evil:?}");
+        }
+    }
 }
