@@ -2,7 +2,9 @@
 # Makes the servers the test suite talks to available on 127.0.0.1, the way a fresh Debian machine needs:
 # check each one, start it if it is installed but stopped, install it with apt-get if it is missing.
 #
-#   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212
+#   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212, and
+#                              # Chromium with chromedriver for the dashboard's browser test (installed
+#                              # only: the test starts chromedriver on a free port and stops it)
 #   scripts/services.sh down   # stops what `up` started (and only that)
 #
 # State (what we started) is kept in target/services/.
@@ -73,6 +75,14 @@ memcached_up() { # port
   wait_for "memcached :$port" "$port" 20
 }
 
+browser_up() {
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    log "chromium and chromedriver: installed"; return
+  fi
+  apt_install chromium chromium-driver
+  command -v chromedriver >/dev/null || { log "chromedriver is still missing after apt-get"; return 1; }
+}
+
 down() {
   if [ -f "$state_dir/started-memcached" ]; then
     while read -r port; do
@@ -95,6 +105,7 @@ case "${1:-up}" in
     rabbitmq_up
     memcached_up 11211
     memcached_up 11212
+    browser_up
     ;;
   down) down ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;

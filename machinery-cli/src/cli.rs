@@ -29,7 +29,8 @@ pub(crate) struct Global {
     #[arg(short, long, global = true, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// Broker URL (redis://host:6379/0, amqp://user:pass@host:5672/), overriding the configuration.
-    /// The in-process memory:// broker is refused: no other process can reach it
+    /// The in-process memory:// broker is refused (`web` says so on every page): no other process can
+    /// reach it
     #[arg(long, global = true, value_name = "URL")]
     pub(crate) broker: Option<String>,
     /// Result backend URL, overriding the configuration
@@ -178,6 +179,41 @@ live worker on its queue has put its in-flight messages back on the queue. AMQP 
 consumers are listed only by RabbitMQ's management API or rabbitmqctl list_consumers."
     )]
     Workers,
+    /// A web dashboard: queues, workers, tasks and dead letters in a browser (see docs/web.md)
+    #[command(
+        long_about = "A web dashboard: queues with their counts and charts of the last hour, workers, \
+a task by id, and each queue's pending, delayed and dead messages with actions (requeue, delete, purge, \
+revoke). Server-rendered pages and a JSON API under /api.
+
+It listens on 127.0.0.1:5555 by default. Any other address needs a token (--token or \
+MACHINERY_WEB_TOKEN): every page and API call then asks for it (a login form that sets a cookie, or \
+Authorization: Bearer <token>). Actions are POST requests with a CSRF token; a GET never changes \
+anything."
+    )]
+    Web(WebArgs),
+}
+
+/// The options of `machinery web`.
+#[derive(Debug, Args)]
+pub(crate) struct WebArgs {
+    /// The address to serve on; anything but loopback needs --token
+    #[arg(long, default_value = "127.0.0.1:5555", value_name = "ADDR")]
+    pub(crate) listen: String,
+    /// The token every request must carry (required when --listen is not loopback)
+    #[arg(
+        long,
+        env = "MACHINERY_WEB_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub(crate) token: Option<String>,
+    /// Seconds between two samples of the queues for the charts (an hour of them is kept)
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300), value_name = "SECS")]
+    pub(crate) sample_every: u64,
+    /// A queue to show besides those the broker finds (repeat for several; on RabbitMQ, which cannot
+    /// list queues, the only way to show more than the default queue)
+    #[arg(long = "queue", value_name = "QUEUE")]
+    pub(crate) queues: Vec<String>,
 }
 
 /// The arguments of `send --args`, checked for known Go type tags.

@@ -17,6 +17,7 @@ use crate::cli::{Cli, Command, Global};
 use crate::error::CliError;
 use crate::message::{result_summary, when, Message};
 use crate::output::{escape, print, print_json, truncate, Cell, Paint, Style, Table};
+use crate::report::{self, state_json, why_unsupported};
 
 /// Widest argument summary and reason in a table (JSON has them whole).
 const CELL_MAX: usize = 60;
@@ -56,13 +57,18 @@ fn refuse_in_process_broker(config: &Config, global: &Global) -> Result<(), CliE
 /// Runs one command line.
 pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
     let config = load_config(&cli.global)?;
+    let command = match cli.command {
+        // The dashboard says on every page that an in-process broker has nothing to show.
+        Command::Web(args) => return crate::web::serve(config, args).await,
+        command => command,
+    };
     refuse_in_process_broker(&config, &cli.global)?;
     let app = App {
         config,
         json: cli.global.json,
         style: Style::detect(),
     };
-    match cli.command {
+    match command {
         Command::Queues { queues } => app.queues(queues).await,
         Command::Task { uuid } => app.task(&uuid).await,
         Command::Pending { queue, limit } => app.pending(&queue, limit).await,
@@ -99,24 +105,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
             app.send(signature, wait.map(Duration::from_secs_f64)).await
         }
         Command::Workers => app.workers().await,
-    }
-}
-
-/// Why a broker cannot answer an inspection, for the error message.
-fn why_unsupported(broker: &str, operation: &str) -> String {
-    match (broker, operation) {
-        ("amqp", "listing queues") => "AMQP has no command that lists queues; rabbitmqctl \
-            list_queues and RabbitMQ's management HTTP API do"
-            .to_owned(),
-        ("amqp", "listing delayed messages") => "RabbitMQ parks delayed messages in per-delay queues \
-            (delay.<ms>.<exchange>.<routing key>) whose names AMQP cannot list, and reading a message \
-            there means taking it"
-            .to_owned(),
-        ("amqp", "listing workers") => "AMQP does not list the consumers of a queue (rabbitmqctl \
-            list_consumers and the management HTTP API do), and RabbitMQ needs no heartbeat keys, so \
-            there are none to read"
-            .to_owned(),
-        _ => format!("it does not support {operation}"),
+        Command::Web(_) => Ok(()),
     }
 }
 
@@ -202,18 +191,7 @@ impl App {
             );
         }
         if self.json {
-            let rows: Vec<Value> = stats
-                .iter()
-                .map(|s| {
-                    json!({
-                        "queue": s.queue,
-                        "pending": s.pending,
-                        "delayed": s.delayed,
-                        "in_flight": s.in_flight,
-                        "dead": s.dead,
-                    })
-                })
-                .collect();
+            let rows: Vec<Value> = stats.iter().map(report::queue_json).collect();
             return Ok(print_json(&Value::Array(rows))?);
         }
         let mut table = Table::new(&["QUEUE", "PENDING", "DELAYED", "IN-FLIGHT", "DEAD"]);
@@ -350,14 +328,7 @@ impl App {
             .map(|d| (d.eta, Message::decode(&d.body)))
             .collect();
         if self.json {
-            let rows = rows
-                .iter()
-                .map(|(eta, m)| {
-                    let mut row = m.to_json();
-                    row["due"] = Value::String(gotime::format(eta));
-                    row
-                })
-                .collect();
+            let rows = delayed.iter().map(report::delayed_json).collect();
             return Ok(print_json(&Value::Array(rows))?);
         }
         let now = Utc::now();
@@ -388,16 +359,7 @@ impl App {
                 format!("listing the dead letters of queue {queue:?}"),
             ))?;
         if self.json {
-            let rows = letters
-                .iter()
-                .map(|letter| {
-                    let mut row = Message::decode(&letter.body).to_json();
-                    row["queue"] = Value::String(letter.queue.clone());
-                    row["reason"] = Value::String(letter.reason.clone());
-                    row["at"] = Value::String(gotime::format(&letter.at));
-                    row
-                })
-                .collect();
+            let rows = letters.iter().map(report::dead_letter_json).collect();
             return Ok(print_json(&Value::Array(rows))?);
         }
         let now = Utc::now();
@@ -541,18 +503,7 @@ impl App {
                     "listing workers".to_owned(),
                 ))?;
         if self.json {
-            let rows = workers
-                .iter()
-                .map(|w| {
-                    json!({
-                        "queue": w.queue,
-                        "consumer_tag": w.consumer_tag,
-                        "alive": w.alive,
-                        "in_flight": w.in_flight,
-                        "heartbeat_age_ms": w.heartbeat_age.map(|age| age.as_millis() as u64),
-                    })
-                })
-                .collect();
+            let rows = workers.iter().map(report::worker_json).collect();
             return Ok(print_json(&Value::Array(rows))?);
         }
         let mut table = Table::new(&["QUEUE", "CONSUMER", "STATUS", "IN-FLIGHT", "HEARTBEAT"]);
@@ -571,11 +522,6 @@ impl App {
         }
         Ok(print(&table.render(self.style))?)
     }
-}
-
-/// A state as Go's JSON record.
-fn state_json(state: &TaskState) -> Value {
-    serde_json::to_value(state).unwrap_or(Value::Null)
 }
 
 /// `0.4s ago`, `12s ago`, `3m ago`.

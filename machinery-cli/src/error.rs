@@ -61,6 +61,15 @@ pub(crate) enum CliError {
     /// The command line is well-formed but cannot be carried out as given.
     #[error("{0}")]
     Usage(String),
+    /// The dashboard could not listen or serve.
+    #[error("{what}: {source}")]
+    Serve {
+        /// What it was doing.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing the answer failed.
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),

@@ -11,6 +11,7 @@
 //! machinery purge <queue> --yes         # empty a queue
 //! machinery send add --args '[{"Type":"int64","Value":1}]' --wait 10
 //! machinery workers                     # consumers, their heartbeats and in-flight counts
+//! machinery web                         # a dashboard on http://127.0.0.1:5555 (docs/web.md)
 //! ```
 //!
 //! Every command takes `--json`, `-c config.yaml`, `--broker URL` and `--backend URL`; see `docs/cli.md`.
@@ -27,6 +28,8 @@ mod commands;
 mod error;
 mod message;
 mod output;
+mod report;
+mod web;
 
 use std::process::ExitCode;
 

@@ -33,6 +33,11 @@ impl Message {
         }
     }
 
+    /// The body as a task signature, if it is one.
+    pub(crate) fn signature(&self) -> Option<&Signature> {
+        self.signature.as_ref()
+    }
+
     /// The task id, or `-`.
     pub(crate) fn uuid(&self) -> &str {
         match &self.signature {

@@ -109,7 +109,7 @@ async fn amqp_counts_lists_requeues_and_purges_and_says_what_it_cannot_answer() 
         .json();
     assert_eq!(
         json,
-        serde_json::json!([{"queue": q, "pending": 2, "delayed": null, "in_flight": null, "dead": 1}])
+        serde_json::json!([{"queue": q, "name": q, "pending": 2, "delayed": null, "in_flight": null, "dead": 1}])
     );
 
     // pending and dead peek, and the messages go back.

@@ -13,6 +13,8 @@
 //! - [`Consumer::next_batch`] is cancel-safe, and [`Consumer::close`] returns unfinished messages.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -166,6 +168,71 @@ pub struct WorkerInfo {
     /// Whether its heartbeat is live. A dead consumer is still listed until a live one on its queue has
     /// returned its in-flight messages to the queue.
     pub alive: bool,
+    /// What the worker said of itself with its last heartbeat, where the broker keeps it (Redis).
+    pub card: Option<WorkerCard>,
+}
+
+/// What a worker publishes about itself with each heartbeat: who it is and how many tasks it has run,
+/// so that a dashboard can tell rates without scanning results.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct WorkerCard {
+    /// The host name of the worker's machine.
+    pub host: String,
+    /// The worker's process id.
+    pub pid: u32,
+    /// How many tasks it runs at once.
+    pub concurrency: usize,
+    /// Tasks fetched and not yet finished at the last beat.
+    pub running: u64,
+    /// Tasks that ended in SUCCESS since the worker started.
+    pub succeeded: u64,
+    /// Tasks that ended in FAILURE since the worker started.
+    pub failed: u64,
+    /// When the consumer started, in Unix milliseconds.
+    pub started_ms: i64,
+    /// When this card was written, in Unix milliseconds (the worker's clock).
+    pub beat_ms: i64,
+}
+
+/// A worker's live counters: the worker updates them as it runs tasks, and a consumer that publishes a
+/// [`WorkerCard`] with its heartbeat reads them ([`Consumer::counters`]).
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Shared with the worker's slots, which count a message from its fetch to its end.
+    running: Arc<AtomicUsize>,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl WorkerCounters {
+    /// Tasks fetched and not yet finished.
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::Relaxed) as u64
+    }
+
+    /// Tasks that ended in SUCCESS.
+    pub fn succeeded(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
+    }
+
+    /// Tasks that ended in FAILURE.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The gauge the worker's slots raise and lower.
+    pub(crate) fn running_gauge(&self) -> Arc<AtomicUsize> {
+        self.running.clone()
+    }
+
+    /// A task's final state was stored.
+    pub(crate) fn finished(&self, state: &crate::State) {
+        match state {
+            crate::State::Success => self.succeeded.fetch_add(1, Ordering::Relaxed),
+            crate::State::Failure => self.failed.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
 }
 
 /// A message broker.
@@ -255,6 +322,16 @@ pub trait Inspect: Send + Sync + fmt::Debug {
 
     /// The consumers the broker knows of, live or dead, sorted by queue and tag.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError>;
+
+    /// Deletes the dead letters of `queue` whose message has the task id `task_uuid`; returns how many.
+    /// The default cannot.
+    async fn delete_dead(&self, queue: &str, task_uuid: &str) -> Result<u64, BrokerError> {
+        let _ = (queue, task_uuid);
+        Err(BrokerError::Unsupported {
+            broker: "this",
+            operation: "deleting dead letters",
+        })
+    }
 }
 
 /// A running subscription to a queue.
@@ -278,6 +355,12 @@ pub trait Consumer: Send + fmt::Debug {
 
     /// Stops consuming. Messages taken but not yet acknowledged go back to the queue.
     async fn close(self: Box<Self>) -> Result<(), BrokerError>;
+
+    /// The counters this consumer publishes with its heartbeat (as a [`WorkerCard`]), for the worker to
+    /// update; `None` (the default) when the broker keeps no heartbeats.
+    fn counters(&self) -> Option<Arc<WorkerCounters>> {
+        None
+    }
 }
 
 /// What a broker does with a delivery once the worker is done with it.

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod web;
+pub mod webdriver;
+
 /// What one run of the binary gave.
 #[derive(Debug)]
 pub struct Run {

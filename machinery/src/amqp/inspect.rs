@@ -55,7 +55,13 @@ impl Inner {
     /// headers), and only then acknowledged. A failure in between leaves a copy in both places, never in
     /// neither. Dead letters that do not match stay unacknowledged and return to their places when the
     /// channel closes. At most as many messages as the dead-letter queue held at the start are looked at.
-    async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, AmqpError> {
+    /// With `publish` false the chosen dead letters are only acknowledged (deleted).
+    async fn requeue_dead(
+        &self,
+        queue: &str,
+        task_uuid: Option<&str>,
+        publish: bool,
+    ) -> Result<u64, AmqpError> {
         let dead = dead_letter_queue(queue);
         let Some(total) = self.session.ready_count(&dead).await? else {
             return Ok(0);
@@ -94,8 +100,10 @@ impl Inner {
                     })
                     .unwrap_or_default();
                 let properties = delivery.properties.clone().with_headers(headers.into());
-                self.publish_to_queue(queue, &delivery.data, properties)
-                    .await?;
+                if publish {
+                    self.publish_to_queue(queue, &delivery.data, properties)
+                        .await?;
+                }
                 delivery
                     .acker
                     .ack(BasicAckOptions::default())
@@ -189,9 +197,17 @@ impl Inspect for AmqpBroker {
     /// failure in between can leave a copy in both places, never in neither.
     async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError> {
         self.inner
-            .requeue_dead(queue, task_uuid)
+            .requeue_dead(queue, task_uuid, true)
             .await
             .map_err(op_error("requeueing dead letters"))
+    }
+
+    /// Takes the matching dead letters with `basic.get` and acknowledges them; the others go back.
+    async fn delete_dead(&self, queue: &str, task_uuid: &str) -> Result<u64, BrokerError> {
+        self.inner
+            .requeue_dead(queue, Some(task_uuid), false)
+            .await
+            .map_err(op_error("deleting dead letters"))
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -272,6 +272,17 @@ impl Inspect for MemoryBroker {
             .collect())
     }
 
+    async fn delete_dead(&self, queue: &str, task_uuid: &str) -> Result<u64, BrokerError> {
+        let mut state = self.shared.lock();
+        let Some(q) = state.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        let before = q.dead.len();
+        q.dead
+            .retain(|letter| !crate::broker::has_task_uuid(&letter.body, task_uuid));
+        Ok((before - q.dead.len()) as u64)
+    }
+
     async fn requeue_dead(&self, queue: &str, task_uuid: Option<&str>) -> Result<u64, BrokerError> {
         let moved = {
             let mut state = self.shared.lock();
@@ -312,6 +323,7 @@ impl Inspect for MemoryBroker {
                 }),
                 heartbeat_age: None,
                 alive: true,
+                card: None,
             })
             .collect();
         workers.sort_by(|a, b| (&a.queue, &a.consumer_tag).cmp(&(&b.queue, &b.consumer_tag)));

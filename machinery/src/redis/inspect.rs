@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use redis::AsyncCommands as _;
 
+use super::broker::card::{self, CARD_PREFIX};
 use super::broker::{dead_letter_key, op, Envelope, Inner, QueueKeys, RedisBroker, SCRIPTS};
 use super::conn::{Healing, Lua};
 use crate::broker::{BrokerError, DeadLetter, DelayedMessage, Inspect, QueueStats, WorkerInfo};
@@ -149,6 +150,22 @@ impl Inspect for RedisBroker {
     async fn workers(&self) -> Result<Vec<WorkerInfo>, BrokerError> {
         list_workers(&self.inner).await
     }
+
+    /// `LREM <queue>.dead 1 <entry>` for each matching entry: one that another client moved first is
+    /// simply not counted.
+    async fn delete_dead(&self, queue: &str, task_uuid: &str) -> Result<u64, BrokerError> {
+        let dead = dead_letter_key(queue);
+        let mut conn = self.inner.conn.clone();
+        let mut deleted = 0;
+        for entry in dead_entries(&mut conn, queue, Some(task_uuid)).await? {
+            let removed: u64 = conn
+                .lrem(&dead, 1, entry)
+                .await
+                .map_err(op("delete dead letters"))?;
+            deleted += removed;
+        }
+        Ok(deleted)
+    }
 }
 
 /// Every key matching `pattern` (and of `kind`, if given), walked with `SCAN`.
@@ -283,31 +300,7 @@ async fn requeue_dead_letters(
     let mut conn = inner.conn.clone();
     // Entries are identified by their exact bytes; `settle` removes one and pushes its body onto the
     // queue in one step, and does nothing if another client removed it first.
-    let mut chosen: Vec<Vec<u8>> = Vec::new();
-    let total: usize = redis::cmd("LLEN")
-        .arg(&dead)
-        .query_async(&mut conn)
-        .await
-        .map_err(op("requeue dead letters"))?;
-    let mut start = 0;
-    while start < total {
-        let end = (start + STEP).min(total) - 1;
-        let page: Vec<Vec<u8>> = redis::cmd("LRANGE")
-            .arg(&dead)
-            .arg(start)
-            .arg(end)
-            .query_async(&mut conn)
-            .await
-            .map_err(op("requeue dead letters"))?;
-        if page.is_empty() {
-            break;
-        }
-        start += page.len();
-        chosen.extend(page.into_iter().filter(|entry| match task_uuid {
-            None => true,
-            Some(uuid) => crate::broker::has_task_uuid(&Envelope::decode(queue, entry).body, uuid),
-        }));
-    }
+    let chosen = dead_entries(&mut conn, queue, task_uuid).await?;
     let mut moved = 0;
     for entry in chosen {
         let body = Envelope::decode(queue, &entry).body;
@@ -323,9 +316,45 @@ async fn requeue_dead_letters(
     Ok(moved)
 }
 
+/// The entries of `<queue>.dead` present now (read in steps), all or those of one task id.
+async fn dead_entries(
+    conn: &mut Healing,
+    queue: &str,
+    task_uuid: Option<&str>,
+) -> Result<Vec<Vec<u8>>, BrokerError> {
+    let dead = dead_letter_key(queue);
+    let mut chosen: Vec<Vec<u8>> = Vec::new();
+    let total: usize = redis::cmd("LLEN")
+        .arg(&dead)
+        .query_async(conn)
+        .await
+        .map_err(op("read dead letters"))?;
+    let mut start = 0;
+    while start < total {
+        let end = (start + STEP).min(total) - 1;
+        let page: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&dead)
+            .arg(start)
+            .arg(end)
+            .query_async(conn)
+            .await
+            .map_err(op("read dead letters"))?;
+        if page.is_empty() {
+            break;
+        }
+        start += page.len();
+        chosen.extend(page.into_iter().filter(|entry| match task_uuid {
+            None => true,
+            Some(uuid) => crate::broker::has_task_uuid(&Envelope::decode(queue, entry).body, uuid),
+        }));
+    }
+    Ok(chosen)
+}
+
 async fn list_workers(inner: &Inner) -> Result<Vec<WorkerInfo>, BrokerError> {
     let mut conn = inner.conn.clone();
-    let mut consumers: Vec<(QueueKeys, String)> = Vec::new();
+    // Registered consumers, and those whose card outlives them (dead, and already recovered).
+    let mut consumers: BTreeSet<(String, String)> = BTreeSet::new();
     for registry in scan(&mut conn, &format!("{CONSUMERS_PREFIX}*"), Some("set")).await? {
         let Some(queue) = registry.strip_prefix(CONSUMERS_PREFIX) else {
             continue;
@@ -335,52 +364,69 @@ async fn list_workers(inner: &Inner) -> Result<Vec<WorkerInfo>, BrokerError> {
             .query_async(&mut conn)
             .await
             .map_err(op("list workers"))?;
-        let keys = QueueKeys::new(queue);
-        consumers.extend(tags.into_iter().map(|tag| (keys.clone(), tag)));
+        consumers.extend(tags.into_iter().map(|tag| (queue.to_owned(), tag)));
     }
+    for key in scan(&mut conn, &format!("{CARD_PREFIX}*"), Some("string")).await? {
+        // machinery:worker:<queue>:<consumer tag>; tags have no colon, queue names may.
+        if let Some((queue, tag)) = key
+            .strip_prefix(CARD_PREFIX)
+            .and_then(|rest| rest.rsplit_once(':'))
+        {
+            consumers.insert((queue.to_owned(), tag.to_owned()));
+        }
+    }
+    let consumers: Vec<(QueueKeys, String)> = consumers
+        .into_iter()
+        .map(|(queue, tag)| (QueueKeys::new(&queue), tag))
+        .collect();
     let (now_secs, now_micros): (i64, i64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await
         .map_err(op("list workers"))?;
     let now_ms = now_secs * 1000 + now_micros / 1000;
     let mut workers = Vec::with_capacity(consumers.len());
-    for chunk in consumers.chunks(STEP / 3) {
+    for chunk in consumers.chunks(STEP / 4) {
         let mut pipe = redis::pipe();
         for (keys, tag) in chunk {
             pipe.cmd("GET").arg(keys.heartbeat(tag));
             pipe.cmd("PTTL").arg(keys.heartbeat(tag));
             pipe.cmd("LLEN").arg(keys.inflight(tag));
+            pipe.cmd("GET").arg(keys.card(tag));
         }
-        let answers: Vec<(Option<String>, i64, u64)> = pipe
-            .query_async::<Vec<redis::Value>>(&mut conn)
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut conn)
             .await
-            .map_err(op("list workers"))?
-            .chunks(3)
-            .map(|three| {
-                let beat = three
-                    .first()
-                    .and_then(|v| redis::from_redis_value(v.clone()).ok());
-                let ttl = three
-                    .get(1)
-                    .and_then(|v| redis::from_redis_value(v.clone()).ok());
-                let len = three
-                    .get(2)
-                    .and_then(|v| redis::from_redis_value(v.clone()).ok());
-                (beat, ttl.unwrap_or(-2), len.unwrap_or(0))
-            })
-            .collect();
-        for ((keys, tag), (beat, ttl, in_flight)) in chunk.iter().zip(answers) {
-            // Builds before the timestamped heartbeat wrote `1`: no age for those.
+            .map_err(op("list workers"))?;
+        for ((keys, tag), four) in chunk.iter().zip(replies.chunks(4)) {
+            let field = |i: usize| four.get(i).cloned().unwrap_or(redis::Value::Nil);
+            let beat: Option<String> = redis::from_redis_value(field(0)).ok().flatten();
+            let ttl: i64 = redis::from_redis_value(field(1)).unwrap_or(-2);
+            let in_flight: u64 = redis::from_redis_value(field(2)).unwrap_or(0);
+            let card = redis::from_redis_value::<Option<Vec<u8>>>(field(3))
+                .ok()
+                .flatten()
+                .and_then(|text| card::parse(&text));
+            let alive = ttl > 0 || ttl == -1;
+            // A dead consumer holding nothing, whose card expired (or that never wrote one), is dropped:
+            // it was gone for longer than the card is kept. One still holding messages stays listed
+            // until a live consumer of its queue returns them.
+            if !alive && in_flight == 0 && card.is_none() {
+                continue;
+            }
+            // Builds before the timestamped heartbeat wrote `1`: no age for those. A dead consumer's
+            // age comes from its card's last beat.
             let heartbeat_age = beat
                 .and_then(|text| text.parse::<i64>().ok())
                 .filter(|&ms| ms > 1_000_000_000_000)
+                .or_else(|| card.as_ref().filter(|_| !alive).map(|c| c.beat_ms))
                 .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms).max(0) as u64));
             workers.push(WorkerInfo {
                 queue: keys.queue.clone(),
                 consumer_tag: tag.clone(),
                 in_flight,
                 heartbeat_age,
-                alive: ttl > 0 || ttl == -1,
+                alive,
+                card,
             });
         }
     }

@@ -306,6 +306,7 @@ impl Worker {
             queue: queue.clone(),
             hooks: self.hooks,
             backend_health: health::BackendHealth::default(),
+            counters: consumer.counters().unwrap_or_default(),
         });
         let handle = tokio::spawn(run::run(
             context,

@@ -34,6 +34,8 @@ pub(crate) struct WorkerContext {
     pub(crate) hooks: Hooks,
     /// Whether the result backend answers ([`BackendHealth`]).
     pub(crate) backend_health: BackendHealth,
+    /// Running, succeeded and failed tasks, published with the consumer's heartbeat where it has one.
+    pub(crate) counters: std::sync::Arc<crate::broker::WorkerCounters>,
 }
 
 impl std::error::Error for TaskFailure {}
@@ -386,6 +388,7 @@ fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took:
         _ => metrics::Outcome::Failed,
     };
     metrics::task_finished(&signature.name, outcome, took);
+    ctx.counters.finished(&state.state);
     tracing::Span::current().record("outcome", state.state.as_str());
     ctx.hooks.post_task(signature, state);
 }

@@ -2,7 +2,7 @@
 //! call per batch), run each batch in a tokio task of its own, and on shutdown drain or cancel what runs
 //! and close the consumer.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ pub(super) async fn run(
     // One tokio task per fetched batch, and the count of messages being processed, for the shutdown
     // report.
     let mut running = JoinSet::new();
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = context.counters.running_gauge();
     let finishing = Arc::new(Semaphore::new(concurrency));
     let queue: Arc<str> = Arc::from(context.queue.as_str());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));

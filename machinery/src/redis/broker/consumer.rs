@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::acker::{body_hash, Outstanding, RedisAcker};
+use super::card::{CardWriter, GONE_KEPT};
 use super::{op, promote, recover, retrying, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{BrokerError, ConsumeOptions, Consumer, Delivery};
 use crate::redis::backend::RedisBackend;
@@ -58,6 +59,7 @@ async fn background(
     states: Option<RedisBackend>,
     keys: QueueKeys,
     tag: String,
+    card: CardWriter,
     heartbeat_timeout: Duration,
     stop: CancellationToken,
 ) {
@@ -74,7 +76,7 @@ async fn background(
             let now = tokio::time::Instant::now();
             if now >= next_beat {
                 next_beat = now + beat_every;
-                beat(&inner, &keys, &tag, heartbeat_timeout).await?;
+                beat(&inner, &keys, &tag, &card, heartbeat_timeout).await?;
                 // One consumer per queue scans per period: the lock lasts nine tenths of it, so that the
                 // holder's own next round (due one period after this one began) finds it free.
                 let recovered = recover(&inner, &keys, &tag, beat_every * 9 / 10).await?;
@@ -123,12 +125,13 @@ async fn background(
     }
 }
 
-/// Renews the heartbeat (first) and the registration (second: a consumer is never registered without a
-/// live heartbeat).
+/// Renews the heartbeat (first), the worker card, and the registration (last: a consumer is never
+/// registered without a live heartbeat).
 async fn beat(
     inner: &Inner,
     keys: &QueueKeys,
     tag: &str,
+    card: &CardWriter,
     timeout: Duration,
 ) -> Result<(), BrokerError> {
     let mut conn = inner.conn.clone();
@@ -139,6 +142,12 @@ async fn beat(
         .arg(Utc::now().timestamp_millis())
         .arg("PX")
         .arg(timeout.as_millis() as u64)
+        .ignore()
+        .cmd("SET")
+        .arg(keys.card(tag))
+        .arg(card.json())
+        .arg("PX")
+        .arg((timeout + GONE_KEPT).as_millis() as u64)
         .ignore()
         .cmd("SADD")
         .arg(&keys.consumers)
@@ -182,6 +191,9 @@ pub(super) struct RedisConsumer {
     tag: String,
     inflight: String,
     heartbeat: String,
+    card_key: String,
+    /// Who runs this consumer and its task counters, written with each heartbeat.
+    card: CardWriter,
     /// The connection `BLMOVE` blocks on, and who it is on the server (to cut it off).
     blocking: Option<(MultiplexedConnection, ClientId)>,
     /// A blocking connection given up but not yet known to be gone on the server: until it is killed
@@ -223,6 +235,8 @@ impl RedisConsumer {
             states,
             inflight: keys.inflight(&tag),
             heartbeat: keys.heartbeat(&tag),
+            card_key: keys.card(&tag),
+            card: CardWriter::new(options.concurrency),
             keys,
             tag,
             blocking: None,
@@ -246,6 +260,7 @@ impl RedisConsumer {
             consumer.states.clone(),
             consumer.keys.clone(),
             consumer.tag.clone(),
+            consumer.card.clone(),
             heartbeat_timeout,
             consumer.stop.clone(),
         ))));
@@ -253,7 +268,14 @@ impl RedisConsumer {
     }
 
     async fn beat(&self) -> Result<(), BrokerError> {
-        beat(&self.inner, &self.keys, &self.tag, self.heartbeat_timeout).await
+        beat(
+            &self.inner,
+            &self.keys,
+            &self.tag,
+            &self.card,
+            self.heartbeat_timeout,
+        )
+        .await
     }
 
     /// Returns everything in our in-flight list to the head of the queue and unregisters.
@@ -264,6 +286,7 @@ impl RedisConsumer {
             self.keys.redelivered.as_bytes(),
             self.inflight.as_bytes(),
             self.heartbeat.as_bytes(),
+            self.card_key.as_bytes(),
         ];
         let args = &[self.tag.as_bytes(), REDELIVERED_MARK_SECS.as_bytes()];
         retrying(
@@ -500,6 +523,10 @@ impl RedisConsumer {
 
 #[async_trait]
 impl Consumer for RedisConsumer {
+    fn counters(&self) -> Option<Arc<crate::broker::WorkerCounters>> {
+        Some(self.card.counters.clone())
+    }
+
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
         // Cancel safety: a call dropped while its script or BLMOVE ran on the server may have moved
         // messages into our in-flight list without handing them out. The next call notices (`busy` is

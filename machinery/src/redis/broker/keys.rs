@@ -34,6 +34,11 @@ impl QueueKeys {
     pub(in crate::redis) fn heartbeat(&self, tag: &str) -> String {
         format!("{}{tag}", self.heartbeat_prefix)
     }
+
+    /// The worker card beside the heartbeat ([`super::card`]).
+    pub(in crate::redis) fn card(&self, tag: &str) -> String {
+        format!("{}{}:{tag}", super::card::CARD_PREFIX, self.queue)
+    }
 }
 
 /// The dead-letter list of a queue: `<queue>.dead`.
@@ -54,5 +59,6 @@ mod tests {
             "machinery:heartbeat:machinery_tasks:w1"
         );
         assert_eq!(keys.dead, "machinery_tasks.dead");
+        assert_eq!(keys.card("w1"), "machinery:worker:machinery_tasks:w1");
     }
 }

@@ -15,6 +15,9 @@
 //!   therefore runs again.
 //! - **Atomic delayed tasks.** One Lua script moves every due entry from the sorted set to its queue, so
 //!   many workers polling neither duplicate nor lose an entry.
+//! - **Worker cards.** Beside its heartbeat each consumer renews `machinery:worker:<queue>:<consumer>`,
+//!   JSON of its host, pid, concurrency and task counters, kept a while after the heartbeat lapses
+//!   ([`card`]), for dashboards.
 //! - **Dead letters.** Messages the worker gives up on go to the list `<queue>.dead` as a JSON envelope
 //!   `{"queue", "reason", "at", "body"}` (`body_base64` when the body is not UTF-8).
 //!
@@ -22,6 +25,7 @@
 //! touch keys of several queues.
 
 mod acker;
+pub(super) mod card;
 mod consumer;
 mod envelope;
 mod keys;
