@@ -164,7 +164,8 @@ pub fn process_lock() -> Arc<dyn Lock> {
 
 /// The lock for `config`: `config.lock` if set, else the broker's Redis, else in-process.
 pub async fn lock(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
-    let url = if !config.lock.trim().is_empty() {
+    let on_broker = config.lock.trim().is_empty();
+    let url = if !on_broker {
         config.lock.trim()
     } else if cfg!(feature = "redis") && is_redis(scheme(config.broker.trim())) {
         config.broker.trim()
@@ -175,7 +176,7 @@ pub async fn lock(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
         "memory" | "eager" | "" => Ok(process_lock()),
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => Ok(Arc::new(
-            crate::redis::RedisLock::connect(url, config)
+            crate::redis::RedisLock::connect(url, config, &config.tls.for_lock(on_broker))
                 .await
                 .map_err(|source| ConfigError::InvalidUrl {
                     role: "lock",
