@@ -108,8 +108,27 @@ tls_certs() {
   )
 }
 
+# Whether the TLS listener on port $1 presents a certificate of our CA: one that another checkout
+# started presents its own, and the tests here would fail against it.
+tls_ours() {
+  local out
+  out=$(timeout 10 openssl s_client -connect "127.0.0.1:$1" -CAfile "$tls_dir/ca.pem" \
+    -verify_return_error -brief </dev/null 2>&1) || true
+  [[ $out == *"CONNECTION ESTABLISHED"* ]]
+}
+
+# Whether a TLS listener on port $1 ($2: its name) is up with our certificate; fails if it is up with
+# another one.
+tls_running() {
+  reachable 127.0.0.1 "$1" || return 1
+  if tls_ours "$1"; then log "$2 :$1: running"; return 0; fi
+  log "$2 :$1 is up but presents a certificate of another CA than $tls_dir/ca.pem (started by another"
+  log "checkout?): stop it with scripts/services.sh down there, then run this again"
+  exit 1
+}
+
 redis_tls_up() {
-  if reachable 127.0.0.1 6390; then log "redis tls :6390: running"; return; fi
+  if tls_running 6390 "redis tls"; then return; fi
   command -v redis-server >/dev/null || apt_install redis-server
   log "redis tls :6390: starting (client certificates required)"
   redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port 6390 \
@@ -139,7 +158,7 @@ rabbitmq_tls() {
 }
 
 rabbitmq_tls_up() {
-  if reachable 127.0.0.1 5676; then log "rabbitmq tls :5676: running"; return; fi
+  if tls_running 5676 "rabbitmq tls"; then return; fi
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
   local dir="$PWD/$rabbitmq_tls_dir" i
   mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
