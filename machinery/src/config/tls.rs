@@ -283,10 +283,9 @@ mod tests {
 
     #[test]
     fn toml_reads_the_same_keys() {
-        let config = Config::from_toml_str(
-            "[tls]\nca_file = \"ca.pem\"\n[tls.lock]\ninsecure = true\n",
-        )
-        .unwrap();
+        let config =
+            Config::from_toml_str("[tls]\nca_file = \"ca.pem\"\n[tls.lock]\ninsecure = true\n")
+                .unwrap();
         assert_eq!(config.tls.shared.ca_file, "ca.pem");
         assert_eq!(config.tls.for_lock(false).insecure, Some(true));
         assert_eq!(config.tls.for_lock(false).ca_file, "ca.pem");
