@@ -112,7 +112,7 @@ pub fn backend_schemes() -> Vec<&'static str> {
     #[cfg(feature = "redis")]
     schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     #[cfg(feature = "memcache")]
-    schemes.push("memcache://");
+    schemes.extend(["memcache://", "memcaches://"]);
     schemes
 }
 
@@ -134,11 +134,13 @@ pub async fn backend(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
             Ok(Arc::new(crate::redis::RedisBackend::connect(config).await?))
         }
         #[cfg(feature = "memcache")]
-        "memcache" => match crate::memcache::MemcacheBackend::connect(url, config).await {
-            Ok(backend) => Ok(Arc::new(backend)),
-            Err(crate::memcache::ConnectError::Url(error)) => Err(error.into()),
-            Err(crate::memcache::ConnectError::Unreachable(error)) => Err(error.into()),
-        },
+        "memcache" | "memcaches" => {
+            match crate::memcache::MemcacheBackend::connect(url, config).await {
+                Ok(backend) => Ok(Arc::new(backend)),
+                Err(crate::memcache::ConnectError::Url(error)) => Err(error.into()),
+                Err(crate::memcache::ConnectError::Unreachable(error)) => Err(error.into()),
+            }
+        }
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: crate::config::redact_url(url),

@@ -57,7 +57,7 @@ pub mod backend;
 pub mod broker;
 pub mod connect;
 pub mod lock;
-#[cfg(any(feature = "redis", feature = "amqp"))]
+#[cfg(any(feature = "redis", feature = "amqp", feature = "memcache"))]
 pub mod tls;
 
 // One room per transport.

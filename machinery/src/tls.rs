@@ -1,4 +1,4 @@
-//! What the Redis and AMQP rooms share about TLS: reading and checking the PEM material of a
+//! What the Redis, AMQP and memcached rooms share about TLS: reading and checking the PEM material of a
 //! [`TlsConfig`], a rustls client configuration built from it, the one-time warning of an unchecked
 //! connection, and errors that say why a handshake failed in words an operator can act on.
 //!
@@ -283,7 +283,7 @@ fn cause(text: &str, sent_certificate: bool) -> Option<&'static str> {
 
 /// A rustls client configuration from `material`: its CA or the system's roots (or no check at all
 /// when insecure), and its client certificate if any.
-#[cfg(feature = "amqp")]
+#[cfg(any(feature = "amqp", feature = "memcache"))]
 pub(crate) fn client_config(
     material: &Material,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, TlsError> {
@@ -337,7 +337,7 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
-#[cfg(feature = "amqp")]
+#[cfg(any(feature = "amqp", feature = "memcache"))]
 mod insecure {
     use std::sync::Arc;
 

@@ -3,8 +3,9 @@
 //! `scripts/services.sh up` makes a private CA and the certificate of the TLS listeners (Redis :6390,
 //! RabbitMQ :5676) in `target/services/tls/`, since the servers need theirs to start; the server
 //! certificate names `machinery-tls.test` and `127.0.0.1` (not `localhost`). The tests make the rest
-//! here, once per test binary, in a directory of their own: a client certificate signed by that CA, and
-//! a foreign CA with a client certificate of its own, which the servers must refuse.
+//! here, once per test binary, in a directory of their own (`target/services/tls/test-certs/`): a client
+//! certificate signed by that CA, and a foreign CA with a client certificate of its own, which the
+//! servers must refuse.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -110,8 +111,9 @@ impl Certs {
             "no private CA in {}; run scripts/services.sh up (the README's test command does)",
             services.display()
         );
-        let dir = std::env::temp_dir().join(format!(
-            "machinery-tls-{}-{}",
+        // Beside the CA, so that removing target/ removes them too; one directory per test binary.
+        let dir = services.join("test-certs").join(format!(
+            "{}-{}",
             std::process::id(),
             crate::unique("c")
         ));
