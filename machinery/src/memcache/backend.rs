@@ -319,7 +319,8 @@ pub fn parse_url(url: &str) -> Result<Vec<String>, ConfigError> {
         reason: reason.to_owned(),
     };
     let url_text = url.trim();
-    let rest = (url_text.strip_prefix("memcache://"))
+    let rest = url_text
+        .strip_prefix("memcache://")
         .or_else(|| url_text.strip_prefix(super::tls::SCHEME))
         .ok_or_else(|| invalid("expected memcache://host:port[,host:port...]"))?;
     let rest = rest.trim_end_matches('/');
