@@ -2,12 +2,17 @@
 # Makes the servers the test suite talks to available on 127.0.0.1, the way a fresh Debian machine needs:
 # check each one, start it if it is installed but stopped, install it with apt-get if it is missing.
 #
-#   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212, and
-#                              # Chromium with chromedriver for the dashboard's browser test (installed
-#                              # only: the test starts chromedriver on a free port and stops it)
+#   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212; TLS
+#                              # listeners requiring client certificates: Redis :6390, and RabbitMQ
+#                              # :5676 (a node of its own, machinery-tls@localhost); Chromium with
+#                              # chromedriver for the dashboard's browser test (installed only: the
+#                              # test starts chromedriver on a free port and stops it)
 #   scripts/services.sh down   # stops what `up` started (and only that)
 #
-# State (what we started) is kept in target/services/.
+# State (what we started) is kept in target/services/. The TLS listeners use a private CA and a server
+# certificate made here with openssl, in target/services/tls/ (ca.pem, ca.key, server.pem, server.key);
+# the server certificate names machinery-tls.test and 127.0.0.1, not localhost. The tests make their
+# client certificates with that CA (tests/src/tls.rs).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -83,7 +88,137 @@ browser_up() {
   command -v chromedriver >/dev/null || { log "chromedriver is still missing after apt-get"; return 1; }
 }
 
+tls_dir="$state_dir/tls"
+
+# A private CA and the TLS servers' certificate, made once (again when missing or about to expire; the
+# TLS servers started earlier are stopped first, so that they come back with the new one).
+tls_certs() {
+  if [ -f "$tls_dir/ca.pem" ] && [ -f "$tls_dir/server.pem" ] && [ -f "$tls_dir/server.key" ] \
+    && openssl x509 -checkend 604800 -noout -in "$tls_dir/server.pem" >/dev/null 2>&1; then
+    return
+  fi
+  command -v openssl >/dev/null || apt_install openssl
+  log "tls: making a private CA and the servers' certificate in $tls_dir"
+  tls_down
+  mkdir -p "$tls_dir"
+  (
+    cd "$tls_dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -subj "/CN=machinery test CA" -keyout ca.key -out ca.pem \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -subj "/CN=machinery-tls.test" -keyout server.key -out server.csr 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:machinery-tls.test,IP:127.0.0.1" "extendedKeyUsage=serverAuth" \
+      "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.pem 2>/dev/null
+    rm -f server.csr server.ext
+    # A RabbitMQ node may run as another user than the one who made the files.
+    chmod 644 ca.pem server.pem server.key
+  )
+}
+
+# Whether the TLS listener on port $1 presents a certificate of our CA: one that another checkout
+# started presents its own, and the tests here would fail against it.
+tls_ours() {
+  local out
+  out=$(timeout 10 openssl s_client -connect "127.0.0.1:$1" -CAfile "$tls_dir/ca.pem" \
+    -verify_return_error -brief </dev/null 2>&1) || true
+  [[ $out == *"CONNECTION ESTABLISHED"* ]]
+}
+
+# Whether a TLS listener on port $1 ($2: its name) is up with our certificate; fails if it is up with
+# another one.
+tls_running() {
+  reachable 127.0.0.1 "$1" || return 1
+  if tls_ours "$1"; then log "$2 :$1: running"; return 0; fi
+  log "$2 :$1 is up but presents a certificate of another CA than $tls_dir/ca.pem (started by another"
+  log "checkout?): stop it with scripts/services.sh down there, then run this again"
+  exit 1
+}
+
+redis_tls_up() {
+  if tls_running 6390 "redis tls"; then return; fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "redis tls :6390: starting (client certificates required)"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port 6390 \
+    --tls-cert-file "$PWD/$tls_dir/server.pem" --tls-key-file "$PWD/$tls_dir/server.key" \
+    --tls-ca-cert-file "$PWD/$tls_dir/ca.pem" --tls-auth-clients yes --save '' --appendonly no \
+    --logfile "$PWD/$state_dir/redis-tls.log" --pidfile "$PWD/$state_dir/redis-tls.pid"
+  touch "$state_dir/started-redis-tls"
+  wait_for "redis tls" 6390 20
+}
+
+rabbitmq_tls_dir="$state_dir/rabbitmq-tls"
+
+# Runs a RabbitMQ command ($1: rabbitmq-server, rabbitmqctl) for the TLS node, with its own node name,
+# distribution port, data, logs, configuration, plugins and Erlang cookie (its own HOME): it shares
+# nothing with the machine's node on :5672 but epmd.
+rabbitmq_tls() {
+  local command=$1 dir="$PWD/$rabbitmq_tls_dir" bin
+  shift
+  # Debian's rabbitmq-server is a wrapper that switches to the rabbitmq user and drops our variables:
+  # run the real script beside it.
+  bin=$(dirname "$(readlink -f "$(command -v rabbitmq-server)")")
+  [ -x "$bin/$command" ] || bin=$(dirname "$(command -v rabbitmq-server)")
+  env HOME="$dir/home" RABBITMQ_NODENAME=machinery-tls@localhost RABBITMQ_DIST_PORT=25676 \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_PID_FILE="$dir/pid" \
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" "$bin/$command" "$@"
+}
+
+rabbitmq_tls_up() {
+  if tls_running 5676 "rabbitmq tls"; then return; fi
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  local dir="$PWD/$rabbitmq_tls_dir" i
+  mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
+  {
+    echo "listeners.tcp = none"
+    echo "listeners.ssl.default = 5676"
+    echo "ssl_options.cacertfile = $PWD/$tls_dir/ca.pem"
+    echo "ssl_options.certfile = $PWD/$tls_dir/server.pem"
+    echo "ssl_options.keyfile = $PWD/$tls_dir/server.key"
+    echo "ssl_options.verify = verify_peer"
+    echo "ssl_options.fail_if_no_peer_cert = true"
+  } >"$dir/rabbitmq.conf"
+  echo '[].' >"$dir/enabled_plugins"
+  log "rabbitmq tls :5676: starting node machinery-tls@localhost (client certificates required)"
+  rabbitmq_tls rabbitmq-server -detached
+  touch "$state_dir/started-rabbitmq-tls"
+  for ((i = 0; i < 120; i++)); do
+    if rabbitmq_tls rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then break; fi
+    sleep 1
+  done
+  wait_for "rabbitmq tls" 5676 60
+}
+
+stop_pid() { # name pidfile
+  local pid i
+  [ -f "$2" ] || return 0
+  pid=$(cat "$2")
+  kill "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$2"
+  log "$1: stopped"
+}
+
+tls_down() {
+  if [ -f "$state_dir/started-redis-tls" ]; then
+    stop_pid "redis tls :6390" "$state_dir/redis-tls.pid"
+    rm -f "$state_dir/started-redis-tls"
+  fi
+  if [ -f "$state_dir/started-rabbitmq-tls" ]; then
+    if rabbitmq_tls rabbitmqctl shutdown >/dev/null 2>&1; then
+      log "rabbitmq tls :5676: stopped"
+    else
+      stop_pid "rabbitmq tls :5676" "$rabbitmq_tls_dir/pid"
+    fi
+    rm -f "$state_dir/started-rabbitmq-tls"
+  fi
+}
+
 down() {
+  tls_down
   if [ -f "$state_dir/started-memcached" ]; then
     while read -r port; do
       pidfile="$state_dir/memcached-$port.pid"
@@ -106,6 +241,9 @@ case "${1:-up}" in
     memcached_up 11211
     memcached_up 11212
     browser_up
+    tls_certs
+    redis_tls_up
+    rabbitmq_tls_up
     ;;
   down) down ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;

@@ -112,7 +112,7 @@ pub fn backend_schemes() -> Vec<&'static str> {
     #[cfg(feature = "redis")]
     schemes.extend(["redis://", "rediss://", "redis+socket://"]);
     #[cfg(feature = "memcache")]
-    schemes.push("memcache://");
+    schemes.extend(["memcache://", "memcaches://"]);
     schemes
 }
 
@@ -134,11 +134,13 @@ pub async fn backend(config: &Config) -> Result<Arc<dyn Backend>, crate::Error> 
             Ok(Arc::new(crate::redis::RedisBackend::connect(config).await?))
         }
         #[cfg(feature = "memcache")]
-        "memcache" => match crate::memcache::MemcacheBackend::connect(url, config).await {
-            Ok(backend) => Ok(Arc::new(backend)),
-            Err(crate::memcache::ConnectError::Url(error)) => Err(error.into()),
-            Err(crate::memcache::ConnectError::Unreachable(error)) => Err(error.into()),
-        },
+        "memcache" | "memcaches" => {
+            match crate::memcache::MemcacheBackend::connect(url, config).await {
+                Ok(backend) => Ok(Arc::new(backend)),
+                Err(crate::memcache::ConnectError::Url(error)) => Err(error.into()),
+                Err(crate::memcache::ConnectError::Unreachable(error)) => Err(error.into()),
+            }
+        }
         _ => Err(ConfigError::UnknownScheme {
             role: "result backend",
             url: crate::config::redact_url(url),
@@ -164,7 +166,8 @@ pub fn process_lock() -> Arc<dyn Lock> {
 
 /// The lock for `config`: `config.lock` if set, else the broker's Redis, else in-process.
 pub async fn lock(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
-    let url = if !config.lock.trim().is_empty() {
+    let on_broker = config.lock.trim().is_empty();
+    let url = if !on_broker {
         config.lock.trim()
     } else if cfg!(feature = "redis") && is_redis(scheme(config.broker.trim())) {
         config.broker.trim()
@@ -175,7 +178,7 @@ pub async fn lock(config: &Config) -> Result<Arc<dyn Lock>, crate::Error> {
         "memory" | "eager" | "" => Ok(process_lock()),
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+socket" => Ok(Arc::new(
-            crate::redis::RedisLock::connect(url, config)
+            crate::redis::RedisLock::connect(url, config, &config.tls.for_lock(on_broker))
                 .await
                 .map_err(|source| ConfigError::InvalidUrl {
                     role: "lock",

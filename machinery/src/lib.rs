@@ -57,6 +57,8 @@ pub mod backend;
 pub mod broker;
 pub mod connect;
 pub mod lock;
+#[cfg(any(feature = "redis", feature = "amqp", feature = "memcache"))]
+pub mod tls;
 
 // One room per transport.
 #[cfg(feature = "amqp")]
@@ -84,7 +86,7 @@ mod workflow;
 #[doc(hidden)]
 pub mod __private;
 
-pub use config::{AmqpConfig, Config, ConfigError, RedisConfig};
+pub use config::{AmqpConfig, Config, ConfigError, RedisConfig, TlsConfig, TlsSection};
 pub use error::{Error, SendError};
 /// Turns an `async fn` into a distributed task.
 ///

@@ -10,6 +10,7 @@
 pub mod amqp;
 pub mod fault_proxy;
 pub mod tasks;
+pub mod tls;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -25,6 +26,12 @@ pub enum Service {
     Memcached,
     /// A second memcached on `MACHINERY_TEST_MEMCACHE2_ADDR` (default `127.0.0.1:11212`).
     Memcached2,
+    /// Redis's TLS listener, which requires client certificates, on `MACHINERY_TEST_REDIS_TLS_ADDR`
+    /// (default `127.0.0.1:6390`; see [`tls`]).
+    RedisTls,
+    /// A RabbitMQ node of its own with only a TLS listener, which requires client certificates, on
+    /// `MACHINERY_TEST_AMQP_TLS_ADDR` (default `127.0.0.1:5676`).
+    RabbitMqTls,
 }
 
 impl Service {
@@ -35,6 +42,8 @@ impl Service {
             Service::RabbitMq => ("MACHINERY_TEST_AMQP_ADDR", "127.0.0.1:5672"),
             Service::Memcached => ("MACHINERY_TEST_MEMCACHE_ADDR", "127.0.0.1:11211"),
             Service::Memcached2 => ("MACHINERY_TEST_MEMCACHE2_ADDR", "127.0.0.1:11212"),
+            Service::RedisTls => ("MACHINERY_TEST_REDIS_TLS_ADDR", "127.0.0.1:6390"),
+            Service::RabbitMqTls => ("MACHINERY_TEST_AMQP_TLS_ADDR", "127.0.0.1:5676"),
         };
         std::env::var(var).unwrap_or_else(|_| default.to_owned())
     }
@@ -45,6 +54,8 @@ impl Service {
             Service::Redis => format!("redis://{}", self.addr()),
             Service::RabbitMq => format!("amqp://guest:guest@{}/", self.addr()),
             Service::Memcached | Service::Memcached2 => format!("memcache://{}", self.addr()),
+            Service::RedisTls => format!("rediss://{}", self.addr()),
+            Service::RabbitMqTls => format!("amqps://guest:guest@{}/", self.addr()),
         }
     }
 

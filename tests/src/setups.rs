@@ -24,6 +24,12 @@ pub enum Setup {
     AmqpRedis,
     /// AMQP broker, memcached result backend.
     AmqpMemcache,
+    /// Redis broker and result backend over mutual TLS (`rediss://127.0.0.1:6390`, the private CA and
+    /// a client certificate of [`crate::tls`]).
+    RedisTls,
+    /// AMQP broker and result backend over mutual TLS (`amqps://…@127.0.0.1:5676/`, a RabbitMQ node of
+    /// its own).
+    AmqpTls,
 }
 
 #[derive(Clone, Copy)]
@@ -32,6 +38,8 @@ enum Part {
     Redis,
     Amqp,
     Memcached,
+    RedisTls,
+    AmqpTls,
 }
 
 impl Setup {
@@ -44,6 +52,8 @@ impl Setup {
             Setup::Amqp => (Part::Amqp, Part::Amqp),
             Setup::AmqpRedis => (Part::Amqp, Part::Redis),
             Setup::AmqpMemcache => (Part::Amqp, Part::Memcached),
+            Setup::RedisTls => (Part::RedisTls, Part::RedisTls),
+            Setup::AmqpTls => (Part::AmqpTls, Part::AmqpTls),
         }
     }
 
@@ -57,16 +67,23 @@ impl Setup {
             Part::Redis => require(Service::Redis, test).then(|| Service::Redis.url()),
             Part::Amqp => require(Service::RabbitMq, test).then(|| Service::RabbitMq.url()),
             Part::Memcached => require(Service::Memcached, test).then(|| Service::Memcached.url()),
+            Part::RedisTls => require(Service::RedisTls, test).then(|| Service::RedisTls.url()),
+            Part::AmqpTls => {
+                require(Service::RabbitMqTls, test).then(|| Service::RabbitMqTls.url())
+            }
         };
         let mut config = Config::new(url(broker)?, url(backend)?).with_default_queue(&queue);
+        if matches!(broker, Part::RedisTls | Part::AmqpTls) {
+            config = config.tls(crate::tls::certs().tls());
+        }
         // Results expire soon: these tests do not delete their keys and queues.
         config.results_expire_in = 60;
-        if let Part::Redis = broker {
+        if let Part::Redis | Part::RedisTls = broker {
             // A delayed-task set of its own, polled often, so ETAs and retries are prompt.
             config.redis.delayed_tasks_key = format!("{queue}_delayed");
             config.redis.delayed_tasks_poll_period = 50;
         }
-        if let Part::Amqp = broker {
+        if let Part::Amqp | Part::AmqpTls = broker {
             config.amqp.exchange = "machinery_tests_workflows".into();
             config.amqp.binding_key = queue;
             config.results_expire_in = 600;

@@ -19,6 +19,15 @@ pub(crate) enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    /// The TLS set-up or handshake failed: a certificate or key, which no retry mends.
+    #[error("cannot connect to {url}: {source}")]
+    Tls {
+        /// The URL, password replaced by `***`.
+        url: String,
+        /// What is wrong, in plain words.
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// Connecting took too long.
     #[error("connecting to {url} timed out after {timeout:?}")]
     ConnectTimeout {
@@ -121,7 +130,8 @@ impl AmqpError {
             | AmqpError::Unconfirmed { .. }
             | AmqpError::Unroutable { .. }
             | AmqpError::NameTooLong { .. }
-            | AmqpError::Json { .. } => false,
+            | AmqpError::Json { .. }
+            | AmqpError::Tls { .. } => false,
         }
     }
 

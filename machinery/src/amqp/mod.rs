@@ -12,6 +12,7 @@ mod error;
 mod inspect;
 mod session;
 mod table;
+mod tls;
 mod url;
 
 pub use backend::{group_record_queue, group_states_queue, AmqpBackend};

@@ -85,6 +85,7 @@ struct Reconnect {
 pub(crate) struct Session {
     role: &'static str,
     endpoints: Vec<Endpoint>,
+    tls: Option<Arc<super::tls::AmqpTls>>,
     properties: ConnectionProperties,
     current: Mutex<Option<Arc<Live>>>,
     reconnect: tokio::sync::Mutex<Reconnect>,
@@ -111,14 +112,20 @@ impl Session {
             .unwrap_or(u32::MAX)
     }
 
-    /// A session for `role` (`broker`, `result backend`) over these URLs; nothing is connected yet.
-    pub(crate) fn new(role: &'static str, endpoints: Vec<Endpoint>) -> Self {
+    /// A session for `role` (`broker`, `result backend`) over these URLs, with `tls` for the `amqps://`
+    /// ones ([`super::tls::prepare`]); nothing is connected yet.
+    pub(crate) fn new(
+        role: &'static str,
+        endpoints: Vec<Endpoint>,
+        tls: Option<Arc<super::tls::AmqpTls>>,
+    ) -> Self {
         // The name shows in `rabbitmqctl list_connections client_properties` and the management UI; the
         // pid tells the connections of different processes apart.
         let name = format!("machinery {role} pid {}", std::process::id());
         Session {
             role,
             endpoints,
+            tls,
             properties: ConnectionProperties::default().with_connection_name(name.into()),
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(Reconnect::default()),
@@ -159,11 +166,7 @@ impl Session {
 
     /// The URLs, passwords redacted, for messages.
     pub(crate) fn display(&self) -> String {
-        self.endpoints
-            .iter()
-            .map(|e| e.display.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        super::url::display(&self.endpoints)
     }
 
     fn connected(&self) -> Option<Arc<Live>> {
@@ -220,7 +223,7 @@ impl Session {
                 .query
                 .connection_timeout
                 .map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis);
-            let attempt = Connection::connect_uri(endpoint.uri.clone(), self.properties.clone());
+            let attempt = super::tls::connect(endpoint, self.properties.clone(), self.tls.clone());
             match tokio::time::timeout(timeout, attempt).await {
                 Ok(Ok(connection)) => {
                     let generation = self
@@ -234,12 +237,9 @@ impl Session {
                         declared: Mutex::new(HashMap::new()),
                     }));
                 }
-                Ok(Err(source)) => {
-                    tracing::debug!(role = self.role, url = %endpoint.display, error = %source, "connection attempt failed");
-                    last = Some(AmqpError::Connect {
-                        url: endpoint.display.clone(),
-                        source,
-                    });
+                Ok(Err(error)) => {
+                    tracing::debug!(role = self.role, url = %endpoint.display, %error, "connection attempt failed");
+                    last = Some(error);
                 }
                 Err(_) => {
                     last = Some(AmqpError::ConnectTimeout {

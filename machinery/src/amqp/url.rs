@@ -84,6 +84,15 @@ pub(crate) fn endpoints(
 
 use crate::config::redact_url as redact;
 
+/// The URLs, passwords redacted, for messages.
+pub(crate) fn display(endpoints: &[Endpoint]) -> String {
+    endpoints
+        .iter()
+        .map(|e| e.display.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Why an AMQP broker or result backend could not start: its URL, which no retry mends, or the server,
 /// with the role's error `E` ([`BrokerError`](crate::broker::BrokerError) or
 /// [`BackendError`](crate::backend::BackendError)).

@@ -9,7 +9,10 @@ impl Config {
     /// `DEFAULT_QUEUE`, `RESULTS_EXPIRE_IN`, `LOCK`, `NO_UNIX_SIGNALS`, `AMQP_EXCHANGE`,
     /// `AMQP_EXCHANGE_TYPE`, `AMQP_BINDING_KEY`, `AMQP_PREFETCH_COUNT`, `AMQP_AUTO_DELETE`,
     /// `AMQP_DELAYED_QUEUE`, `AMQP_QUEUE_DECLARE_ARGS` and `AMQP_QUEUE_BINDING_ARGS` (`k:v,k2:v2`),
-    /// `REDIS_*` (see [`RedisConfig`](super::RedisConfig)), plus our `UNKNOWN_TASK_REQUEUES`.
+    /// `REDIS_*` (see [`RedisConfig`](super::RedisConfig)), plus our `UNKNOWN_TASK_REQUEUES` and the TLS
+    /// settings `TLS_CA_FILE`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SERVER_NAME`, `TLS_INSECURE`, each
+    /// also with a `BROKER_`, `RESULT_BACKEND_` or `LOCK_` prefix for one role (see
+    /// [`TlsSection`](super::TlsSection)).
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -67,6 +70,11 @@ impl Config {
         env.boolean("REDIS_CLUSTER_MODE", &mut r.cluster_enabled)?;
         env.boolean("REDIS_CLUSTER_ENABLED", &mut r.cluster_enabled)?;
         env.number("REDIS_HEARTBEAT_TIMEOUT", &mut r.heartbeat_timeout)?;
+
+        env.tls("", &mut c.tls.shared)?;
+        env.tls("BROKER_", &mut c.tls.broker)?;
+        env.tls("RESULT_BACKEND_", &mut c.tls.result_backend)?;
+        env.tls("LOCK_", &mut c.tls.lock)?;
         Ok(c)
     }
 }
@@ -112,6 +120,21 @@ impl Env<'_> {
                 "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
                 _ => return Err(Env::error(var, value, "true or false")),
             };
+        }
+        Ok(())
+    }
+
+    /// `{prefix}TLS_CA_FILE`, `…_CERT_FILE`, `…_KEY_FILE`, `…_SERVER_NAME`, `…_INSECURE`.
+    fn tls(&self, prefix: &str, out: &mut super::TlsConfig) -> Result<(), ConfigError> {
+        self.string(&format!("{prefix}TLS_CA_FILE"), &mut out.ca_file);
+        self.string(&format!("{prefix}TLS_CERT_FILE"), &mut out.cert_file);
+        self.string(&format!("{prefix}TLS_KEY_FILE"), &mut out.key_file);
+        self.string(&format!("{prefix}TLS_SERVER_NAME"), &mut out.server_name);
+        let var = format!("{prefix}TLS_INSECURE");
+        if self.get(&var).is_some() {
+            let mut insecure = false;
+            self.boolean(&var, &mut insecure)?;
+            out.insecure = Some(insecure);
         }
         Ok(())
     }
@@ -189,6 +212,35 @@ mod tests {
         assert_eq!(c.redis.delayed_tasks_key, "dk");
         assert!(c.redis.cluster_enabled);
         assert_eq!(c.multiple_broker_separator, ",");
+    }
+
+    #[test]
+    fn tls_variables_fill_the_shared_settings_and_each_role() {
+        let c = load(&[
+            ("TLS_CA_FILE", "/ca.pem"),
+            ("TLS_CERT_FILE", "/c.pem"),
+            ("TLS_KEY_FILE", "/c.key"),
+            ("TLS_INSECURE", "false"),
+            ("BROKER_TLS_SERVER_NAME", "rabbit.internal"),
+            ("RESULT_BACKEND_TLS_CA_FILE", "/backend-ca.pem"),
+            ("LOCK_TLS_INSECURE", "true"),
+        ])
+        .unwrap();
+        assert_eq!(c.tls.shared.ca_file, "/ca.pem");
+        assert_eq!(c.tls.shared.insecure, Some(false));
+        let broker = c.tls.for_broker();
+        assert_eq!(
+            (broker.server_name.as_str(), broker.key_file.as_str()),
+            ("rabbit.internal", "/c.key")
+        );
+        let backend = c.tls.for_result_backend();
+        assert_eq!(
+            (backend.ca_file.as_str(), backend.cert_file.as_str()),
+            ("/backend-ca.pem", "/c.pem")
+        );
+        assert_eq!(c.tls.for_lock(false).insecure, Some(true));
+        let err = load(&[("BROKER_TLS_INSECURE", "yes")]).unwrap_err();
+        assert!(err.to_string().contains("BROKER_TLS_INSECURE"), "{err}");
     }
 
     #[test]

@@ -13,8 +13,10 @@
 mod env;
 mod file;
 mod redact;
+mod tls;
 
 pub use redact::redact_url;
+pub use tls::{TlsConfig, TlsSection};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -105,6 +107,9 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// Redis settings.
     pub redis: RedisConfig,
+    /// TLS settings of `rediss://` and `amqps://` connections: CA, client certificate, server name
+    /// (env `TLS_*`, per role `BROKER_TLS_*`, `RESULT_BACKEND_TLS_*`, `LOCK_TLS_*`; see [`TlsSection`]).
+    pub tls: TlsSection,
     /// Do not handle SIGINT/SIGTERM in [`Worker::launch`](crate::Worker::launch) (env `NO_UNIX_SIGNALS`).
     pub no_unix_signals: bool,
     /// How many times a worker puts back a message whose task it does not know before it dead-letters it
@@ -138,6 +143,7 @@ impl Default for Config {
             results_expire_in: 3600,
             amqp: AmqpConfig::default(),
             redis: RedisConfig::default(),
+            tls: TlsSection::default(),
             no_unix_signals: false,
             unknown_task_requeues: 10,
             broker_defaulted: BrokerDefaulted(false),

@@ -106,10 +106,14 @@ impl MemcacheBackend {
     /// Connects to the servers `url` names and checks that at least one answers (the others are logged).
     pub async fn connect(url: &str, config: &Config) -> Result<MemcacheBackend, ConnectError> {
         let servers = parse_url(url)?;
-        let backend = MemcacheBackend::new(
-            servers,
-            Duration::from_secs(config.results_expire_in_secs()),
-        );
+        let tls = super::tls::prepare(url, &config.tls.for_result_backend()).map_err(|e| {
+            let (url, source) = (url.to_owned(), Box::new(e));
+            ConnectError::Unreachable(BackendError::Connect { url, source })
+        })?;
+        let backend = MemcacheBackend {
+            client: Client::with_tls(servers, tls.clone()),
+            expire_in: Duration::from_secs(config.results_expire_in_secs()),
+        };
         let outcomes = backend.client.probe().await;
         let reachable = outcomes.iter().filter(|(_, o)| o.is_ok()).count();
         let mut first_error = None;
@@ -123,7 +127,7 @@ impl MemcacheBackend {
             Some(error) if reachable == 0 => {
                 Err(ConnectError::Unreachable(BackendError::Connect {
                     url: url.to_owned(),
-                    source: Box::new(error),
+                    source: super::tls::explain(error, tls.as_deref()),
                 }))
             }
             _ => Ok(backend),
@@ -306,16 +310,18 @@ impl MemcacheBackend {
     }
 }
 
-/// Parses `memcache://h1:p1[,h2:p2...]` into `host:port` strings, in order (a missing port is 11211).
+/// Parses `memcache://h1:p1[,h2:p2...]` (or `memcaches://…`) into `host:port` strings, in order (a
+/// missing port is 11211).
 pub fn parse_url(url: &str) -> Result<Vec<String>, ConfigError> {
     let invalid = |reason: &str| ConfigError::InvalidUrl {
         role: "result backend",
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
-    let rest = url
-        .trim()
+    let url_text = url.trim();
+    let rest = url_text
         .strip_prefix("memcache://")
+        .or_else(|| url_text.strip_prefix(super::tls::SCHEME))
         .ok_or_else(|| invalid("expected memcache://host:port[,host:port...]"))?;
     let rest = rest.trim_end_matches('/');
     if rest.contains(['@', '?', '/']) {
@@ -600,6 +606,10 @@ mod tests {
         assert_eq!(
             parse_url("memcache://[::1]:11212,[::1]").unwrap(),
             ["[::1]:11212", "[::1]:11211"]
+        );
+        assert_eq!(
+            parse_url("memcaches://mc.internal,b:2").unwrap(),
+            ["mc.internal:11211", "b:2"]
         );
     }
 

@@ -19,8 +19,8 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::url::RedisUrl;
-use crate::config::RedisConfig;
+use super::url::{RedisAddr, RedisUrl};
+use crate::config::{RedisConfig, TlsConfig};
 
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
 fn secs(value: u64) -> Option<Duration> {
@@ -68,27 +68,80 @@ pub(crate) struct OpenError {
 }
 
 /// Parses `url` and connects a client and its self-healing connection, for a broker, a result backend or
-/// a lock.
+/// a lock (`role`, named in the one warning of an unchecked TLS connection). A TLS handshake that fails
+/// is told in plain words ([`crate::tls::explain`]), at once: no retry mends a wrong certificate.
 pub(crate) async fn open(
     url: &str,
     config: &RedisConfig,
+    tls: &TlsConfig,
+    role: &'static str,
 ) -> Result<(RedisUrl, Client, Healing), OpenError> {
     let parsed = RedisUrl::parse(url).map_err(|e| OpenError {
         url: super::url::redact(url),
         source: Box::new(e),
     })?;
-    let failed = |source: redis::RedisError| OpenError {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync + 'static>| OpenError {
         url: parsed.redacted(),
-        source: Box::new(source),
+        source,
     };
-    let client = client(&parsed).map_err(failed)?;
-    let conn = manager(&client, config).await.map_err(failed)?;
+    let (client, sends_certificate) = client(&parsed, tls, role).map_err(failed)?;
+    let conn = manager(&client, config).await.map_err(|error| {
+        match crate::tls::explain(&error, sends_certificate) {
+            Some(tls_error) => failed(Box::new(tls_error)),
+            None => failed(Box::new(error)),
+        }
+    })?;
     Ok((parsed, client, conn))
 }
 
-/// A client for `url`, whose TCP connections carry [`tcp_settings`].
-pub(crate) fn client(url: &RedisUrl) -> RedisResult<Client> {
-    Client::open(url.connection_info()?.set_tcp_settings(tcp_settings()))
+/// A client for `url`, whose TCP connections carry [`tcp_settings`] and, for `rediss://`, the CA and
+/// client certificate of `tls`; and whether it presents a client certificate.
+pub(crate) fn client(
+    url: &RedisUrl,
+    tls: &TlsConfig,
+    role: &'static str,
+) -> Result<(Client, bool), Box<dyn std::error::Error + Send + Sync + 'static>> {
+    let mut info = url.connection_info()?.set_tcp_settings(tcp_settings());
+    let RedisAddr::Tcp { tls: true, .. } = url.addr else {
+        return Ok((Client::open(info)?, false));
+    };
+    let material = crate::tls::load(tls)?;
+    if let Some(name) = material.server_name {
+        // redis-rs checks the certificate for the host it connects to, and its connection manager
+        // takes no resolver that could connect elsewhere: a different name cannot be honoured.
+        return Err(Box::new(crate::tls::TlsError::ServerNameUnsupported {
+            name,
+            transport: "Redis",
+        }));
+    }
+    if material.insecure || url.tls_insecure {
+        crate::tls::warn_insecure(role, &url.redacted());
+        if let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
+            info = info.set_addr(redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: true,
+                tls_params: None,
+            });
+        }
+    }
+    let sends_certificate = material.sends_certificate();
+    if material.ca.is_none() && material.identity.is_none() {
+        return Ok((Client::open(info)?, false));
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: material
+            .identity
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: material.ca.map(|(pem, _)| pem),
+    };
+    Ok((
+        Client::build_with_tls(info, certificates)?,
+        sends_certificate,
+    ))
 }
 
 /// The connection for ordinary commands. It reconnects by itself with exponential back-off (100 ms,
@@ -98,12 +151,16 @@ pub(crate) fn client(url: &RedisUrl) -> RedisResult<Client> {
 pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResult<Healing> {
     // The manager retries its first connection for seconds; a wrong URL or password should fail at once,
     // so one plain connection is tried first.
-    let probe = AsyncConnectionConfig::new().set_connection_timeout(secs(config.connect_timeout));
-    drop(
-        client
-            .get_multiplexed_async_connection_with_config(&probe)
-            .await?,
-    );
+    // A PING makes the probe complete a round trip: a TLS server that refuses our client certificate
+    // says so only after the handshake, at the first read.
+    let probe = AsyncConnectionConfig::new()
+        .set_connection_timeout(secs(config.connect_timeout))
+        .set_response_timeout(secs(config.read_timeout));
+    let mut probe = client
+        .get_multiplexed_async_connection_with_config(&probe)
+        .await?;
+    redis::cmd("PING").query_async::<()>(&mut probe).await?;
+    drop(probe);
     let settings = ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_millis(100))
         .set_max_delay(Duration::from_secs(2))

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use super::conn::{self, Healing};
 use super::url::RedisUrl;
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::lock::{Lock, LockError};
 
 /// A lock held in Redis.
@@ -34,10 +34,15 @@ fn error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> LockError
 }
 
 impl RedisLock {
-    /// Connects to the Redis server named by `url` (any Redis URL form).
-    pub async fn connect(url: &str, config: &Config) -> Result<RedisLock, LockError> {
+    /// Connects to the Redis server named by `url` (any Redis URL form), with the TLS settings `tls`
+    /// for a `rediss://` URL.
+    pub async fn connect(
+        url: &str,
+        config: &Config,
+        tls: &TlsConfig,
+    ) -> Result<RedisLock, LockError> {
         let (url, _client, conn) =
-            conn::open(url, &config.redis)
+            conn::open(url, &config.redis, tls, "lock")
                 .await
                 .map_err(|e| LockError::Operation {
                     operation: "connect",

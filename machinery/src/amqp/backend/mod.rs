@@ -103,6 +103,17 @@ impl AmqpBackend {
             &config.multiple_broker_separator,
         )
         .map_err(ConnectError::Url)?;
+        let tls = crate::amqp::tls::prepare(
+            "result backend",
+            &endpoints,
+            &config.tls.for_result_backend(),
+        )
+        .map_err(|e| {
+            ConnectError::Server(BackendError::Connect {
+                url: crate::amqp::url::display(&endpoints),
+                source: Box::new(e),
+            })
+        })?;
         let expire_ms = i32::try_from(config.results_expire_in_secs().saturating_mul(1000))
             .unwrap_or_else(|_| {
                 tracing::warn!(
@@ -113,7 +124,7 @@ impl AmqpBackend {
             });
         let backend = AmqpBackend {
             inner: Arc::new(Inner {
-                session: Session::new("result backend", endpoints),
+                session: Session::new("result backend", endpoints, tls),
                 exchange: config.amqp.exchange.clone(),
                 exchange_type: config.amqp.exchange_type.clone(),
                 expire_ms,

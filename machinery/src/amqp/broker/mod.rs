@@ -149,9 +149,16 @@ impl AmqpBroker {
         let endpoints =
             super::url::endpoints("broker", &config.broker, &config.multiple_broker_separator)
                 .map_err(ConnectError::Url)?;
+        let tls = crate::amqp::tls::prepare("broker", &endpoints, &config.tls.for_broker())
+            .map_err(|e| {
+                ConnectError::Server(BrokerError::Connect {
+                    url: crate::amqp::url::display(&endpoints),
+                    source: Box::new(e),
+                })
+            })?;
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
-                session: Session::new("broker", endpoints),
+                session: Session::new("broker", endpoints, tls),
                 settings: Settings::from_config(config),
                 publish: ChannelSlot::new(Mode::Confirm),
                 topology: ChannelSlot::recycled(Mode::Plain, 5_000),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::{
@@ -69,9 +69,25 @@ impl Server {
                 }
             };
         stream.set_nodelay(true).map_err(|e| self.io_error(e))?;
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, tls.wrap(&self.addr, stream)).await {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(source)) => return Err(self.io_error(source)),
+                    Err(_) => {
+                        return Err(MemcacheError::Timeout {
+                            server: self.addr.to_string(),
+                            command: "TLS handshake",
+                            timeout: CONNECT_TIMEOUT,
+                        })
+                    }
+                }
+            }
+        };
         Ok(Conn {
             addr: self.addr.clone(),
-            io: BufReader::new(stream),
+            io: BufReader::new(io),
             line: Vec::with_capacity(128),
         })
     }
@@ -159,10 +175,15 @@ impl Server {
     }
 }
 
+/// A connection's stream: plain TCP, or TLS over it (`memcaches://`).
+pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// One connection, owned by one command at a time.
 pub(super) struct Conn {
     addr: Arc<str>,
-    io: BufReader<TcpStream>,
+    io: BufReader<Box<dyn Io>>,
     line: Vec<u8>,
 }
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use self::conn::{Conn, Item};
+use super::tls::MemcacheTls;
 
 /// memcached's default item size limit (`-I`, `item_size_max`): 1 MiB.
 pub(crate) const DEFAULT_ITEM_SIZE_MAX: usize = 1024 * 1024;
@@ -142,6 +143,8 @@ pub(crate) struct Client {
 
 struct Server {
     addr: Arc<str>,
+    /// TLS for every connection (`memcaches://`).
+    tls: Option<Arc<MemcacheTls>>,
     idle: Mutex<Vec<Conn>>,
     item_size_max: AtomicUsize,
 }
@@ -219,11 +222,17 @@ pub(crate) fn check_key(key: &str) -> Result<(), MemcacheError> {
 impl Client {
     /// A client of these `host:port` servers (in this order: the order decides where keys go).
     pub(crate) fn new(addrs: Vec<String>) -> Client {
+        Client::with_tls(addrs, None)
+    }
+
+    /// A client of these servers whose connections use TLS with `tls`, if given.
+    pub(crate) fn with_tls(addrs: Vec<String>, tls: Option<Arc<MemcacheTls>>) -> Client {
         Client {
             servers: addrs
                 .into_iter()
                 .map(|addr| Server {
                     addr: addr.into(),
+                    tls: tls.clone(),
                     idle: Mutex::new(Vec::new()),
                     item_size_max: AtomicUsize::new(DEFAULT_ITEM_SIZE_MAX),
                 })

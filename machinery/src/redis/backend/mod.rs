@@ -166,12 +166,17 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
 impl RedisBackend {
     /// Connects to the Redis server named by `config.result_backend`.
     pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
-        let (url, client, conn) = conn::open(&config.result_backend, &config.redis)
-            .await
-            .map_err(|e| BackendError::Connect {
-                url: e.url,
-                source: e.source,
-            })?;
+        let (url, client, conn) = conn::open(
+            &config.result_backend,
+            &config.redis,
+            &config.tls.for_result_backend(),
+            "result backend",
+        )
+        .await
+        .map_err(|e| BackendError::Connect {
+            url: e.url,
+            source: e.source,
+        })?;
         tracing::debug!(url = %url, "connected to the redis result backend");
         Ok(RedisBackend {
             inner: Arc::new(Inner {

@@ -179,12 +179,17 @@ impl Inner {
 impl RedisBroker {
     /// Connects to the Redis server named by `config.broker`.
     pub async fn connect(config: &Config) -> Result<RedisBroker, BrokerError> {
-        let (url, client, conn) = conn::open(&config.broker, &config.redis)
-            .await
-            .map_err(|e| BrokerError::Connect {
-                url: e.url,
-                source: e.source,
-            })?;
+        let (url, client, conn) = conn::open(
+            &config.broker,
+            &config.redis,
+            &config.tls.for_broker(),
+            "broker",
+        )
+        .await
+        .map_err(|e| BrokerError::Connect {
+            url: e.url,
+            source: e.source,
+        })?;
         tracing::debug!(url = %url, "connected to the redis broker");
         Ok(RedisBroker {
             inner: Arc::new(Inner {
