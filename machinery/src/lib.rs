@@ -174,7 +174,7 @@ pub use task::{
 // move, and are left out of the documentation.
 #[doc(hidden)]
 pub use task::{Handler, HandlerFuture, Registration, TaskOutcome};
-pub use worker::{RunningWorker, Worker, WorkerError};
+pub use worker::{RunningWorker, Worker, WorkerError, TASK_LOG_TARGET};
 pub use workflow::{
     Chain, ChainResult, ChainStep, Chord, ChordResult, Group, GroupResult, Partial,
 };

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::wire::signature::{Arg, Headers, Signature};
+use crate::wire::signature::{Arg, Headers, Signature, RETRY_ATTEMPT_HEADER};
 use crate::wire::state::TaskResult;
 use crate::Server;
 
@@ -103,15 +103,49 @@ pub struct TaskContext {
     signature: Arc<Signature>,
     server: Server,
     retry_request: Mutex<Option<Duration>>,
+    run: RunInfo,
+}
+
+/// What the worker knows about one run of a task, beyond its message.
+#[derive(Debug, Default)]
+pub(crate) struct RunInfo {
+    /// The broker delivered the message before.
+    pub(crate) redelivered: bool,
+    /// When the run's time limit ends.
+    pub(crate) deadline: Option<std::time::Instant>,
 }
 
 impl TaskContext {
-    pub(crate) fn new(signature: Arc<Signature>, server: Server) -> Self {
+    pub(crate) fn new(signature: Arc<Signature>, server: Server, run: RunInfo) -> Self {
         TaskContext {
             signature,
             server,
             retry_request: Mutex::new(None),
+            run,
         }
+    }
+
+    /// Whether the broker delivered this message before: an earlier run may have been cut off (a worker
+    /// that died, a lost connection), so side effects of that run may already have happened.
+    pub fn redelivered(&self) -> bool {
+        self.run.redelivered
+    }
+
+    /// Which run of the task this is: 1 for the first, 2 for the first retry, and so on. Counted in a
+    /// header that Go workers keep; a message from Go starts at 1.
+    pub fn attempt(&self) -> u32 {
+        let retries = self
+            .signature
+            .header_value(RETRY_ATTEMPT_HEADER)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        u32::try_from(retries).unwrap_or(u32::MAX).saturating_add(1)
+    }
+
+    /// When this run's time limit (`#[task(timeout = ..)]` or [`Signature::timeout`]) ends, if it has
+    /// one: the run is cancelled then.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.run.deadline
     }
 
     /// The task id.

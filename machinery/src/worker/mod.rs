@@ -19,8 +19,11 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 
+mod call;
 mod follow_up;
 mod health;
+mod log;
+pub use log::TASK_LOG_TARGET;
 mod process;
 mod registry;
 mod run;

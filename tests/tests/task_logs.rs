@@ -1,0 +1,149 @@
+//! Per-task log lines and the run's context: one INFO line per task received and per task finished
+//! (name, id, outcome, duration) on the `machinery::task` target, which a filter turns down on its own;
+//! `TaskContext::attempt`, `redelivered` and `deadline`.
+//!
+//! Each test runs on a current-thread runtime with its own subscriber (`set_default`), so the worker's
+//! events, emitted on that thread, reach it and no other test's.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use machinery::{task, Config, Server, TaskContext, TaskError, Worker, TASK_LOG_TARGET};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Log output collected in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn subscriber(captured: &Captured, filter: Targets) -> impl tracing::Subscriber + Send + Sync {
+    let writer = captured.clone();
+    tracing_subscriber::registry().with(
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .with_filter(filter),
+    )
+}
+
+use tracing_subscriber::Layer as _;
+
+/// `(attempt, redelivered, has a deadline)`; fails on its first run so that the second is a retry.
+#[task(timeout = "30s", retries = 1)]
+async fn describe_run(ctx: &TaskContext) -> Result<(u32, bool, bool), TaskError> {
+    if ctx.attempt() == 1 {
+        return Err(ctx.retry_after(Duration::from_millis(10)));
+    }
+    let deadline = ctx.deadline().expect("the task has a time limit");
+    assert!(deadline > std::time::Instant::now());
+    Ok((ctx.attempt(), ctx.redelivered(), true))
+}
+
+#[task]
+async fn failing_logged() -> Result<(), TaskError> {
+    Err(TaskError::new("nope"))
+}
+
+#[tokio::test]
+async fn a_task_logs_one_line_when_received_and_one_when_finished() {
+    let captured = Captured::default();
+    let _guard = tracing::subscriber::set_default(subscriber(
+        &captured,
+        Targets::new().with_target(TASK_LOG_TARGET, LevelFilter::INFO),
+    ));
+    let server = Server::new(Config::default()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(describe_run::task())
+        .register(failing_logged::task())
+        .start()
+        .await
+        .unwrap();
+    let run = describe_run::send(&server).await.unwrap();
+    let (attempt, redelivered, has_deadline) = run.get(WAIT).await.unwrap();
+    assert_eq!(attempt, 2, "the retry is the second attempt");
+    assert!(!redelivered, "an in-memory message is not delivered twice");
+    assert!(has_deadline);
+    let failed = failing_logged::send(&server).await.unwrap();
+    assert!(failed.get(WAIT).await.is_err());
+    worker.shutdown(WAIT).await.unwrap();
+
+    let text = captured.text();
+    let lines_of = |uuid: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(uuid) && l.contains(what))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let received = lines_of(run.uuid(), "task received");
+    assert_eq!(
+        received.len(),
+        2,
+        "one line per delivery (run and retry):\n{text}"
+    );
+    assert!(received
+        .iter()
+        .all(|l| l.contains("INFO") && l.contains("describe_run")));
+    let finished = lines_of(run.uuid(), "task finished");
+    assert_eq!(finished.len(), 2, "one line per run:\n{text}");
+    assert!(
+        finished[0].contains("outcome=\"RETRY\"") || finished[0].contains("outcome=RETRY"),
+        "{text}"
+    );
+    assert!(
+        finished[1].contains("SUCCESS") && finished[1].contains("took_ms="),
+        "{text}"
+    );
+    let failed_line = lines_of(failed.uuid(), "task finished");
+    assert_eq!(failed_line.len(), 1, "{text}");
+    assert!(
+        failed_line[0].contains("FAILURE") && failed_line[0].contains("nope"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_filter_on_the_task_target_turns_the_lines_down() {
+    let captured = Captured::default();
+    // Everything at INFO, except the per-task lines.
+    let filter = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target(TASK_LOG_TARGET, LevelFilter::WARN);
+    let _guard = tracing::subscriber::set_default(subscriber(&captured, filter));
+    let server = Server::new(Config::default()).await.unwrap();
+    let worker = Worker::new(&server)
+        .register(failing_logged::task())
+        .start()
+        .await
+        .unwrap();
+    let failed = failing_logged::send(&server).await.unwrap();
+    assert!(failed.get(WAIT).await.is_err());
+    worker.shutdown(WAIT).await.unwrap();
+    let text = captured.text();
+    assert!(
+        text.contains("worker started"),
+        "other INFO lines still show:\n{text}"
+    );
+    assert!(
+        !text.contains("task received") && !text.contains("task finished"),
+        "{text}"
+    );
+}
