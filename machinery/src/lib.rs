@@ -168,7 +168,8 @@ pub use signature::{Arg, Headers, Signature};
 pub use signature::{RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER};
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{
-    registered_tasks, FailureKind, TaskContext, TaskDef, TaskError, TaskFailure, TaskOptions,
+    registered_tasks, FailureKind, ProgressError, TaskContext, TaskDef, TaskError, TaskFailure,
+    TaskOptions,
 };
 // What generated code calls: its home is `__private`. These root paths stay for code written before the
 // move, and are left out of the documentation.

@@ -68,6 +68,17 @@ pub enum ResultError {
         #[source]
         source: Box<ResultError>,
     },
+    /// The task's progress is not of the expected type.
+    #[error("task {task} ({uuid}) progress: {source}")]
+    Progress {
+        /// The task name.
+        task: String,
+        /// The task id.
+        uuid: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The backend could not be read.
     #[error("reading the result of task {uuid}: {source}")]
     Backend {
@@ -159,6 +170,60 @@ impl<T> AsyncResult<T> {
                 last_state: other.map(|s| s.state),
             }),
         }
+    }
+
+    /// The progress the task last reported with
+    /// [`TaskContext::set_progress`](crate::TaskContext::set_progress), read as `P`; `None` before the
+    /// first report and once the task has finished (its final state replaces the running one).
+    ///
+    /// ```
+    /// # async fn demo() -> Result<(), machinery::Error> {
+    /// use std::time::Duration;
+    /// use machinery::{task, Config, Server, TaskContext, TaskError, Worker};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Done {
+    ///     done: u32,
+    ///     total: u32,
+    /// }
+    ///
+    /// #[task]
+    /// async fn import(ctx: &TaskContext, total: u32) -> Result<u32, TaskError> {
+    ///     for done in 1..=total {
+    ///         ctx.set_progress(&Done { done, total }).await?;
+    ///     }
+    ///     Ok(total)
+    /// }
+    ///
+    /// let server = Server::new(Config::default()).await?;
+    /// let worker = Worker::new(&server).register(import::task()).start().await?;
+    /// let result = import::send(&server, 3).await?;
+    /// if let Some(p) = result.progress::<Done>().await? {
+    ///     assert!(p.done <= p.total);
+    /// }
+    /// assert_eq!(result.get(Duration::from_secs(5)).await?, 3);
+    /// worker.shutdown(Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub async fn progress<P: DeserializeOwned>(&self) -> Result<Option<P>, ResultError> {
+        let Some(state) = self.state().await? else {
+            return Ok(None);
+        };
+        let Some(progress) = state.progress.filter(|_| !state.state.is_completed()) else {
+            return Ok(None);
+        };
+        serde_json::from_value(progress)
+            .map(Some)
+            .map_err(|source| ResultError::Progress {
+                task: if state.task_name.is_empty() {
+                    self.task_name.clone()
+                } else {
+                    state.task_name
+                },
+                uuid: self.uuid.clone(),
+                source,
+            })
     }
 
     fn name_from(&self, state: Option<&TaskState>) -> String {

@@ -195,9 +195,63 @@ impl TaskContext {
         )
     }
 
+    /// Reports how far the task has got: `progress` (any `Serialize` value, such as a struct `{done,
+    /// total}`) is stored with the task's STARTED state, where a sender reads it with
+    /// [`AsyncResult::progress`](crate::AsyncResult::progress) while the task runs. It travels as an extra
+    /// `Progress` key of the state record, which Go machinery ignores. Each call is one backend write:
+    /// report every so often, not on every item of a tight loop.
+    pub async fn set_progress<P: serde::Serialize + ?Sized>(
+        &self,
+        progress: &P,
+    ) -> Result<(), ProgressError> {
+        let value = serde_json::to_value(progress).map_err(|source| ProgressError::Encode {
+            task: self.name().to_owned(),
+            uuid: self.uuid().to_owned(),
+            source,
+        })?;
+        let state = crate::wire::state::TaskState::progress(self.uuid(), self.name(), value);
+        self.server
+            .backend()
+            .set_state(&state)
+            .await
+            .map_err(|source| ProgressError::Backend {
+                task: self.name().to_owned(),
+                uuid: self.uuid().to_owned(),
+                source,
+            })
+    }
+
     pub(crate) fn requested_retry(&self) -> Option<Duration> {
         self.retry_request.lock().ok().and_then(|r| *r)
     }
+}
+
+/// Why [`TaskContext::set_progress`] failed. It converts into [`TaskError`] with `?`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgressError {
+    /// The progress value could not be encoded as JSON.
+    #[error("task {task} ({uuid}): the progress cannot be encoded as JSON: {source}")]
+    Encode {
+        /// The task name.
+        task: String,
+        /// The task id.
+        uuid: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The result backend could not store it.
+    #[error("task {task} ({uuid}): the progress cannot be stored: {source}")]
+    Backend {
+        /// The task name.
+        task: String,
+        /// The task id.
+        uuid: String,
+        /// The backend's error.
+        #[source]
+        source: crate::backend::BackendError,
+    },
 }
 
 /// Why a task run did not succeed.

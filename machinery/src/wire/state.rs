@@ -147,6 +147,11 @@ pub struct TaskState {
     pub created_at: DateTime<Utc>,
     /// Always 0 in JSON backends.
     pub ttl: i64,
+    /// What a running task last reported with
+    /// [`TaskContext::set_progress`](crate::TaskContext::set_progress), as JSON. Written as an extra
+    /// `Progress` key only when there is one, so every other record is Go's byte for byte; Go machinery's
+    /// JSON decoding skips the key.
+    pub progress: Option<Value>,
 }
 
 impl TaskState {
@@ -159,6 +164,7 @@ impl TaskState {
             error: String::new(),
             created_at: gotime::zero_time(),
             ttl: 0,
+            progress: None,
         }
     }
 
@@ -195,6 +201,13 @@ impl TaskState {
     pub fn failure(task_uuid: &str, task_name: &str, error: impl Into<String>) -> Self {
         let mut state = TaskState::with_state(task_uuid, task_name, State::Failure);
         state.error = error.into();
+        state
+    }
+
+    /// STARTED with the progress a running task reports.
+    pub fn progress(task_uuid: &str, task_name: &str, progress: Value) -> Self {
+        let mut state = TaskState::with_state(task_uuid, task_name, State::Started);
+        state.progress = Some(progress);
         state
     }
 
@@ -252,7 +265,8 @@ impl<'de> Deserialize<'de> for TimeValue {
 
 impl Serialize for TaskState {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("TaskState", 7)?;
+        let fields = if self.progress.is_some() { 8 } else { 7 };
+        let mut st = s.serialize_struct("TaskState", fields)?;
         st.serialize_field("TaskUUID", &self.task_uuid)?;
         st.serialize_field("TaskName", &self.task_name)?;
         st.serialize_field("State", self.state.as_str())?;
@@ -260,6 +274,9 @@ impl Serialize for TaskState {
         st.serialize_field("Error", &self.error)?;
         st.serialize_field("CreatedAt", &Time(&self.created_at))?;
         st.serialize_field("TTL", &self.ttl)?;
+        if let Some(progress) = &self.progress {
+            st.serialize_field("Progress", progress)?;
+        }
         st.end()
     }
 }
@@ -273,6 +290,7 @@ wire_fields!(
         Error = "Error",
         CreatedAt = "CreatedAt",
         Ttl = "TTL",
+        Progress = "Progress",
     }
 );
 
@@ -301,6 +319,9 @@ impl<'de> Deserialize<'de> for TaskState {
                         StateField::Error => st.error = map.next_value::<Lenient<String>>()?.0,
                         StateField::CreatedAt => st.created_at = map.next_value::<TimeValue>()?.0,
                         StateField::Ttl => st.ttl = map.next_value::<Lenient<i64>>()?.0,
+                        StateField::Progress => {
+                            st.progress = map.next_value::<Option<Value>>()?;
+                        }
                         StateField::Unknown => {
                             map.next_value::<IgnoredAny>()?;
                         }

@@ -153,7 +153,14 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
     } else {
         serde_json::to_string(&gotime::format(&state.created_at))?
     };
-    let suffix = format!(",\"TTL\":{}}}", state.ttl);
+    let suffix = match &state.progress {
+        None => format!(",\"TTL\":{}}}", state.ttl),
+        Some(progress) => format!(
+            ",\"TTL\":{},\"Progress\":{}}}",
+            state.ttl,
+            serde_json::to_string(progress)?
+        ),
+    };
     Ok([
         prefix.into_bytes(),
         name.into_bytes(),
@@ -554,6 +561,14 @@ mod tests {
             )],
         );
         state.created_at = chrono::Utc::now();
+        let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
+        assert_eq!(joined, state.to_json().unwrap());
+    }
+
+    #[test]
+    fn progress_joins_into_the_records_json() {
+        let state =
+            TaskState::progress("task_1", "add", serde_json::json!({"done": 1, "total": 2}));
         let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
         assert_eq!(joined, state.to_json().unwrap());
     }
