@@ -165,7 +165,9 @@ pub use periodic::{PeriodicError, PeriodicTask, PERIODIC_TICK_HEADER};
 pub use result::{AsyncResult, ResultError};
 pub use server::Server;
 pub use signature::{Arg, Headers, Signature};
-pub use signature::{RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER};
+pub use signature::{
+    EXPIRES_HEADER, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+};
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{
     registered_tasks, FailureKind, ProgressError, TaskContext, TaskDef, TaskError, TaskFailure,

@@ -90,6 +90,14 @@ pub enum ResultError {
     },
 }
 
+impl ResultError {
+    /// Whether the task failed because it expired before a worker started it
+    /// ([`Signature::expires_at`](crate::Signature::expires_at)).
+    pub fn is_expired(&self) -> bool {
+        matches!(self, ResultError::Failed { error, .. } if error.starts_with(crate::wire::state::EXPIRED_ERROR_PREFIX))
+    }
+}
+
 /// The result of a sent task, typed by what the task returns.
 pub struct AsyncResult<T> {
     server: Server,

@@ -268,6 +268,8 @@ pub enum FailureKind {
     TimeLimit,
     /// The task's output could not be encoded; never retried.
     Encode,
+    /// The task was not started before it expired ([`Signature::expires_at`]); it did not run.
+    Expired,
 }
 
 /// A failed task run: what went wrong, and whether the task asked to be retried.

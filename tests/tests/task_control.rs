@@ -42,9 +42,25 @@ async fn two_steps(ctx: &TaskContext, key: String) -> Result<u32, TaskError> {
     Ok(2)
 }
 
+/// Runs recorded under `key`.
+static RUNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn runs_of(key: &str) -> usize {
+    RUNS.lock().unwrap().iter().filter(|k| *k == key).count()
+}
+
+/// Records a run under `key`, sleeps `ms`, returns `key`.
+#[task]
+async fn counted(key: String, ms: u64) -> Result<String, TaskError> {
+    RUNS.lock().unwrap().push(key.clone());
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(key)
+}
+
 async fn worker_on(server: &Server) -> machinery::RunningWorker {
     Worker::new(server)
         .register(two_steps::task())
+        .register(counted::task())
         .concurrency(4)
         .start()
         .await
@@ -79,6 +95,48 @@ async fn the_sender_sees_progress_while_the_task_runs() {
             None,
             "{setup:?}: a finished task reports no progress"
         );
+        worker.shutdown(setup.timeout()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_task_never_runs_and_get_says_it_expired() {
+    for setup in SETUPS {
+        let Some(server) = setup.server("expiry").await else {
+            continue;
+        };
+        let (expired, fresh) = (
+            machinery_tests::unique("expired"),
+            machinery_tests::unique("fresh"),
+        );
+        // Sent with no worker running: one expires before a worker starts, the other does not.
+        let late = server
+            .send(counted::signature(expired.clone(), 0).expires_in(Duration::from_millis(200)))
+            .await
+            .unwrap();
+        let on_time = server
+            .send(counted::signature(fresh.clone(), 0).expires_in(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let worker = worker_on(&server).await;
+        let error = late.get(setup.timeout()).await.unwrap_err();
+        assert!(error.is_expired(), "{setup:?}: {error}");
+        assert!(
+            error
+                .to_string()
+                .contains("expired: the task was not started before"),
+            "{setup:?}: {error}"
+        );
+        let state = late.state().await.unwrap().unwrap();
+        assert!(state.is_expired(), "{setup:?}: {state:?}");
+        assert_eq!(
+            on_time.get(setup.timeout()).await.unwrap(),
+            fresh,
+            "{setup:?}"
+        );
+        assert_eq!(runs_of(&expired), 0, "{setup:?}: the expired task ran");
+        assert_eq!(runs_of(&fresh), 1, "{setup:?}");
         worker.shutdown(setup.timeout()).await.unwrap();
     }
 }

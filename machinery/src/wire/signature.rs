@@ -44,6 +44,10 @@ pub const FOLLOW_UP_ATTEMPTS_HEADER: &str = "machinery_follow_up_attempts";
 /// the backend again (which says yes only once). Go workers ignore it.
 pub const CHORD_ELECTED_HEADER: &str = "machinery_chord_elected";
 
+/// The header carrying the instant after which a task that has not started is never run (RFC 3339, UTC),
+/// set by [`Signature::expires_at`] and [`Signature::expires_in`]. Go workers ignore it and run the task.
+pub const EXPIRES_HEADER: &str = "machinery_expires_at";
+
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
 /// Build typed ones with the functions `#[task]` generates (`add::signature(1, 2)`), or untyped ones by
@@ -247,6 +251,34 @@ impl<T> Signature<T> {
     pub fn timeout(self, limit: Duration) -> Self {
         let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
         self.header(TIME_LIMIT_HEADER, millis)
+    }
+
+    /// A task not started by `at` is never run: a worker that receives it later stores FAILURE with the
+    /// error `expired: ...` (sending its error callbacks) instead of running it. Travels in a header,
+    /// which Go workers ignore.
+    pub fn expires_at(self, at: DateTime<Utc>) -> Self {
+        self.header(
+            EXPIRES_HEADER,
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+    }
+
+    /// A task not started within `limit` from now is never run (see [`Signature::expires_at`]).
+    pub fn expires_in(self, limit: Duration) -> Self {
+        let limit = chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX);
+        let at = Utc::now()
+            .checked_add_signed(limit)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        self.expires_at(at)
+    }
+
+    /// When the task expires, if it does ([`Signature::expires_at`]); an unreadable header counts as
+    /// none.
+    pub fn expires(&self) -> Option<DateTime<Utc>> {
+        let text = self.header_value(EXPIRES_HEADER)?.as_str()?;
+        DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
     }
 
     /// Marks the task immutable: its results are not appended to its `OnSuccess` callbacks' arguments.

@@ -74,6 +74,10 @@ impl fmt::Display for State {
 /// which know only Go's six states, see it finished (a `REVOKED` state would make them wait forever).
 pub const REVOKED_ERROR: &str = "revoked: the task was revoked before a worker ran it";
 
+/// How the error text of an expired task ([`Signature::expires_at`](crate::Signature::expires_at))
+/// starts; the rest says when it expired.
+pub const EXPIRED_ERROR_PREFIX: &str = "expired: ";
+
 /// One result value: `{"Type": "int64", "Value": 2}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskResult {
@@ -224,6 +228,11 @@ impl TaskState {
     /// Whether this is the state [`Server::revoke`](crate::Server::revoke) writes.
     pub fn is_revoked(&self) -> bool {
         self.state == State::Failure && self.error == REVOKED_ERROR
+    }
+
+    /// Whether this is the FAILURE of a task that expired before a worker started it.
+    pub fn is_expired(&self) -> bool {
+        self.state == State::Failure && self.error.starts_with(EXPIRED_ERROR_PREFIX)
     }
 
     /// Keeps the task name and creation time of the record this one replaces, as Go's Redis backend does.

@@ -4,14 +4,16 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
 use futures_util::FutureExt as _;
 
 use super::process::WorkerContext;
 use crate::task::{FailureKind, RunInfo, TaskContext, TaskDef, TaskFailure, TaskOutcome};
 use crate::wire::signature::{Arg, Signature, TIME_LIMIT_HEADER};
+use crate::wire::state::EXPIRED_ERROR_PREFIX;
 
-/// Runs the handler, turning a panic into a FAILURE and cancelling it (by dropping it) at its time limit.
-/// It runs inside its batch's tokio task rather than a task of its own: one spawn and one
+/// Runs the handler, unless the task expired (then it fails without running), turning a panic into a
+/// FAILURE and cancelling it (by dropping it) at its time limit. It runs inside its batch's tokio task rather than a task of its own: one spawn and one
 /// cross-task wake-up less per message.
 pub(super) async fn call(
     ctx: &WorkerContext,
@@ -19,6 +21,15 @@ pub(super) async fn call(
     signature: Arc<Signature>,
     redelivered: bool,
 ) -> TaskOutcome {
+    if let Some(at) = signature.expires().filter(|at| *at <= Utc::now()) {
+        return Err(TaskFailure::new(
+            FailureKind::Expired,
+            format!(
+                "{EXPIRED_ERROR_PREFIX}the task was not started before {}",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+        ));
+    }
     let time_limit = signature
         .header_value(TIME_LIMIT_HEADER)
         .and_then(|v| v.as_u64())
