@@ -222,6 +222,10 @@ fn module(task: &Task) -> TokenStream {
         Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
         None => quote!(::core::option::Option::None),
     };
+    let unique_for = match task.unique_for {
+        Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
+        None => quote!(::core::option::Option::None),
+    };
     let backoff = match &task.backoff {
         Some(expr) => quote! {
             ::core::option::Option::Some(&(#expr) as &'static dyn #private::BackoffStrategy)
@@ -268,6 +272,7 @@ fn module(task: &Task) -> TokenStream {
                     retry_timeout: #retry_timeout,
                     timeout: #timeout,
                     backoff: #backoff,
+                    unique_for: #unique_for,
                 },
             };
 

@@ -46,6 +46,8 @@ pub(crate) struct Task {
     pub(crate) timeout: Option<u64>,
     /// The retry back-off strategy expression.
     pub(crate) backoff: Option<syn::Expr>,
+    /// Milliseconds.
+    pub(crate) unique_for: Option<u64>,
     /// `send` and `signature` spread the last `Vec<T>` parameter into one argument per element.
     pub(crate) variadic: bool,
 }
@@ -226,6 +228,7 @@ impl Task {
             retry_timeout: options.retry_timeout.unwrap_or(0),
             timeout: options.timeout,
             backoff: options.backoff,
+            unique_for: options.unique_for,
             variadic,
         }
     }

@@ -50,19 +50,21 @@ pub(crate) enum OptionName {
     RetryTimeout,
     Timeout,
     Backoff,
+    UniqueFor,
     Variadic,
     Crate,
 }
 
 impl OptionName {
     /// Every option, in the order the docs and error messages list them.
-    pub(crate) const ALL: [OptionName; 8] = [
+    pub(crate) const ALL: [OptionName; 9] = [
         OptionName::Name,
         OptionName::Queue,
         OptionName::Retries,
         OptionName::RetryTimeout,
         OptionName::Timeout,
         OptionName::Backoff,
+        OptionName::UniqueFor,
         OptionName::Variadic,
         OptionName::Crate,
     ];
@@ -76,6 +78,7 @@ impl OptionName {
             OptionName::RetryTimeout => "retry_timeout",
             OptionName::Timeout => "timeout",
             OptionName::Backoff => "backoff",
+            OptionName::UniqueFor => "unique_for",
             OptionName::Variadic => "variadic",
             OptionName::Crate => "crate",
         }
@@ -101,6 +104,9 @@ impl OptionName {
             OptionName::Backoff => {
                 "a constant expression of a type implementing `machinery::retry::BackoffStrategy`, such as `backoff = MY_BACKOFF`"
             }
+            OptionName::UniqueFor => {
+                "a duration string or whole seconds, such as `unique_for = \"1h\"` or `unique_for = \"30s\"`"
+            }
             OptionName::Variadic => "no value: write `variadic`",
             OptionName::Crate => {
                 "a string literal holding a path, such as `crate = \"my_facade::machinery\"`"
@@ -121,6 +127,8 @@ pub(crate) struct Options {
     pub(crate) timeout: Option<u64>,
     /// A constant expression of a `BackoffStrategy` type.
     pub(crate) backoff: Option<Expr>,
+    /// Milliseconds.
+    pub(crate) unique_for: Option<u64>,
     /// The option's name, for errors about it (`variadic` with no `Vec<T>` to spread).
     pub(crate) variadic: Option<Path>,
     pub(crate) krate: Option<Path>,
@@ -238,21 +246,13 @@ impl Options {
                 self.retry_timeout = Some(seconds);
             }
             OptionName::Timeout => {
-                let millis = match string_literal(value) {
-                    Some(lit) => {
-                        parse_duration(&lit.value()).map_err(|e| syn::Error::new_spanned(lit, e))?
-                    }
-                    None => integer(value, option)?
-                        .checked_mul(1000)
-                        .ok_or_else(|| syn::Error::new_spanned(value, "`timeout` is too large"))?,
-                };
-                if millis == 0 {
-                    return Err(syn::Error::new_spanned(
-                        value,
-                        "`timeout` must be longer than zero; leave it out for no time limit",
-                    ));
-                }
+                let millis = positive_duration(value, option, "leave it out for no time limit")?;
                 self.timeout = Some(millis);
+            }
+            OptionName::UniqueFor => {
+                let millis =
+                    positive_duration(value, option, "leave it out for a task that is not unique")?;
+                self.unique_for = Some(millis);
             }
             OptionName::Backoff => {
                 if string_literal(value).is_some() {
@@ -277,6 +277,25 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// A duration longer than zero, in milliseconds: a duration string or whole seconds. `zero` says what to
+/// do instead of writing zero.
+fn positive_duration(value: &Expr, option: OptionName, zero: &str) -> syn::Result<u64> {
+    let name = option.as_str();
+    let millis = match string_literal(value) {
+        Some(lit) => parse_duration(&lit.value()).map_err(|e| syn::Error::new_spanned(lit, e))?,
+        None => integer(value, option)?
+            .checked_mul(1000)
+            .ok_or_else(|| syn::Error::new_spanned(value, format_args!("`{name}` is too large")))?,
+    };
+    if millis == 0 {
+        return Err(syn::Error::new_spanned(
+            value,
+            format_args!("`{name}` must be longer than zero; {zero}"),
+        ));
+    }
+    Ok(millis)
 }
 
 fn string_literal(value: &Expr) -> Option<&LitStr> {
@@ -469,7 +488,7 @@ mod tests {
         ));
         let messages = messages(result);
         let expected = [
-            "unknown `#[task]` option `nme`; expected one of `name`, `queue`, `retries`, `retry_timeout`, `timeout`, `backoff`, `variadic`, `crate`",
+            "unknown `#[task]` option `nme`; expected one of `name`, `queue`, `retries`, `retry_timeout`, `timeout`, `backoff`, `unique_for`, `variadic`, `crate`",
             "duplicate `#[task]` option `queue`",
             "`retries` cannot be negative",
             "invalid duration `soon`",

@@ -64,6 +64,9 @@ pub fn signature<T>(
     }
     sig.retry_count = def.options.retries;
     sig.retry_timeout = def.options.retry_timeout;
+    if let Some(period) = def.options.unique_for {
+        sig = sig.unique_for(period);
+    }
     if let Some(error) = error {
         sig.set_encode_error(error);
     }

@@ -78,6 +78,7 @@ pub mod retry;
 mod server;
 mod task;
 pub mod telemetry;
+mod unique;
 mod worker;
 mod workflow;
 
@@ -130,6 +131,12 @@ pub use error::{Error, SendError};
 /// #[task(timeout = "30s")]
 /// async fn resize(image: Vec<u8>) -> Result<Vec<u8>, TaskError> { Ok(image) }
 ///
+/// // `unique_for`: sending the same name and arguments while an earlier one is pending or running
+/// // returns the earlier task's handle (same id) instead of queueing a second; the claim is released when
+/// // the task finishes, or after the period. Needs a Redis or in-memory result backend.
+/// #[task(unique_for = "1h")]
+/// async fn daily_report(day: String) -> Result<String, TaskError> { Ok(day) }
+///
 /// // `variadic`: `send` spreads the last `Vec<T>` into one argument per element, as a Go worker's
 /// // variadic function (`func(args ...int64)`) expects. Whatever the option, a worker accepts both forms.
 /// #[task(variadic)]
@@ -166,7 +173,8 @@ pub use result::{AsyncResult, ResultError};
 pub use server::Server;
 pub use signature::{Arg, Headers, Signature};
 pub use signature::{
-    EXPIRES_HEADER, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+    EXPIRES_HEADER, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNIQUE_FOR_HEADER, UNIQUE_KEY_HEADER,
+    UNKNOWN_TASK_REQUEUES_HEADER,
 };
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{

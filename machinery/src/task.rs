@@ -339,6 +339,8 @@ pub struct TaskOptions {
     pub timeout: Option<Duration>,
     /// `backoff = EXPR`: the delay between retries (default: Go's Fibonacci sequence).
     pub backoff: Option<&'static dyn crate::retry::BackoffStrategy>,
+    /// `unique_for = "1h"`: the unique period `send` sets ([`Signature::unique_for`]).
+    pub unique_for: Option<Duration>,
 }
 
 /// A task as the worker knows it. `#[task]` creates one per function (`my_task::task()`), and registers it

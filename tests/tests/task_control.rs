@@ -140,3 +140,60 @@ async fn an_expired_task_never_runs_and_get_says_it_expired() {
         worker.shutdown(setup.timeout()).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_task_sent_ten_times_at_once_runs_once_and_every_handle_gets_its_result() {
+    // The RabbitMQ broker with the Redis backend: the RabbitMQ backend has no atomic claim.
+    for setup in [Setup::Memory, Setup::Redis, Setup::AmqpRedis] {
+        let Some(server) = setup.server("unique").await else {
+            continue;
+        };
+        let worker = worker_on(&server).await;
+        let key = machinery_tests::unique("unique");
+        let mut sends = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (server, key) = (server.clone(), key.clone());
+            sends.spawn(async move {
+                let sig = counted::signature(key, 300).unique_for(Duration::from_secs(60));
+                server.send(sig).await.unwrap()
+            });
+        }
+        let handles = sends.join_all().await;
+        let first = handles[0].uuid().to_owned();
+        assert!(
+            handles.iter().all(|h| h.uuid() == first),
+            "{setup:?}: every send returns the first task's handle"
+        );
+        for handle in &handles {
+            assert_eq!(handle.get(setup.timeout()).await.unwrap(), key, "{setup:?}");
+        }
+        assert_eq!(runs_of(&key), 1, "{setup:?}: the task ran once");
+
+        // Its final state released the key: the same task sent again runs again.
+        let again = server
+            .send(counted::signature(key.clone(), 300).unique_for(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_ne!(again.uuid(), first, "{setup:?}");
+        assert_eq!(again.get(setup.timeout()).await.unwrap(), key, "{setup:?}");
+        assert_eq!(runs_of(&key), 2, "{setup:?}");
+        // Other arguments are another task.
+        let other = server
+            .send(counted::signature(format!("{key}_other"), 0).unique_for(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_ne!(other.uuid(), again.uuid(), "{setup:?}");
+        other.get(setup.timeout()).await.unwrap();
+        worker.shutdown(setup.timeout()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_without_an_atomic_claim_refuses_unique_tasks_saying_why() {
+    let Some(server) = Setup::Amqp.server("unique_refused").await else {
+        return;
+    };
+    let sig = counted::signature("x", 0).unique_for(Duration::from_secs(60));
+    let error = server.send(sig).await.unwrap_err().to_string();
+    assert!(error.contains("unique-task keys"), "{error}");
+}

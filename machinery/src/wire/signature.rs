@@ -48,6 +48,15 @@ pub const CHORD_ELECTED_HEADER: &str = "machinery_chord_elected";
 /// set by [`Signature::expires_at`] and [`Signature::expires_in`]. Go workers ignore it and run the task.
 pub const EXPIRES_HEADER: &str = "machinery_expires_at";
 
+/// The header asking for a unique task: how long (milliseconds) the same task name with the same
+/// arguments is not queued again while this one is pending or running. Set by
+/// [`Signature::unique_for`] and `#[task(unique_for = "..")]`.
+pub const UNIQUE_FOR_HEADER: &str = "machinery_unique_for_ms";
+
+/// The header with the unique-task key the sender claimed (from the task name and arguments), which the
+/// worker releases when the task reaches its final state. Go workers ignore it.
+pub const UNIQUE_KEY_HEADER: &str = "machinery_unique_key";
+
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
 /// Build typed ones with the functions `#[task]` generates (`add::signature(1, 2)`), or untyped ones by
@@ -279,6 +288,16 @@ impl<T> Signature<T> {
         DateTime::parse_from_rfc3339(text)
             .ok()
             .map(|at| at.with_timezone(&Utc))
+    }
+
+    /// Makes the task unique for `period`: sending the same task name with the same arguments while an
+    /// earlier one is pending or running returns the earlier task's handle (same id) instead of queueing
+    /// a second. The claim is released when the task reaches its final state, or after `period`,
+    /// whichever comes first. Needs a result backend that can claim keys atomically (Redis, in-memory);
+    /// elsewhere `send` fails saying so.
+    pub fn unique_for(self, period: Duration) -> Self {
+        let millis = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.header(UNIQUE_FOR_HEADER, millis)
     }
 
     /// Marks the task immutable: its results are not appended to its `OnSuccess` callbacks' arguments.

@@ -300,7 +300,7 @@ async fn run_task(
             let state = TaskState::success(&signature.uuid, &signature.name, results);
             match delivery.try_ack_with_state(&state).await {
                 Ok(()) => {
-                    finished(ctx, &signature, &state, took);
+                    done(ctx, &signature, &state, took).await;
                     return;
                 }
                 Err(delivery) => (
@@ -314,7 +314,7 @@ async fn run_task(
     };
     match finish {
         Finish::Done(state) => {
-            finished(ctx, &signature, &state, took);
+            done(ctx, &signature, &state, took).await;
             settle("ack", delivery.ack()).await;
         }
         Finish::NotStored => {
@@ -323,7 +323,7 @@ async fn run_task(
             settle("requeue", delivery.requeue(signature_body(&signature))).await;
         }
         Finish::FollowUpFailed(state, failed) => {
-            finished(ctx, &signature, &state, took);
+            done(ctx, &signature, &state, took).await;
             follow_up::requeue(ctx, &signature, delivery, failed).await;
         }
         Finish::Unstorable(error) => {
@@ -376,6 +376,15 @@ impl Finish {
 fn nothing_follows(signature: &Signature) -> bool {
     signature.on_success.is_empty()
         && (signature.group_uuid.is_empty() || signature.chord_callback.is_none())
+}
+
+/// Records a run whose final state is stored ([`finished`]), and releases a unique task's key once that
+/// state is final.
+async fn done(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took: Duration) {
+    finished(ctx, signature, state, took);
+    if state.is_completed() {
+        crate::unique::release(ctx.server.backend().as_ref(), signature).await;
+    }
 }
 
 /// Records a run whose final state is stored: metrics, the span's outcome and the post-task hook.

@@ -43,6 +43,7 @@ const OPTIONS: TaskOptions = TaskOptions {
     retry_timeout: 0,
     timeout: None,
     backoff: None,
+    unique_for: None,
 };
 
 static SLEEP_MS: TaskDef = TaskDef {

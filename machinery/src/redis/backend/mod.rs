@@ -16,6 +16,7 @@
 //!   (see [`Backend::complete_group_member`] and `docs/redis.md`), safe beside Go workers that use the
 //!   `TriggerChordMutex` lock.
 
+mod control;
 mod groups;
 mod notifier;
 
@@ -530,6 +531,19 @@ impl Backend for RedisBackend {
     ) -> Result<bool, BackendError> {
         self.count_group_member(group_uuid, task_uuid, group_task_count)
             .await
+    }
+
+    async fn claim_unique(
+        &self,
+        key: &str,
+        task_uuid: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BackendError> {
+        self.claim_unique_key(key, task_uuid, ttl).await
+    }
+
+    async fn release_unique(&self, key: &str, task_uuid: &str) -> Result<(), BackendError> {
+        self.release_unique_key(key, task_uuid).await
     }
 
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {

@@ -31,8 +31,25 @@ async fn hours() -> Result<(), TaskError> {
     Ok(())
 }
 
+#[task(unique_for = "1h")]
+async fn unique_report(day: String) -> Result<String, TaskError> {
+    Ok(day)
+}
+
 #[tokio::main]
 async fn main() {
+    assert_eq!(
+        unique_report::task().options.unique_for,
+        Some(Duration::from_secs(3600))
+    );
+    let sig = unique_report::signature("monday");
+    assert_eq!(
+        sig.header_value(machinery::UNIQUE_FOR_HEADER)
+            .and_then(|v| v.as_u64()),
+        Some(3_600_000)
+    );
+    assert_eq!(add::task().options.unique_for, None);
+
     let def = add::task();
     assert_eq!(def.name, "Add");
     assert_eq!(add::NAME, "Add");
