@@ -48,6 +48,8 @@ pub(crate) struct Task {
     pub(crate) backoff: Option<syn::Expr>,
     /// Milliseconds.
     pub(crate) unique_for: Option<u64>,
+    /// Starts per period, and the period in seconds.
+    pub(crate) rate_limit: Option<(u32, u64)>,
     /// `send` and `signature` spread the last `Vec<T>` parameter into one argument per element.
     pub(crate) variadic: bool,
 }
@@ -229,6 +231,7 @@ impl Task {
             timeout: options.timeout,
             backoff: options.backoff,
             unique_for: options.unique_for,
+            rate_limit: options.rate_limit,
             variadic,
         }
     }

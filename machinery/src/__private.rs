@@ -16,6 +16,7 @@ pub use ::serde;
 pub use ::std;
 
 pub use crate::error::SendError;
+pub use crate::rate_limit::RateLimit;
 pub use crate::result::AsyncResult;
 pub use crate::retry::BackoffStrategy;
 pub use crate::server::Server;

@@ -270,6 +270,18 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Reserves the next start in the rate-limit schedule `key` (one start per `interval`), shared by
+    /// every process that uses this backend, and returns how long from now it is. `None`: the backend
+    /// keeps no shared schedules, and each worker process keeps its own (the default).
+    async fn reserve_rate_slot(
+        &self,
+        key: &str,
+        interval: Duration,
+    ) -> Result<Option<Duration>, BackendError> {
+        let _ = (key, interval);
+        Ok(None)
+    }
+
     /// Deletes a task's state.
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError>;
 

@@ -55,6 +55,7 @@ pub use wire::gotime;
 // The traits, and the one place that picks a transport for a URL.
 pub mod backend;
 pub mod broker;
+mod cancel;
 pub mod connect;
 pub mod lock;
 
@@ -73,6 +74,7 @@ pub use redis::url as redis_url;
 
 // The engine.
 pub mod periodic;
+pub mod rate_limit;
 mod result;
 pub mod retry;
 mod server;
@@ -85,6 +87,7 @@ mod workflow;
 #[doc(hidden)]
 pub mod __private;
 
+pub use cancel::CancelError;
 pub use config::{AmqpConfig, Config, ConfigError, RedisConfig};
 pub use error::{Error, SendError};
 /// Turns an `async fn` into a distributed task.
@@ -137,6 +140,12 @@ pub use error::{Error, SendError};
 /// #[task(unique_for = "1h")]
 /// async fn daily_report(day: String) -> Result<String, TaskError> { Ok(day) }
 ///
+/// // `rate_limit`: at most that many starts per second, minute or hour ("100/s", "10/m", "500/h"),
+/// // spaced evenly, across every worker sharing a Redis result backend (per worker process otherwise).
+/// // A limited task waits for its turn in the broker; other tasks keep flowing.
+/// #[task(rate_limit = "10/s")]
+/// async fn call_api(url: String) -> Result<String, TaskError> { Ok(url) }
+///
 /// // `variadic`: `send` spreads the last `Vec<T>` into one argument per element, as a Go worker's
 /// // variadic function (`func(args ...int64)`) expects. Whatever the option, a worker accepts both forms.
 /// #[task(variadic)]
@@ -173,8 +182,8 @@ pub use result::{AsyncResult, ResultError};
 pub use server::Server;
 pub use signature::{Arg, Headers, Signature};
 pub use signature::{
-    EXPIRES_HEADER, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNIQUE_FOR_HEADER, UNIQUE_KEY_HEADER,
-    UNKNOWN_TASK_REQUEUES_HEADER,
+    EXPIRES_HEADER, RATE_SLOT_HEADER, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNIQUE_FOR_HEADER,
+    UNIQUE_KEY_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
 };
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{

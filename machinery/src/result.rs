@@ -241,6 +241,11 @@ impl<T> AsyncResult<T> {
         }
     }
 
+    /// Cancels the task, waiting or running ([`Server::cancel`]).
+    pub async fn cancel(&self) -> Result<(), crate::CancelError> {
+        self.server.cancel(&self.uuid).await
+    }
+
     /// Makes the handle's type another.
     pub fn retype<U>(self) -> AsyncResult<U> {
         AsyncResult::new(self.server, self.uuid, self.task_name)

@@ -8,6 +8,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::wire::signature::{Arg, Headers, Signature, RETRY_ATTEMPT_HEADER};
 use crate::wire::state::TaskResult;
 use crate::Server;
@@ -113,6 +115,8 @@ pub(crate) struct RunInfo {
     pub(crate) redelivered: bool,
     /// When the run's time limit ends.
     pub(crate) deadline: Option<std::time::Instant>,
+    /// Cancelled when the task is [cancelled](crate::Server::cancel).
+    pub(crate) cancel: CancellationToken,
 }
 
 impl TaskContext {
@@ -140,6 +144,34 @@ impl TaskContext {
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
         u32::try_from(retries).unwrap_or(u32::MAX).saturating_add(1)
+    }
+
+    /// Resolves when the task is [cancelled](crate::Server::cancel) while it runs: stop soon and return
+    /// (whatever it returns, its final state is FAILURE `cancelled: ...`). A task that does not return
+    /// within the worker's [grace](crate::Worker::cancel_grace) is dropped at its next `.await`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use machinery::{task, TaskContext, TaskError};
+    ///
+    /// #[task]
+    /// async fn crawl(ctx: &TaskContext, pages: u32) -> Result<u32, TaskError> {
+    ///     for page in 0..pages {
+    ///         tokio::select! {
+    ///             _ = ctx.cancelled() => return Err(TaskError::new(format!("stopped at page {page}"))),
+    ///             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+    ///         }
+    ///     }
+    ///     Ok(pages)
+    /// }
+    /// ```
+    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.run.cancel.cancelled()
+    }
+
+    /// Whether the task has been [cancelled](crate::Server::cancel) while it runs.
+    pub fn is_cancelled(&self) -> bool {
+        self.run.cancel.is_cancelled()
     }
 
     /// When this run's time limit (`#[task(timeout = ..)]` or [`Signature::timeout`]) ends, if it has
@@ -268,6 +300,8 @@ pub enum FailureKind {
     TimeLimit,
     /// The task's output could not be encoded; never retried.
     Encode,
+    /// The task was [cancelled](crate::Server::cancel) while it ran; never retried.
+    Cancelled,
     /// The task was not started before it expired ([`Signature::expires_at`]); it did not run.
     Expired,
 }
@@ -341,6 +375,8 @@ pub struct TaskOptions {
     pub backoff: Option<&'static dyn crate::retry::BackoffStrategy>,
     /// `unique_for = "1h"`: the unique period `send` sets ([`Signature::unique_for`]).
     pub unique_for: Option<Duration>,
+    /// `rate_limit = "100/s"`: at most that many starts per period (see [`crate::rate_limit`]).
+    pub rate_limit: Option<crate::rate_limit::RateLimit>,
 }
 
 /// A task as the worker knows it. `#[task]` creates one per function (`my_task::task()`), and registers it

@@ -5,7 +5,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use machinery::{task, Server, State, TaskContext, TaskError, Worker};
+use machinery::args::encode_arg;
+use machinery::{task, Server, Signature, State, TaskContext, TaskError, Worker};
 use machinery_tests::eventually;
 use machinery_tests::setups::Setup;
 
@@ -57,10 +58,28 @@ async fn counted(key: String, ms: u64) -> Result<String, TaskError> {
     Ok(key)
 }
 
+/// Waits until cancelled, then returns `Ok` (the outcome of a cancelled run is FAILURE all the same).
+#[task]
+async fn until_cancelled(ctx: &TaskContext) -> Result<String, TaskError> {
+    tokio::select! {
+        () = ctx.cancelled() => Ok("saw the cancellation".to_owned()),
+        () = tokio::time::sleep(Duration::from_secs(60)) => Err(TaskError::new("never cancelled")),
+    }
+}
+
+/// An error callback: records `marker: error` as a run.
+#[task]
+async fn record_error(error: String, marker: String) -> Result<(), TaskError> {
+    RUNS.lock().unwrap().push(format!("{marker}: {error}"));
+    Ok(())
+}
+
 async fn worker_on(server: &Server) -> machinery::RunningWorker {
     Worker::new(server)
         .register(two_steps::task())
         .register(counted::task())
+        .register(until_cancelled::task())
+        .register(record_error::task())
         .concurrency(4)
         .start()
         .await
@@ -196,4 +215,64 @@ async fn a_backend_without_an_atomic_claim_refuses_unique_tasks_saying_why() {
     let sig = counted::signature("x", 0).unique_for(Duration::from_secs(60));
     let error = server.send(sig).await.unwrap_err().to_string();
     assert!(error.contains("unique-task keys"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_a_pending_task_and_a_running_one_whose_error_callbacks_run() {
+    for setup in SETUPS {
+        let Some(server) = setup.server("cancel").await else {
+            continue;
+        };
+        // Pending: cancelled before any worker runs; it never runs.
+        let key = machinery_tests::unique("cancel_pending");
+        let pending = counted::send(&server, key.clone(), 0).await.unwrap();
+        pending.cancel().await.unwrap();
+        let worker = worker_on(&server).await;
+        let after = counted::send(&server, format!("{key}_after"), 0)
+            .await
+            .unwrap();
+        after.get(setup.timeout()).await.unwrap();
+        let error = pending.get(setup.timeout()).await.unwrap_err().to_string();
+        assert!(
+            error.contains("cancelled: the task was cancelled before a worker ran it"),
+            "{setup:?}: {error}"
+        );
+        assert_eq!(runs_of(&key), 0, "{setup:?}: the cancelled task ran");
+
+        // Running: ctx.cancelled() resolves, the final state is FAILURE and the error callback runs.
+        let marker = machinery_tests::unique("cancel_running");
+        let callback =
+            Signature::with_args("record_error", vec![encode_arg("marker", &marker).unwrap()]);
+        let running = server
+            .send(until_cancelled::signature().on_error(callback))
+            .await
+            .unwrap();
+        let started = eventually(setup.timeout(), || async {
+            running
+                .state()
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state == State::Started)
+        })
+        .await;
+        assert!(started, "{setup:?}");
+        running.cancel().await.unwrap();
+        let state = running.wait(setup.timeout()).await.unwrap();
+        assert!(state.is_cancelled(), "{setup:?}: {state:?}");
+        let recorded = eventually(setup.timeout(), || async {
+            RUNS.lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.starts_with(&format!("{marker}: cancelled: ")))
+        })
+        .await;
+        assert!(recorded, "{setup:?}: the error callback did not run");
+        // Cancelling a finished task changes nothing.
+        running.cancel().await.unwrap();
+        assert!(
+            running.state().await.unwrap().unwrap().is_cancelled(),
+            "{setup:?}"
+        );
+        worker.shutdown(setup.timeout()).await.unwrap();
+    }
 }

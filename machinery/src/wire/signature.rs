@@ -57,6 +57,11 @@ pub const UNIQUE_FOR_HEADER: &str = "machinery_unique_for_ms";
 /// worker releases when the task reaches its final state. Go workers ignore it.
 pub const UNIQUE_KEY_HEADER: &str = "machinery_unique_key";
 
+/// The header with the start a rate-limited task reserved (RFC 3339, UTC): a worker that fetched it
+/// before then sent it back with that ETA, and runs it when it comes back without reserving again. Go
+/// workers ignore it.
+pub const RATE_SLOT_HEADER: &str = "machinery_rate_slot";
+
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
 /// Build typed ones with the functions `#[task]` generates (`add::signature(1, 2)`), or untyped ones by

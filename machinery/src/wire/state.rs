@@ -74,6 +74,13 @@ impl fmt::Display for State {
 /// which know only Go's six states, see it finished (a `REVOKED` state would make them wait forever).
 pub const REVOKED_ERROR: &str = "revoked: the task was revoked before a worker ran it";
 
+/// The error text [`Server::cancel`](crate::Server::cancel) stores for a task that no worker runs yet: a
+/// worker that receives the task later acknowledges it without running it, as for a revoked one.
+pub const CANCELLED_ERROR: &str = "cancelled: the task was cancelled before a worker ran it";
+
+/// How the error text of a cancelled task starts (one cancelled before it ran, or while it ran).
+pub const CANCELLED_ERROR_PREFIX: &str = "cancelled: ";
+
 /// How the error text of an expired task ([`Signature::expires_at`](crate::Signature::expires_at))
 /// starts; the rest says when it expired.
 pub const EXPIRED_ERROR_PREFIX: &str = "expired: ";
@@ -225,9 +232,23 @@ impl TaskState {
         self.state.is_completed()
     }
 
-    /// Whether this is the state [`Server::revoke`](crate::Server::revoke) writes.
+    /// Whether this is a mark that stops a worker from starting the task: the state
+    /// [`Server::revoke`](crate::Server::revoke) writes, or the one [`Server::cancel`](crate::Server::cancel)
+    /// writes for a task that no worker runs yet.
     pub fn is_revoked(&self) -> bool {
-        self.state == State::Failure && self.error == REVOKED_ERROR
+        self.state == State::Failure
+            && (self.error == REVOKED_ERROR || self.error == CANCELLED_ERROR)
+    }
+
+    /// FAILURE with [`CANCELLED_ERROR`], written by [`Server::cancel`](crate::Server::cancel) for a task
+    /// that no worker runs yet.
+    pub fn cancelled(task_uuid: &str) -> Self {
+        TaskState::failure(task_uuid, "", CANCELLED_ERROR)
+    }
+
+    /// Whether this is the FAILURE of a cancelled task (before or while it ran).
+    pub fn is_cancelled(&self) -> bool {
+        self.state == State::Failure && self.error.starts_with(CANCELLED_ERROR_PREFIX)
     }
 
     /// Whether this is the FAILURE of a task that expired before a worker started it.

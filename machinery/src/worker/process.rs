@@ -20,7 +20,9 @@ use crate::broker::Delivery;
 use crate::retry::{fibonacci_next, Backoff};
 use crate::task::{FailureKind, TaskDef, TaskFailure};
 use crate::telemetry::{metrics, trace};
-use crate::wire::signature::{Signature, RETRY_ATTEMPT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER};
+use crate::wire::signature::{
+    Signature, RATE_SLOT_HEADER, RETRY_ATTEMPT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+};
 use crate::wire::state::{State, TaskResult, TaskState};
 use crate::Server;
 
@@ -32,6 +34,8 @@ pub(crate) struct WorkerContext {
     pub(crate) hooks: Hooks,
     /// Whether the result backend answers ([`BackendHealth`]).
     pub(crate) backend_health: BackendHealth,
+    /// The tasks running here, for cancellation requests.
+    pub(crate) control: std::sync::Arc<super::control::Control>,
 }
 
 impl std::error::Error for TaskFailure {}
@@ -280,6 +284,13 @@ async fn run_task(
     earlier: Option<Vec<TaskResult>>,
     slot: &mut Slot,
 ) {
+    let (signature, delivery) = match earlier {
+        Some(_) => (signature, delivery),
+        None => match super::rate::admit(ctx, def, signature, delivery).await {
+            Some(admitted) => admitted,
+            None => return,
+        },
+    };
     let signature = Arc::new(signature);
     let redelivered = delivery.redelivered;
     let started_at = std::time::Instant::now();
@@ -478,6 +489,10 @@ async fn retry(
         .unwrap_or(0)
         .saturating_add(1);
     let mut again = signature.clone().header(RETRY_ATTEMPT_HEADER, attempt);
+    // A retry reserves a start of its own.
+    if let Some(headers) = again.headers.as_mut() {
+        headers.remove(RATE_SLOT_HEADER);
+    }
     again.retry_count -= 1;
     let delay = match (failure.retry_after, def.options.backoff) {
         (Some(delay), _) => delay,

@@ -113,6 +113,7 @@ const OPTIONS: TaskOptions = TaskOptions {
     timeout: None,
     backoff: None,
     unique_for: None,
+    rate_limit: None,
 };
 
 fn add(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {

@@ -35,7 +35,7 @@ use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::wire::gotime;
-use crate::wire::state::{GroupMeta, TaskState, REVOKED_ERROR};
+use crate::wire::state::{GroupMeta, TaskState, CANCELLED_ERROR, REVOKED_ERROR};
 
 /// The channel on which a final state of `task_uuid` is announced.
 pub fn completion_channel(task_uuid: &str) -> String {
@@ -318,7 +318,7 @@ impl RedisBackend {
     ) -> redis::Cmd {
         let expire = self.inner.expire_secs.to_string().into_bytes();
         let revoked = if unless_revoked {
-            REVOKED_ERROR.as_bytes().to_vec()
+            format!("{REVOKED_ERROR}\n{CANCELLED_ERROR}").into_bytes()
         } else {
             Vec::new()
         };
@@ -544,6 +544,14 @@ impl Backend for RedisBackend {
 
     async fn release_unique(&self, key: &str, task_uuid: &str) -> Result<(), BackendError> {
         self.release_unique_key(key, task_uuid).await
+    }
+
+    async fn reserve_rate_slot(
+        &self,
+        key: &str,
+        interval: Duration,
+    ) -> Result<Option<Duration>, BackendError> {
+        self.reserve_rate(key, interval).await.map(Some)
     }
 
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
