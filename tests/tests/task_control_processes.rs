@@ -227,8 +227,9 @@ async fn rate_limit_holds_across_two_workers(broker: Broker) {
         took >= Duration::from_secs(4),
         "{broker:?}: 200 starts at 50/s took {took:?}"
     );
+    // It does not wait for the limited ones ahead of it in the queue: done long before they are.
     assert!(
-        unlimited_took < Duration::from_secs(3),
+        unlimited_took + Duration::from_secs(1) < took,
         "{broker:?}: the unlimited task waited behind the limited ones: {unlimited_took:?} (all took {took:?})"
     );
     eprintln!("{broker:?}: limited took {took:?}, the unlimited task {unlimited_took:?}");

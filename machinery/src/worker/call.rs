@@ -36,6 +36,13 @@ pub(super) async fn call(
         .map(Duration::from_millis)
         .or(def.options.timeout);
     let running = ctx.control.register(&signature.uuid);
+    if running.token.is_cancelled() {
+        // Cancelled while it was on its way here (held for its rate limit, say): it does not run.
+        return Err(TaskFailure::new(
+            FailureKind::Cancelled,
+            format!("{CANCELLED_ERROR_PREFIX}the task was cancelled before it ran"),
+        ));
+    }
     let run_info = RunInfo {
         redelivered,
         deadline: time_limit.and_then(|limit| std::time::Instant::now().checked_add(limit)),

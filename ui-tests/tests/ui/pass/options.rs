@@ -65,7 +65,7 @@ async fn main() {
     assert_eq!(per_minute::task().options.unique_for, Some(Duration::from_secs(30)));
     assert_eq!(
         per_hour::task().options.rate_limit.map(|l| l.interval()),
-        Some(Duration::from_secs(7))
+        Some(Duration::from_millis(7200))
     );
     assert_eq!(add::task().options.rate_limit, None);
     assert_eq!(
