@@ -276,3 +276,27 @@ async fn cancelling_stops_a_pending_task_and_a_running_one_whose_error_callbacks
         worker.shutdown(setup.timeout()).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_claim_lapses_after_its_period() {
+    for setup in [Setup::Memory, Setup::Redis] {
+        let Some(server) = setup.server("unique_lapse").await else {
+            continue;
+        };
+        let worker = worker_on(&server).await;
+        let key = machinery_tests::unique("unique_lapse");
+        let unique =
+            || counted::signature(key.clone(), 1500).unique_for(Duration::from_millis(300));
+        let first = server.send(unique()).await.unwrap();
+        let again = server.send(unique()).await.unwrap();
+        assert_eq!(again.uuid(), first.uuid(), "{setup:?}: within the period");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The first still runs, but its claim has lapsed: a second task is queued.
+        let later = server.send(unique()).await.unwrap();
+        assert_ne!(later.uuid(), first.uuid(), "{setup:?}: after the period");
+        first.get(setup.timeout()).await.unwrap();
+        later.get(setup.timeout()).await.unwrap();
+        assert_eq!(runs_of(&key), 2, "{setup:?}");
+        worker.shutdown(setup.timeout()).await.unwrap();
+    }
+}

@@ -154,3 +154,45 @@ async fn a_filter_on_the_task_target_turns_the_lines_down() {
         "{text}"
     );
 }
+
+/// Sleeps long on its first delivery (to be cut off by a shutdown); returns whether it was delivered
+/// before.
+#[task]
+async fn cut_off_once(ctx: &TaskContext) -> Result<bool, TaskError> {
+    if !ctx.redelivered() {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    Ok(ctx.redelivered())
+}
+
+#[tokio::test]
+async fn a_message_delivered_again_says_so_to_its_task() {
+    let server = Server::new(Config::default()).await.unwrap();
+    let first = Worker::new(&server)
+        .register(cut_off_once::task())
+        .start()
+        .await
+        .unwrap();
+    let result = cut_off_once::send(&server).await.unwrap();
+    let started = machinery_tests::eventually(WAIT, || async {
+        result
+            .state()
+            .await
+            .unwrap()
+            .is_some_and(|s| s.state == machinery::State::Started)
+    })
+    .await;
+    assert!(started);
+    // Cut off: the message goes back to the queue, marked as delivered before.
+    assert!(first.shutdown(Duration::from_millis(50)).await.is_err());
+    let second = Worker::new(&server)
+        .register(cut_off_once::task())
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        result.get(WAIT).await.unwrap(),
+        "the second run is told it was redelivered"
+    );
+    second.shutdown(WAIT).await.unwrap();
+}
