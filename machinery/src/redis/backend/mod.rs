@@ -589,8 +589,9 @@ mod tests {
 
     #[test]
     fn progress_joins_into_the_records_json() {
-        let state =
+        let mut state =
             TaskState::progress("task_1", "add", serde_json::json!({"done": 1, "total": 2}));
+        state.created_at = chrono::Utc::now();
         let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
         assert_eq!(joined, state.to_json().unwrap());
     }
