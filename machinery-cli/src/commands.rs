@@ -270,6 +270,9 @@ impl App {
                 }
             }
         }
+        if let Some(progress) = &state.progress {
+            lines.push(("Progress", escape(&progress.to_string())));
+        }
         if !state.error.is_empty() {
             lines.push((
                 "Error",
@@ -283,7 +286,7 @@ impl App {
             } else {
                 format!("{label}:")
             };
-            out.push_str(&format!("{label:<9}{value}\n"));
+            out.push_str(&format!("{label:<8} {value}\n"));
         }
         out
     }

@@ -282,6 +282,26 @@ async fn task_shows_the_state_with_decoded_results_and_reports_unknown_ids() {
     assert!(text.ok().contains("State:   FAILURE"));
     assert!(text.ok().contains("Error:   boom"));
 
+    let running = w.task(4);
+    backend
+        .set_state(&TaskState::progress(
+            &running,
+            "cli_import",
+            serde_json::json!({"done": 3, "total": 10}),
+        ))
+        .await
+        .unwrap();
+    let text = w.run(&["task", &running]).await;
+    let text = text.ok();
+    assert!(text.contains("STARTED"), "{text}");
+    assert!(
+        text.contains(r#"Progress: {"done":3,"total":10}"#),
+        "{text}"
+    );
+    let json = w.run(&["task", &running, "--json"]).await.json();
+    assert_eq!(json["Progress"]["done"], 3);
+    w.owns(&running);
+
     w.run(&["task", &w.task(3)]).await.fails(
         1,
         &format!("task {}: no state in the redis result backend", w.task(3)),

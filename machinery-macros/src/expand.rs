@@ -222,6 +222,19 @@ fn module(task: &Task) -> TokenStream {
         Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
         None => quote!(::core::option::Option::None),
     };
+    let unique_for = match task.unique_for {
+        Some(ms) => quote!(::core::option::Option::Some(::core::time::Duration::from_millis(#ms))),
+        None => quote!(::core::option::Option::None),
+    };
+    let rate_limit = match task.rate_limit {
+        Some((count, secs)) => quote! {
+            ::core::option::Option::Some(#private::RateLimit::new(
+                #count,
+                ::core::time::Duration::from_secs(#secs),
+            ))
+        },
+        None => quote!(::core::option::Option::None),
+    };
     let backoff = match &task.backoff {
         Some(expr) => quote! {
             ::core::option::Option::Some(&(#expr) as &'static dyn #private::BackoffStrategy)
@@ -268,6 +281,8 @@ fn module(task: &Task) -> TokenStream {
                     retry_timeout: #retry_timeout,
                     timeout: #timeout,
                     backoff: #backoff,
+                    unique_for: #unique_for,
+                    rate_limit: #rate_limit,
                 },
             };
 

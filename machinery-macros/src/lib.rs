@@ -51,6 +51,11 @@ use proc_macro::TokenStream;
 /// - `backoff = EXPR`: a constant expression of a `machinery::retry::BackoffStrategy` type
 ///   (`Exponential`, `Fixed`, or your own) that sets the delay between retries instead of Go's
 ///   Fibonacci sequence;
+/// - `unique_for = "1h"` (a duration string or whole seconds, longer than zero): `send` makes the task
+///   unique for that long: sending the same name and arguments while an earlier one is pending or
+///   running returns the earlier task's handle (needs a Redis or in-memory result backend);
+/// - `rate_limit = "100/s"` (`/s`, `/m`, `/h`): at most that many starts per period, spaced evenly, across
+///   every worker sharing a Redis result backend, per worker process otherwise;
 /// - `variadic`: `send` spreads the last `Vec<T>` parameter into one argument per element, as a Go
 ///   worker's variadic function expects;
 /// - `crate = "my_facade::machinery"`: where the machinery crate is, for crates that re-export it.

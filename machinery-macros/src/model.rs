@@ -46,6 +46,10 @@ pub(crate) struct Task {
     pub(crate) timeout: Option<u64>,
     /// The retry back-off strategy expression.
     pub(crate) backoff: Option<syn::Expr>,
+    /// Milliseconds.
+    pub(crate) unique_for: Option<u64>,
+    /// Starts per period, and the period in seconds.
+    pub(crate) rate_limit: Option<(u32, u64)>,
     /// `send` and `signature` spread the last `Vec<T>` parameter into one argument per element.
     pub(crate) variadic: bool,
 }
@@ -226,6 +230,8 @@ impl Task {
             retry_timeout: options.retry_timeout.unwrap_or(0),
             timeout: options.timeout,
             backoff: options.backoff,
+            unique_for: options.unique_for,
+            rate_limit: options.rate_limit,
             variadic,
         }
     }

@@ -50,19 +50,23 @@ pub(crate) enum OptionName {
     RetryTimeout,
     Timeout,
     Backoff,
+    UniqueFor,
+    RateLimit,
     Variadic,
     Crate,
 }
 
 impl OptionName {
     /// Every option, in the order the docs and error messages list them.
-    pub(crate) const ALL: [OptionName; 8] = [
+    pub(crate) const ALL: [OptionName; 10] = [
         OptionName::Name,
         OptionName::Queue,
         OptionName::Retries,
         OptionName::RetryTimeout,
         OptionName::Timeout,
         OptionName::Backoff,
+        OptionName::UniqueFor,
+        OptionName::RateLimit,
         OptionName::Variadic,
         OptionName::Crate,
     ];
@@ -76,6 +80,8 @@ impl OptionName {
             OptionName::RetryTimeout => "retry_timeout",
             OptionName::Timeout => "timeout",
             OptionName::Backoff => "backoff",
+            OptionName::UniqueFor => "unique_for",
+            OptionName::RateLimit => "rate_limit",
             OptionName::Variadic => "variadic",
             OptionName::Crate => "crate",
         }
@@ -101,6 +107,12 @@ impl OptionName {
             OptionName::Backoff => {
                 "a constant expression of a type implementing `machinery::retry::BackoffStrategy`, such as `backoff = MY_BACKOFF`"
             }
+            OptionName::UniqueFor => {
+                "a duration string or whole seconds, such as `unique_for = \"1h\"` or `unique_for = \"30s\"`"
+            }
+            OptionName::RateLimit => {
+                "a count per second, minute or hour, such as `rate_limit = \"100/s\"`, `\"10/m\"` or `\"500/h\"`"
+            }
             OptionName::Variadic => "no value: write `variadic`",
             OptionName::Crate => {
                 "a string literal holding a path, such as `crate = \"my_facade::machinery\"`"
@@ -121,6 +133,10 @@ pub(crate) struct Options {
     pub(crate) timeout: Option<u64>,
     /// A constant expression of a `BackoffStrategy` type.
     pub(crate) backoff: Option<Expr>,
+    /// Milliseconds.
+    pub(crate) unique_for: Option<u64>,
+    /// Starts per period, and the period in seconds.
+    pub(crate) rate_limit: Option<(u32, u64)>,
     /// The option's name, for errors about it (`variadic` with no `Vec<T>` to spread).
     pub(crate) variadic: Option<Path>,
     pub(crate) krate: Option<Path>,
@@ -238,21 +254,19 @@ impl Options {
                 self.retry_timeout = Some(seconds);
             }
             OptionName::Timeout => {
-                let millis = match string_literal(value) {
-                    Some(lit) => {
-                        parse_duration(&lit.value()).map_err(|e| syn::Error::new_spanned(lit, e))?
-                    }
-                    None => integer(value, option)?
-                        .checked_mul(1000)
-                        .ok_or_else(|| syn::Error::new_spanned(value, "`timeout` is too large"))?,
-                };
-                if millis == 0 {
-                    return Err(syn::Error::new_spanned(
-                        value,
-                        "`timeout` must be longer than zero; leave it out for no time limit",
-                    ));
-                }
+                let millis = positive_duration(value, option, "leave it out for no time limit")?;
                 self.timeout = Some(millis);
+            }
+            OptionName::UniqueFor => {
+                let millis =
+                    positive_duration(value, option, "leave it out for a task that is not unique")?;
+                self.unique_for = Some(millis);
+            }
+            OptionName::RateLimit => {
+                let lit = string_literal(value).ok_or_else(|| bad(value))?;
+                let limit =
+                    parse_rate(&lit.value()).map_err(|e| syn::Error::new_spanned(lit, e))?;
+                self.rate_limit = Some(limit);
             }
             OptionName::Backoff => {
                 if string_literal(value).is_some() {
@@ -277,6 +291,25 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// A duration longer than zero, in milliseconds: a duration string or whole seconds. `zero` says what to
+/// do instead of writing zero.
+fn positive_duration(value: &Expr, option: OptionName, zero: &str) -> syn::Result<u64> {
+    let name = option.as_str();
+    let millis = match string_literal(value) {
+        Some(lit) => parse_duration(&lit.value()).map_err(|e| syn::Error::new_spanned(lit, e))?,
+        None => integer(value, option)?
+            .checked_mul(1000)
+            .ok_or_else(|| syn::Error::new_spanned(value, format_args!("`{name}` is too large")))?,
+    };
+    if millis == 0 {
+        return Err(syn::Error::new_spanned(
+            value,
+            format_args!("`{name}` must be longer than zero; {zero}"),
+        ));
+    }
+    Ok(millis)
 }
 
 fn string_literal(value: &Expr) -> Option<&LitStr> {
@@ -312,6 +345,39 @@ fn integer(value: &Expr, option: OptionName) -> syn::Result<u64> {
         )),
         _ => Err(bad()),
     }
+}
+
+/// Parses a rate limit such as `"100/s"`, `"10/m"` or `"500/h"` into starts per period and the period in
+/// seconds.
+pub(crate) fn parse_rate(text: &str) -> Result<(u32, u64), String> {
+    let invalid = |why: &str| {
+        format!(
+            "invalid rate limit `{text}`: {why}; write a whole number of starts per second, minute or hour, such as `\"100/s\"`, `\"10/m\"` or `\"500/h\"`"
+        )
+    };
+    let Some((count, unit)) = text.split_once('/') else {
+        return Err(invalid("it has no `/`"));
+    };
+    let period = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(invalid("the period must be `s`, `m` or `h`")),
+    };
+    let count = count.trim();
+    if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid("the count must be a whole number"));
+    }
+    let count: u32 = count.parse().map_err(|_| {
+        invalid(&format!(
+            "the count is too large; the largest is {}",
+            u32::MAX
+        ))
+    })?;
+    if count == 0 {
+        return Err(invalid("it must allow at least one start"));
+    }
+    Ok((count, period))
 }
 
 /// Parses a duration such as `"30s"`, `"500ms"`, `"2m"`, `"1h"` or `"1m30s"` into milliseconds.
@@ -469,7 +535,7 @@ mod tests {
         ));
         let messages = messages(result);
         let expected = [
-            "unknown `#[task]` option `nme`; expected one of `name`, `queue`, `retries`, `retry_timeout`, `timeout`, `backoff`, `variadic`, `crate`",
+            "unknown `#[task]` option `nme`; expected one of `name`, `queue`, `retries`, `retry_timeout`, `timeout`, `backoff`, `unique_for`, `rate_limit`, `variadic`, `crate`",
             "duplicate `#[task]` option `queue`",
             "`retries` cannot be negative",
             "invalid duration `soon`",
@@ -484,6 +550,24 @@ mod tests {
                 message.starts_with(expected),
                 "{message:?} should start with {expected:?}"
             );
+        }
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        assert_eq!(parse_rate("100/s"), Ok((100, 1)));
+        assert_eq!(parse_rate("10/m"), Ok((10, 60)));
+        assert_eq!(parse_rate("500/h"), Ok((500, 3600)));
+        for bad in [
+            "fast",
+            "0/s",
+            "-1/s",
+            "10/d",
+            "/s",
+            "1.5/s",
+            "99999999999/s",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
         }
     }
 

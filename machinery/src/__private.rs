@@ -16,6 +16,7 @@ pub use ::serde;
 pub use ::std;
 
 pub use crate::error::SendError;
+pub use crate::rate_limit::RateLimit;
 pub use crate::result::AsyncResult;
 pub use crate::retry::BackoffStrategy;
 pub use crate::server::Server;
@@ -64,6 +65,9 @@ pub fn signature<T>(
     }
     sig.retry_count = def.options.retries;
     sig.retry_timeout = def.options.retry_timeout;
+    if let Some(period) = def.options.unique_for {
+        sig = sig.unique_for(period);
+    }
     if let Some(error) = error {
         sig.set_encode_error(error);
     }

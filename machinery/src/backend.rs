@@ -245,6 +245,43 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         group_task_count: u32,
     ) -> Result<bool, BackendError>;
 
+    /// Claims the unique-task key `key` for task `task_uuid` for `ttl`, unless another task holds it
+    /// (see [`Signature::unique_for`](crate::Signature::unique_for)): returns `None` once `task_uuid`
+    /// holds it, else the id of the task that does. The check and the claim are one atomic step across
+    /// every process sharing the backend. The default refuses: a backend without such a step (RabbitMQ,
+    /// memcached, `null`) cannot make tasks unique.
+    async fn claim_unique(
+        &self,
+        key: &str,
+        task_uuid: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BackendError> {
+        let _ = (key, task_uuid, ttl);
+        Err(BackendError::NotStored {
+            backend: self.kind(),
+            what: "unique-task keys (use a Redis or in-memory result backend for unique tasks)",
+        })
+    }
+
+    /// Releases the unique-task key `key` if task `task_uuid` holds it (a task that reached its final
+    /// state). The default has nothing to release.
+    async fn release_unique(&self, key: &str, task_uuid: &str) -> Result<(), BackendError> {
+        let _ = (key, task_uuid);
+        Ok(())
+    }
+
+    /// Reserves the next start in the rate-limit schedule `key` (one start per `interval`), shared by
+    /// every process that uses this backend, and returns how long from now it is. `None`: the backend
+    /// keeps no shared schedules, and each worker process keeps its own (the default).
+    async fn reserve_rate_slot(
+        &self,
+        key: &str,
+        interval: Duration,
+    ) -> Result<Option<Duration>, BackendError> {
+        let _ = (key, interval);
+        Ok(None)
+    }
+
     /// Deletes a task's state.
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError>;
 

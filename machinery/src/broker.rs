@@ -23,6 +23,9 @@ use chrono::{DateTime, Utc};
 use crate::wire::signature::Headers;
 use crate::wire::state::TaskState;
 
+/// Where a worker hears the ids of tasks to cancel ([`Broker::cancellations`]).
+pub type CancelReceiver = tokio::sync::mpsc::UnboundedReceiver<String>;
+
 /// A boxed error from a broker's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -272,6 +275,27 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// Starts consuming a queue.
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError>;
+
+    /// Tells every worker process on this broker to cancel the task `task_uuid` if it runs there
+    /// ([`Server::cancel`](crate::Server::cancel)): Redis publishes on a pub/sub channel, RabbitMQ on a
+    /// fanout exchange, the memory broker to the workers of its instance. The default cannot.
+    async fn publish_cancel(&self, task_uuid: &str) -> Result<(), BrokerError> {
+        let _ = task_uuid;
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "cancelling running tasks",
+        })
+    }
+
+    /// Listens for [`Broker::publish_cancel`]: the ids arrive on the returned channel until it is
+    /// dropped. The listener reconnects by itself after a lost connection (a cancellation sent while it
+    /// is down is missed). The default cannot.
+    async fn cancellations(&self) -> Result<CancelReceiver, BrokerError> {
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            operation: "cancelling running tasks",
+        })
+    }
 
     /// The inspection commands (counts, listings, requeue, purge) that tools such as the CLI use, or
     /// [`BrokerError::Unsupported`] for a broker that has none. The default has none.

@@ -55,6 +55,7 @@ pub use wire::gotime;
 // The traits, and the one place that picks a transport for a URL.
 pub mod backend;
 pub mod broker;
+mod cancel;
 pub mod connect;
 pub mod lock;
 #[cfg(any(feature = "redis", feature = "amqp", feature = "memcache"))]
@@ -75,17 +76,20 @@ pub use redis::url as redis_url;
 
 // The engine.
 pub mod periodic;
+pub mod rate_limit;
 mod result;
 pub mod retry;
 mod server;
 mod task;
 pub mod telemetry;
+mod unique;
 mod worker;
 mod workflow;
 
 #[doc(hidden)]
 pub mod __private;
 
+pub use cancel::CancelError;
 pub use config::{AmqpConfig, Config, ConfigError, RedisConfig, TlsConfig, TlsSection};
 pub use error::{Error, SendError};
 /// Turns an `async fn` into a distributed task.
@@ -132,6 +136,18 @@ pub use error::{Error, SendError};
 /// #[task(timeout = "30s")]
 /// async fn resize(image: Vec<u8>) -> Result<Vec<u8>, TaskError> { Ok(image) }
 ///
+/// // `unique_for`: sending the same name and arguments while an earlier one is pending or running
+/// // returns the earlier task's handle (same id) instead of queueing a second; the claim is released when
+/// // the task finishes, or after the period. Needs a Redis or in-memory result backend.
+/// #[task(unique_for = "1h")]
+/// async fn daily_report(day: String) -> Result<String, TaskError> { Ok(day) }
+///
+/// // `rate_limit`: at most that many starts per second, minute or hour ("100/s", "10/m", "500/h"),
+/// // spaced evenly, across every worker sharing a Redis result backend (per worker process otherwise).
+/// // A limited task waits for its turn in the broker; other tasks keep flowing.
+/// #[task(rate_limit = "10/s")]
+/// async fn call_api(url: String) -> Result<String, TaskError> { Ok(url) }
+///
 /// // `variadic`: `send` spreads the last `Vec<T>` into one argument per element, as a Go worker's
 /// // variadic function (`func(args ...int64)`) expects. Whatever the option, a worker accepts both forms.
 /// #[task(variadic)]
@@ -167,16 +183,20 @@ pub use periodic::{PeriodicError, PeriodicTask, PERIODIC_TICK_HEADER};
 pub use result::{AsyncResult, ResultError};
 pub use server::Server;
 pub use signature::{Arg, Headers, Signature};
-pub use signature::{RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER};
+pub use signature::{
+    EXPIRES_HEADER, RATE_SLOT_HEADER, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNIQUE_FOR_HEADER,
+    UNIQUE_KEY_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+};
 pub use state::{GroupMeta, State, TaskResult, TaskState};
 pub use task::{
-    registered_tasks, FailureKind, TaskContext, TaskDef, TaskError, TaskFailure, TaskOptions,
+    registered_tasks, FailureKind, ProgressError, TaskContext, TaskDef, TaskError, TaskFailure,
+    TaskOptions,
 };
 // What generated code calls: its home is `__private`. These root paths stay for code written before the
 // move, and are left out of the documentation.
 #[doc(hidden)]
 pub use task::{Handler, HandlerFuture, Registration, TaskOutcome};
-pub use worker::{RunningWorker, Worker, WorkerError};
+pub use worker::{RunningWorker, Worker, WorkerError, TASK_LOG_TARGET};
 pub use workflow::{
     Chain, ChainResult, ChainStep, Chord, ChordResult, Group, GroupResult, Partial,
 };

@@ -68,6 +68,17 @@ pub enum ResultError {
         #[source]
         source: Box<ResultError>,
     },
+    /// The task's progress is not of the expected type.
+    #[error("task {task} ({uuid}) progress: {source}")]
+    Progress {
+        /// The task name.
+        task: String,
+        /// The task id.
+        uuid: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The backend could not be read.
     #[error("reading the result of task {uuid}: {source}")]
     Backend {
@@ -77,6 +88,14 @@ pub enum ResultError {
         #[source]
         source: BackendError,
     },
+}
+
+impl ResultError {
+    /// Whether the task failed because it expired before a worker started it
+    /// ([`Signature::expires_at`](crate::Signature::expires_at)).
+    pub fn is_expired(&self) -> bool {
+        matches!(self, ResultError::Failed { error, .. } if error.starts_with(crate::wire::state::EXPIRED_ERROR_PREFIX))
+    }
 }
 
 /// The result of a sent task, typed by what the task returns.
@@ -161,11 +180,70 @@ impl<T> AsyncResult<T> {
         }
     }
 
+    /// The progress the task last reported with
+    /// [`TaskContext::set_progress`](crate::TaskContext::set_progress), read as `P`; `None` before the
+    /// first report and once the task has finished (its final state replaces the running one).
+    ///
+    /// ```
+    /// # async fn demo() -> Result<(), machinery::Error> {
+    /// use std::time::Duration;
+    /// use machinery::{task, Config, Server, TaskContext, TaskError, Worker};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Done {
+    ///     done: u32,
+    ///     total: u32,
+    /// }
+    ///
+    /// #[task]
+    /// async fn import(ctx: &TaskContext, total: u32) -> Result<u32, TaskError> {
+    ///     for done in 1..=total {
+    ///         ctx.set_progress(&Done { done, total }).await?;
+    ///     }
+    ///     Ok(total)
+    /// }
+    ///
+    /// let server = Server::new(Config::default()).await?;
+    /// let worker = Worker::new(&server).register(import::task()).start().await?;
+    /// let result = import::send(&server, 3).await?;
+    /// if let Some(p) = result.progress::<Done>().await? {
+    ///     assert!(p.done <= p.total);
+    /// }
+    /// assert_eq!(result.get(Duration::from_secs(5)).await?, 3);
+    /// worker.shutdown(Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub async fn progress<P: DeserializeOwned>(&self) -> Result<Option<P>, ResultError> {
+        let Some(state) = self.state().await? else {
+            return Ok(None);
+        };
+        let Some(progress) = state.progress.filter(|_| !state.state.is_completed()) else {
+            return Ok(None);
+        };
+        serde_json::from_value(progress)
+            .map(Some)
+            .map_err(|source| ResultError::Progress {
+                task: if state.task_name.is_empty() {
+                    self.task_name.clone()
+                } else {
+                    state.task_name
+                },
+                uuid: self.uuid.clone(),
+                source,
+            })
+    }
+
     fn name_from(&self, state: Option<&TaskState>) -> String {
         match state {
             Some(state) if !state.task_name.is_empty() => state.task_name.clone(),
             _ => self.task_name.clone(),
         }
+    }
+
+    /// Cancels the task, waiting or running ([`Server::cancel`]).
+    pub async fn cancel(&self) -> Result<(), crate::CancelError> {
+        self.server.cancel(&self.uuid).await
     }
 
     /// Makes the handle's type another.

@@ -115,9 +115,22 @@ impl Server {
     }
 
     /// Sends a task: stores its PENDING state, then publishes it. The returned handle reads its result.
+    ///
+    /// A signature made [unique](Signature::unique_for) whose task is already pending or running is not
+    /// sent again: the handle returned is the earlier task's.
     pub async fn send<T>(&self, signature: Signature<T>) -> Result<AsyncResult<T>, SendError> {
         let mut signature = signature.erase();
-        self.publish(&mut signature).await?;
+        if let Some(earlier) = crate::unique::claim(self, &mut signature).await? {
+            return Ok(AsyncResult::new(
+                self.clone(),
+                earlier,
+                std::mem::take(&mut signature.name),
+            ));
+        }
+        if let Err(error) = self.publish(&mut signature).await {
+            crate::unique::release(self.backend().as_ref(), &signature).await;
+            return Err(error);
+        }
         Ok(AsyncResult::new(
             self.clone(),
             std::mem::take(&mut signature.uuid),

@@ -8,7 +8,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::wire::signature::{Arg, Headers, Signature};
+use tokio_util::sync::CancellationToken;
+
+use crate::wire::signature::{Arg, Headers, Signature, RETRY_ATTEMPT_HEADER};
 use crate::wire::state::TaskResult;
 use crate::Server;
 
@@ -103,15 +105,79 @@ pub struct TaskContext {
     signature: Arc<Signature>,
     server: Server,
     retry_request: Mutex<Option<Duration>>,
+    run: RunInfo,
+}
+
+/// What the worker knows about one run of a task, beyond its message.
+#[derive(Debug, Default)]
+pub(crate) struct RunInfo {
+    /// The broker delivered the message before.
+    pub(crate) redelivered: bool,
+    /// When the run's time limit ends.
+    pub(crate) deadline: Option<std::time::Instant>,
+    /// Cancelled when the task is [cancelled](crate::Server::cancel).
+    pub(crate) cancel: CancellationToken,
 }
 
 impl TaskContext {
-    pub(crate) fn new(signature: Arc<Signature>, server: Server) -> Self {
+    pub(crate) fn new(signature: Arc<Signature>, server: Server, run: RunInfo) -> Self {
         TaskContext {
             signature,
             server,
             retry_request: Mutex::new(None),
+            run,
         }
+    }
+
+    /// Whether the broker delivered this message before: an earlier run may have been cut off (a worker
+    /// that died, a lost connection), so side effects of that run may already have happened.
+    pub fn redelivered(&self) -> bool {
+        self.run.redelivered
+    }
+
+    /// Which run of the task this is: 1 for the first, 2 for the first retry, and so on. Counted in a
+    /// header that Go workers keep; a message from Go starts at 1.
+    pub fn attempt(&self) -> u32 {
+        let retries = self
+            .signature
+            .header_value(RETRY_ATTEMPT_HEADER)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        u32::try_from(retries).unwrap_or(u32::MAX).saturating_add(1)
+    }
+
+    /// Resolves when the task is [cancelled](crate::Server::cancel) while it runs: stop soon and return
+    /// (whatever it returns, its final state is FAILURE `cancelled: ...`). A task that does not return
+    /// within the worker's [grace](crate::Worker::cancel_grace) is dropped at its next `.await`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use machinery::{task, TaskContext, TaskError};
+    ///
+    /// #[task]
+    /// async fn crawl(ctx: &TaskContext, pages: u32) -> Result<u32, TaskError> {
+    ///     for page in 0..pages {
+    ///         tokio::select! {
+    ///             _ = ctx.cancelled() => return Err(TaskError::new(format!("stopped at page {page}"))),
+    ///             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+    ///         }
+    ///     }
+    ///     Ok(pages)
+    /// }
+    /// ```
+    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.run.cancel.cancelled()
+    }
+
+    /// Whether the task has been [cancelled](crate::Server::cancel) while it runs.
+    pub fn is_cancelled(&self) -> bool {
+        self.run.cancel.is_cancelled()
+    }
+
+    /// When this run's time limit (`#[task(timeout = ..)]` or [`Signature::timeout`]) ends, if it has
+    /// one: the run is cancelled then.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.run.deadline
     }
 
     /// The task id.
@@ -161,9 +227,63 @@ impl TaskContext {
         )
     }
 
+    /// Reports how far the task has got: `progress` (any `Serialize` value, such as a struct `{done,
+    /// total}`) is stored with the task's STARTED state, where a sender reads it with
+    /// [`AsyncResult::progress`](crate::AsyncResult::progress) while the task runs. It travels as an extra
+    /// `Progress` key of the state record, which Go machinery ignores. Each call is one backend write:
+    /// report every so often, not on every item of a tight loop.
+    pub async fn set_progress<P: serde::Serialize + ?Sized>(
+        &self,
+        progress: &P,
+    ) -> Result<(), ProgressError> {
+        let value = serde_json::to_value(progress).map_err(|source| ProgressError::Encode {
+            task: self.name().to_owned(),
+            uuid: self.uuid().to_owned(),
+            source,
+        })?;
+        let state = crate::wire::state::TaskState::progress(self.uuid(), self.name(), value);
+        self.server
+            .backend()
+            .set_state(&state)
+            .await
+            .map_err(|source| ProgressError::Backend {
+                task: self.name().to_owned(),
+                uuid: self.uuid().to_owned(),
+                source,
+            })
+    }
+
     pub(crate) fn requested_retry(&self) -> Option<Duration> {
         self.retry_request.lock().ok().and_then(|r| *r)
     }
+}
+
+/// Why [`TaskContext::set_progress`] failed. It converts into [`TaskError`] with `?`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgressError {
+    /// The progress value could not be encoded as JSON.
+    #[error("task {task} ({uuid}): the progress cannot be encoded as JSON: {source}")]
+    Encode {
+        /// The task name.
+        task: String,
+        /// The task id.
+        uuid: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The result backend could not store it.
+    #[error("task {task} ({uuid}): the progress cannot be stored: {source}")]
+    Backend {
+        /// The task name.
+        task: String,
+        /// The task id.
+        uuid: String,
+        /// The backend's error.
+        #[source]
+        source: crate::backend::BackendError,
+    },
 }
 
 /// Why a task run did not succeed.
@@ -180,6 +300,10 @@ pub enum FailureKind {
     TimeLimit,
     /// The task's output could not be encoded; never retried.
     Encode,
+    /// The task was [cancelled](crate::Server::cancel) while it ran; never retried.
+    Cancelled,
+    /// The task was not started before it expired ([`Signature::expires_at`]); it did not run.
+    Expired,
 }
 
 /// A failed task run: what went wrong, and whether the task asked to be retried.
@@ -249,6 +373,10 @@ pub struct TaskOptions {
     pub timeout: Option<Duration>,
     /// `backoff = EXPR`: the delay between retries (default: Go's Fibonacci sequence).
     pub backoff: Option<&'static dyn crate::retry::BackoffStrategy>,
+    /// `unique_for = "1h"`: the unique period `send` sets ([`Signature::unique_for`]).
+    pub unique_for: Option<Duration>,
+    /// `rate_limit = "100/s"`: at most that many starts per period (see [`crate::rate_limit`]).
+    pub rate_limit: Option<crate::rate_limit::RateLimit>,
 }
 
 /// A task as the worker knows it. `#[task]` creates one per function (`my_task::task()`), and registers it

@@ -46,6 +46,29 @@ fn every_signature_fixture_round_trips() {
     }
 }
 
+/// A state record with progress is Go's record plus one key: taking the key away leaves the fixture, and a
+/// Go record (without it) has no progress and gains no key when written again.
+#[test]
+fn progress_is_one_extra_key_on_a_go_state_record() {
+    for name in fixture_names("state_") {
+        let bytes = fixture(&name);
+        let go = TaskState::from_json(&bytes).unwrap();
+        assert_eq!(go.progress, None, "{name}");
+        let mut with_progress = go.clone();
+        with_progress.progress = Some(serde_json::json!({"done": 3, "total": 10}));
+        let mut written = as_value(&with_progress.to_json().unwrap());
+        let object = written.as_object_mut().unwrap();
+        assert_eq!(
+            object.remove("Progress"),
+            Some(serde_json::json!({"done": 3, "total": 10})),
+            "{name}"
+        );
+        assert_eq!(written, as_value(&bytes), "{name}: the rest is Go's record");
+        let read = TaskState::from_json(&with_progress.to_json().unwrap()).unwrap();
+        assert_eq!(read, with_progress, "{name}");
+    }
+}
+
 #[test]
 fn every_state_fixture_round_trips() {
     let names = fixture_names("state_");

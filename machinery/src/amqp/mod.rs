@@ -17,7 +17,7 @@ mod url;
 
 pub use backend::{group_record_queue, group_states_queue, AmqpBackend};
 pub use broker::{
-    dead_letter_queue, AmqpBroker, DEAD_LETTERED_AT_HEADER, DEAD_LETTER_QUEUE_HEADER,
-    DEAD_LETTER_REASON_HEADER,
+    dead_letter_queue, AmqpBroker, CANCEL_EXCHANGE, DEAD_LETTERED_AT_HEADER,
+    DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER,
 };
 pub use url::ConnectError;

@@ -43,6 +43,8 @@ struct Records {
     finished_members: HashMap<String, HashSet<String>>,
     /// The member whose call completed each group (told `true` again when it calls again).
     chord_winners: HashMap<String, String>,
+    /// Unique-task keys: the holder's id, and when the claim lapses.
+    unique: HashMap<String, (String, Instant)>,
     writes: u64,
 }
 
@@ -60,6 +62,7 @@ impl Records {
             .retain(|group, _| groups.contains_key(group));
         self.chord_winners
             .retain(|group, _| groups.contains_key(group));
+        self.unique.retain(|_, (_, until)| *until > now);
     }
 }
 
@@ -186,6 +189,40 @@ impl Backend for MemoryBackend {
         };
         self.shared.changed.notify_waiters();
         stored
+    }
+
+    async fn claim_unique(
+        &self,
+        key: &str,
+        task_uuid: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BackendError> {
+        let now = Instant::now();
+        let mut records = self.shared.lock();
+        match records.unique.get(key) {
+            Some((holder, until)) if *until > now && holder != task_uuid => {
+                Ok(Some(holder.clone()))
+            }
+            _ => {
+                let until = now.checked_add(ttl).unwrap_or(now + self.expire_in);
+                records
+                    .unique
+                    .insert(key.to_owned(), (task_uuid.to_owned(), until));
+                Ok(None)
+            }
+        }
+    }
+
+    async fn release_unique(&self, key: &str, task_uuid: &str) -> Result<(), BackendError> {
+        let mut records = self.shared.lock();
+        if records
+            .unique
+            .get(key)
+            .is_some_and(|(holder, _)| holder == task_uuid)
+        {
+            records.unique.remove(key);
+        }
+        Ok(())
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {

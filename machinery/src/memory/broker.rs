@@ -53,6 +53,8 @@ struct State {
     /// Live consumers by id: (consumer tag, queue), for [`Broker::workers`].
     consumers: HashMap<u64, (String, String)>,
     next_id: u64,
+    /// The workers listening for cancellations ([`Broker::cancellations`]).
+    cancel_listeners: Vec<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 #[derive(Default)]
@@ -153,6 +155,20 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
+    async fn publish_cancel(&self, task_uuid: &str) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        state
+            .cancel_listeners
+            .retain(|listener| listener.send(task_uuid.to_owned()).is_ok());
+        Ok(())
+    }
+
+    async fn cancellations(&self) -> Result<crate::broker::CancelReceiver, BrokerError> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.lock().cancel_listeners.push(sender);
+        Ok(receiver)
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

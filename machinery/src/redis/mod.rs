@@ -17,6 +17,6 @@ mod lock;
 pub mod url;
 
 pub use backend::{completion_channel, RedisBackend, GO_CHORD_LOCK_KEY};
-pub use broker::{dead_letter_key, RedisBroker};
+pub use broker::{dead_letter_key, RedisBroker, CANCEL_CHANNEL};
 pub use lock::RedisLock;
 pub use url::{RedisUrl, RedisUrlError};

@@ -50,6 +50,24 @@ pub const CHORD_ELECTED_HEADER: &str = "machinery_chord_elected";
 /// again. Go workers ignore it.
 pub const SENT_AGAIN_HEADER: &str = "machinery_sent_again";
 
+/// The header carrying the instant after which a task that has not started is never run (RFC 3339, UTC),
+/// set by [`Signature::expires_at`] and [`Signature::expires_in`]. Go workers ignore it and run the task.
+pub const EXPIRES_HEADER: &str = "machinery_expires_at";
+
+/// The header asking for a unique task: how long (milliseconds) the same task name with the same
+/// arguments is not queued again while this one is pending or running. Set by
+/// [`Signature::unique_for`] and `#[task(unique_for = "..")]`.
+pub const UNIQUE_FOR_HEADER: &str = "machinery_unique_for_ms";
+
+/// The header with the unique-task key the sender claimed (from the task name and arguments), which the
+/// worker releases when the task reaches its final state. Go workers ignore it.
+pub const UNIQUE_KEY_HEADER: &str = "machinery_unique_key";
+
+/// The header with the start a rate-limited task reserved (RFC 3339, UTC): a worker that fetched it
+/// before then sent it back with that ETA, and runs it when it comes back without reserving again. Go
+/// workers ignore it.
+pub const RATE_SLOT_HEADER: &str = "machinery_rate_slot";
+
 /// A task message, wire-compatible with Go machinery's `tasks.Signature`.
 ///
 /// Build typed ones with the functions `#[task]` generates (`add::signature(1, 2)`), or untyped ones by
@@ -253,6 +271,44 @@ impl<T> Signature<T> {
     pub fn timeout(self, limit: Duration) -> Self {
         let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
         self.header(TIME_LIMIT_HEADER, millis)
+    }
+
+    /// A task not started by `at` is never run: a worker that receives it later stores FAILURE with the
+    /// error `expired: ...` (sending its error callbacks) instead of running it. Travels in a header,
+    /// which Go workers ignore.
+    pub fn expires_at(self, at: DateTime<Utc>) -> Self {
+        self.header(
+            EXPIRES_HEADER,
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+    }
+
+    /// A task not started within `limit` from now is never run (see [`Signature::expires_at`]).
+    pub fn expires_in(self, limit: Duration) -> Self {
+        let limit = chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX);
+        let at = Utc::now()
+            .checked_add_signed(limit)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        self.expires_at(at)
+    }
+
+    /// When the task expires, if it does ([`Signature::expires_at`]); an unreadable header counts as
+    /// none.
+    pub fn expires(&self) -> Option<DateTime<Utc>> {
+        let text = self.header_value(EXPIRES_HEADER)?.as_str()?;
+        DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
+    }
+
+    /// Makes the task unique for `period`: sending the same task name with the same arguments while an
+    /// earlier one is pending or running returns the earlier task's handle (same id) instead of queueing
+    /// a second. The claim is released when the task reaches its final state, or after `period`,
+    /// whichever comes first. Needs a result backend that can claim keys atomically (Redis, in-memory);
+    /// elsewhere `send` fails saying so.
+    pub fn unique_for(self, period: Duration) -> Self {
+        let millis = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.header(UNIQUE_FOR_HEADER, millis)
     }
 
     /// Marks the task immutable: its results are not appended to its `OnSuccess` callbacks' arguments.

@@ -74,6 +74,17 @@ impl fmt::Display for State {
 /// which know only Go's six states, see it finished (a `REVOKED` state would make them wait forever).
 pub const REVOKED_ERROR: &str = "revoked: the task was revoked before a worker ran it";
 
+/// The error text [`Server::cancel`](crate::Server::cancel) stores for a task that no worker runs yet: a
+/// worker that receives the task later acknowledges it without running it, as for a revoked one.
+pub const CANCELLED_ERROR: &str = "cancelled: the task was cancelled before a worker ran it";
+
+/// How the error text of a cancelled task starts (one cancelled before it ran, or while it ran).
+pub const CANCELLED_ERROR_PREFIX: &str = "cancelled: ";
+
+/// How the error text of an expired task ([`Signature::expires_at`](crate::Signature::expires_at))
+/// starts; the rest says when it expired.
+pub const EXPIRED_ERROR_PREFIX: &str = "expired: ";
+
 /// One result value: `{"Type": "int64", "Value": 2}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskResult {
@@ -147,6 +158,11 @@ pub struct TaskState {
     pub created_at: DateTime<Utc>,
     /// Always 0 in JSON backends.
     pub ttl: i64,
+    /// What a running task last reported with
+    /// [`TaskContext::set_progress`](crate::TaskContext::set_progress), as JSON. Written as an extra
+    /// `Progress` key only when there is one, so every other record is Go's byte for byte; Go machinery's
+    /// JSON decoding skips the key.
+    pub progress: Option<Value>,
 }
 
 impl TaskState {
@@ -159,6 +175,7 @@ impl TaskState {
             error: String::new(),
             created_at: gotime::zero_time(),
             ttl: 0,
+            progress: None,
         }
     }
 
@@ -198,6 +215,13 @@ impl TaskState {
         state
     }
 
+    /// STARTED with the progress a running task reports.
+    pub fn progress(task_uuid: &str, task_name: &str, progress: Value) -> Self {
+        let mut state = TaskState::with_state(task_uuid, task_name, State::Started);
+        state.progress = Some(progress);
+        state
+    }
+
     /// FAILURE with the revocation error, written by [`Server::revoke`](crate::Server::revoke).
     pub fn revoked(task_uuid: &str) -> Self {
         TaskState::failure(task_uuid, "", REVOKED_ERROR)
@@ -208,9 +232,28 @@ impl TaskState {
         self.state.is_completed()
     }
 
-    /// Whether this is the state [`Server::revoke`](crate::Server::revoke) writes.
+    /// Whether this is a mark that stops a worker from starting the task: the state
+    /// [`Server::revoke`](crate::Server::revoke) writes, or the one [`Server::cancel`](crate::Server::cancel)
+    /// writes for a task that no worker runs yet.
     pub fn is_revoked(&self) -> bool {
-        self.state == State::Failure && self.error == REVOKED_ERROR
+        self.state == State::Failure
+            && (self.error == REVOKED_ERROR || self.error == CANCELLED_ERROR)
+    }
+
+    /// FAILURE with [`CANCELLED_ERROR`], written by [`Server::cancel`](crate::Server::cancel) for a task
+    /// that no worker runs yet.
+    pub fn cancelled(task_uuid: &str) -> Self {
+        TaskState::failure(task_uuid, "", CANCELLED_ERROR)
+    }
+
+    /// Whether this is the FAILURE of a cancelled task (before or while it ran).
+    pub fn is_cancelled(&self) -> bool {
+        self.state == State::Failure && self.error.starts_with(CANCELLED_ERROR_PREFIX)
+    }
+
+    /// Whether this is the FAILURE of a task that expired before a worker started it.
+    pub fn is_expired(&self) -> bool {
+        self.state == State::Failure && self.error.starts_with(EXPIRED_ERROR_PREFIX)
     }
 
     /// Keeps the task name and creation time of the record this one replaces, as Go's Redis backend does.
@@ -252,7 +295,8 @@ impl<'de> Deserialize<'de> for TimeValue {
 
 impl Serialize for TaskState {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("TaskState", 7)?;
+        let fields = if self.progress.is_some() { 8 } else { 7 };
+        let mut st = s.serialize_struct("TaskState", fields)?;
         st.serialize_field("TaskUUID", &self.task_uuid)?;
         st.serialize_field("TaskName", &self.task_name)?;
         st.serialize_field("State", self.state.as_str())?;
@@ -260,6 +304,9 @@ impl Serialize for TaskState {
         st.serialize_field("Error", &self.error)?;
         st.serialize_field("CreatedAt", &Time(&self.created_at))?;
         st.serialize_field("TTL", &self.ttl)?;
+        if let Some(progress) = &self.progress {
+            st.serialize_field("Progress", progress)?;
+        }
         st.end()
     }
 }
@@ -273,6 +320,7 @@ wire_fields!(
         Error = "Error",
         CreatedAt = "CreatedAt",
         Ttl = "TTL",
+        Progress = "Progress",
     }
 );
 
@@ -301,6 +349,9 @@ impl<'de> Deserialize<'de> for TaskState {
                         StateField::Error => st.error = map.next_value::<Lenient<String>>()?.0,
                         StateField::CreatedAt => st.created_at = map.next_value::<TimeValue>()?.0,
                         StateField::Ttl => st.ttl = map.next_value::<Lenient<i64>>()?.0,
+                        StateField::Progress => {
+                            st.progress = map.next_value::<Option<Value>>()?;
+                        }
                         StateField::Unknown => {
                             map.next_value::<IgnoredAny>()?;
                         }

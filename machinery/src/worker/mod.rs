@@ -19,9 +19,14 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 
+mod call;
+mod control;
 mod follow_up;
 mod health;
+mod log;
+pub use log::TASK_LOG_TARGET;
 mod process;
+mod rate;
 mod registry;
 mod run;
 mod signals;
@@ -155,6 +160,7 @@ pub struct Worker {
     queue: Option<String>,
     consumer_tag: String,
     shutdown_timeout: Duration,
+    cancel_grace: Duration,
     hooks: Hooks,
 }
 
@@ -186,6 +192,7 @@ impl Worker {
                 uuid::Uuid::new_v4().simple()
             ),
             shutdown_timeout: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(10),
             hooks: Hooks::default(),
         }
     }
@@ -228,6 +235,14 @@ impl Worker {
     /// How long [`launch`](Worker::launch) waits for running tasks after the first signal (default 30 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long a task [cancelled](crate::Server::cancel) while it runs may take to return after its
+    /// [`TaskContext::cancelled`](crate::TaskContext::cancelled) resolves, before its future is dropped
+    /// (default 10 s).
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = grace;
         self
     }
 
@@ -300,6 +315,8 @@ impl Worker {
         );
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
+        let control =
+            control::Control::start(self.server.broker().as_ref(), self.cancel_grace).await;
         let context = Arc::new(process::WorkerContext {
             server: self.server.clone(),
             registry,
@@ -307,6 +324,7 @@ impl Worker {
             hooks: self.hooks,
             backend_health: health::BackendHealth::default(),
             counters: consumer.counters().unwrap_or_default(),
+            control,
         });
         let handle = tokio::spawn(run::run(
             context,

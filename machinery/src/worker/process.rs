@@ -2,26 +2,26 @@
 //! tasks (callbacks, chord callback, retry), and only then acknowledge it.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::FutureExt as _;
 use tracing::Instrument;
 
+use super::call;
 use super::follow_up::{self, FollowUpFailed};
 use super::health::BackendHealth;
+use super::log;
 use super::registry::Registry;
 use super::slot::Slot;
 use super::Hooks;
 use crate::backend::BackendError;
 use crate::broker::Delivery;
 use crate::retry::{fibonacci_next, Backoff};
-use crate::task::{FailureKind, TaskContext, TaskDef, TaskFailure, TaskOutcome};
+use crate::task::{FailureKind, TaskDef, TaskFailure};
 use crate::telemetry::{metrics, trace};
 use crate::wire::signature::{
-    Arg, Signature, RETRY_ATTEMPT_HEADER, TIME_LIMIT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
+    Signature, RATE_SLOT_HEADER, RETRY_ATTEMPT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
 };
 use crate::wire::state::{State, TaskResult, TaskState};
 use crate::Server;
@@ -36,6 +36,8 @@ pub(crate) struct WorkerContext {
     pub(crate) backend_health: BackendHealth,
     /// Running, succeeded and failed tasks, published with the consumer's heartbeat where it has one.
     pub(crate) counters: std::sync::Arc<crate::broker::WorkerCounters>,
+    /// The tasks running here, for cancellation requests.
+    pub(crate) control: std::sync::Arc<super::control::Control>,
 }
 
 impl std::error::Error for TaskFailure {}
@@ -100,6 +102,7 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     );
     trace::adopt_parent(&span, signature.headers.as_ref());
     metrics::task_received(&signature.name);
+    log::received(&signature, delivery.redelivered);
     let succeeded = follow_up::already_succeeded(ctx, &mut signature, &delivery).await;
     Some(Ready {
         def,
@@ -283,14 +286,22 @@ async fn run_task(
     earlier: Option<Vec<TaskResult>>,
     slot: &mut Slot,
 ) {
+    let (signature, delivery) = match earlier {
+        Some(_) => (signature, delivery),
+        None => match super::rate::admit(ctx, def, signature, delivery).await {
+            Some(admitted) => admitted,
+            None => return,
+        },
+    };
     let signature = Arc::new(signature);
+    let redelivered = delivery.redelivered;
     let started_at = std::time::Instant::now();
     let outcome = match earlier {
         // Its side effects happened already: only what follows it is sent again.
         Some(results) => Ok(results),
         None => {
             ctx.hooks.pre_task(&signature);
-            call(ctx, def, signature.clone()).await
+            call::call(ctx, def, signature.clone(), redelivered).await
         }
     };
     let took = started_at.elapsed();
@@ -302,7 +313,7 @@ async fn run_task(
             let state = TaskState::success(&signature.uuid, &signature.name, results);
             match delivery.try_ack_with_state(&state).await {
                 Ok(()) => {
-                    finished(ctx, &signature, &state, took);
+                    done(ctx, &signature, &state, took).await;
                     return;
                 }
                 Err(delivery) => (
@@ -316,7 +327,7 @@ async fn run_task(
     };
     match finish {
         Finish::Done(state) => {
-            finished(ctx, &signature, &state, took);
+            done(ctx, &signature, &state, took).await;
             settle("ack", delivery.ack()).await;
         }
         Finish::NotStored => {
@@ -325,7 +336,7 @@ async fn run_task(
             settle("requeue", delivery.requeue(signature_body(&signature))).await;
         }
         Finish::FollowUpFailed(state, failed) => {
-            finished(ctx, &signature, &state, took);
+            done(ctx, &signature, &state, took).await;
             follow_up::requeue(ctx, &signature, delivery, failed).await;
         }
         Finish::Unstorable(error) => {
@@ -380,6 +391,15 @@ fn nothing_follows(signature: &Signature) -> bool {
         && (signature.group_uuid.is_empty() || signature.chord_callback.is_none())
 }
 
+/// Records a run whose final state is stored ([`finished`]), and releases a unique task's key once that
+/// state is final.
+async fn done(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took: Duration) {
+    finished(ctx, signature, state, took);
+    if state.is_completed() {
+        crate::unique::release(ctx.server.backend().as_ref(), signature).await;
+    }
+}
+
 /// Records a run whose final state is stored: metrics, the span's outcome and the post-task hook.
 fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took: Duration) {
     let outcome = match state.state {
@@ -390,52 +410,12 @@ fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took:
     metrics::task_finished(&signature.name, outcome, took);
     ctx.counters.finished(&state.state);
     tracing::Span::current().record("outcome", state.state.as_str());
+    log::finished(signature, state, took);
     ctx.hooks.post_task(signature, state);
 }
 
 fn signature_body(signature: &Signature) -> Vec<u8> {
     signature.to_json().unwrap_or_default()
-}
-
-/// Runs the handler, turning a panic into a FAILURE and cancelling it (by dropping it) at its time limit.
-/// It runs inside its batch's tokio task rather than a task of its own: one spawn and one
-/// cross-task wake-up less per message.
-async fn call(
-    ctx: &WorkerContext,
-    def: &'static TaskDef,
-    signature: Arc<Signature>,
-) -> TaskOutcome {
-    let task_context = TaskContext::new(signature.clone(), ctx.server.clone());
-    let args: Vec<Arg> = signature.args.clone();
-    let run = AssertUnwindSafe((def.handler)(task_context, args)).catch_unwind();
-    let time_limit = signature
-        .header_value(TIME_LIMIT_HEADER)
-        .and_then(|v| v.as_u64())
-        .map(Duration::from_millis)
-        .or(def.options.timeout);
-    let finished = match time_limit {
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(finished) => finished,
-            Err(_) => {
-                return Err(TaskFailure::new(
-                    FailureKind::TimeLimit,
-                    format!(
-                        "task {} exceeded its time limit of {limit:?} and was cancelled",
-                        def.name
-                    ),
-                ))
-            }
-        },
-        None => run.await,
-    };
-    finished.unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "task panicked".to_owned());
-        Err(TaskFailure::new(FailureKind::Panic, message))
-    })
 }
 
 /// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member. Results
@@ -518,6 +498,10 @@ async fn retry(
         .unwrap_or(0)
         .saturating_add(1);
     let mut again = signature.clone().header(RETRY_ATTEMPT_HEADER, attempt);
+    // A retry reserves a start of its own.
+    if let Some(headers) = again.headers.as_mut() {
+        headers.remove(RATE_SLOT_HEADER);
+    }
     again.retry_count -= 1;
     let delay = match (failure.retry_after, def.options.backoff) {
         (Some(delay), _) => delay,

@@ -112,6 +112,8 @@ const OPTIONS: TaskOptions = TaskOptions {
     retry_timeout: 0,
     timeout: None,
     backoff: None,
+    unique_for: None,
+    rate_limit: None,
 };
 
 fn add(_: TaskContext, args: Vec<Arg>) -> HandlerFuture {

@@ -22,6 +22,7 @@
 //! binds it with its own name rather than the binding key, so default tasks are not copied into it.
 
 mod consume;
+mod control;
 mod delays;
 mod ledger;
 mod publish;
@@ -33,6 +34,7 @@ use async_trait::async_trait;
 use lapin::types::FieldTable;
 
 use self::consume::AmqpConsumer;
+pub use self::control::CANCEL_EXCHANGE;
 use super::session::{AmqpError, ChannelSlot, Mode, QueueSpec, Session};
 use super::table::json_table;
 use super::url::ConnectError;
@@ -198,6 +200,14 @@ pub(super) fn op_error(operation: &'static str) -> impl FnOnce(AmqpError) -> Bro
 
 #[async_trait]
 impl Broker for AmqpBroker {
+    async fn publish_cancel(&self, task_uuid: &str) -> Result<(), BrokerError> {
+        self.publish_cancel_request(task_uuid).await
+    }
+
+    async fn cancellations(&self) -> Result<crate::broker::CancelReceiver, BrokerError> {
+        Ok(self.listen_for_cancellations())
+    }
+
     fn kind(&self) -> &'static str {
         "amqp"
     }

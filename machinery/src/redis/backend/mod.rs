@@ -16,6 +16,7 @@
 //!   (see [`Backend::complete_group_member`] and `docs/redis.md`), safe beside Go workers that use the
 //!   `TriggerChordMutex` lock.
 
+mod control;
 mod groups;
 mod notifier;
 
@@ -34,7 +35,7 @@ use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::wire::gotime;
-use crate::wire::state::{GroupMeta, TaskState, REVOKED_ERROR};
+use crate::wire::state::{GroupMeta, TaskState, CANCELLED_ERROR, REVOKED_ERROR};
 
 /// The channel on which a final state of `task_uuid` is announced.
 pub fn completion_channel(task_uuid: &str) -> String {
@@ -153,7 +154,14 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
     } else {
         serde_json::to_string(&gotime::format(&state.created_at))?
     };
-    let suffix = format!(",\"TTL\":{}}}", state.ttl);
+    let suffix = match &state.progress {
+        None => format!(",\"TTL\":{}}}", state.ttl),
+        Some(progress) => format!(
+            ",\"TTL\":{},\"Progress\":{}}}",
+            state.ttl,
+            serde_json::to_string(progress)?
+        ),
+    };
     Ok([
         prefix.into_bytes(),
         name.into_bytes(),
@@ -315,7 +323,7 @@ impl RedisBackend {
     ) -> redis::Cmd {
         let expire = self.inner.expire_secs.to_string().into_bytes();
         let revoked = if unless_revoked {
-            REVOKED_ERROR.as_bytes().to_vec()
+            format!("{REVOKED_ERROR}\n{CANCELLED_ERROR}").into_bytes()
         } else {
             Vec::new()
         };
@@ -530,6 +538,27 @@ impl Backend for RedisBackend {
             .await
     }
 
+    async fn claim_unique(
+        &self,
+        key: &str,
+        task_uuid: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BackendError> {
+        self.claim_unique_key(key, task_uuid, ttl).await
+    }
+
+    async fn release_unique(&self, key: &str, task_uuid: &str) -> Result<(), BackendError> {
+        self.release_unique_key(key, task_uuid).await
+    }
+
+    async fn reserve_rate_slot(
+        &self,
+        key: &str,
+        interval: Duration,
+    ) -> Result<Option<Duration>, BackendError> {
+        self.reserve_rate(key, interval).await.map(Some)
+    }
+
     async fn purge_state(&self, task_uuid: &str) -> Result<(), BackendError> {
         self.check_key(task_uuid)?;
         let mut conn = self.inner.conn.clone();
@@ -558,6 +587,15 @@ mod tests {
                 serde_json::json!(18446744073709551615u64),
             )],
         );
+        state.created_at = chrono::Utc::now();
+        let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
+        assert_eq!(joined, state.to_json().unwrap());
+    }
+
+    #[test]
+    fn progress_joins_into_the_records_json() {
+        let mut state =
+            TaskState::progress("task_1", "add", serde_json::json!({"done": 1, "total": 2}));
         state.created_at = chrono::Utc::now();
         let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
         assert_eq!(joined, state.to_json().unwrap());

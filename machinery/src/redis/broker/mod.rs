@@ -27,6 +27,7 @@
 mod acker;
 pub(super) mod card;
 mod consumer;
+mod control;
 mod envelope;
 mod keys;
 
@@ -39,6 +40,7 @@ use chrono::Utc;
 use redis::{Client, RedisError};
 
 use self::consumer::RedisConsumer;
+pub use self::control::CANCEL_CHANNEL;
 pub(super) use self::envelope::Envelope;
 pub use self::keys::dead_letter_key;
 pub(super) use self::keys::QueueKeys;
@@ -317,6 +319,14 @@ async fn recover(
 
 #[async_trait]
 impl Broker for RedisBroker {
+    async fn publish_cancel(&self, task_uuid: &str) -> Result<(), BrokerError> {
+        self.publish_cancel_request(task_uuid).await
+    }
+
+    async fn cancellations(&self) -> Result<crate::broker::CancelReceiver, BrokerError> {
+        Ok(self.listen_for_cancellations())
+    }
+
     fn kind(&self) -> &'static str {
         "redis"
     }

@@ -10,7 +10,8 @@
 -- ARGV[4]  JSON text after the CreatedAt value
 -- ARGV[5]  expiry in seconds
 -- ARGV[6]  channel to announce the last state on (the message is its JSON), or ''
--- ARGV[7]  the revocation error text, or '' (then no revocation check)
+-- ARGV[7]  the error texts of the marks that stop a start (revoked, cancelled), one per line, or ''
+--          (then no revocation check)
 -- ARGV[8..] one or more "middles": the text from after TaskName up to CreatedAt (State, Results, Error),
 --          one state each
 -- last     with KEYS[2] only: the message's exact bytes, removed from KEYS[2] once the states are
@@ -21,8 +22,8 @@
 -- failure leaves the message in flight (it runs again) and never acknowledged without its state.
 -- A key that holds anything but a string (a queue's list, say) is never replaced: the script answers
 -- WRONGTYPE and changes nothing.
--- Returns 1; with a revocation text, writes nothing and returns 0 if the previous record is that
--- revocation. Only strings are read from the old record; the JSON text we made is stored as it is (big
+-- Returns 1; with revocation texts, writes nothing and returns 0 if the previous record is one of those
+-- marks. Only strings are read from the old record; the JSON text we made is stored as it is (big
 -- integers in results stay exact). The old record is decoded only when a look at its text cannot tell:
 -- a record without results holds TaskName and CreatedAt once, at the top level, as plain JSON strings
 -- that are copied as they are, and a record without the word FAILURE is no revocation.
@@ -46,7 +47,11 @@ local function decoded()
 end
 if ARGV[7] ~= '' and raw and string.find(raw, 'FAILURE', 1, true) then
   local t = decoded()
-  if t and t['State'] == 'FAILURE' and t['Error'] == ARGV[7] then return 0 end
+  if t and t['State'] == 'FAILURE' then
+    for text in string.gmatch(ARGV[7], '[^\n]+') do
+      if t['Error'] == text then return 0 end
+    end
+  end
 end
 local plain = raw and not string.find(raw, '"Results":[', 1, true)
 local function kept(key, default)

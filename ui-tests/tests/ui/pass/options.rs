@@ -31,8 +31,55 @@ async fn hours() -> Result<(), TaskError> {
     Ok(())
 }
 
+#[task(unique_for = "1h")]
+async fn unique_report(day: String) -> Result<String, TaskError> {
+    Ok(day)
+}
+
+#[task(rate_limit = "50/s")]
+async fn per_second() -> Result<(), TaskError> {
+    Ok(())
+}
+
+#[task(rate_limit = "10/m", unique_for = 30)]
+async fn per_minute() -> Result<(), TaskError> {
+    Ok(())
+}
+
+#[task(rate_limit = "500/h")]
+async fn per_hour() -> Result<(), TaskError> {
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
+    use machinery::rate_limit::RateLimit;
+    assert_eq!(
+        per_second::task().options.rate_limit,
+        Some(RateLimit::new(50, Duration::from_secs(1)))
+    );
+    assert_eq!(
+        per_minute::task().options.rate_limit,
+        Some(RateLimit::new(10, Duration::from_secs(60)))
+    );
+    assert_eq!(per_minute::task().options.unique_for, Some(Duration::from_secs(30)));
+    assert_eq!(
+        per_hour::task().options.rate_limit.map(|l| l.interval()),
+        Some(Duration::from_millis(7200))
+    );
+    assert_eq!(add::task().options.rate_limit, None);
+    assert_eq!(
+        unique_report::task().options.unique_for,
+        Some(Duration::from_secs(3600))
+    );
+    let sig = unique_report::signature("monday");
+    assert_eq!(
+        sig.header_value(machinery::UNIQUE_FOR_HEADER)
+            .and_then(|v| v.as_u64()),
+        Some(3_600_000)
+    );
+    assert_eq!(add::task().options.unique_for, None);
+
     let def = add::task();
     assert_eq!(def.name, "Add");
     assert_eq!(add::NAME, "Add");
