@@ -212,6 +212,30 @@ async fn the_api_and_pages_count_what_was_queued_and_the_actions_do_what_they_sa
     );
     assert_eq!(web.get("/api/tasks/task_nope_never").await.status, 404);
 
+    // What a running task reported with `ctx.set_progress` shows in the API and on its page.
+    let progressing = format!("task_{}_progress", w.id);
+    let progress = serde_json::json!({"done": 3, "total": 7});
+    w.server
+        .backend()
+        .set_state(&machinery::TaskState::progress(
+            &progressing,
+            "web_add",
+            progress.clone(),
+        ))
+        .await
+        .unwrap();
+    let task = web.get_json(&format!("/api/tasks/{progressing}")).await;
+    assert_eq!(task["state"]["State"], "STARTED");
+    assert_eq!(task["state"]["Progress"], progress);
+    let task_page = web.get(&format!("/tasks/{progressing}?queue={q}")).await;
+    assert!(
+        task_page.body.contains(
+            r#"data-field="progress"><code>{&quot;done&quot;:3,&quot;total&quot;:7}</code>"#
+        ),
+        "{}",
+        task_page.body
+    );
+
     // Nothing changes on GET.
     assert_eq!(web.get(&format!("/api/queues/{q}/purge")).await.status, 405);
     // A POST without the CSRF token is refused, and changes nothing.

@@ -278,8 +278,14 @@ pub(crate) async fn task(
                     } @else {
                         tr { th { "State" } td { "no state stored" } }
                     }
-                    // Progress reported by a running task would go here (issue 17).
-                    tr #progress { th { "Progress" } td.note { "–" } }
+                    // What the task reported with `ctx.set_progress` (stored with its STARTED record).
+                    tr #progress {
+                        th { "Progress" }
+                        @match view.state.as_ref().and_then(|s| s.progress.as_ref()) {
+                            Some(progress) => td data-field="progress" { code { (cut(&progress.to_string())) } },
+                            None => td.note { "–" },
+                        }
+                    }
                     @if let Some((place, m)) = &view.message {
                         tr { th { "Message" } td { (place) " in queue " a href=(queue_path(&queue)) { (cut(&queue)) } } }
                         @if let Some(s) = m.signature() {
