@@ -25,6 +25,9 @@ pub enum Service {
     Memcached,
     /// A second memcached on `MACHINERY_TEST_MEMCACHE2_ADDR` (default `127.0.0.1:11212`).
     Memcached2,
+    /// The Redis Cluster `scripts/services.sh up` starts: 3 masters and 3 replicas on 127.0.0.1:7000-7005
+    /// (`MACHINERY_TEST_REDIS_CLUSTER_ADDR` names the first seed, default `127.0.0.1:7000`).
+    RedisCluster,
 }
 
 impl Service {
@@ -35,6 +38,7 @@ impl Service {
             Service::RabbitMq => ("MACHINERY_TEST_AMQP_ADDR", "127.0.0.1:5672"),
             Service::Memcached => ("MACHINERY_TEST_MEMCACHE_ADDR", "127.0.0.1:11211"),
             Service::Memcached2 => ("MACHINERY_TEST_MEMCACHE2_ADDR", "127.0.0.1:11212"),
+            Service::RedisCluster => ("MACHINERY_TEST_REDIS_CLUSTER_ADDR", "127.0.0.1:7000"),
         };
         std::env::var(var).unwrap_or_else(|_| default.to_owned())
     }
@@ -45,6 +49,11 @@ impl Service {
             Service::Redis => format!("redis://{}", self.addr()),
             Service::RabbitMq => format!("amqp://guest:guest@{}/", self.addr()),
             Service::Memcached | Service::Memcached2 => format!("memcache://{}", self.addr()),
+            // Seeds on every master of the local topology (one is enough; more survive a dead seed).
+            Service::RedisCluster => match std::env::var("MACHINERY_TEST_REDIS_CLUSTER_ADDR") {
+                Ok(addr) => format!("redis://{addr}"),
+                Err(_) => "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005".to_owned(),
+            },
         }
     }
 

@@ -24,12 +24,15 @@ pub enum Setup {
     AmqpRedis,
     /// AMQP broker, memcached result backend.
     AmqpMemcache,
+    /// Redis broker and Redis result backend on the local Redis Cluster (`REDIS_CLUSTER_MODE`).
+    RedisCluster,
 }
 
 #[derive(Clone, Copy)]
 enum Part {
     Memory,
     Redis,
+    RedisCluster,
     Amqp,
     Memcached,
 }
@@ -44,6 +47,7 @@ impl Setup {
             Setup::Amqp => (Part::Amqp, Part::Amqp),
             Setup::AmqpRedis => (Part::Amqp, Part::Redis),
             Setup::AmqpMemcache => (Part::Amqp, Part::Memcached),
+            Setup::RedisCluster => (Part::RedisCluster, Part::RedisCluster),
         }
     }
 
@@ -55,12 +59,19 @@ impl Setup {
         let url = |part: Part| match part {
             Part::Memory => Some("memory://".to_owned()),
             Part::Redis => require(Service::Redis, test).then(|| Service::Redis.url()),
+            Part::RedisCluster => {
+                require(Service::RedisCluster, test).then(|| Service::RedisCluster.url())
+            }
             Part::Amqp => require(Service::RabbitMq, test).then(|| Service::RabbitMq.url()),
             Part::Memcached => require(Service::Memcached, test).then(|| Service::Memcached.url()),
         };
         let mut config = Config::new(url(broker)?, url(backend)?).with_default_queue(&queue);
         // Results expire soon: these tests do not delete their keys and queues.
         config.results_expire_in = 60;
+        if let Part::RedisCluster = broker {
+            config.redis.cluster_enabled = true;
+            config.redis.delayed_tasks_poll_period = 50;
+        }
         if let Part::Redis = broker {
             // A delayed-task set of its own, polled often, so ETAs and retries are prompt.
             config.redis.delayed_tasks_key = format!("{queue}_delayed");
