@@ -21,6 +21,7 @@
 mod ceiling;
 mod child;
 mod cli;
+mod cluster;
 mod commands;
 mod error;
 mod measure;
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let flavor = match &cli.command {
         Some(cli::Command::Worker(args)) => args.runtime,
-        None => cli::WorkerRuntime::Multi,
+        Some(cli::Command::Cluster(_)) | None => cli::WorkerRuntime::Multi,
     };
     let runtime = match flavor.build() {
         Ok(runtime) => runtime,
@@ -57,6 +58,10 @@ fn main() -> ExitCode {
         Some(cli::Command::Worker(args)) => (
             "machinery-bench worker",
             runtime.block_on(child::worker_main(args)),
+        ),
+        Some(cli::Command::Cluster(args)) => (
+            "machinery-bench cluster",
+            runtime.block_on(cluster::run(args)),
         ),
         None => (
             "machinery-bench",
