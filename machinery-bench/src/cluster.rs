@@ -188,7 +188,7 @@ async fn drain(
         config.redis.cluster_enabled = cluster;
         let server = Server::new(config)
             .await
-            .map_err(|e| failed("connecting")(e.into()))?;
+            .map_err(failed("connecting"))?;
         fill(&server, &queue, args.tasks).await?;
         servers.push(server);
     }
