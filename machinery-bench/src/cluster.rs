@@ -186,9 +186,7 @@ async fn drain(
     for queue in queue_names(&args.cluster, queues).await? {
         let mut config = Config::new(url, "null").with_default_queue(&queue);
         config.redis.cluster_enabled = cluster;
-        let server = Server::new(config)
-            .await
-            .map_err(failed("connecting"))?;
+        let server = Server::new(config).await.map_err(failed("connecting"))?;
         fill(&server, &queue, args.tasks).await?;
         servers.push(server);
     }

@@ -156,6 +156,50 @@ async fn every_key_of_a_queue_and_of_a_chord_lands_in_one_slot() {
     running.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_senders_delayed_task_in_the_global_set_runs_on_our_worker() {
+    let test = "a_go_senders_delayed_task_in_the_global_set_runs_on_our_worker";
+    if !require(Service::RedisCluster, test) {
+        return;
+    }
+    let _turn = TURNS.lock().await;
+    assert!(cluster::wait_healthy(Duration::from_secs(60)).await);
+    let queue = unique("go_eta");
+    let server = Server::new(config(&queue)).await.unwrap();
+    let running = Worker::auto(&server).concurrency(2).start().await.unwrap();
+    // What a Go sender writes for a task with an ETA: the signature in Go's one global sorted set, the
+    // ETA in Unix nanoseconds as its score (here due in half a second).
+    let mut signature = cl_add::signature(2, 3).erase();
+    signature.routing_key = queue.clone();
+    let uuid = signature.uuid.clone();
+    let eta = chrono::Utc::now() + chrono::Duration::milliseconds(500);
+    let seeds: Vec<String> = cluster::PORTS
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect();
+    let mut conn = redis::cluster::ClusterClient::new(seeds)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("ZADD")
+        .arg("delayed_tasks")
+        .arg(eta.timestamp_nanos_opt().unwrap())
+        .arg(signature.to_json().unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ran = eventually(Duration::from_secs(10), || async {
+        matches!(
+            server.backend().get_state(&uuid).await,
+            Ok(Some(state)) if state.state == State::Success
+        )
+    })
+    .await;
+    assert!(ran, "the task Go delayed ran on our worker");
+    running.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 /// Everything the load sent, by whether it was sent after the new master took over.
 #[derive(Debug, Default)]
 struct Sent {
@@ -262,6 +306,13 @@ async fn survives(fault: Fault, test: &str) {
         return;
     }
     let _turn = TURNS.lock().await;
+    // CLUSTER_LOG=machinery=debug shows what the workers and the sender did through the fault.
+    if let Ok(filter) = std::env::var("CLUSTER_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     assert!(
         cluster::wait_healthy(Duration::from_secs(60)).await,
         "the cluster is healthy before the test"

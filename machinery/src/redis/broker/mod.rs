@@ -26,6 +26,7 @@
 mod acker;
 mod consumer;
 mod envelope;
+mod go_delayed;
 mod keys;
 
 use std::fmt;
@@ -264,7 +265,8 @@ impl RedisBroker {
 }
 
 /// Moves due delayed tasks: from Go's global set to the queues their entries name, or on a cluster from
-/// the queue's own set (`keys.delayed`) to the queue.
+/// the queue's own set (`keys.delayed`) to the queue, and then Go's global set by claims
+/// ([`go_delayed::claim`]).
 async fn promote(inner: &Inner, keys: &QueueKeys) -> Result<u64, BrokerError> {
     let now = Utc::now()
         .timestamp_nanos_opt()
@@ -273,7 +275,7 @@ async fn promote(inner: &Inner, keys: &QueueKeys) -> Result<u64, BrokerError> {
     let at = crate::wire::gotime::format(&Utc::now());
     let mut conn = inner.conn.clone();
     if let Some(delayed) = &keys.delayed {
-        return SCRIPTS
+        let own: u64 = SCRIPTS
             .promote_queue
             .run(
                 &mut conn,
@@ -285,7 +287,8 @@ async fn promote(inner: &Inner, keys: &QueueKeys) -> Result<u64, BrokerError> {
                 &[now.as_bytes(), PROMOTE_LIMIT.as_bytes(), at.as_bytes()],
             )
             .await
-            .map_err(op("promote delayed tasks"));
+            .map_err(op("promote delayed tasks"))?;
+        return Ok(own + go_delayed::claim(inner).await?);
     }
     let dead = keys::dead_letter_key(&inner.default_queue);
     SCRIPTS
