@@ -133,6 +133,22 @@ async fn every_key_of_a_queue_and_of_a_chord_lands_in_one_slot() {
     }
     assert_eq!(slow.get(Duration::from_secs(10)).await.unwrap(), 4000);
 
+    // Inspection reads the same keys: one delayed task, one dead letter, nothing else left.
+    let inspect = server.broker().inspect().unwrap();
+    let stats = inspect.queue_stats(&queue).await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.delayed, stats.in_flight, stats.dead),
+        (0, Some(1), Some(0), Some(1)),
+        "{stats:?}"
+    );
+    let dead = inspect.dead_letters(&queue, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("cl_nobody_knows"),
+        "{}",
+        dead[0].reason
+    );
+
     // A chord: the group record (Go's key, the group uuid) and our progress beside it share a slot.
     let group = Group::new((0..4).map(|k| cl_add::signature(k, 1)));
     let chord = server
