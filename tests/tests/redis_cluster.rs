@@ -288,6 +288,35 @@ async fn load(
     }
 }
 
+/// Sends in the last moments before the fault: rounds of `BURST` single tasks at once, until the new
+/// master took over. What the master acknowledged and had not yet passed to its replica is what a
+/// SIGKILL can lose. Returns the acknowledged ids and how many sends failed.
+const BURST: usize = 16;
+
+async fn burst(sender: Server, taken_over: Arc<AtomicBool>) -> (Vec<String>, usize) {
+    let (mut acknowledged, mut refused) = (Vec::new(), 0);
+    let mut tick = 0i64;
+    while !taken_over.load(Ordering::SeqCst) {
+        let mut round = tokio::task::JoinSet::new();
+        for _ in 0..BURST {
+            tick += 1;
+            let sender = sender.clone();
+            round.spawn(async move {
+                cl_add::send(&sender, tick, 1)
+                    .await
+                    .map(|r| r.uuid().to_owned())
+            });
+        }
+        while let Some(sent) = round.join_next().await {
+            match sent {
+                Ok(Ok(id)) => acknowledged.push(id),
+                _ => refused += 1,
+            }
+        }
+    }
+    (acknowledged, refused)
+}
+
 async fn unfinished(sender: &Server, ids: &[String]) -> Vec<String> {
     let mut left = Vec::new();
     for id in ids {
@@ -358,6 +387,8 @@ async fn survives(fault: Fault, test: &str) {
 
     let master = cluster::master_of(&queue).await;
     let replica = cluster::replica_of(master).await;
+    let bursting = tokio::spawn(burst(sender.clone(), taken_over.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let hit = Instant::now();
     match fault {
         Fault::ManualFailover => cluster::failover(replica).await,
@@ -373,6 +404,7 @@ async fn survives(fault: Fault, test: &str) {
     );
     let takeover = hit.elapsed();
     taken_over.store(true, Ordering::SeqCst);
+    let (burst_sent, burst_refused) = bursting.await.unwrap();
 
     // A task sent now is served by the new master's queue.
     let fresh = Instant::now();
@@ -391,6 +423,7 @@ async fn survives(fault: Fault, test: &str) {
     let sent = std::mem::take(&mut *sent.lock().unwrap());
     let left_after = wait_done(&sender, &sent.after, Duration::from_secs(30)).await;
     let left_before = wait_done(&sender, &sent.before, Duration::from_secs(10)).await;
+    let burst_lost = wait_done(&sender, &burst_sent, Duration::from_secs(10)).await;
 
     if fault == Fault::KillMaster {
         cluster::restart(master);
@@ -399,7 +432,8 @@ async fn survives(fault: Fault, test: &str) {
     eprintln!(
         "{fault:?} of :{master} (replica :{replica} master after {takeover:?}; a fresh task served in \
          {served_again:?}): sent {} results before the takeover, {} lost; {} after, {} lost; {} sends \
-         refused during the failover ({} single tasks, {} chains of 3, {} chords of 5)",
+         refused during the failover ({} single tasks, {} chains of 3, {} chords of 5); a burst of \
+         {BURST} sends at once up to the takeover: {} acknowledged, {} lost, {} refused",
         sent.before.len(),
         left_before.len(),
         sent.after.len(),
@@ -408,6 +442,9 @@ async fn survives(fault: Fault, test: &str) {
         sent.singles,
         sent.chains,
         sent.chords,
+        burst_sent.len(),
+        burst_lost.len(),
+        burst_refused,
     );
     assert!(
         sent.singles >= 30 && sent.chains >= 6 && sent.chords >= 3,
