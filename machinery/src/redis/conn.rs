@@ -108,6 +108,7 @@ pub(crate) async fn open(
     };
     if config.cluster_enabled {
         let seeds = cluster::seed_urls(url).map_err(refused)?;
+        // `seed_urls` gives at least one URL or an error.
         let first = seeds[0].clone();
         let failed = |source: redis::RedisError| OpenError {
             url: first.redacted(),
