@@ -4,9 +4,10 @@
 #
 #   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212; TLS
 #                              # listeners requiring client certificates: Redis :6390, and RabbitMQ
-#                              # :5676 (a node of its own, machinery-tls@localhost); Chromium with
-#                              # chromedriver for the dashboard's browser test (installed only: the
-#                              # test starts chromedriver on a free port and stops it)
+#                              # :5676 (a node of its own, machinery-tls@localhost); a Redis Cluster of
+#                              # 3 masters + 3 replicas on :7000-7005; Chromium with chromedriver for the
+#                              # dashboard's browser test (installed only: the test starts chromedriver
+#                              # on a free port and stops it)
 #   scripts/services.sh down   # stops what `up` started (and only that)
 #
 # State (what we started) is kept in target/services/. The TLS listeners use a private CA and a server
@@ -217,8 +218,81 @@ tls_down() {
   fi
 }
 
+cluster_ports=(7000 7001 7002 7003 7004 7005)
+
+# A Redis Cluster of 3 masters and 3 replicas on 127.0.0.1:7000-7005 (cluster bus on 17000-17005), each
+# node with a directory of its own under target/services/cluster/<port>. The cluster tests fail over and
+# kill nodes, and restart a killed one as a replica (tests/src/cluster.rs), so whichever node is master
+# where does not matter; `down` stops the nodes this script started.
+cluster_node_up() { # port
+  local port=$1 dir="$PWD/$state_dir/cluster/$1"
+  mkdir -p "$dir"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --dir "$dir" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --save '' --appendonly no --logfile "$dir/redis.log" --pidfile "$dir/redis.pid"
+}
+
+cluster_up() {
+  local port running=0
+  for port in "${cluster_ports[@]}"; do
+    if reachable 127.0.0.1 "$port"; then running=$((running + 1)); fi
+  done
+  if [ "$running" -eq "${#cluster_ports[@]}" ] \
+    && redis-cli -p 7000 cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
+    log "redis cluster :7000-7005: running"; return
+  fi
+  if [ "$running" -ne 0 ]; then
+    log "redis cluster: some of 127.0.0.1:7000-7005 are taken but no healthy cluster answers there"
+    return 1
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "redis cluster :7000-7005: starting"
+  rm -rf "$state_dir/cluster"
+  for port in "${cluster_ports[@]}"; do
+    cluster_node_up "$port"
+    echo "$port" >>"$state_dir/started-cluster"
+  done
+  for port in "${cluster_ports[@]}"; do wait_for "redis cluster node :$port" "$port" 20; done
+  redis-cli --cluster create 127.0.0.1:7000 127.0.0.1:7001 127.0.0.1:7002 \
+    127.0.0.1:7003 127.0.0.1:7004 127.0.0.1:7005 --cluster-replicas 1 --cluster-yes >/dev/null
+  local i
+  for ((i = 0; i < 300; i++)); do
+    if [ "$(cluster_ok_nodes)" -eq "${#cluster_ports[@]}" ]; then
+      log "redis cluster :7000-7005: ok"; return 0
+    fi
+    sleep 0.1
+  done
+  log "redis cluster did not reach cluster_state:ok within 30s"
+  return 1
+}
+
+cluster_ok_nodes() { # how many nodes report cluster_state:ok
+  local port n=0
+  for port in "${cluster_ports[@]}"; do
+    if redis-cli -p "$port" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then n=$((n + 1)); fi
+  done
+  echo "$n"
+}
+
+cluster_down() {
+  [ -f "$state_dir/started-cluster" ] || return 0
+  local port pidfile pid i
+  while read -r port; do
+    pidfile="$state_dir/cluster/$port/redis.pid"
+    if [ -f "$pidfile" ]; then
+      pid=$(cat "$pidfile")
+      kill "$pid" 2>/dev/null || true
+      for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      rm -f "$pidfile"
+    fi
+  done <"$state_dir/started-cluster"
+  rm -f "$state_dir/started-cluster"
+  log "redis cluster :7000-7005: stopped"
+}
+
 down() {
   tls_down
+  cluster_down
   if [ -f "$state_dir/started-memcached" ]; then
     while read -r port; do
       pidfile="$state_dir/memcached-$port.pid"
@@ -244,6 +318,7 @@ case "${1:-up}" in
     tls_certs
     redis_tls_up
     rabbitmq_tls_up
+    cluster_up
     ;;
   down) down ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;

@@ -43,6 +43,8 @@ pub(crate) enum Command {
     /// all on one thread: the run to count instructions of under `valgrind --tool=callgrind`
     /// (docs/benchmarks.md, "Instructions per task")
     Count(CountArgs),
+    /// Drain rate on one Redis node against a Redis Cluster, with one queue and with three
+    Cluster(ClusterArgs),
 }
 
 /// What `count` runs.
@@ -54,6 +56,30 @@ pub(crate) struct CountArgs {
     /// Worker concurrency
     #[arg(long, default_value_t = 10)]
     pub(crate) concurrency: usize,
+}
+
+/// The options of `machinery-bench cluster`.
+#[derive(Debug, Args)]
+pub(crate) struct ClusterArgs {
+    /// The single node.
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
+    pub(crate) single: String,
+    /// The cluster's seed nodes.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
+    )]
+    pub(crate) cluster: String,
+    /// Tasks per queue.
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) tasks: u64,
+    /// Concurrency of each queue's worker.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) concurrency: usize,
+    /// Runs per row (the median is shown).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeat: usize,
 }
 
 /// What the worker process runs: one worker of the no-op task on one queue.

@@ -21,6 +21,7 @@
 mod ceiling;
 mod child;
 mod cli;
+mod cluster;
 mod commands;
 mod count;
 mod error;
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Worker(args)) => args.runtime,
         // One thread, so that the count does not depend on how work spreads over threads.
         Some(cli::Command::Count(_)) => cli::WorkerRuntime::Current,
-        None => cli::WorkerRuntime::Multi,
+        Some(cli::Command::Cluster(_)) | None => cli::WorkerRuntime::Multi,
     };
     let runtime = match flavor.build() {
         Ok(runtime) => runtime,
@@ -64,6 +65,10 @@ fn main() -> ExitCode {
         Some(cli::Command::Count(args)) => (
             "machinery-bench count",
             runtime.block_on(count::count(args)),
+        ),
+        Some(cli::Command::Cluster(args)) => (
+            "machinery-bench cluster",
+            runtime.block_on(cluster::run(args)),
         ),
         None => (
             "machinery-bench",

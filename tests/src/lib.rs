@@ -8,6 +8,7 @@
 //! delay its connections (`tests/tests/faults_redis.rs`).
 
 pub mod amqp;
+pub mod cluster;
 pub mod fault_proxy;
 pub mod tasks;
 pub mod tls;
@@ -32,6 +33,9 @@ pub enum Service {
     /// A RabbitMQ node of its own with only a TLS listener, which requires client certificates, on
     /// `MACHINERY_TEST_AMQP_TLS_ADDR` (default `127.0.0.1:5676`).
     RabbitMqTls,
+    /// The Redis Cluster `scripts/services.sh up` starts: 3 masters and 3 replicas on 127.0.0.1:7000-7005
+    /// (`MACHINERY_TEST_REDIS_CLUSTER_ADDR` names the first seed, default `127.0.0.1:7000`).
+    RedisCluster,
 }
 
 impl Service {
@@ -44,6 +48,7 @@ impl Service {
             Service::Memcached2 => ("MACHINERY_TEST_MEMCACHE2_ADDR", "127.0.0.1:11212"),
             Service::RedisTls => ("MACHINERY_TEST_REDIS_TLS_ADDR", "127.0.0.1:6390"),
             Service::RabbitMqTls => ("MACHINERY_TEST_AMQP_TLS_ADDR", "127.0.0.1:5676"),
+            Service::RedisCluster => ("MACHINERY_TEST_REDIS_CLUSTER_ADDR", "127.0.0.1:7000"),
         };
         std::env::var(var).unwrap_or_else(|_| default.to_owned())
     }
@@ -56,6 +61,11 @@ impl Service {
             Service::Memcached | Service::Memcached2 => format!("memcache://{}", self.addr()),
             Service::RedisTls => format!("rediss://{}", self.addr()),
             Service::RabbitMqTls => format!("amqps://guest:guest@{}/", self.addr()),
+            // Seeds on every master of the local topology (one is enough; more survive a dead seed).
+            Service::RedisCluster => match std::env::var("MACHINERY_TEST_REDIS_CLUSTER_ADDR") {
+                Ok(addr) => format!("redis://{addr}"),
+                Err(_) => "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005".to_owned(),
+            },
         }
     }
 

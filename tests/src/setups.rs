@@ -30,12 +30,15 @@ pub enum Setup {
     /// AMQP broker and result backend over mutual TLS (`amqps://…@127.0.0.1:5676/`, a RabbitMQ node of
     /// its own).
     AmqpTls,
+    /// Redis broker and Redis result backend on the local Redis Cluster (`REDIS_CLUSTER_MODE`).
+    RedisCluster,
 }
 
 #[derive(Clone, Copy)]
 enum Part {
     Memory,
     Redis,
+    RedisCluster,
     Amqp,
     Memcached,
     RedisTls,
@@ -54,6 +57,7 @@ impl Setup {
             Setup::AmqpMemcache => (Part::Amqp, Part::Memcached),
             Setup::RedisTls => (Part::RedisTls, Part::RedisTls),
             Setup::AmqpTls => (Part::AmqpTls, Part::AmqpTls),
+            Setup::RedisCluster => (Part::RedisCluster, Part::RedisCluster),
         }
     }
 
@@ -65,6 +69,9 @@ impl Setup {
         let url = |part: Part| match part {
             Part::Memory => Some("memory://".to_owned()),
             Part::Redis => require(Service::Redis, test).then(|| Service::Redis.url()),
+            Part::RedisCluster => {
+                require(Service::RedisCluster, test).then(|| Service::RedisCluster.url())
+            }
             Part::Amqp => require(Service::RabbitMq, test).then(|| Service::RabbitMq.url()),
             Part::Memcached => require(Service::Memcached, test).then(|| Service::Memcached.url()),
             Part::RedisTls => require(Service::RedisTls, test).then(|| Service::RedisTls.url()),
@@ -78,6 +85,10 @@ impl Setup {
         }
         // Results expire soon: these tests do not delete their keys and queues.
         config.results_expire_in = 60;
+        if let Part::RedisCluster = broker {
+            config.redis.cluster_enabled = true;
+            config.redis.delayed_tasks_poll_period = 50;
+        }
         if let Part::Redis | Part::RedisTls = broker {
             // A delayed-task set of its own, polled often, so ETAs and retries are prompt.
             config.redis.delayed_tasks_key = format!("{queue}_delayed");

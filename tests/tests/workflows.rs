@@ -545,6 +545,7 @@ macro_rules! on_every_setup {
         on_setup!(amqp_memcache, machinery_tests::setups::Setup::AmqpMemcache, [$($name),*]);
         on_setup!(redis_tls, machinery_tests::setups::Setup::RedisTls, [$($name),*]);
         on_setup!(amqp_tls, machinery_tests::setups::Setup::AmqpTls, [$($name),*]);
+        on_setup!(redis_cluster, machinery_tests::setups::Setup::RedisCluster, [$($name),*]);
     };
 }
 

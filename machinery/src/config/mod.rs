@@ -267,7 +267,9 @@ pub struct RedisConfig {
     pub client_name: String,
     /// Sentinel master name (env `REDIS_MASTER_NAME`).
     pub master_name: String,
-    /// Use Redis Cluster (env `REDIS_CLUSTER_ENABLED`, or v1's `REDIS_CLUSTER_MODE`).
+    /// Use Redis Cluster (env `REDIS_CLUSTER_ENABLED`, or v1's `REDIS_CLUSTER_MODE`): the broker and
+    /// result backend URLs name seed nodes (`redis://h1:p1,h2:p2`), and each queue's keys share its slot
+    /// (`docs/redis.md`, "Redis Cluster").
     #[serde(alias = "cluster_mode")]
     pub cluster_enabled: bool,
     /// Milliseconds after which a Redis worker that stopped renewing its heartbeat counts as dead, and

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
@@ -19,6 +21,7 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::cluster;
 use super::url::{RedisAddr, RedisUrl};
 use crate::config::{RedisConfig, TlsConfig};
 
@@ -67,19 +70,83 @@ pub(crate) struct OpenError {
     pub(crate) source: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
 
+/// What connections are opened to: one server, or a Redis Cluster through its seed nodes.
+// One per broker or backend, built once: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    /// One server.
+    Single(Client),
+    /// A cluster: its client, and a plain client per seed (for pub/sub, which any node relays).
+    Cluster {
+        client: ClusterClient,
+        seeds: Vec<Client>,
+    },
+}
+
+impl Endpoint {
+    /// Clients of single servers for pub/sub: the server, or each seed of a cluster (a cluster relays
+    /// every `PUBLISH` to all its nodes, so any seed that answers will do).
+    pub(crate) fn pubsub_clients(&self) -> Vec<Client> {
+        match self {
+            Endpoint::Single(client) => vec![client.clone()],
+            Endpoint::Cluster { seeds, .. } => seeds.clone(),
+        }
+    }
+}
+
 /// Parses `url` and connects a client and its self-healing connection, for a broker, a result backend or
 /// a lock (`role`, named in the one warning of an unchecked TLS connection). A TLS handshake that fails
-/// is told in plain words ([`crate::tls::explain`]), at once: no retry mends a wrong certificate.
+/// is told in plain words ([`crate::tls::explain`]), at once: no retry mends a wrong certificate. With
+/// `config.cluster_enabled` the URL names the seed nodes of a Redis Cluster (see [`super::cluster`]); the
+/// returned URL is the first seed's.
 pub(crate) async fn open(
     url: &str,
     config: &RedisConfig,
     tls: &TlsConfig,
     role: &'static str,
-) -> Result<(RedisUrl, Client, Healing), OpenError> {
-    let parsed = RedisUrl::parse(url).map_err(|e| OpenError {
+) -> Result<(RedisUrl, Endpoint, Healing), OpenError> {
+    let refused = |e: super::url::RedisUrlError| OpenError {
         url: super::url::redact(url),
         source: Box::new(e),
-    })?;
+    };
+    if config.cluster_enabled {
+        let seeds = cluster::seed_urls(url).map_err(refused)?;
+        // `seed_urls` gives at least one URL or an error.
+        let first = seeds[0].clone();
+        let failed = |source: Box<dyn std::error::Error + Send + Sync + 'static>| OpenError {
+            url: first.redacted(),
+            source,
+        };
+        let cluster = cluster::client(
+            &seeds,
+            tcp_settings(),
+            secs(config.connect_timeout),
+            secs(config.read_timeout),
+        )
+        .map_err(|e| failed(Box::new(e)))?;
+        let conn = cluster
+            .get_async_connection()
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+        let plain = seeds
+            .iter()
+            .map(|seed| client(seed, tls, role).map(|(client, _)| client))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(failed)?;
+        let healing = Healing {
+            link: Link::Cluster(conn),
+        };
+        return Ok((
+            first,
+            Endpoint::Cluster {
+                client: cluster,
+                seeds: plain,
+            },
+            healing,
+        ));
+    }
+    let parsed = RedisUrl::parse(url).map_err(refused)?;
     let failed = |source: Box<dyn std::error::Error + Send + Sync + 'static>| OpenError {
         url: parsed.redacted(),
         source,
@@ -91,7 +158,7 @@ pub(crate) async fn open(
             None => failed(Box::new(error)),
         }
     })?;
-    Ok((parsed, client, conn))
+    Ok((parsed, Endpoint::Single(client), conn))
 }
 
 /// A client for `url`, whose TCP connections carry [`tcp_settings`] and, for `rediss://`, the CA and
@@ -170,7 +237,7 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResul
         .get_connection_manager_with_config(settings.clone())
         .await?;
     Ok(Healing {
-        shared: Arc::new(HealingShared {
+        link: Link::Single(Arc::new(HealingShared {
             client: client.clone(),
             settings,
             db: manager.get_db(),
@@ -179,7 +246,7 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResul
                 manager,
                 abandoned: CancellationToken::new(),
             }),
-        }),
+        })),
     })
 }
 
@@ -191,9 +258,19 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResul
 /// caller that saw the link go silent ([`Healing::replace`]), swaps in a new manager; the commands still
 /// waiting on the old one fail at once as dropped by the connection (the broker retries its safe
 /// operations on the new one). Clones share the connection.
+///
+/// On a Redis Cluster it is the `redis` crate's cluster connection instead, which follows `MOVED` and
+/// `ASK`, reloads the slot map after a failover and reconnects to each node by itself; a pipeline whose
+/// commands live in different slots runs as ordered single commands ([`cluster::in_order`]).
 #[derive(Clone)]
 pub(crate) struct Healing {
-    shared: Arc<HealingShared>,
+    link: Link,
+}
+
+#[derive(Clone)]
+enum Link {
+    Single(Arc<HealingShared>),
+    Cluster(ClusterConnection),
 }
 
 struct HealingShared {
@@ -230,39 +307,51 @@ fn abandoned() -> RedisError {
 }
 
 impl Healing {
+    /// The cluster connection, on a Redis Cluster.
+    pub(crate) fn cluster(&self) -> Option<ClusterConnection> {
+        match &self.link {
+            Link::Single(_) => None,
+            Link::Cluster(conn) => Some(conn.clone()),
+        }
+    }
+
+    /// Which connection is in use; pass it to [`Healing::replace`] after watching it go silent. (Always 0
+    /// on a cluster, whose connection replaces its node links by itself.)
+    pub(crate) fn generation(&self) -> u64 {
+        match &self.link {
+            Link::Single(shared) => shared.current().number,
+            Link::Cluster(_) => 0,
+        }
+    }
+
+    /// Replaces the connection with a new one (connected on first use), if it is still `generation`
+    /// (so many callers that saw the same silence replace it once); the commands waiting on the old one
+    /// fail at once. Returns whether it replaced it (never on a cluster: see [`Healing`]).
+    pub(crate) fn replace(&self, generation: u64, why: &str) -> bool {
+        match &self.link {
+            Link::Single(shared) => shared.replace(generation, why),
+            Link::Cluster(_) => false,
+        }
+    }
+}
+
+impl HealingShared {
     fn current(&self) -> Generation {
-        self.shared
-            .current
+        self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Which connection is in use; pass it to [`Healing::replace`] after watching it go silent.
-    pub(crate) fn generation(&self) -> u64 {
-        self.shared
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .number
-    }
-
-    /// Replaces the connection with a new one (connected on first use), if it is still `generation`
-    /// (so many callers that saw the same silence replace it once); the commands waiting on the old one
-    /// fail at once. Returns whether it replaced it.
-    pub(crate) fn replace(&self, generation: u64, why: &str) -> bool {
+    fn replace(&self, generation: u64, why: &str) -> bool {
         let old = {
-            let mut current = self
-                .shared
-                .current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
             if current.number != generation {
                 return false;
             }
             let fresh = match ConnectionManager::new_lazy_with_config(
-                self.shared.client.clone(),
-                self.shared.settings.clone(),
+                self.client.clone(),
+                self.settings.clone(),
             ) {
                 Ok(fresh) => fresh,
                 Err(error) => {
@@ -309,10 +398,16 @@ impl Healing {
 impl ConnectionLike for Healing {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            self.request(|mut manager| {
-                Box::pin(async move { manager.send_packed_command(cmd).await })
-            })
-            .await
+            match &mut self.link {
+                Link::Single(shared) => {
+                    shared
+                        .request(|mut manager| {
+                            Box::pin(async move { manager.send_packed_command(cmd).await })
+                        })
+                        .await
+                }
+                Link::Cluster(conn) => conn.req_packed_command(cmd).await,
+            }
         })
     }
 
@@ -323,31 +418,135 @@ impl ConnectionLike for Healing {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            self.request(|mut manager| {
-                Box::pin(async move { manager.send_packed_commands(cmd, offset, count).await })
-            })
-            .await
+            match &mut self.link {
+                Link::Single(shared) => {
+                    shared
+                        .request(|mut manager| {
+                            Box::pin(async move {
+                                manager.send_packed_commands(cmd, offset, count).await
+                            })
+                        })
+                        .await
+                }
+                Link::Cluster(conn) => match conn.req_packed_commands(cmd, offset, count).await {
+                    // Refused before anything was sent: the commands go one by one, in order.
+                    Err(error) if cluster::is_cross_slot(&error) && !cmd.is_transaction() => {
+                        cluster::in_order(conn, cmd, offset, count).await
+                    }
+                    other => other,
+                },
+            }
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.shared.db
+        match &self.link {
+            Link::Single(shared) => shared.db,
+            Link::Cluster(_) => 0,
+        }
     }
 }
 
 /// A connection of its own for blocking commands (`BLMOVE`), which would stall every other command on a
 /// shared multiplexed connection. Its response timeout is the blocking command's own plus a margin
 /// ([`silence_limit`]): a link that stays silent past it is dead, and the caller replaces it.
+///
+/// On a cluster it is a cluster connection of its own: its commands (all on one queue's slot) go to the
+/// node that serves the queue, and it follows `MOVED`/`ASK` and failovers like the shared one.
 pub(crate) async fn blocking_connection(
-    client: &Client,
+    endpoint: &Endpoint,
     config: &RedisConfig,
-) -> RedisResult<redis::aio::MultiplexedConnection> {
-    let settings = AsyncConnectionConfig::new()
-        .set_response_timeout(Some(silence_limit(config)))
-        .set_connection_timeout(secs(config.connect_timeout));
-    client
-        .get_multiplexed_async_connection_with_config(&settings)
-        .await
+) -> RedisResult<Blocking> {
+    match endpoint {
+        Endpoint::Single(client) => {
+            let settings = AsyncConnectionConfig::new()
+                .set_response_timeout(Some(silence_limit(config)))
+                .set_connection_timeout(secs(config.connect_timeout));
+            client
+                .get_multiplexed_async_connection_with_config(&settings)
+                .await
+                .map(Blocking::Single)
+        }
+        Endpoint::Cluster { client, .. } => {
+            let settings = redis::cluster::ClusterConfig::new()
+                .set_response_timeout(silence_limit(config))
+                .set_connection_timeout(
+                    secs(config.connect_timeout).unwrap_or(Duration::from_secs(10)),
+                );
+            client
+                .get_async_connection_with_config(settings)
+                .await
+                .map(Blocking::Cluster)
+        }
+    }
+}
+
+/// The connection a consumer's blocking fetch uses ([`blocking_connection`]).
+pub(crate) enum Blocking {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Blocking {
+    /// Runs a command that names no key (`CLIENT INFO`) on the server that holds `key`: on a cluster, the
+    /// node this connection's commands for `key` go to.
+    pub(crate) async fn on_node_of<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: Cmd,
+    ) -> RedisResult<T> {
+        match self {
+            Blocking::Single(conn) => cmd.query_async(conn).await,
+            Blocking::Cluster(conn) => {
+                redis::from_redis_value(cluster::on_node_of(conn, key, cmd).await?)
+                    .map_err(RedisError::from)
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Blocking {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Blocking::Single(conn) => conn.req_packed_command(cmd),
+            Blocking::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Blocking::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Blocking::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Blocking::Single(conn) => conn.get_db(),
+            Blocking::Cluster(_) => 0,
+        }
+    }
+}
+
+/// Runs a command that names no key (`CLIENT KILL`) on the server that holds `key`, over the shared
+/// connection.
+pub(crate) async fn on_node_of<T: redis::FromRedisValue>(
+    conn: &Healing,
+    key: &str,
+    cmd: Cmd,
+) -> RedisResult<T> {
+    match conn.cluster() {
+        None => cmd.query_async(&mut conn.clone()).await,
+        Some(mut cluster) => {
+            redis::from_redis_value(cluster::on_node_of(&mut cluster, key, cmd).await?)
+                .map_err(RedisError::from)
+        }
+    }
 }
 
 /// A Lua script run with `EVALSHA`, loaded on first use and again after `NOSCRIPT` (a restarted or

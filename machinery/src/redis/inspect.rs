@@ -36,7 +36,7 @@ const STEP: usize = 1000;
 #[async_trait]
 impl Inspect for RedisBroker {
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.inner.keys(queue);
         let mut conn = self.inner.conn.clone();
         let (pending, delayed, in_flight, dead): (u64, u64, u64, u64) = INSPECT_SCRIPTS
             .stats
@@ -44,7 +44,10 @@ impl Inspect for RedisBroker {
                 &mut conn,
                 &[
                     queue.as_bytes(),
-                    self.delayed_key().as_bytes(),
+                    keys.delayed
+                        .as_deref()
+                        .unwrap_or(self.delayed_key())
+                        .as_bytes(),
                     keys.consumers.as_bytes(),
                     keys.dead.as_bytes(),
                 ],
@@ -105,7 +108,7 @@ impl Inspect for RedisBroker {
         }
         let mut conn = self.inner.conn.clone();
         let raw: Vec<Vec<u8>> = conn
-            .lrange(dead_letter_key(queue), 0, (limit - 1) as isize)
+            .lrange(self.inner.keys(queue).dead, 0, (limit - 1) as isize)
             .await
             .map_err(op("list dead letters"))?;
         Ok(raw
@@ -296,7 +299,7 @@ async fn requeue_dead_letters(
     queue: &str,
     task_uuid: Option<&str>,
 ) -> Result<u64, BrokerError> {
-    let dead = dead_letter_key(queue);
+    let dead = inner.keys(queue).dead;
     let mut conn = inner.conn.clone();
     // Entries are identified by their exact bytes; `settle` removes one and pushes its body onto the
     // queue in one step, and does nothing if another client removed it first.
@@ -377,7 +380,8 @@ async fn list_workers(inner: &Inner) -> Result<Vec<WorkerInfo>, BrokerError> {
     }
     let consumers: Vec<(QueueKeys, String)> = consumers
         .into_iter()
-        .map(|(queue, tag)| (QueueKeys::new(&queue), tag))
+        // The scan finds the one-server layout's registries (a cluster's are in each node's keyspace).
+        .map(|(queue, tag)| (QueueKeys::new(&queue, false), tag))
         .collect();
     let (now_secs, now_micros): (i64, i64) = redis::cmd("TIME")
         .query_async(&mut conn)

@@ -11,12 +11,13 @@
 
 mod backend;
 mod broker;
+mod cluster;
 mod conn;
 mod inspect;
 mod lock;
 pub mod url;
 
 pub use backend::{completion_channel, RedisBackend, GO_CHORD_LOCK_KEY};
-pub use broker::{dead_letter_key, RedisBroker, CANCEL_CHANNEL};
+pub use broker::{cluster_dead_letter_key, dead_letter_key, RedisBroker, CANCEL_CHANNEL};
 pub use lock::RedisLock;
 pub use url::{RedisUrl, RedisUrlError};

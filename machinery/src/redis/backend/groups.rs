@@ -13,8 +13,16 @@ use crate::wire::state::{GroupMeta, TaskState};
 /// The key Go machinery's workers lock (redsync) around their chord trigger.
 pub const GO_CHORD_LOCK_KEY: &str = "TriggerChordMutex";
 
-/// The keys of a group's chord progress, beside Go's group record.
-fn chord_keys(group_uuid: &str) -> [String; 3] {
+/// The keys of a group's chord progress, beside Go's group record; on a Redis Cluster
+/// `{<group uuid>}:chord…`, in the group record's slot.
+fn chord_keys(group_uuid: &str, cluster: bool) -> [String; 3] {
+    if cluster {
+        return [
+            format!("{{{group_uuid}}}:chord:done"),
+            format!("{{{group_uuid}}}:chord:members"),
+            format!("{{{group_uuid}}}:chord"),
+        ];
+    }
     [
         format!("machinery:chord:{group_uuid}:done"),
         format!("machinery:chord:{group_uuid}:members"),
@@ -88,17 +96,23 @@ impl RedisBackend {
         task_uuid: &str,
         group_task_count: u32,
     ) -> Result<bool, BackendError> {
-        let [done, members, progress] = chord_keys(group_uuid);
+        let cluster = self.inner.cluster;
+        let [done, members, progress] = chord_keys(group_uuid, cluster);
         let count = group_task_count.to_string();
         let expire = self.inner.expire_secs.to_string();
-        let keys = [
+        let mut keys = vec![
             group_uuid.as_bytes(),
             done.as_bytes(),
             members.as_bytes(),
             progress.as_bytes(),
-            GO_CHORD_LOCK_KEY.as_bytes(),
         ];
-        let args = [task_uuid.as_bytes(), count.as_bytes(), expire.as_bytes()];
+        let mut args = vec![task_uuid.as_bytes(), count.as_bytes(), expire.as_bytes()];
+        if cluster {
+            // Go's lock is another slot; members finished by Go workers are not counted (docs/redis.md).
+            args.push(b"own");
+        } else {
+            keys.push(GO_CHORD_LOCK_KEY.as_bytes());
+        }
         // A Go worker holds its chord lock for a GET and a SET; it expires after 8 s if that worker died.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
@@ -129,7 +143,7 @@ impl RedisBackend {
     /// Deletes Go's group record and our chord progress beside it.
     pub(super) async fn delete_group(&self, group_uuid: &str) -> Result<(), BackendError> {
         self.check_key(group_uuid)?;
-        let [done, members, progress] = chord_keys(group_uuid);
+        let [done, members, progress] = chord_keys(group_uuid, self.inner.cluster);
         let mut conn = self.inner.conn.clone();
         conn.del::<_, ()>(&[group_uuid.to_owned(), done, members, progress])
             .await

@@ -25,12 +25,12 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::{AsyncCommands as _, Client, RedisError, RedisResult};
+use redis::{AsyncCommands as _, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
-use super::conn::{self, is_noscript, Healing, Lua};
+use super::conn::{self, is_noscript, Endpoint, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
@@ -50,8 +50,10 @@ pub struct RedisBackend {
 
 struct Inner {
     url: RedisUrl,
-    client: Client,
+    endpoint: Endpoint,
     conn: Healing,
+    /// On a Redis Cluster: chord progress keys in the cluster layout, and no cross-slot reads.
+    cluster: bool,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
     /// Keys a task or group id must not name: the default queue, its dead letters, the delayed-task set.
@@ -174,7 +176,7 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
 impl RedisBackend {
     /// Connects to the Redis server named by `config.result_backend`.
     pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
-        let (url, client, conn) = conn::open(
+        let (url, endpoint, conn) = conn::open(
             &config.result_backend,
             &config.redis,
             &config.tls.for_result_backend(),
@@ -189,8 +191,9 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 url,
-                client,
+                endpoint,
                 conn,
+                cluster: config.redis.cluster_enabled,
                 expire_secs: config.results_expire_in_secs(),
                 notifier: OnceCell::new(),
                 reserved: [

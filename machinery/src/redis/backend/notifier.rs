@@ -78,7 +78,7 @@ impl RedisBackend {
     async fn notifier(&self) -> &Notifier {
         self.inner
             .notifier
-            .get_or_init(|| async { Notifier::start(self.inner.client.clone()) })
+            .get_or_init(|| async { Notifier::start(self.inner.endpoint.pubsub_clients()) })
             .await
     }
 }
@@ -155,12 +155,12 @@ impl Drop for Waiter {
 }
 
 impl Notifier {
-    fn start(client: Client) -> Notifier {
+    fn start(clients: Vec<Client>) -> Notifier {
         let shared = Arc::new(NotifierShared::default());
         let (sender, receiver) = mpsc::unbounded_channel();
         *shared.unsubscribe.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
         let reader =
-            AbortOnDropHandle::new(tokio::spawn(Self::read(client, shared.clone(), receiver)));
+            AbortOnDropHandle::new(tokio::spawn(Self::read(clients, shared.clone(), receiver)));
         Notifier {
             shared,
             _reader: reader,
@@ -200,14 +200,20 @@ impl Notifier {
         waiter
     }
 
-    /// Owns the pub/sub connection: wakes waiters, unsubscribes channels nobody waits on, reconnects.
+    /// Owns the pub/sub connection: wakes waiters, unsubscribes channels nobody waits on, reconnects (to
+    /// the next of `clients` each time, the seeds of a cluster, any of which relays every announcement).
     async fn read(
-        client: Client,
+        clients: Vec<Client>,
         shared: Arc<NotifierShared>,
         mut unsubscribe: mpsc::UnboundedReceiver<String>,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut next = 0;
         loop {
+            let Some(client) = clients.get(next % clients.len().max(1)) else {
+                return;
+            };
+            next += 1;
             let opened = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
                 .await
                 .unwrap_or_else(|_| {

@@ -10,9 +10,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use redis::AsyncCommands as _;
 
-use super::{
-    dead_letter_key, retrying, Envelope, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS,
-};
+use super::{retrying, Envelope, Inner, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{Acknowledger, BrokerError};
 use crate::redis::backend::RedisBackend;
 use crate::wire::state::TaskState;
@@ -140,6 +138,13 @@ impl Acknowledger for RedisAcker {
         let Some(states) = &self.states else {
             return Ok(false);
         };
+        // On a cluster the state and the in-flight list are in different slots (but by chance): the
+        // worker then writes the state and acknowledges after it, two ordered steps.
+        if self.inner.config.cluster_enabled
+            && !crate::redis::cluster::same_slot(&state.task_uuid, &self.inflight)
+        {
+            return Ok(false);
+        }
         let cmd = states
             .state_and_ack_cmd(state, &self.inflight, &self.original)
             .map_err(|error| BrokerError::operation("store the state and acknowledge", error))?;
@@ -158,7 +163,8 @@ impl Acknowledger for RedisAcker {
         reason: String,
     ) -> Result<(), BrokerError> {
         let envelope = Envelope::encode(&self.queue, &reason, Utc::now(), &body);
-        self.settle(&dead_letter_key(&self.queue), &envelope).await
+        let dead = self.inner.keys(&self.queue).dead;
+        self.settle(&dead, &envelope).await
     }
 
     /// Moves the message from the in-flight list back to the head of the queue, in a task of its own.
@@ -172,7 +178,7 @@ impl Acknowledger for RedisAcker {
         // One more count, removed when the give-back is done (the acker's own count goes with it below).
         self.outstanding.add(self.hash);
         let (inner, outstanding, hash) = (self.inner.clone(), self.outstanding.clone(), self.hash);
-        let redelivered = QueueKeys::new(&self.queue).redelivered;
+        let redelivered = self.inner.keys(&self.queue).redelivered;
         let (queue, inflight, body) = (
             self.queue.clone(),
             self.inflight.clone(),

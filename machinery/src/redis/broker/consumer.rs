@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands as _, RedisError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -19,7 +18,7 @@ use super::card::{CardWriter, GONE_KEPT};
 use super::{op, promote, recover, retrying, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{BrokerError, ConsumeOptions, Consumer, Delivery};
 use crate::redis::backend::RedisBackend;
-use crate::redis::conn::{self, is_noscript};
+use crate::redis::conn::{self, is_noscript, Blocking};
 
 /// Most messages one fetch takes, whatever the worker asks.
 const MAX_FETCH: usize = 1000;
@@ -84,7 +83,7 @@ async fn background(
                     tracing::warn!(queue = %keys.queue, recovered, "returned the in-flight messages of workers whose heartbeat expired to the queue; those tasks run again");
                 }
             }
-            let promoted = promote(&inner).await?;
+            let promoted = promote(&inner, &keys).await?;
             if promoted > 0 {
                 tracing::debug!(promoted, "moved due delayed tasks to their queues");
             }
@@ -195,7 +194,7 @@ pub(super) struct RedisConsumer {
     /// Who runs this consumer and its task counters, written with each heartbeat.
     card: CardWriter,
     /// The connection `BLMOVE` blocks on, and who it is on the server (to cut it off).
-    blocking: Option<(MultiplexedConnection, ClientId)>,
+    blocking: Option<(Blocking, ClientId)>,
     /// A blocking connection given up but not yet known to be gone on the server: until it is killed
     /// there, a `BLMOVE` it carried may still move a message into our in-flight list.
     killing: Option<ClientId>,
@@ -227,7 +226,7 @@ impl RedisConsumer {
         states: Option<RedisBackend>,
         options: &ConsumeOptions,
     ) -> Result<RedisConsumer, BrokerError> {
-        let keys = QueueKeys::new(&options.queue);
+        let keys = inner.keys(&options.queue);
         let tag = options.consumer_tag.clone();
         let heartbeat_timeout = Duration::from_millis(inner.config.heartbeat_timeout.max(500));
         let mut consumer = RedisConsumer {
@@ -369,15 +368,14 @@ impl RedisConsumer {
         };
         // Killed by id and address together: after a failover the new server may have given that id to
         // someone else. A connection already gone counts 0, which is as good.
-        let mut admin = self.inner.conn.clone();
-        let killed: Result<u64, RedisError> = redis::cmd("CLIENT")
-            .arg("KILL")
+        let mut kill = redis::cmd("CLIENT");
+        kill.arg("KILL")
             .arg("ID")
             .arg(id.id)
             .arg("ADDR")
-            .arg(&id.addr)
-            .query_async(&mut admin)
-            .await;
+            .arg(&id.addr);
+        let killed: Result<u64, RedisError> =
+            conn::on_node_of(&self.inner.conn, &self.keys.queue, kill).await;
         match killed {
             Ok(_) => {}
             Err(error) if matches!(error.kind(), redis::ErrorKind::Server(_)) => {
@@ -437,14 +435,13 @@ impl RedisConsumer {
         }
     }
 
-    async fn blocking_connection(&mut self) -> Result<&mut MultiplexedConnection, BrokerError> {
+    async fn blocking_connection(&mut self) -> Result<&mut Blocking, BrokerError> {
         if self.blocking.is_none() {
-            let mut conn = conn::blocking_connection(&self.inner.client, &self.inner.config)
+            let mut conn = conn::blocking_connection(&self.inner.endpoint, &self.inner.config)
                 .await
                 .map_err(op("connect for fetching"))?;
-            let info: String = redis::cmd("CLIENT")
-                .arg("INFO")
-                .query_async(&mut conn)
+            let info: String = conn
+                .on_node_of(&self.keys.queue, redis::cmd("CLIENT").arg("INFO").clone())
                 .await
                 .map_err(op("connect for fetching"))?;
             let id = ClientId::parse(&info).ok_or_else(|| {

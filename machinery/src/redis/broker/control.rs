@@ -29,16 +29,22 @@ impl RedisBroker {
 
     pub(super) fn listen_for_cancellations(&self) -> CancelReceiver {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(listen(self.inner.client.clone(), sender));
+        tokio::spawn(listen(self.inner.endpoint.pubsub_clients(), sender));
         receiver
     }
 }
 
-/// Subscribes to [`CANCEL_CHANNEL`] and forwards each id, reconnecting after a lost connection, until
-/// the receiver is dropped.
-async fn listen(client: Client, sender: mpsc::UnboundedSender<String>) {
+/// Subscribes to [`CANCEL_CHANNEL`] and forwards each id, reconnecting after a lost connection (to the
+/// next of `clients`: a cluster's seeds each relay every `PUBLISH`), until the receiver is dropped.
+async fn listen(clients: Vec<Client>, sender: mpsc::UnboundedSender<String>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut attempt = 0usize;
     loop {
+        let Some(client) = clients.get(attempt % clients.len().max(1)).cloned() else {
+            tracing::warn!("no server to hear cancellation requests on");
+            return;
+        };
+        attempt = attempt.wrapping_add(1);
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(CANCEL_CHANNEL).await?;

@@ -21,14 +21,17 @@
 //! - **Dead letters.** Messages the worker gives up on go to the list `<queue>.dead` as a JSON envelope
 //!   `{"queue", "reason", "at", "body"}` (`body_base64` when the body is not UTF-8).
 //!
-//! Needs Redis 6.2 or newer (`LMOVE`, `LPOP` with a count). Redis Cluster is not supported: the scripts
-//! touch keys of several queues.
+//! Needs Redis 6.2 or newer (`LMOVE`, `LPOP` with a count). On a Redis Cluster (`REDIS_CLUSTER_MODE`)
+//! the keys of each queue share its slot (`keys.rs`), and a task with a future ETA goes to its queue's
+//! own delayed set `{<queue>}:delayed` instead of Go's global one (see `docs/redis.md`, "Redis
+//! Cluster").
 
 mod acker;
 pub(super) mod card;
 mod consumer;
 mod control;
 mod envelope;
+mod go_delayed;
 mod keys;
 
 use std::fmt;
@@ -37,15 +40,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use redis::{Client, RedisError};
+use redis::RedisError;
 
 use self::consumer::RedisConsumer;
 pub use self::control::CANCEL_CHANNEL;
 pub(super) use self::envelope::Envelope;
-pub use self::keys::dead_letter_key;
 pub(super) use self::keys::QueueKeys;
+pub use self::keys::{cluster_dead_letter_key, dead_letter_key};
 use super::backend::RedisBackend;
-use super::conn::{self, is_noscript, is_transient, Healing, Lua};
+use super::conn::{self, is_noscript, is_transient, Endpoint, Healing, Lua};
 use super::url::RedisUrl;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
 use crate::config::{Config, RedisConfig};
@@ -63,7 +66,7 @@ pub struct RedisBroker {
 /// What every clone of a broker, and each of its consumers and acknowledgers, shares.
 pub(super) struct Inner {
     url: RedisUrl,
-    client: Client,
+    endpoint: Endpoint,
     // The inspection commands (`redis/inspect.rs`) read these three as well.
     pub(super) conn: Healing,
     pub(super) config: RedisConfig,
@@ -89,6 +92,7 @@ pub(super) struct Scripts {
     recover: Lua,
     release: Lua,
     promote: Lua,
+    promote_queue: Lua,
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -98,6 +102,7 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     recover: Lua::new(include_str!("../scripts/recover.lua")),
     release: Lua::new(include_str!("../scripts/release.lua")),
     promote: Lua::new(include_str!("../scripts/promote.lua")),
+    promote_queue: Lua::new(include_str!("../scripts/promote_queue.lua")),
 });
 
 /// How long redelivery marks are kept (they only serve the `redelivered` flag).
@@ -156,6 +161,11 @@ where
 }
 
 impl Inner {
+    /// The keys of `queue` (in the cluster layout on a cluster).
+    pub(super) fn keys(&self, queue: &str) -> QueueKeys {
+        QueueKeys::new(queue, self.config.cluster_enabled)
+    }
+
     /// Runs a pipeline of backend and broker commands in one round trip (retrying on connection errors),
     /// loading the backend's scripts and trying again if the server did not know them.
     async fn run_fused(
@@ -181,7 +191,7 @@ impl Inner {
 impl RedisBroker {
     /// Connects to the Redis server named by `config.broker`.
     pub async fn connect(config: &Config) -> Result<RedisBroker, BrokerError> {
-        let (url, client, conn) = conn::open(
+        let (url, endpoint, conn) = conn::open(
             &config.broker,
             &config.redis,
             &config.tls.for_broker(),
@@ -196,7 +206,7 @@ impl RedisBroker {
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 url,
-                client,
+                endpoint,
                 conn,
                 config: config.redis.clone(),
                 default_queue: config.default_queue.clone(),
@@ -228,13 +238,17 @@ impl RedisBroker {
     }
 
     /// The command that publishes `message`: `RPUSH <queue>`, or `ZADD <delayed key> <eta ns>` for a
-    /// future ETA.
+    /// future ETA (on a cluster, the queue's own `{<queue>}:delayed`).
     fn publish_cmd(&self, message: &Outgoing) -> redis::Cmd {
         match message.eta {
             Some(eta) if eta > Utc::now() => {
                 let score = eta.timestamp_nanos_opt().unwrap_or(i64::MAX);
                 let mut cmd = redis::cmd("ZADD");
-                cmd.arg(self.delayed_key()).arg(score).arg(&message.body);
+                match self.inner.keys(&message.routing_key).delayed {
+                    Some(own) => cmd.arg(own),
+                    None => cmd.arg(self.delayed_key()),
+                };
+                cmd.arg(score).arg(&message.body);
                 cmd
             }
             _ => {
@@ -245,28 +259,48 @@ impl RedisBroker {
         }
     }
 
-    /// Moves due delayed tasks to their queues; returns how many.
+    /// Moves due delayed tasks to their queues; returns how many. (On a cluster each queue has a
+    /// delayed set of its own, which its consumers promote: this promotes the default queue's.)
     pub async fn promote_delayed(&self) -> Result<u64, BrokerError> {
-        promote(&self.inner).await
+        promote(&self.inner, &self.inner.keys(&self.inner.default_queue)).await
     }
 
     /// Puts the in-flight messages of consumers of `queue` whose heartbeat has expired back on the queue;
     /// returns how many. Live consumers do this by themselves, one per queue every fifth of the heartbeat
     /// timeout (the recovery lock); this call scans at once, without the lock.
     pub async fn recover_dead_consumers(&self, queue: &str) -> Result<u64, BrokerError> {
-        let moved = recover(&self.inner, &QueueKeys::new(queue), "", Duration::ZERO).await?;
+        let moved = recover(&self.inner, &self.inner.keys(queue), "", Duration::ZERO).await?;
         Ok(moved.unwrap_or(0))
     }
 }
 
-async fn promote(inner: &Inner) -> Result<u64, BrokerError> {
+/// Moves due delayed tasks: from Go's global set to the queues their entries name, or on a cluster from
+/// the queue's own set (`keys.delayed`) to the queue, and then Go's global set by claims
+/// ([`go_delayed::claim`]).
+async fn promote(inner: &Inner, keys: &QueueKeys) -> Result<u64, BrokerError> {
     let now = Utc::now()
         .timestamp_nanos_opt()
         .unwrap_or(i64::MAX)
         .to_string();
     let at = crate::wire::gotime::format(&Utc::now());
-    let dead = keys::dead_letter_key(&inner.default_queue);
     let mut conn = inner.conn.clone();
+    if let Some(delayed) = &keys.delayed {
+        let own: u64 = SCRIPTS
+            .promote_queue
+            .run(
+                &mut conn,
+                &[
+                    delayed.as_bytes(),
+                    keys.queue.as_bytes(),
+                    keys.dead.as_bytes(),
+                ],
+                &[now.as_bytes(), PROMOTE_LIMIT.as_bytes(), at.as_bytes()],
+            )
+            .await
+            .map_err(op("promote delayed tasks"))?;
+        return Ok(own + go_delayed::claim(inner).await?);
+    }
+    let dead = keys::dead_letter_key(&inner.default_queue);
     SCRIPTS
         .promote
         .run(

@@ -5,10 +5,13 @@
 -- KEYS[2]  the finished-member set, machinery:chord:<group uuid>:done
 -- KEYS[3]  the member list, machinery:chord:<group uuid>:members (the group's task uuids, in order)
 -- KEYS[4]  the progress hash, machinery:chord:<group uuid> (fields cursor, fired, winner)
--- KEYS[5]  Go's chord lock, TriggerChordMutex
+-- KEYS[5]  Go's chord lock, TriggerChordMutex (absent on a Redis Cluster)
 -- ARGV[1]  the finished member's task uuid
 -- ARGV[2]  the group's task count
 -- ARGV[3]  expiry in seconds of the keys above
+-- ARGV[4]  'own' on a Redis Cluster: KEYS[2..4] are {<group uuid>}:chord…, in the group record's slot;
+--          only members in the set count (no member states are read, they live in other slots) and Go's
+--          lock is not looked at
 --
 -- Atomic, so exactly one call ever sees the group complete: returns 1 to that call (and sets
 -- ChordTriggered in the group record, keeping its TTL, and stores its member as the field winner of
@@ -21,13 +24,14 @@
 -- members that are in the set or whose stored state is final, and stops at the first that is not; each
 -- member is passed once, and each call reads at most one state that does not advance it.
 if redis.call('HGET', KEYS[4], 'winner') == ARGV[1] then return 1 end
-if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
+local own = ARGV[4] == 'own'
+if not own and redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if redis.call('HGET', KEYS[4], 'fired') then return 0 end
 local meta = redis.call('GET', KEYS[1])
 if redis.call('SCARD', KEYS[2]) < tonumber(ARGV[2]) then
-  if not meta then return 0 end
+  if own or not meta then return 0 end
   if redis.call('EXISTS', KEYS[3]) == 0 then
     local ok, t = pcall(cjson.decode, meta)
     if not ok or type(t) ~= 'table' or type(t['TaskUUIDs']) ~= 'table' or #t['TaskUUIDs'] == 0 then
