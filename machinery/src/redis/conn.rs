@@ -21,8 +21,9 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use super::client::client;
 use super::cluster;
-use super::url::{RedisAddr, RedisUrl};
+use super::url::RedisUrl;
 use crate::config::{RedisConfig, TlsConfig};
 
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
@@ -52,7 +53,7 @@ const KEEPALIVE_PROBES: u32 = 3;
 const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// TCP settings of every connection: keepalive probes, and on Linux a bound on unacknowledged data.
-fn tcp_settings() -> TcpSettings {
+pub(crate) fn tcp_settings() -> TcpSettings {
     let keepalive = redis::io::tcp::socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let keepalive = keepalive
@@ -159,56 +160,6 @@ pub(crate) async fn open(
         }
     })?;
     Ok((parsed, Endpoint::Single(client), conn))
-}
-
-/// A client for `url`, whose TCP connections carry [`tcp_settings`] and, for `rediss://`, the CA and
-/// client certificate of `tls`; and whether it presents a client certificate.
-pub(crate) fn client(
-    url: &RedisUrl,
-    tls: &TlsConfig,
-    role: &'static str,
-) -> Result<(Client, bool), Box<dyn std::error::Error + Send + Sync + 'static>> {
-    let mut info = url.connection_info()?.set_tcp_settings(tcp_settings());
-    let RedisAddr::Tcp { tls: true, .. } = url.addr else {
-        return Ok((Client::open(info)?, false));
-    };
-    let material = crate::tls::load(tls)?;
-    if let Some(name) = material.server_name {
-        // redis-rs checks the certificate for the host it connects to, and its connection manager
-        // takes no resolver that could connect elsewhere: a different name cannot be honoured.
-        return Err(Box::new(crate::tls::TlsError::ServerNameUnsupported {
-            name,
-            transport: "Redis",
-        }));
-    }
-    if material.insecure || url.tls_insecure {
-        crate::tls::warn_insecure(role, &url.redacted());
-        if let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
-            info = info.set_addr(redis::ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: true,
-                tls_params: None,
-            });
-        }
-    }
-    let sends_certificate = material.sends_certificate();
-    if material.ca.is_none() && material.identity.is_none() {
-        return Ok((Client::open(info)?, false));
-    }
-    let certificates = redis::TlsCertificates {
-        client_tls: material
-            .identity
-            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                client_cert,
-                client_key,
-            }),
-        root_cert: material.ca.map(|(pem, _)| pem),
-    };
-    Ok((
-        Client::build_with_tls(info, certificates)?,
-        sends_certificate,
-    ))
 }
 
 /// The connection for ordinary commands. It reconnects by itself with exponential back-off (100 ms,

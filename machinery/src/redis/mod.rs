@@ -11,6 +11,7 @@
 
 mod backend;
 mod broker;
+mod client;
 mod cluster;
 mod conn;
 mod inspect;
