@@ -85,7 +85,7 @@ async fn every_key_of_a_queue_and_of_a_chord_lands_in_one_slot() {
     let running = Worker::auto(&server).concurrency(2).start().await.unwrap();
     assert_eq!(given_back.get(Duration::from_secs(10)).await.unwrap(), 2);
     // In flight for a while ({q}:inflight:<tag>), an ETA an hour away ({q}:delayed), a task nobody
-    // knows ({q}:dead), and the worker's registry, heartbeat and recovery lock.
+    // knows ({q}:dead), and the worker's registry, heartbeat, card and recovery lock.
     let slow = cl_slow::send(&server, 4000).await.unwrap();
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
     server
@@ -106,6 +106,7 @@ async fn every_key_of_a_queue_and_of_a_chord_lands_in_one_slot() {
         "recovering",
         "dead",
         "delayed",
+        "worker",
     ]
     .into();
     let seen = Arc::new(Mutex::new(marked.into_iter().collect::<BTreeSet<String>>()));

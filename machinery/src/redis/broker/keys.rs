@@ -21,6 +21,8 @@ pub(in crate::redis) struct QueueKeys {
     pub(in crate::redis) dead: String,
     /// On a cluster, the queue's own delayed-task set (one server shares Go's `delayed_tasks`).
     pub(in crate::redis) delayed: Option<String>,
+    /// What a worker card's key starts with (the consumer tag follows; [`super::card`]).
+    pub(in crate::redis) card_prefix: String,
 }
 
 impl QueueKeys {
@@ -36,6 +38,7 @@ impl QueueKeys {
                 recovering: format!("{{{queue}}}:recovering"),
                 dead: cluster_dead_letter_key(queue),
                 delayed: Some(cluster_delayed_key(queue)),
+                card_prefix: format!("{{{queue}}}:worker:"),
             };
         }
         QueueKeys {
@@ -47,6 +50,7 @@ impl QueueKeys {
             recovering: format!("machinery:recovering:{queue}"),
             dead: dead_letter_key(queue),
             delayed: None,
+            card_prefix: format!("{}{queue}:", super::card::CARD_PREFIX),
         }
     }
 
@@ -58,9 +62,11 @@ impl QueueKeys {
         format!("{}{tag}", self.heartbeat_prefix)
     }
 
-    /// The worker card beside the heartbeat ([`super::card`]).
+    /// The worker card beside the heartbeat ([`super::card`]): `machinery:worker:<queue>:<tag>` on one
+    /// server, `{<queue>}:worker:<tag>` on a cluster (in the queue's slot, so that the scripts that
+    /// release a consumer can delete it).
     pub(in crate::redis) fn card(&self, tag: &str) -> String {
-        format!("{}{}:{tag}", super::card::CARD_PREFIX, self.queue)
+        format!("{}{tag}", self.card_prefix)
     }
 }
 
