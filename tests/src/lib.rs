@@ -25,16 +25,37 @@ pub enum Service {
     Memcached,
     /// A second memcached on `MACHINERY_TEST_MEMCACHE2_ADDR` (default `127.0.0.1:11212`).
     Memcached2,
+    /// The Redis Sentinel set of `scripts/services.sh`: the sentinels on `MACHINERY_TEST_SENTINEL_ADDRS`
+    /// (default `127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381`) watching [`SENTINEL_MASTER`], whose
+    /// master and replica are on :6380 and :6381 (either way round after a failover).
+    RedisSentinel,
+    /// The 3-node RabbitMQ cluster of `scripts/services.sh` on `MACHINERY_TEST_AMQP_CLUSTER_ADDRS`
+    /// (default `127.0.0.1:5673,127.0.0.1:5674,127.0.0.1:5675`), nodes `machinery-c1..3@localhost`.
+    RabbitMqCluster,
 }
 
+/// The master name the test sentinels watch.
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+/// The data servers of the test Sentinel set (master and replica, in either role).
+pub const SENTINEL_DATA_ADDRS: [&str; 2] = ["127.0.0.1:6380", "127.0.0.1:6381"];
+
 impl Service {
-    /// `host:port`.
+    /// `host:port` (several, comma-separated, for a topology).
     pub fn addr(self) -> String {
         let (var, default) = match self {
             Service::Redis => ("MACHINERY_TEST_REDIS_ADDR", "127.0.0.1:6379"),
             Service::RabbitMq => ("MACHINERY_TEST_AMQP_ADDR", "127.0.0.1:5672"),
             Service::Memcached => ("MACHINERY_TEST_MEMCACHE_ADDR", "127.0.0.1:11211"),
             Service::Memcached2 => ("MACHINERY_TEST_MEMCACHE2_ADDR", "127.0.0.1:11212"),
+            Service::RedisSentinel => (
+                "MACHINERY_TEST_SENTINEL_ADDRS",
+                "127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381",
+            ),
+            Service::RabbitMqCluster => (
+                "MACHINERY_TEST_AMQP_CLUSTER_ADDRS",
+                "127.0.0.1:5673,127.0.0.1:5674,127.0.0.1:5675",
+            ),
         };
         std::env::var(var).unwrap_or_else(|_| default.to_owned())
     }
@@ -45,16 +66,29 @@ impl Service {
             Service::Redis => format!("redis://{}", self.addr()),
             Service::RabbitMq => format!("amqp://guest:guest@{}/", self.addr()),
             Service::Memcached | Service::Memcached2 => format!("memcache://{}", self.addr()),
+            Service::RedisSentinel => format!("redis://{}", self.addr()),
+            Service::RabbitMqCluster => self
+                .addr()
+                .split(',')
+                .map(|addr| format!("amqp://guest:guest@{addr}/"))
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 
     fn reachable(self) -> bool {
-        let Ok(addrs) = self.addr().to_socket_addrs() else {
-            return false;
-        };
-        addrs
-            .into_iter()
-            .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+        let mut addrs: Vec<String> = self.addr().split(',').map(str::to_owned).collect();
+        if self == Service::RedisSentinel {
+            addrs.extend(SENTINEL_DATA_ADDRS.map(str::to_owned));
+        }
+        addrs.iter().all(|addr| {
+            let Ok(resolved) = addr.to_socket_addrs() else {
+                return false;
+            };
+            resolved
+                .into_iter()
+                .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+        })
     }
 }
 

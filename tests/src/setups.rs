@@ -24,6 +24,11 @@ pub enum Setup {
     AmqpRedis,
     /// AMQP broker, memcached result backend.
     AmqpMemcache,
+    /// Redis broker and result backend through Sentinel ([`Service::RedisSentinel`]).
+    RedisSentinel,
+    /// AMQP broker and result backend on the 3-node RabbitMQ cluster ([`Service::RabbitMqCluster`]),
+    /// every node's URL given, with quorum queues.
+    AmqpCluster,
 }
 
 #[derive(Clone, Copy)]
@@ -32,6 +37,8 @@ enum Part {
     Redis,
     Amqp,
     Memcached,
+    Sentinel,
+    AmqpCluster,
 }
 
 impl Setup {
@@ -44,6 +51,8 @@ impl Setup {
             Setup::Amqp => (Part::Amqp, Part::Amqp),
             Setup::AmqpRedis => (Part::Amqp, Part::Redis),
             Setup::AmqpMemcache => (Part::Amqp, Part::Memcached),
+            Setup::RedisSentinel => (Part::Sentinel, Part::Sentinel),
+            Setup::AmqpCluster => (Part::AmqpCluster, Part::AmqpCluster),
         }
     }
 
@@ -57,16 +66,28 @@ impl Setup {
             Part::Redis => require(Service::Redis, test).then(|| Service::Redis.url()),
             Part::Amqp => require(Service::RabbitMq, test).then(|| Service::RabbitMq.url()),
             Part::Memcached => require(Service::Memcached, test).then(|| Service::Memcached.url()),
+            Part::Sentinel => {
+                require(Service::RedisSentinel, test).then(|| Service::RedisSentinel.url())
+            }
+            Part::AmqpCluster => {
+                require(Service::RabbitMqCluster, test).then(|| Service::RabbitMqCluster.url())
+            }
         };
         let mut config = Config::new(url(broker)?, url(backend)?).with_default_queue(&queue);
         // Results expire soon: these tests do not delete their keys and queues.
         config.results_expire_in = 60;
-        if let Part::Redis = broker {
+        if let Part::Sentinel = broker {
+            config.redis.master_name = crate::SENTINEL_MASTER.into();
+        }
+        if let Part::AmqpCluster = broker {
+            config.amqp.queue_type = "quorum".into();
+        }
+        if let Part::Redis | Part::Sentinel = broker {
             // A delayed-task set of its own, polled often, so ETAs and retries are prompt.
             config.redis.delayed_tasks_key = format!("{queue}_delayed");
             config.redis.delayed_tasks_poll_period = 50;
         }
-        if let Part::Amqp = broker {
+        if let Part::Amqp | Part::AmqpCluster = broker {
             config.amqp.exchange = "machinery_tests_workflows".into();
             config.amqp.binding_key = queue;
             config.results_expire_in = 600;

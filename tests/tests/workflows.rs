@@ -543,6 +543,8 @@ macro_rules! on_every_setup {
         on_setup!(amqp, machinery_tests::setups::Setup::Amqp, [$($name),*]);
         on_setup!(amqp_redis, machinery_tests::setups::Setup::AmqpRedis, [$($name),*]);
         on_setup!(amqp_memcache, machinery_tests::setups::Setup::AmqpMemcache, [$($name),*]);
+        on_setup!(redis_sentinel, machinery_tests::setups::Setup::RedisSentinel, [$($name),*]);
+        on_setup!(amqp_cluster, machinery_tests::setups::Setup::AmqpCluster, [$($name),*]);
     };
 }
 

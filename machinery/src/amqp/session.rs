@@ -89,6 +89,8 @@ pub(crate) struct Session {
     current: Mutex<Option<Arc<Live>>>,
     reconnect: tokio::sync::Mutex<Reconnect>,
     generations: std::sync::atomic::AtomicU64,
+    /// The URL of the last connection (its index), `usize::MAX` before the first.
+    last_endpoint: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Session {
@@ -123,6 +125,7 @@ impl Session {
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(Reconnect::default()),
             generations: std::sync::atomic::AtomicU64::new(0),
+            last_endpoint: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -212,9 +215,20 @@ impl Session {
     }
 
     /// Tries each URL in order, like Go with `multiple_broker_separator`; the first that connects wins.
+    /// After a lost connection the turn starts at the URL after the one that was lost (a RabbitMQ node
+    /// that went away is tried last, not first).
     async fn open(&self) -> Result<Arc<Live>, AmqpError> {
+        use std::sync::atomic::Ordering;
         let mut last = None;
-        for endpoint in &self.endpoints {
+        let count = self.endpoints.len().max(1);
+        let start = match self.last_endpoint.load(Ordering::Relaxed) {
+            usize::MAX => 0,
+            lost => (lost + 1) % count,
+        };
+        for index in (0..count).map(|i| (start + i) % count) {
+            let Some(endpoint) = self.endpoints.get(index) else {
+                continue;
+            };
             let timeout = endpoint
                 .uri
                 .query
@@ -227,7 +241,8 @@ impl Session {
                         .generations
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                         + 1;
-                    tracing::debug!(role = self.role, url = %endpoint.display, generation, "connected to RabbitMQ");
+                    self.last_endpoint.store(index, Ordering::Relaxed);
+                    tracing::info!(role = self.role, url = %endpoint.display, generation, "connected to RabbitMQ");
                     return Ok(Arc::new(Live {
                         connection,
                         generation,

@@ -2,6 +2,11 @@
 //! ordinary commands ([`Healing`]), dedicated connections for blocking commands, and Lua scripts that
 //! survive a server restart (`NOSCRIPT` reloads them).
 //!
+//! Where the server is comes from an [`Endpoint`]: one fixed address, or the master that Redis Sentinels
+//! name. Behind Sentinel nothing is pinned to one address: every new connection asks the sentinels
+//! first, and a connection that breaks or lands on a demoted master (`READONLY`) is replaced by one to
+//! whichever master they name then.
+//!
 //! A link can die without a word: after a failover or a NAT table drop, the TCP connection stays open on
 //! our side and nothing ever arrives. Every connection here therefore has a response timeout, TCP
 //! keepalive (and, on Linux, `TCP_USER_TIMEOUT`), and a shared connection that goes silent is replaced
@@ -13,13 +18,15 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
-    ServerErrorKind, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, Pipeline, RedisError,
+    RedisFuture, RedisResult, ServerErrorKind, TlsMode, Value,
 };
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::url::RedisUrl;
+use super::url::{RedisAddr, RedisUrl};
 use crate::config::RedisConfig;
 
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
@@ -67,13 +74,18 @@ pub(crate) struct OpenError {
     pub(crate) source: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
 
-/// Parses `url` and connects a client and its self-healing connection, for a broker, a result backend or
-/// a lock.
+/// Parses `url` (naming sentinels when `config.master_name` is set) and connects its endpoint and
+/// self-healing connection, for a broker, a result backend or a lock.
 pub(crate) async fn open(
     url: &str,
     config: &RedisConfig,
-) -> Result<(RedisUrl, Client, Healing), OpenError> {
-    let parsed = RedisUrl::parse(url).map_err(|e| OpenError {
+) -> Result<(RedisUrl, Endpoint, Healing), OpenError> {
+    let parsed = if config.master_name.trim().is_empty() {
+        RedisUrl::parse(url)
+    } else {
+        RedisUrl::parse_sentinel(url, &config.master_name)
+    }
+    .map_err(|e| OpenError {
         url: super::url::redact(url),
         source: Box::new(e),
     })?;
@@ -81,9 +93,9 @@ pub(crate) async fn open(
         url: parsed.redacted(),
         source: Box::new(source),
     };
-    let client = client(&parsed).map_err(failed)?;
-    let conn = manager(&client, config).await.map_err(failed)?;
-    Ok((parsed, client, conn))
+    let endpoint = Endpoint::new(&parsed, config).map_err(failed)?;
+    let conn = manager(&endpoint, config).await.map_err(failed)?;
+    Ok((parsed, endpoint, conn))
 }
 
 /// A client for `url`, whose TCP connections carry [`tcp_settings`].
@@ -91,13 +103,117 @@ pub(crate) fn client(url: &RedisUrl) -> RedisResult<Client> {
     Client::open(url.connection_info()?.set_tcp_settings(tcp_settings()))
 }
 
+/// Where connections go: one server, or the master the sentinels name at the time of connecting.
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    /// A fixed address (boxed: a client is large, and endpoints are cloned into every consumer).
+    Direct(Box<Client>),
+    /// A master found through Sentinel, looked up again for every new connection.
+    Sentinel {
+        /// The sentinels (the lookups take turns on one client, which keeps their connections).
+        sentinels: Arc<tokio::sync::Mutex<SentinelClient>>,
+        /// Bound on one lookup (`REDIS_CONNECT_TIMEOUT`).
+        timeout: Option<Duration>,
+    },
+}
+
+impl Endpoint {
+    fn new(url: &RedisUrl, config: &RedisConfig) -> RedisResult<Endpoint> {
+        let RedisAddr::Sentinel {
+            master,
+            sentinels,
+            tls,
+        } = &url.addr
+        else {
+            return Ok(Endpoint::Direct(Box::new(client(url)?)));
+        };
+        let addrs = sentinels.iter().map(|(host, port)| {
+            if *tls {
+                ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    insecure: url.tls_insecure,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host.clone(), *port)
+            }
+        });
+        let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?
+            .set_client_to_redis_db(url.db)
+            .set_client_to_redis_tcp_settings(tcp_settings())
+            .set_client_to_sentinel_tcp_settings(tcp_settings());
+        if *tls {
+            let mode = if url.tls_insecure {
+                TlsMode::Insecure
+            } else {
+                TlsMode::Secure
+            };
+            builder = builder
+                .set_client_to_redis_tls_mode(mode)
+                .set_client_to_sentinel_tls_mode(mode);
+        }
+        if let Some(user) = &url.username {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = &url.password {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if !config.sentinel_password.is_empty() {
+            builder = builder.set_client_to_sentinel_password(&config.sentinel_password);
+        }
+        Ok(Endpoint::Sentinel {
+            sentinels: Arc::new(tokio::sync::Mutex::new(builder.build()?)),
+            timeout: secs(config.connect_timeout),
+        })
+    }
+
+    /// A client for the server to connect to now: behind Sentinel, the master the sentinels name (and
+    /// that says it is a master when asked).
+    pub(crate) async fn client(&self) -> RedisResult<Client> {
+        match self {
+            Endpoint::Direct(client) => Ok((**client).clone()),
+            Endpoint::Sentinel { sentinels, timeout } => {
+                let lookup = async { sentinels.lock().await.async_get_client().await };
+                let client = match timeout {
+                    Some(limit) => {
+                        tokio::time::timeout(*limit, lookup)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(RedisError::from(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "the sentinels did not name a master in time",
+                                )))
+                            })?
+                    }
+                    None => lookup.await?,
+                };
+                tracing::debug!(master = ?client.get_connection_info().addr(), "the sentinels named the master");
+                Ok(client)
+            }
+        }
+    }
+
+    /// Whether the server behind this endpoint can change (Sentinel): then a broken connection, or a
+    /// write refused as `READONLY` by a demoted master, sends the next connection to the sentinels.
+    fn follows_failover(&self) -> bool {
+        matches!(self, Endpoint::Sentinel { .. })
+    }
+}
+
+/// Whether `error` says the server we write to is no longer the master (a failover demoted it).
+pub(crate) fn is_demoted(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
 /// The connection for ordinary commands. It reconnects by itself with exponential back-off (100 ms,
 /// doubling, up to 2 s between tries); a command that fails on a dead connection returns the error and
 /// the next one waits for the new connection. A command unanswered for `read_timeout` fails, and the
 /// connection is replaced (see [`Healing`]).
-pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResult<Healing> {
+pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisResult<Healing> {
     // The manager retries its first connection for seconds; a wrong URL or password should fail at once,
     // so one plain connection is tried first.
+    let client = endpoint.client().await?;
     let probe = AsyncConnectionConfig::new().set_connection_timeout(secs(config.connect_timeout));
     drop(
         client
@@ -114,12 +230,12 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResul
         .await?;
     Ok(Healing {
         shared: Arc::new(HealingShared {
-            client: client.clone(),
+            endpoint: endpoint.clone(),
             settings,
             db: manager.get_db(),
             current: Mutex::new(Generation {
                 number: 0,
-                manager,
+                manager: Arc::new(OnceCell::new_with(Some(manager))),
                 abandoned: CancellationToken::new(),
             }),
         }),
@@ -140,7 +256,7 @@ pub(crate) struct Healing {
 }
 
 struct HealingShared {
-    client: Client,
+    endpoint: Endpoint,
     settings: ConnectionManagerConfig,
     db: i64,
     current: Mutex<Generation>,
@@ -150,7 +266,8 @@ struct HealingShared {
 #[derive(Clone)]
 struct Generation {
     number: u64,
-    manager: ConnectionManager,
+    /// Made on first use (behind Sentinel, that is when the master is looked up).
+    manager: Arc<OnceCell<ConnectionManager>>,
     /// Cancelled when this generation is replaced: its waiting commands give up.
     abandoned: CancellationToken,
 }
@@ -203,38 +320,45 @@ impl Healing {
             if current.number != generation {
                 return false;
             }
-            let fresh = match ConnectionManager::new_lazy_with_config(
-                self.shared.client.clone(),
-                self.shared.settings.clone(),
-            ) {
-                Ok(fresh) => fresh,
-                Err(error) => {
-                    tracing::warn!(%error, why, "cannot replace a silent redis connection");
-                    return false;
-                }
-            };
             std::mem::replace(
                 &mut *current,
                 Generation {
                     number: generation + 1,
-                    manager: fresh,
+                    manager: Arc::new(OnceCell::new()),
                     abandoned: CancellationToken::new(),
                 },
             )
         };
         old.abandoned.cancel();
-        tracing::warn!(why, "replaced a silent redis connection");
+        tracing::warn!(why, "replaced a redis connection");
         true
     }
 
-    /// Runs one request on the current connection; a timeout replaces the connection.
+    /// The connection manager of `generation`, made now if it is new (asking the sentinels first, if
+    /// the endpoint is theirs).
+    async fn manager_of(&self, generation: &Generation) -> RedisResult<ConnectionManager> {
+        let manager = generation
+            .manager
+            .get_or_try_init(|| async {
+                let client = self.shared.endpoint.client().await?;
+                ConnectionManager::new_lazy_with_config(client, self.shared.settings.clone())
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Runs one request on the current connection; a timeout replaces the connection, and so does,
+    /// behind Sentinel, a broken connection or a write refused by a demoted master.
     async fn request<'a, T>(
-        &self,
+        &'a self,
         send: impl FnOnce(ConnectionManager) -> RedisFuture<'a, T>,
     ) -> RedisResult<T> {
         let generation = self.current();
         let result = tokio::select! {
-            result = send(generation.manager.clone()) => result,
+            result = async {
+                let manager = self.manager_of(&generation).await?;
+                send(manager).await
+            } => result,
             () = generation.abandoned.cancelled() => Err(abandoned()),
         };
         if let Err(error) = &result {
@@ -242,6 +366,16 @@ impl Healing {
                 self.replace(
                     generation.number,
                     "a command got no answer within REDIS_READ_TIMEOUT",
+                );
+            } else if self.shared.endpoint.follows_failover()
+                && (is_demoted(error)
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_io_error())
+            {
+                self.replace(
+                    generation.number,
+                    "the master went away or was demoted; asking the sentinels again",
                 );
             }
         }
@@ -282,13 +416,15 @@ impl ConnectionLike for Healing {
 /// shared multiplexed connection. Its response timeout is the blocking command's own plus a margin
 /// ([`silence_limit`]): a link that stays silent past it is dead, and the caller replaces it.
 pub(crate) async fn blocking_connection(
-    client: &Client,
+    endpoint: &Endpoint,
     config: &RedisConfig,
 ) -> RedisResult<redis::aio::MultiplexedConnection> {
     let settings = AsyncConnectionConfig::new()
         .set_response_timeout(Some(silence_limit(config)))
         .set_connection_timeout(secs(config.connect_timeout));
-    client
+    endpoint
+        .client()
+        .await?
         .get_multiplexed_async_connection_with_config(&settings)
         .await
 }
@@ -353,7 +489,9 @@ impl Lua {
 /// Whether an error means the command may not have run because the connection broke, timed out or was
 /// replaced (worth retrying once the connection is back).
 pub(crate) fn is_transient(error: &RedisError) -> bool {
-    error.is_io_error()
+    // A demoted master refused the write: it did not happen, and the sentinels name the new master.
+    is_demoted(error)
+        || error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
         || error.is_timeout()

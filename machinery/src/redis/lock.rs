@@ -36,7 +36,7 @@ fn error(operation: &'static str) -> impl FnOnce(redis::RedisError) -> LockError
 impl RedisLock {
     /// Connects to the Redis server named by `url` (any Redis URL form).
     pub async fn connect(url: &str, config: &Config) -> Result<RedisLock, LockError> {
-        let (url, _client, conn) =
+        let (url, _endpoint, conn) =
             conn::open(url, &config.redis)
                 .await
                 .map_err(|e| LockError::Operation {

@@ -37,7 +37,7 @@ use super::session::{AmqpError, ChannelSlot, Mode, QueueSpec, Session};
 use super::table::json_table;
 use super::url::ConnectError;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 /// The header naming why a message was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "machinery_dead_letter_reason";
@@ -77,21 +77,48 @@ struct Settings {
     binding_args: FieldTable,
     auto_delete: bool,
     delayed_queue: String,
+    /// Declare quorum queues (`AMQP_QUEUE_TYPE=quorum`).
+    quorum: bool,
 }
 
 impl Settings {
-    fn from_config(config: &Config) -> Self {
+    fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let a = &config.amqp;
-        Settings {
+        let quorum = match a.queue_type.trim() {
+            "" | "classic" => false,
+            "quorum" => true,
+            other => {
+                return Err(ConfigError::Invalid {
+                    setting: "AMQP_QUEUE_TYPE",
+                    value: other.to_owned(),
+                    expected: "classic or quorum",
+                })
+            }
+        };
+        let mut queue_args = json_table(&a.queue_declare_args);
+        if quorum {
+            queue_args.insert("x-queue-type".into(), quorum_type());
+        }
+        Ok(Settings {
             exchange: a.exchange.clone(),
             exchange_type: a.exchange_type.clone(),
             binding_key: a.binding_key.clone(),
             default_queue: config.default_queue.clone(),
-            queue_args: json_table(&a.queue_declare_args),
+            queue_args,
             binding_args: json_table(&a.queue_binding_args),
             auto_delete: a.auto_delete,
             delayed_queue: a.delayed_queue.clone(),
+            quorum,
+        })
+    }
+
+    /// The arguments of a delay or dead-letter queue: `args`, and the queue type when it is quorum (a
+    /// classic queue lives on one node, and its messages with it).
+    fn typed(&self, mut args: FieldTable) -> FieldTable {
+        if self.quorum {
+            args.insert("x-queue-type".into(), quorum_type());
         }
+        args
     }
 
     fn direct(&self) -> bool {
@@ -152,7 +179,7 @@ impl AmqpBroker {
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 session: Session::new("broker", endpoints),
-                settings: Settings::from_config(config),
+                settings: Settings::from_config(config).map_err(ConnectError::Url)?,
                 publish: ChannelSlot::new(Mode::Confirm),
                 topology: ChannelSlot::recycled(Mode::Plain, 5_000),
             }),
@@ -171,6 +198,11 @@ impl AmqpBroker {
     pub async fn close(&self) {
         self.inner.session.close().await;
     }
+}
+
+/// `x-queue-type = quorum`.
+fn quorum_type() -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString("quorum".into())
 }
 
 /// The key under which a task queue's declaration and binding are remembered on a connection.

@@ -24,7 +24,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::{AsyncCommands as _, Client, RedisError, RedisResult};
+use redis::{AsyncCommands as _, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
 pub use self::groups::GO_CHORD_LOCK_KEY;
@@ -49,7 +49,7 @@ pub struct RedisBackend {
 
 struct Inner {
     url: RedisUrl,
-    client: Client,
+    endpoint: conn::Endpoint,
     conn: Healing,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
@@ -166,7 +166,7 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
 impl RedisBackend {
     /// Connects to the Redis server named by `config.result_backend`.
     pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
-        let (url, client, conn) = conn::open(&config.result_backend, &config.redis)
+        let (url, endpoint, conn) = conn::open(&config.result_backend, &config.redis)
             .await
             .map_err(|e| BackendError::Connect {
                 url: e.url,
@@ -176,7 +176,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 url,
-                client,
+                endpoint,
                 conn,
                 expire_secs: config.results_expire_in_secs(),
                 notifier: OnceCell::new(),

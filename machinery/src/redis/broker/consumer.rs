@@ -416,7 +416,7 @@ impl RedisConsumer {
 
     async fn blocking_connection(&mut self) -> Result<&mut MultiplexedConnection, BrokerError> {
         if self.blocking.is_none() {
-            let mut conn = conn::blocking_connection(&self.inner.client, &self.inner.config)
+            let mut conn = conn::blocking_connection(&self.inner.endpoint, &self.inner.config)
                 .await
                 .map_err(op("connect for fetching"))?;
             let info: String = redis::cmd("CLIENT")

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use redis::{Client, RedisError};
+use redis::RedisError;
 
 use self::consumer::RedisConsumer;
 pub(super) use self::envelope::Envelope;
@@ -57,7 +57,7 @@ pub struct RedisBroker {
 /// What every clone of a broker, and each of its consumers and acknowledgers, shares.
 pub(super) struct Inner {
     url: RedisUrl,
-    client: Client,
+    endpoint: conn::Endpoint,
     // The inspection commands (`redis/inspect.rs`) read these three as well.
     pub(super) conn: Healing,
     pub(super) config: RedisConfig,
@@ -175,17 +175,18 @@ impl Inner {
 impl RedisBroker {
     /// Connects to the Redis server named by `config.broker`.
     pub async fn connect(config: &Config) -> Result<RedisBroker, BrokerError> {
-        let (url, client, conn) = conn::open(&config.broker, &config.redis)
-            .await
-            .map_err(|e| BrokerError::Connect {
-                url: e.url,
-                source: e.source,
-            })?;
+        let (url, endpoint, conn) =
+            conn::open(&config.broker, &config.redis)
+                .await
+                .map_err(|e| BrokerError::Connect {
+                    url: e.url,
+                    source: e.source,
+                })?;
         tracing::debug!(url = %url, "connected to the redis broker");
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 url,
-                client,
+                endpoint,
                 conn,
                 config: config.redis.clone(),
                 default_queue: config.default_queue.clone(),
