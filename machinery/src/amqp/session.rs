@@ -89,7 +89,7 @@ pub(crate) struct Session {
     current: Mutex<Option<Arc<Live>>>,
     reconnect: tokio::sync::Mutex<Reconnect>,
     generations: std::sync::atomic::AtomicU64,
-    /// The URL of the last connection (its index), `usize::MAX` before the first.
+    /// The index of the last connection's URL (`usize::MAX` before the first).
     last_endpoint: std::sync::atomic::AtomicUsize,
 }
 
@@ -220,15 +220,8 @@ impl Session {
     async fn open(&self) -> Result<Arc<Live>, AmqpError> {
         use std::sync::atomic::Ordering;
         let mut last = None;
-        let count = self.endpoints.len().max(1);
-        let start = match self.last_endpoint.load(Ordering::Relaxed) {
-            usize::MAX => 0,
-            lost => (lost + 1) % count,
-        };
-        for index in (0..count).map(|i| (start + i) % count) {
-            let Some(endpoint) = self.endpoints.get(index) else {
-                continue;
-            };
+        let lost = self.last_endpoint.load(Ordering::Relaxed);
+        for (index, endpoint) in super::url::turn(&self.endpoints, lost) {
             let timeout = endpoint
                 .uri
                 .query

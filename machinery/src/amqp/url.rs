@@ -85,6 +85,19 @@ pub(crate) fn endpoints(
 
 use crate::config::redact_url as redact;
 
+/// The URLs with their indexes in the order to try them: from the first, or, when the connection to the
+/// one at `lost` went away, from the one after it (wrapping round).
+pub(crate) fn turn(
+    endpoints: &[Endpoint],
+    lost: usize,
+) -> impl Iterator<Item = (usize, &Endpoint)> {
+    let start = if lost == usize::MAX { 0 } else { lost + 1 };
+    let count = endpoints.len();
+    (0..count)
+        .map(move |i| (start + i) % count.max(1))
+        .filter_map(|i| endpoints.get(i).map(|e| (i, e)))
+}
+
 /// `amqp://a/,amqp://b/` → both; a comma not followed by a scheme stays in its URL.
 fn split_nodes(urls: &str) -> Vec<&str> {
     let mut list = Vec::new();
@@ -133,6 +146,15 @@ mod tests {
             ["amqp://g:***@h1:5673/", "amqp://h2:5674/", "amqps://h3/"]
         );
         assert_eq!(list[0].uri.authority.userinfo.password, "p,w");
+    }
+
+    #[test]
+    fn the_turn_starts_after_the_node_that_was_lost() {
+        let list = endpoints("broker", "amqp://a/,amqp://b/,amqp://c/", "").unwrap();
+        let order = |lost| turn(&list, lost).map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(order(usize::MAX), [0, 1, 2]);
+        assert_eq!(order(0), [1, 2, 0]);
+        assert_eq!(order(2), [0, 1, 2]);
     }
 
     #[test]
