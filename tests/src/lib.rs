@@ -8,6 +8,7 @@
 //! delay its connections (`tests/tests/faults_redis.rs`).
 
 pub mod amqp;
+pub mod ha;
 pub mod fault_proxy;
 pub mod tasks;
 

@@ -201,6 +201,23 @@ impl Endpoint {
     }
 }
 
+/// How long a durable write waits for its replicas (`WAIT`) before it fails: long enough for a
+/// replica that is up (it acknowledges within milliseconds), short enough that a send to a master that
+/// lost its replicas fails rather than stalls the shared connection behind it.
+pub(crate) const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The error of a durable write that fewer than `wanted` replicas acknowledged.
+fn not_replicated(acknowledged: u32, wanted: u32) -> RedisResult<()> {
+    if acknowledged >= wanted {
+        return Ok(());
+    }
+    Err(RedisError::from((
+        ErrorKind::Client,
+        "the write was not acknowledged by enough replicas (REDIS_WAIT_REPLICAS)",
+        format!("{acknowledged} of {wanted} within {WAIT_TIMEOUT:?}"),
+    )))
+}
+
 /// Whether `error` says the server we write to is no longer the master (a failover demoted it).
 pub(crate) fn is_demoted(error: &RedisError) -> bool {
     error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
@@ -231,6 +248,7 @@ pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisR
     Ok(Healing {
         shared: Arc::new(HealingShared {
             endpoint: endpoint.clone(),
+            wait_replicas: config.wait_replicas,
             settings,
             db: manager.get_db(),
             current: Mutex::new(Generation {
@@ -257,6 +275,8 @@ pub(crate) struct Healing {
 
 struct HealingShared {
     endpoint: Endpoint,
+    /// `REDIS_WAIT_REPLICAS`: replicas a durable write waits for ([`Healing::write`]).
+    wait_replicas: u32,
     settings: ConnectionManagerConfig,
     db: i64,
     current: Mutex<Generation>,
@@ -345,6 +365,62 @@ impl Healing {
             })
             .await?;
         Ok(manager.clone())
+    }
+
+    /// Retries after a connection failure that the broker's safe operations get: a failover behind
+    /// Sentinel takes a second or two, which these span (50 ms doubling: 0.35 s, or 3.1 s behind Sentinel).
+    pub(crate) fn retries(&self) -> u32 {
+        if self.shared.endpoint.follows_failover() {
+            6
+        } else {
+            3
+        }
+    }
+
+    /// Runs `pipe`, every command of which ignores its reply, as a durable write: with
+    /// `REDIS_WAIT_REPLICAS=n` it ends with `WAIT n`, in the same pipeline so on the same connection
+    /// right after the writes, and fails unless `n` replicas acknowledged them within [`WAIT_TIMEOUT`]
+    /// (an acknowledged write then survives a failover to one of them).
+    pub(crate) async fn write(&self, pipe: &Pipeline) -> RedisResult<()> {
+        let mut conn = self.clone();
+        let wanted = self.shared.wait_replicas;
+        if wanted == 0 {
+            return pipe.query_async(&mut conn).await;
+        }
+        let mut pipe = pipe.clone();
+        pipe.cmd("WAIT")
+            .arg(wanted)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let (acknowledged,): (u32,) = pipe.query_async(&mut conn).await?;
+        not_replicated(acknowledged, wanted)
+    }
+
+    /// Runs `lua` as a durable write (see [`Healing::write`]) and returns its reply.
+    pub(crate) async fn run_durably<T: redis::FromRedisValue>(
+        &self,
+        lua: &Lua,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> RedisResult<T> {
+        let mut conn = self.clone();
+        let wanted = self.shared.wait_replicas;
+        if wanted == 0 {
+            return lua.run(&mut conn, keys, args).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(lua.cmd(keys, args))
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let (reply, acknowledged): (T, u32) = match pipe.query_async(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                lua.load(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
+        not_replicated(acknowledged, wanted)?;
+        Ok(reply)
     }
 
     /// Runs one request on the current connection; a timeout replaces the connection, and so does,
@@ -491,6 +567,7 @@ impl Lua {
 pub(crate) fn is_transient(error: &RedisError) -> bool {
     // A demoted master refused the write: it did not happen, and the sentinels name the new master.
     is_demoted(error)
+        || error.kind() == ErrorKind::MasterNameNotFoundBySentinel
         || error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
