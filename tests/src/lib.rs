@@ -8,8 +8,8 @@
 //! delay its connections (`tests/tests/faults_redis.rs`).
 
 pub mod amqp;
-pub mod ha;
 pub mod fault_proxy;
+pub mod ha;
 pub mod tasks;
 
 use std::net::{TcpStream, ToSocketAddrs};

@@ -113,11 +113,17 @@ async fn fail_over() -> (String, Duration) {
         master_addr().await.as_deref() == Some(target.as_str())
     })
     .await;
-    assert!(switched, "the sentinels did not switch to {target} within 30 s");
+    assert!(
+        switched,
+        "the sentinels did not switch to {target} within 30 s"
+    );
     let switch_time = started.elapsed();
     let settled =
         machinery_tests::eventually(Duration::from_secs(60), || settled_on(&target)).await;
-    assert!(settled, "the topology did not settle on {target} within 60 s");
+    assert!(
+        settled,
+        "the topology did not settle on {target} within 60 s"
+    );
     (target, switch_time)
 }
 
@@ -126,9 +132,10 @@ async fn restore() {
     if master_addr().await.as_deref() != Some(SENTINEL_DATA_ADDRS[0]) {
         fail_over().await;
     }
-    let settled =
-        machinery_tests::eventually(Duration::from_secs(60), || settled_on(SENTINEL_DATA_ADDRS[0]))
-            .await;
+    let settled = machinery_tests::eventually(Duration::from_secs(60), || {
+        settled_on(SENTINEL_DATA_ADDRS[0])
+    })
+    .await;
     assert!(settled, "the Sentinel set did not settle on :6380");
 }
 
@@ -182,8 +189,14 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
         "Sentinel failover with REDIS_WAIT_REPLICAS=1 (master switched in {switch_time:.1?}): {durable}"
     );
     restore().await;
-    assert!(durable.sent() > 30, "too little load to say anything: {durable}");
-    assert!(durable.chains.sent > 0 && durable.chords.sent > 0, "{durable}");
+    assert!(
+        durable.sent() > 30,
+        "too little load to say anything: {durable}"
+    );
+    assert!(
+        durable.chains.sent > 0 && durable.chords.sent > 0,
+        "{durable}"
+    );
     assert_eq!(
         durable.lost(),
         0,
@@ -197,7 +210,10 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
         &plain.failures[..plain.failures.len().min(5)]
     );
     restore().await;
-    assert!(plain.sent() > 30, "too little load to say anything: {plain}");
+    assert!(
+        plain.sent() > 30,
+        "too little load to say anything: {plain}"
+    );
     // Asynchronous replication loses at most what was written in the failover's window; the work sent
     // after it, on the new master, completes.
     assert!(
@@ -212,8 +228,14 @@ async fn the_lock_resolves_the_master_through_the_sentinels() {
     config.redis.master_name = SENTINEL_MASTER.into();
     let lock = machinery::connect::lock(&config).await.expect("lock");
     let key = unique("ha_lock");
-    assert!(lock.try_acquire(&key, Duration::from_secs(30)).await.unwrap());
-    assert!(!lock.try_acquire(&key, Duration::from_secs(30)).await.unwrap());
+    assert!(lock
+        .try_acquire(&key, Duration::from_secs(30))
+        .await
+        .unwrap());
+    assert!(!lock
+        .try_acquire(&key, Duration::from_secs(30))
+        .await
+        .unwrap());
     // The key is on whichever server the sentinels name master.
     let master = master_addr().await.expect("a master");
     let held: Option<String> = connect(&master).await.get(&key).await.unwrap();

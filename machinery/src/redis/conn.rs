@@ -16,21 +16,23 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::io::tcp::TcpSettings;
-use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, Pipeline, RedisError,
-    RedisFuture, RedisResult, ServerErrorKind, TlsMode, Value,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, Value,
 };
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::url::{RedisAddr, RedisUrl};
+pub(crate) use super::sentinel::Endpoint;
+use super::url::RedisUrl;
 use crate::config::RedisConfig;
 
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
-fn secs(value: u64) -> Option<Duration> {
+pub(crate) fn secs(value: u64) -> Option<Duration> {
     (value > 0).then(|| Duration::from_secs(value))
 }
 
@@ -56,7 +58,7 @@ const KEEPALIVE_PROBES: u32 = 3;
 const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// TCP settings of every connection: keepalive probes, and on Linux a bound on unacknowledged data.
-fn tcp_settings() -> TcpSettings {
+pub(crate) fn tcp_settings() -> TcpSettings {
     let keepalive = redis::io::tcp::socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let keepalive = keepalive
@@ -103,104 +105,6 @@ pub(crate) fn client(url: &RedisUrl) -> RedisResult<Client> {
     Client::open(url.connection_info()?.set_tcp_settings(tcp_settings()))
 }
 
-/// Where connections go: one server, or the master the sentinels name at the time of connecting.
-#[derive(Clone)]
-pub(crate) enum Endpoint {
-    /// A fixed address (boxed: a client is large, and endpoints are cloned into every consumer).
-    Direct(Box<Client>),
-    /// A master found through Sentinel, looked up again for every new connection.
-    Sentinel {
-        /// The sentinels (the lookups take turns on one client, which keeps their connections).
-        sentinels: Arc<tokio::sync::Mutex<SentinelClient>>,
-        /// Bound on one lookup (`REDIS_CONNECT_TIMEOUT`).
-        timeout: Option<Duration>,
-    },
-}
-
-impl Endpoint {
-    fn new(url: &RedisUrl, config: &RedisConfig) -> RedisResult<Endpoint> {
-        let RedisAddr::Sentinel {
-            master,
-            sentinels,
-            tls,
-        } = &url.addr
-        else {
-            return Ok(Endpoint::Direct(Box::new(client(url)?)));
-        };
-        let addrs = sentinels.iter().map(|(host, port)| {
-            if *tls {
-                ConnectionAddr::TcpTls {
-                    host: host.clone(),
-                    port: *port,
-                    insecure: url.tls_insecure,
-                    tls_params: None,
-                }
-            } else {
-                ConnectionAddr::Tcp(host.clone(), *port)
-            }
-        });
-        let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?
-            .set_client_to_redis_db(url.db)
-            .set_client_to_redis_tcp_settings(tcp_settings())
-            .set_client_to_sentinel_tcp_settings(tcp_settings());
-        if *tls {
-            let mode = if url.tls_insecure {
-                TlsMode::Insecure
-            } else {
-                TlsMode::Secure
-            };
-            builder = builder
-                .set_client_to_redis_tls_mode(mode)
-                .set_client_to_sentinel_tls_mode(mode);
-        }
-        if let Some(user) = &url.username {
-            builder = builder.set_client_to_redis_username(user);
-        }
-        if let Some(password) = &url.password {
-            builder = builder.set_client_to_redis_password(password);
-        }
-        if !config.sentinel_password.is_empty() {
-            builder = builder.set_client_to_sentinel_password(&config.sentinel_password);
-        }
-        Ok(Endpoint::Sentinel {
-            sentinels: Arc::new(tokio::sync::Mutex::new(builder.build()?)),
-            timeout: secs(config.connect_timeout),
-        })
-    }
-
-    /// A client for the server to connect to now: behind Sentinel, the master the sentinels name (and
-    /// that says it is a master when asked).
-    pub(crate) async fn client(&self) -> RedisResult<Client> {
-        match self {
-            Endpoint::Direct(client) => Ok((**client).clone()),
-            Endpoint::Sentinel { sentinels, timeout } => {
-                let lookup = async { sentinels.lock().await.async_get_client().await };
-                let client = match timeout {
-                    Some(limit) => {
-                        tokio::time::timeout(*limit, lookup)
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(RedisError::from(io::Error::new(
-                                    io::ErrorKind::TimedOut,
-                                    "the sentinels did not name a master in time",
-                                )))
-                            })?
-                    }
-                    None => lookup.await?,
-                };
-                tracing::debug!(master = ?client.get_connection_info().addr(), "the sentinels named the master");
-                Ok(client)
-            }
-        }
-    }
-
-    /// Whether the server behind this endpoint can change (Sentinel): then a broken connection, or a
-    /// write refused as `READONLY` by a demoted master, sends the next connection to the sentinels.
-    fn follows_failover(&self) -> bool {
-        matches!(self, Endpoint::Sentinel { .. })
-    }
-}
-
 /// How long a durable write waits for its replicas (`WAIT`) before it fails: long enough for a
 /// replica that is up (it acknowledges within milliseconds), short enough that a send to a master that
 /// lost its replicas fails rather than stalls the shared connection behind it.
@@ -242,22 +146,77 @@ pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisR
         .set_max_delay(Duration::from_secs(2))
         .set_response_timeout(secs(config.read_timeout))
         .set_connection_timeout(secs(config.connect_timeout));
-    let manager = client
-        .get_connection_manager_with_config(settings.clone())
-        .await?;
-    Ok(Healing {
-        shared: Arc::new(HealingShared {
-            endpoint: endpoint.clone(),
-            wait_replicas: config.wait_replicas,
-            settings,
-            db: manager.get_db(),
-            current: Mutex::new(Generation {
-                number: 0,
-                manager: Arc::new(OnceCell::new_with(Some(manager))),
-                abandoned: CancellationToken::new(),
-            }),
+    let plain = AsyncConnectionConfig::new()
+        .set_response_timeout(secs(config.read_timeout))
+        .set_connection_timeout(secs(config.connect_timeout));
+    let shared = HealingShared {
+        endpoint: endpoint.clone(),
+        wait_replicas: config.wait_replicas,
+        settings,
+        plain,
+        db: client.get_connection_info().redis_settings().db(),
+        current: Mutex::new(Generation {
+            number: 0,
+            switches: endpoint.switches(),
+            manager: Arc::new(OnceCell::new()),
+            abandoned: CancellationToken::new(),
         }),
+    };
+    let first = shared.link(client).await?;
+    let current = shared
+        .current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .manager
+        .clone();
+    let _ = current.set(first);
+    Ok(Healing {
+        shared: Arc::new(shared),
     })
+}
+
+/// The connection of one [`Generation`]: `redis`'s [`ConnectionManager`] for a fixed address, which
+/// reconnects by itself; behind Sentinel a plain connection, which does not, because it would reconnect
+/// to the same address, a demoted master by then (its reads stale, its writes refused): the broken
+/// connection is replaced instead, by one to the master the sentinels name.
+#[derive(Clone)]
+enum Link {
+    Managed(ConnectionManager),
+    Plain(MultiplexedConnection),
+}
+
+impl Link {
+    async fn send_packed_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Link::Managed(conn) => conn.send_packed_command(cmd).await,
+            Link::Plain(conn) => conn.send_packed_command(cmd).await,
+        }
+    }
+
+    async fn send_packed_commands(
+        &mut self,
+        cmd: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            Link::Managed(conn) => conn.send_packed_commands(cmd, offset, count).await,
+            Link::Plain(conn) => conn.send_packed_commands(cmd, offset, count).await,
+        }
+    }
+}
+
+impl HealingShared {
+    /// A new link to `client`'s server, of the kind the endpoint wants.
+    async fn link(&self, client: Client) -> RedisResult<Link> {
+        if self.endpoint.follows_failover() {
+            let conn = client
+                .get_multiplexed_async_connection_with_config(&self.plain)
+                .await?;
+            return Ok(Link::Plain(conn));
+        }
+        ConnectionManager::new_lazy_with_config(client, self.settings.clone()).map(Link::Managed)
+    }
 }
 
 /// A self-healing connection for ordinary commands: `redis`'s [`ConnectionManager`], which reconnects
@@ -278,6 +237,8 @@ struct HealingShared {
     /// `REDIS_WAIT_REPLICAS`: replicas a durable write waits for ([`Healing::write`]).
     wait_replicas: u32,
     settings: ConnectionManagerConfig,
+    /// Settings of a plain (Sentinel) link.
+    plain: AsyncConnectionConfig,
     db: i64,
     current: Mutex<Generation>,
 }
@@ -286,8 +247,10 @@ struct HealingShared {
 #[derive(Clone)]
 struct Generation {
     number: u64,
+    /// The endpoint's count of announced master switches when this generation began.
+    switches: u64,
     /// Made on first use (behind Sentinel, that is when the master is looked up).
-    manager: Arc<OnceCell<ConnectionManager>>,
+    manager: Arc<OnceCell<Link>>,
     /// Cancelled when this generation is replaced: its waiting commands give up.
     abandoned: CancellationToken,
 }
@@ -344,6 +307,7 @@ impl Healing {
                 &mut *current,
                 Generation {
                     number: generation + 1,
+                    switches: self.shared.endpoint.switches(),
                     manager: Arc::new(OnceCell::new()),
                     abandoned: CancellationToken::new(),
                 },
@@ -356,12 +320,12 @@ impl Healing {
 
     /// The connection manager of `generation`, made now if it is new (asking the sentinels first, if
     /// the endpoint is theirs).
-    async fn manager_of(&self, generation: &Generation) -> RedisResult<ConnectionManager> {
+    async fn manager_of(&self, generation: &Generation) -> RedisResult<Link> {
         let manager = generation
             .manager
             .get_or_try_init(|| async {
                 let client = self.shared.endpoint.client().await?;
-                ConnectionManager::new_lazy_with_config(client, self.shared.settings.clone())
+                self.shared.link(client).await
             })
             .await?;
         Ok(manager.clone())
@@ -427,9 +391,13 @@ impl Healing {
     /// behind Sentinel, a broken connection or a write refused by a demoted master.
     async fn request<'a, T>(
         &'a self,
-        send: impl FnOnce(ConnectionManager) -> RedisFuture<'a, T>,
+        send: impl FnOnce(Link) -> RedisFuture<'a, T>,
     ) -> RedisResult<T> {
-        let generation = self.current();
+        let mut generation = self.current();
+        if generation.switches != self.shared.endpoint.switches() {
+            self.replace(generation.number, "the sentinels announced a new master");
+            generation = self.current();
+        }
         let result = tokio::select! {
             result = async {
                 let manager = self.manager_of(&generation).await?;

@@ -14,6 +14,7 @@ mod broker;
 mod conn;
 mod inspect;
 mod lock;
+mod sentinel;
 pub mod url;
 
 pub use backend::{completion_channel, RedisBackend, GO_CHORD_LOCK_KEY};

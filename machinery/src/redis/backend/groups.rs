@@ -35,7 +35,11 @@ impl RedisBackend {
         let mut pipe = redis::pipe();
         pipe.set_ex(&meta.group_uuid, json, self.inner.expire_secs)
             .ignore();
-        self.inner.conn.write(&pipe).await.map_err(op("store group"))
+        self.inner
+            .conn
+            .write(&pipe)
+            .await
+            .map_err(op("store group"))
     }
 
     /// Go's group record, if it is still there.
