@@ -152,3 +152,92 @@ async fn stopping_the_node_a_worker_uses_loses_no_acknowledged_send_on_quorum_qu
         &tally.failures[..tally.failures.len().min(5)]
     );
 }
+
+/// The type of each queue on the cluster whose name contains `part`.
+fn queue_types(part: &str) -> Vec<(String, String)> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let output = Command::new(script)
+        .args([
+            "rabbitmqctl",
+            "1",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "type",
+        ])
+        .output()
+        .expect("run scripts/services.sh rabbitmqctl");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| name.contains(part))
+        .map(|(name, kind)| (name.to_owned(), kind.trim().to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_and_dead_letters_work_on_quorum_queues() {
+    if !require(Service::RabbitMqCluster, "quorum queues")
+        || !require(Service::Redis, "quorum queues")
+    {
+        return;
+    }
+    // On node c3 (the other test stops c1).
+    let queue = unique("quorum");
+    let mut config = config(&queue, urls_from(3));
+    config.unknown_task_requeues = 0;
+    let server = Server::new(config).await.expect("server");
+    let running = Worker::auto(&server)
+        .concurrency(2)
+        .start()
+        .await
+        .expect("worker starts");
+    // A delay parks the message in a dead-letter TTL queue, quorum too, until its ETA.
+    let sent_at = Instant::now();
+    let delayed =
+        machinery_tests::ha::ha_step::signature(0, 41).countdown(Duration::from_millis(1_500));
+    let result = server.send(delayed).await.expect("send delayed");
+    // (Checked at once: the delay queue expires twice its delay after its declaration.)
+    let types = queue_types(&queue);
+    assert!(
+        types
+            .iter()
+            .any(|(name, kind)| name.starts_with("delay.") && kind == "quorum"),
+        "no quorum delay queue: {types:?}"
+    );
+    assert_eq!(result.get(Duration::from_secs(20)).await.unwrap(), 42);
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(1_400),
+        "ran early"
+    );
+    // A task no worker knows goes to `<queue>.dead`.
+    let unknown = server
+        .send(machinery::Signature::new("nobody_knows_this_task"))
+        .await
+        .expect("send unknown");
+    let dead = machinery_tests::eventually(Duration::from_secs(20), || async {
+        server
+            .broker()
+            .inspect()
+            .expect("inspection")
+            .dead_letters(&queue, 10)
+            .await
+            .is_ok_and(|d| {
+                d.iter()
+                    .any(|d| String::from_utf8_lossy(&d.body).contains(unknown.uuid()))
+            })
+    })
+    .await;
+    assert!(dead, "the unknown task was not dead-lettered");
+    let types = queue_types(&queue);
+    for name in [queue.clone(), format!("{queue}.dead")] {
+        assert!(
+            types.contains(&(name.clone(), "quorum".to_owned())),
+            "{name} is not a quorum queue: {types:?}"
+        );
+    }
+    running
+        .shutdown(Duration::from_secs(20))
+        .await
+        .expect("worker shuts down");
+}
