@@ -95,6 +95,14 @@ impl Settings {
                 })
             }
         };
+        if quorum && a.queue_declare_args.contains_key("x-max-priority") {
+            // RabbitMQ 3.x quorum queues have no priorities; refused here rather than by a 406 later.
+            return Err(ConfigError::Invalid {
+                setting: "AMQP_QUEUE_DECLARE_ARGS",
+                value: "x-max-priority".into(),
+                expected: "no x-max-priority with AMQP_QUEUE_TYPE=quorum (quorum queues ignore priorities)",
+            });
+        }
         let mut queue_args = json_table(&a.queue_declare_args);
         if quorum {
             queue_args.insert("x-queue-type".into(), quorum_type());
@@ -294,4 +302,36 @@ fn headers_fit(message: &Outgoing, frame_max: u32) -> Result<(), BrokerError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_queues_are_declared_as_such_and_refuse_priorities() {
+        let mut config = Config::default();
+        assert!(!Settings::from_config(&config).unwrap().quorum);
+        config.amqp.queue_type = "quorum".into();
+        let settings = Settings::from_config(&config).unwrap();
+        assert!(settings.quorum);
+        assert!(settings.queue_args.inner().contains_key("x-queue-type"));
+        assert!(settings
+            .typed(FieldTable::default())
+            .inner()
+            .contains_key("x-queue-type"));
+        config
+            .amqp
+            .queue_declare_args
+            .insert("x-max-priority".into(), 10.into());
+        assert!(matches!(
+            Settings::from_config(&config),
+            Err(ConfigError::Invalid { .. })
+        ));
+        config.amqp.queue_type = "stream".into();
+        assert!(matches!(
+            Settings::from_config(&config),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
 }
