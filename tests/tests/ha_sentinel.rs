@@ -183,6 +183,7 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
     // Both runs in one test: two failovers at once would trip over each other.
     restore().await;
     the_lock_resolves_the_master_through_the_sentinels().await;
+    a_send_that_not_enough_replicas_acknowledge_fails().await;
 
     let (durable, switch_time) = run(1).await;
     eprintln!(
@@ -219,6 +220,30 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
     assert!(
         plain.lost() < plain.sent() / 2,
         "most sends lost without REDIS_WAIT_REPLICAS: {plain}"
+    );
+}
+
+/// With more replicas asked for than there are, a send is not acknowledged: it fails, saying why.
+async fn a_send_that_not_enough_replicas_acknowledge_fails() {
+    let queue = unique("ha_wait");
+    let mut config = Config::new(Service::RedisSentinel.url(), Service::RedisSentinel.url())
+        .with_default_queue(&queue);
+    config.redis.master_name = SENTINEL_MASTER.into();
+    config.redis.wait_replicas = 2;
+    let server = Server::new(config).await.expect("server");
+    let started = Instant::now();
+    let error = server
+        .send(machinery_tests::ha::ha_step::signature(0, 1))
+        .await
+        .expect_err("a send with one replica of two acknowledged");
+    assert!(
+        format!("{error:?}").contains("REDIS_WAIT_REPLICAS"),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
     );
 }
 

@@ -227,6 +227,9 @@ impl HealingShared {
 /// caller that saw the link go silent ([`Healing::replace`]), swaps in a new manager; the commands still
 /// waiting on the old one fail at once as dropped by the connection (the broker retries its safe
 /// operations on the new one). Clones share the connection.
+///
+/// Behind Sentinel the link is a plain connection instead ([`Link`]), replaced when it breaks, when a
+/// write is refused as `READONLY`, or when the sentinels announce a new master.
 #[derive(Clone)]
 pub(crate) struct Healing {
     shared: Arc<HealingShared>,
