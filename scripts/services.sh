@@ -254,5 +254,7 @@ case "${1:-up}" in
   down) down ;;
   # rabbitmqctl on one node of the RabbitMQ cluster (its cookie and name), e.g. `rabbitmqctl 2 stop_app`.
   rabbitmqctl) shift; node=$1; shift; rabbitmq_node "$node" rabbitmqctl "$@" ;;
-  *) echo "usage: $0 up|down|rabbitmqctl <1-3> <command>..." >&2; exit 2 ;;
+  # Starts a data server of the Sentinel set again (after a test killed it), e.g. `sentinel-redis 6380`.
+  sentinel-redis) sentinel_redis "$2"; wait_for "redis :$2" "$2" 20 ;;
+  *) echo "usage: $0 up|down|rabbitmqctl <1-3> <command>...|sentinel-redis <port>" >&2; exit 2 ;;
 esac

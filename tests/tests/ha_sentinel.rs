@@ -2,7 +2,9 @@
 //! :26379-26381, master `mymaster`): a sender and two workers busy with single tasks, chains and chords
 //! while `SENTINEL FAILOVER mymaster` promotes the replica. With `REDIS_WAIT_REPLICAS=1` no acknowledged
 //! send is lost and every chain and chord completes; without it, the number lost is reported
-//! (`docs/deploy.md`). The topology is put back (master :6380) before and after, so the test can rerun.
+//! (`docs/deploy.md`). Then the master is killed (`kill -9`) under the same load, with the option on: no
+//! acknowledged send is lost either. The topology is put back (master :6380) before and after, so the
+//! test can rerun.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -127,6 +129,49 @@ async fn fail_over() -> (String, Duration) {
     (target, switch_time)
 }
 
+/// Kills the master with SIGKILL, waits until the sentinels promote the replica, then starts the killed
+/// server again (empty: the sentinels make it the new master's replica) and waits until that settles.
+async fn kill_master() -> (String, Duration) {
+    let before = master_addr().await.expect("the sentinels name a master");
+    let target = SENTINEL_DATA_ADDRS
+        .into_iter()
+        .find(|addr| *addr != before)
+        .unwrap()
+        .to_owned();
+    let port = before.rsplit(':').next().unwrap().to_owned();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let pid = std::fs::read_to_string(format!("{root}/target/services/sentinel/redis-{port}.pid"))
+        .expect("the master's pid file (scripts/services.sh up)");
+    let started = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -9 {pid}");
+    let switched = machinery_tests::eventually(Duration::from_secs(60), || async {
+        master_addr().await.as_deref() == Some(target.as_str())
+    })
+    .await;
+    assert!(
+        switched,
+        "the sentinels did not promote {target} within 60 s"
+    );
+    let switch_time = started.elapsed();
+    // Only now: a master that came back before the failover would come back empty, and stay master.
+    let restarted = std::process::Command::new(format!("{root}/scripts/services.sh"))
+        .args(["sentinel-redis", &port])
+        .status()
+        .expect("scripts/services.sh sentinel-redis");
+    assert!(restarted.success(), "redis :{port} does not start again");
+    let settled =
+        machinery_tests::eventually(Duration::from_secs(60), || settled_on(&target)).await;
+    assert!(
+        settled,
+        "the topology did not settle on {target} within 60 s"
+    );
+    (target, switch_time)
+}
+
 /// Puts the topology back as `scripts/services.sh` made it: master :6380, its replica online.
 async fn restore() {
     if master_addr().await.as_deref() != Some(SENTINEL_DATA_ADDRS[0]) {
@@ -141,7 +186,7 @@ async fn restore() {
 
 /// One run: two workers and a sender through the sentinels, a failover after 1.5 s of load, 1.5 s more
 /// load on the new master, then every acknowledged send counted.
-async fn run(wait_replicas: u32) -> (Tally, Duration) {
+async fn run(wait_replicas: u32, kill: bool) -> (Tally, Duration) {
     let queue = unique("ha_sentinel");
     let mut config = Config::new(Service::RedisSentinel.url(), Service::RedisSentinel.url())
         .with_default_queue(&queue);
@@ -163,7 +208,11 @@ async fn run(wait_replicas: u32) -> (Tally, Duration) {
     }
     let load = Load::start(sender, Duration::from_millis(100));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let (_, switch_time) = fail_over().await;
+    let (_, switch_time) = if kill {
+        kill_master().await
+    } else {
+        fail_over().await
+    };
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let tally = load.finish(Duration::from_secs(45)).await;
     for (_, running) in workers {
@@ -185,7 +234,7 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
     the_lock_resolves_the_master_through_the_sentinels().await;
     a_send_that_not_enough_replicas_acknowledge_fails().await;
 
-    let (durable, switch_time) = run(1).await;
+    let (durable, switch_time) = run(1, false).await;
     eprintln!(
         "Sentinel failover with REDIS_WAIT_REPLICAS=1 (master switched in {switch_time:.1?}): {durable}"
     );
@@ -205,7 +254,7 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
         &durable.failures[..durable.failures.len().min(5)]
     );
 
-    let (plain, switch_time) = run(0).await;
+    let (plain, switch_time) = run(0, false).await;
     eprintln!(
         "Sentinel failover without REDIS_WAIT_REPLICAS (master switched in {switch_time:.1?}): {plain}; first lost: {:?}",
         &plain.failures[..plain.failures.len().min(5)]
@@ -220,6 +269,23 @@ async fn a_sentinel_failover_mid_run_loses_no_acknowledged_send_with_wait_replic
     assert!(
         plain.lost() < plain.sent() / 2,
         "most sends lost without REDIS_WAIT_REPLICAS: {plain}"
+    );
+
+    // SIGKILL of the master the workers use: the sentinels see it down after 2 s and promote the replica.
+    let (killed, switch_time) = run(1, true).await;
+    eprintln!(
+        "Master killed with REDIS_WAIT_REPLICAS=1 (replica promoted {switch_time:.1?} after the kill): {killed}"
+    );
+    restore().await;
+    assert!(
+        killed.sent() > 10,
+        "too little load to say anything: {killed}"
+    );
+    assert_eq!(
+        killed.lost(),
+        0,
+        "acknowledged sends lost when the master was killed: {killed}; first: {:?}",
+        &killed.failures[..killed.failures.len().min(5)]
     );
 }
 
