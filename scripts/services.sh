@@ -5,9 +5,11 @@
 #   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212; TLS
 #                              # listeners requiring client certificates: Redis :6390, and RabbitMQ
 #                              # :5676 (a node of its own, machinery-tls@localhost); a Redis Cluster of
-#                              # 3 masters + 3 replicas on :7000-7005; Chromium with chromedriver for the
-#                              # dashboard's browser test (installed only: the test starts chromedriver
-#                              # on a free port and stops it)
+#                              # 3 masters + 3 replicas on :7000-7005; a Redis Sentinel set (master
+#                              # :6380, replica :6381, sentinels :26379-26381, master name `mymaster`);
+#                              # a 3-node RabbitMQ cluster (:5673-:5675, nodes machinery-c1..c3@localhost);
+#                              # Chromium with chromedriver for the dashboard's browser test (installed
+#                              # only: the test starts chromedriver on a free port and stops it)
 #   scripts/services.sh down   # stops what `up` started (and only that)
 #
 # State (what we started) is kept in target/services/. The TLS listeners use a private CA and a server
@@ -59,6 +61,7 @@ redis_up() {
   log "redis: starting"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no \
     --logfile "$PWD/$state_dir/redis.log" --pidfile "$PWD/$state_dir/redis.pid"
+  touch "$state_dir/started-redis"
   wait_for redis 6379 20
 }
 
@@ -67,8 +70,132 @@ rabbitmq_up() {
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
   log "rabbitmq: starting"
   as_root rabbitmq-server -detached
+  touch "$state_dir/started-rabbitmq"
   as_root timeout 120 rabbitmqctl await_startup >/dev/null
   wait_for rabbitmq 5672 60
+}
+
+# --- Redis Sentinel: master :6380, replica :6381, sentinels :26379-26381 watching `mymaster` ---------
+
+sentinel_dir="$state_dir/sentinel"
+
+# Starts one redis-server of the Sentinel set ($1: port, then extra arguments) unless its port answers;
+# records its port so that `down` stops it.
+sentinel_redis() {
+  local port=$1; shift
+  if reachable 127.0.0.1 "$port"; then log "redis :$port: running"; return; fi
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+    --dir "$PWD/$sentinel_dir" --logfile "$PWD/$sentinel_dir/redis-$port.log" \
+    --pidfile "$PWD/$sentinel_dir/redis-$port.pid" "$@"
+  echo "$port" >>"$state_dir/started-sentinel"
+}
+
+sentinel_up() {
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p "$sentinel_dir"
+  if reachable 127.0.0.1 26379 && reachable 127.0.0.1 6380 && reachable 127.0.0.1 6381; then
+    log "redis sentinel set: running"; return
+  fi
+  log "redis sentinel set: starting (master :6380, replica :6381, sentinels :26379-26381)"
+  sentinel_redis 6380
+  sentinel_redis 6381 --replicaof 127.0.0.1 6380
+  local port
+  for port in 26379 26380 26381; do
+    if reachable 127.0.0.1 "$port"; then continue; fi
+    # A sentinel rewrites its configuration file as it learns the topology: a fresh one each start.
+    {
+      echo "port $port"
+      echo "bind 127.0.0.1"
+      echo "sentinel monitor mymaster 127.0.0.1 6380 2"
+      echo "sentinel down-after-milliseconds mymaster 2000"
+      echo "sentinel failover-timeout mymaster 10000"
+      echo "sentinel parallel-syncs mymaster 1"
+    } >"$sentinel_dir/sentinel-$port.conf"
+    redis-server "$PWD/$sentinel_dir/sentinel-$port.conf" --sentinel --daemonize yes \
+      --dir "$PWD/$sentinel_dir" --logfile "$PWD/$sentinel_dir/sentinel-$port.log" \
+      --pidfile "$PWD/$sentinel_dir/redis-$port.pid"
+    echo "$port" >>"$state_dir/started-sentinel"
+  done
+  for port in 6380 6381 26379 26380 26381; do wait_for "redis :$port" "$port" 20; done
+}
+
+# --- RabbitMQ cluster: nodes machinery-c1..c3@localhost on :5673-:5675 ------------------------------
+
+rabbitmq_cluster_dir="$state_dir/rabbitmq-cluster"
+
+# Runs a RabbitMQ command ($2: rabbitmq-server, rabbitmqctl, ...) for cluster node $1 (1..3), with its own
+# node name, ports, data, logs and configuration, and the cluster's shared Erlang cookie (in its HOME).
+rabbitmq_node() {
+  local n=$1 command=$2 dir="$PWD/$rabbitmq_cluster_dir" bin; shift 2
+  # Debian's rabbitmq-server is a wrapper that switches to the rabbitmq user and drops our variables:
+  # run the real scripts.
+  bin=$(dirname "$(readlink -f "$(command -v rabbitmq-server)")")
+  [ -x "$bin/$command" ] || bin=$(dirname "$(command -v rabbitmq-server)")
+  env HOME="$dir/home" RABBITMQ_NODENAME="machinery-c$n@localhost" RABBITMQ_NODE_PORT=$((5672 + n)) \
+    RABBITMQ_DIST_PORT=$((25672 + n)) RABBITMQ_MNESIA_BASE="$dir/c$n/mnesia" \
+    RABBITMQ_LOG_BASE="$dir/c$n/log" RABBITMQ_PID_FILE="$dir/c$n/pid" \
+    RABBITMQ_CONFIG_FILE="$dir/c$n/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/c$n/advanced.config" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" "$bin/$command" "$@"
+}
+
+# Starts the three nodes in the background (they boot in parallel with the rest of `up`); the forming
+# of the cluster is finished by rabbitmq_cluster_wait.
+rabbitmq_cluster_start() {
+  rabbitmq_cluster_started=""
+  if reachable 127.0.0.1 5673 && reachable 127.0.0.1 5674 && reachable 127.0.0.1 5675; then
+    log "rabbitmq cluster :5673-:5675: running"; return
+  fi
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  local dir="$PWD/$rabbitmq_cluster_dir" n
+  # Fresh data every time: a cluster whose nodes were stopped one by one would wait at boot for the
+  # node that stopped last.
+  rm -rf "$dir"
+  mkdir -p "$dir/home"
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/home/.erlang.cookie"
+  chmod 400 "$dir/home/.erlang.cookie"
+  echo "[]." >"$dir/enabled_plugins"
+  log "rabbitmq cluster :5673-:5675: starting nodes machinery-c1..c3@localhost"
+  for n in 1 2 3; do
+    mkdir -p "$dir/c$n/mnesia" "$dir/c$n/log"
+    {
+      echo "listeners.tcp.default = 127.0.0.1:$((5672 + n))"
+      echo "loopback_users = none"
+    } >"$dir/c$n/rabbitmq.conf"
+    echo "[]." >"$dir/c$n/advanced.config"
+    rabbitmq_node "$n" rabbitmq-server -detached
+  done
+  touch "$state_dir/started-rabbitmq-cluster"
+  rabbitmq_cluster_started=1
+}
+
+rabbitmq_cluster_wait() {
+  [ -n "$rabbitmq_cluster_started" ] || return 0
+  local n i
+  for n in 1 2 3; do
+    # await_startup gives up at once while the node is not yet registered with epmd: ask again.
+    for ((i = 0; i < 24; i++)); do
+      if rabbitmq_node "$n" rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; then break; fi
+      sleep 1
+    done
+  done
+  for n in 2 3; do
+    # (start_app logs harmless errors about the tables of nodes not yet started.)
+    rabbitmq_node "$n" rabbitmqctl stop_app >/dev/null
+    rabbitmq_node "$n" rabbitmqctl join_cluster machinery-c1@localhost >/dev/null
+    rabbitmq_node "$n" rabbitmqctl start_app >/dev/null 2>&1
+  done
+  for n in 1 2 3; do wait_for "rabbitmq cluster node c$n" $((5672 + n)) 60; done
+  log "rabbitmq cluster :5673-:5675: ready"
+}
+
+stop_pid() { # name pidfile
+  local pid i
+  [ -f "$2" ] || return 0
+  pid=$(cat "$2")
+  kill "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$2"
+  log "$1: stopped"
 }
 
 memcached_up() { # port
@@ -293,6 +420,30 @@ cluster_down() {
 down() {
   tls_down
   cluster_down
+  if [ -f "$state_dir/started-rabbitmq-cluster" ]; then
+    for n in 1 2 3; do
+      {
+        rabbitmq_node "$n" rabbitmqctl shutdown >/dev/null 2>&1 ||
+          stop_pid "rabbitmq cluster node c$n" "$rabbitmq_cluster_dir/c$n/pid"
+      } &
+    done
+    wait
+    log "rabbitmq cluster :5673-:5675: stopped"
+    rm -f "$state_dir/started-rabbitmq-cluster"
+  fi
+  if [ -f "$state_dir/started-sentinel" ]; then
+    while read -r port; do stop_pid "redis :$port" "$sentinel_dir/redis-$port.pid"; done \
+      <"$state_dir/started-sentinel"
+    rm -f "$state_dir/started-sentinel"
+  fi
+  if [ -f "$state_dir/started-redis" ]; then
+    stop_pid redis "$state_dir/redis.pid"
+    rm -f "$state_dir/started-redis"
+  fi
+  if [ -f "$state_dir/started-rabbitmq" ]; then
+    as_root rabbitmqctl shutdown >/dev/null 2>&1 && log "rabbitmq: stopped"
+    rm -f "$state_dir/started-rabbitmq"
+  fi
   if [ -f "$state_dir/started-memcached" ]; then
     while read -r port; do
       pidfile="$state_dir/memcached-$port.pid"
@@ -312,6 +463,7 @@ case "${1:-up}" in
   up)
     redis_up
     rabbitmq_up
+    rabbitmq_cluster_start
     memcached_up 11211
     memcached_up 11212
     browser_up
@@ -319,7 +471,13 @@ case "${1:-up}" in
     redis_tls_up
     rabbitmq_tls_up
     cluster_up
+    sentinel_up
+    rabbitmq_cluster_wait
     ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  # rabbitmqctl on one node of the RabbitMQ cluster (its cookie and name), e.g. `rabbitmqctl 2 stop_app`.
+  rabbitmqctl) shift; node=$1; shift; rabbitmq_node "$node" rabbitmqctl "$@" ;;
+  # Starts a data server of the Sentinel set again (after a test killed it), e.g. `sentinel-redis 6380`.
+  sentinel-redis) sentinel_redis "$2"; wait_for "redis :$2" "$2" 20 ;;
+  *) echo "usage: $0 up|down|rabbitmqctl <1-3> <command>...|sentinel-redis <port>" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@
 pub mod amqp;
 pub mod cluster;
 pub mod fault_proxy;
+pub mod ha;
 pub mod tasks;
 pub mod tls;
 
@@ -36,10 +37,23 @@ pub enum Service {
     /// The Redis Cluster `scripts/services.sh up` starts: 3 masters and 3 replicas on 127.0.0.1:7000-7005
     /// (`MACHINERY_TEST_REDIS_CLUSTER_ADDR` names the first seed, default `127.0.0.1:7000`).
     RedisCluster,
+    /// The Redis Sentinel set of `scripts/services.sh`: the sentinels on `MACHINERY_TEST_SENTINEL_ADDRS`
+    /// (default `127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381`) watching [`SENTINEL_MASTER`], whose
+    /// master and replica are on :6380 and :6381 (either way round after a failover).
+    RedisSentinel,
+    /// The 3-node RabbitMQ cluster of `scripts/services.sh` on `MACHINERY_TEST_AMQP_CLUSTER_ADDRS`
+    /// (default `127.0.0.1:5673,127.0.0.1:5674,127.0.0.1:5675`), nodes `machinery-c1..3@localhost`.
+    RabbitMqCluster,
 }
 
+/// The master name the test sentinels watch.
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+/// The data servers of the test Sentinel set (master and replica, in either role).
+pub const SENTINEL_DATA_ADDRS: [&str; 2] = ["127.0.0.1:6380", "127.0.0.1:6381"];
+
 impl Service {
-    /// `host:port`.
+    /// `host:port` (several, comma-separated, for a topology).
     pub fn addr(self) -> String {
         let (var, default) = match self {
             Service::Redis => ("MACHINERY_TEST_REDIS_ADDR", "127.0.0.1:6379"),
@@ -49,6 +63,14 @@ impl Service {
             Service::RedisTls => ("MACHINERY_TEST_REDIS_TLS_ADDR", "127.0.0.1:6390"),
             Service::RabbitMqTls => ("MACHINERY_TEST_AMQP_TLS_ADDR", "127.0.0.1:5676"),
             Service::RedisCluster => ("MACHINERY_TEST_REDIS_CLUSTER_ADDR", "127.0.0.1:7000"),
+            Service::RedisSentinel => (
+                "MACHINERY_TEST_SENTINEL_ADDRS",
+                "127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381",
+            ),
+            Service::RabbitMqCluster => (
+                "MACHINERY_TEST_AMQP_CLUSTER_ADDRS",
+                "127.0.0.1:5673,127.0.0.1:5674,127.0.0.1:5675",
+            ),
         };
         std::env::var(var).unwrap_or_else(|_| default.to_owned())
     }
@@ -66,16 +88,29 @@ impl Service {
                 Ok(addr) => format!("redis://{addr}"),
                 Err(_) => "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005".to_owned(),
             },
+            Service::RedisSentinel => format!("redis://{}", self.addr()),
+            Service::RabbitMqCluster => self
+                .addr()
+                .split(',')
+                .map(|addr| format!("amqp://guest:guest@{addr}/"))
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 
     fn reachable(self) -> bool {
-        let Ok(addrs) = self.addr().to_socket_addrs() else {
-            return false;
-        };
-        addrs
-            .into_iter()
-            .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+        let mut addrs: Vec<String> = self.addr().split(',').map(str::to_owned).collect();
+        if self == Service::RedisSentinel {
+            addrs.extend(SENTINEL_DATA_ADDRS.map(str::to_owned));
+        }
+        addrs.iter().all(|addr| {
+            let Ok(resolved) = addr.to_socket_addrs() else {
+                return false;
+            };
+            resolved
+                .into_iter()
+                .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+        })
     }
 }
 

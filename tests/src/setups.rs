@@ -32,6 +32,11 @@ pub enum Setup {
     AmqpTls,
     /// Redis broker and Redis result backend on the local Redis Cluster (`REDIS_CLUSTER_MODE`).
     RedisCluster,
+    /// Redis broker and result backend through Sentinel ([`Service::RedisSentinel`]).
+    RedisSentinel,
+    /// AMQP broker and result backend on the 3-node RabbitMQ cluster ([`Service::RabbitMqCluster`]),
+    /// every node's URL given, with quorum queues.
+    AmqpCluster,
 }
 
 #[derive(Clone, Copy)]
@@ -43,6 +48,8 @@ enum Part {
     Memcached,
     RedisTls,
     AmqpTls,
+    Sentinel,
+    AmqpCluster,
 }
 
 impl Setup {
@@ -58,6 +65,8 @@ impl Setup {
             Setup::RedisTls => (Part::RedisTls, Part::RedisTls),
             Setup::AmqpTls => (Part::AmqpTls, Part::AmqpTls),
             Setup::RedisCluster => (Part::RedisCluster, Part::RedisCluster),
+            Setup::RedisSentinel => (Part::Sentinel, Part::Sentinel),
+            Setup::AmqpCluster => (Part::AmqpCluster, Part::AmqpCluster),
         }
     }
 
@@ -78,6 +87,12 @@ impl Setup {
             Part::AmqpTls => {
                 require(Service::RabbitMqTls, test).then(|| Service::RabbitMqTls.url())
             }
+            Part::Sentinel => {
+                require(Service::RedisSentinel, test).then(|| Service::RedisSentinel.url())
+            }
+            Part::AmqpCluster => {
+                require(Service::RabbitMqCluster, test).then(|| Service::RabbitMqCluster.url())
+            }
         };
         let mut config = Config::new(url(broker)?, url(backend)?).with_default_queue(&queue);
         if matches!(broker, Part::RedisTls | Part::AmqpTls) {
@@ -89,12 +104,18 @@ impl Setup {
             config.redis.cluster_enabled = true;
             config.redis.delayed_tasks_poll_period = 50;
         }
-        if let Part::Redis | Part::RedisTls = broker {
+        if let Part::Sentinel = broker {
+            config.redis.master_name = crate::SENTINEL_MASTER.into();
+        }
+        if let Part::AmqpCluster = broker {
+            config.amqp.queue_type = "quorum".into();
+        }
+        if let Part::Redis | Part::RedisTls | Part::Sentinel = broker {
             // A delayed-task set of its own, polled often, so ETAs and retries are prompt.
             config.redis.delayed_tasks_key = format!("{queue}_delayed");
             config.redis.delayed_tasks_poll_period = 50;
         }
-        if let Part::Amqp | Part::AmqpTls = broker {
+        if let Part::Amqp | Part::AmqpTls | Part::AmqpCluster = broker {
             config.amqp.exchange = "machinery_tests_workflows".into();
             config.amqp.binding_key = queue;
             config.results_expire_in = 600;

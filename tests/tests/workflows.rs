@@ -546,6 +546,8 @@ macro_rules! on_every_setup {
         on_setup!(redis_tls, machinery_tests::setups::Setup::RedisTls, [$($name),*]);
         on_setup!(amqp_tls, machinery_tests::setups::Setup::AmqpTls, [$($name),*]);
         on_setup!(redis_cluster, machinery_tests::setups::Setup::RedisCluster, [$($name),*]);
+        on_setup!(redis_sentinel, machinery_tests::setups::Setup::RedisSentinel, [$($name),*]);
+        on_setup!(amqp_cluster, machinery_tests::setups::Setup::AmqpCluster, [$($name),*]);
     };
 }
 

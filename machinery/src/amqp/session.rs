@@ -90,6 +90,8 @@ pub(crate) struct Session {
     current: Mutex<Option<Arc<Live>>>,
     reconnect: tokio::sync::Mutex<Reconnect>,
     generations: std::sync::atomic::AtomicU64,
+    /// The index of the last connection's URL (`usize::MAX` before the first).
+    last_endpoint: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Session {
@@ -130,6 +132,7 @@ impl Session {
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(Reconnect::default()),
             generations: std::sync::atomic::AtomicU64::new(0),
+            last_endpoint: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -215,9 +218,13 @@ impl Session {
     }
 
     /// Tries each URL in order, like Go with `multiple_broker_separator`; the first that connects wins.
+    /// After a lost connection the turn starts at the URL after the one that was lost (a RabbitMQ node
+    /// that went away is tried last, not first).
     async fn open(&self) -> Result<Arc<Live>, AmqpError> {
+        use std::sync::atomic::Ordering;
         let mut last = None;
-        for endpoint in &self.endpoints {
+        let lost = self.last_endpoint.load(Ordering::Relaxed);
+        for (index, endpoint) in super::url::turn(&self.endpoints, lost) {
             let timeout = endpoint
                 .uri
                 .query
@@ -230,7 +237,8 @@ impl Session {
                         .generations
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                         + 1;
-                    tracing::debug!(role = self.role, url = %endpoint.display, generation, "connected to RabbitMQ");
+                    self.last_endpoint.store(index, Ordering::Relaxed);
+                    tracing::info!(role = self.role, url = %endpoint.display, generation, "connected to RabbitMQ");
                     return Ok(Arc::new(Live {
                         connection,
                         generation,

@@ -32,8 +32,9 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Splits `urls` with `separator` (when not empty) like Go's `AMQPConnector.Connect`, and parses each
-/// `amqp://` or `amqps://` URL.
+/// Splits `urls` with `separator` (when not empty) like Go's `AMQPConnector.Connect`, or else at each
+/// comma that starts another `amqp://` or `amqps://` URL (a RabbitMQ cluster's nodes), and parses each.
+/// The session tries them in order.
 ///
 /// `amqp://host:5672/` means the virtual host `/`, as in Go's amqp091 (lapin would read it as the empty
 /// virtual host, which RabbitMQ never has); `amqp://host:5672/%2f` is the same, `amqp://host/staging` is
@@ -44,7 +45,7 @@ pub(crate) fn endpoints(
     separator: &str,
 ) -> Result<Vec<Endpoint>, ConfigError> {
     let list: Vec<&str> = if separator.is_empty() {
-        vec![urls.trim()]
+        split_nodes(urls.trim())
     } else {
         urls.split(separator)
             .map(str::trim)
@@ -93,6 +94,35 @@ pub(crate) fn display(endpoints: &[Endpoint]) -> String {
         .join(", ")
 }
 
+/// The URLs with their indexes in the order to try them: from the first, or, when the connection to the
+/// one at `lost` went away, from the one after it (wrapping round).
+pub(crate) fn turn(
+    endpoints: &[Endpoint],
+    lost: usize,
+) -> impl Iterator<Item = (usize, &Endpoint)> {
+    let start = if lost == usize::MAX { 0 } else { lost + 1 };
+    let count = endpoints.len();
+    (0..count)
+        .map(move |i| (start + i) % count.max(1))
+        .filter_map(|i| endpoints.get(i).map(|e| (i, e)))
+}
+
+/// `amqp://a/,amqp://b/` → both; a comma not followed by a scheme stays in its URL.
+fn split_nodes(urls: &str) -> Vec<&str> {
+    let mut list = Vec::new();
+    let mut start = 0;
+    for (at, _) in urls.match_indices(',') {
+        let next = urls[at + 1..].trim_start();
+        if at >= start && (next.starts_with("amqp://") || next.starts_with("amqps://")) {
+            list.push(urls[start..at].trim());
+            start = at + 1;
+        }
+    }
+    list.push(urls[start..].trim());
+    list.retain(|url| !url.is_empty());
+    list
+}
+
 /// Why an AMQP broker or result backend could not start: its URL, which no retry mends, or the server,
 /// with the role's error `E` ([`BrokerError`](crate::broker::BrokerError) or
 /// [`BackendError`](crate::backend::BackendError)).
@@ -110,6 +140,31 @@ pub enum ConnectError<E: std::error::Error + 'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_comma_before_a_scheme_separates_nodes() {
+        let list = endpoints(
+            "broker",
+            "amqp://g:p,w@h1:5673/, amqp://h2:5674/,amqps://h3/",
+            "",
+        )
+        .unwrap();
+        let shown: Vec<&str> = list.iter().map(|e| e.display.as_str()).collect();
+        assert_eq!(
+            shown,
+            ["amqp://g:***@h1:5673/", "amqp://h2:5674/", "amqps://h3/"]
+        );
+        assert_eq!(list[0].uri.authority.userinfo.password, "p,w");
+    }
+
+    #[test]
+    fn the_turn_starts_after_the_node_that_was_lost() {
+        let list = endpoints("broker", "amqp://a/,amqp://b/,amqp://c/", "").unwrap();
+        let order = |lost| turn(&list, lost).map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(order(usize::MAX), [0, 1, 2]);
+        assert_eq!(order(0), [1, 2, 0]);
+        assert_eq!(order(2), [0, 1, 2]);
+    }
 
     #[test]
     fn passwords_are_redacted() {

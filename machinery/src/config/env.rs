@@ -47,6 +47,7 @@ impl Config {
         env.number("AMQP_PREFETCH_COUNT", &mut a.prefetch_count)?;
         env.boolean("AMQP_AUTO_DELETE", &mut a.auto_delete)?;
         env.string("AMQP_DELAYED_QUEUE", &mut a.delayed_queue);
+        env.string("AMQP_QUEUE_TYPE", &mut a.queue_type);
 
         let r = &mut c.redis;
         env.number("REDIS_MAX_IDLE", &mut r.max_idle)?;
@@ -67,6 +68,8 @@ impl Config {
         env.string("REDIS_DELAYED_TASKS_KEY", &mut r.delayed_tasks_key);
         env.string("REDIS_CLIENT_NAME", &mut r.client_name);
         env.string("REDIS_MASTER_NAME", &mut r.master_name);
+        env.string("REDIS_SENTINEL_PASSWORD", &mut r.sentinel_password);
+        env.number("REDIS_WAIT_REPLICAS", &mut r.wait_replicas)?;
         env.boolean("REDIS_CLUSTER_MODE", &mut r.cluster_enabled)?;
         env.boolean("REDIS_CLUSTER_ENABLED", &mut r.cluster_enabled)?;
         env.number("REDIS_HEARTBEAT_TIMEOUT", &mut r.heartbeat_timeout)?;

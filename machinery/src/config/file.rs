@@ -74,6 +74,24 @@ mod tests {
     }
 
     #[test]
+    fn broker_lists_and_high_availability_settings() {
+        let config = Config::from_yaml_str(
+            "broker:\n  - amqp://a:5673/\n  - amqp://b:5674/\namqp:\n  queue_type: quorum\nredis:\n  master_name: mymaster\n  sentinel_password: sp\n  wait_replicas: 1\n",
+        )
+        .unwrap();
+        assert_eq!(config.broker, "amqp://a:5673/,amqp://b:5674/");
+        assert_eq!(config.amqp.queue_type, "quorum");
+        assert_eq!(
+            (
+                config.redis.master_name.as_str(),
+                config.redis.sentinel_password.as_str(),
+                config.redis.wait_replicas
+            ),
+            ("mymaster", "sp", 1)
+        );
+    }
+
+    #[test]
     fn toml_overrides_defaults() {
         let config = Config::from_toml_str(
             "broker = \"amqp://guest:guest@localhost:5672/\"\n[amqp]\nbinding_key = \"bk\"\n",

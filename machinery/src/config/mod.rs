@@ -68,6 +68,16 @@ pub enum ConfigError {
         /// The schemes this build supports, e.g. `memory://, redis://`.
         supported: String,
     },
+    /// A setting with a value we do not know.
+    #[error("{setting} = {value:?}: expected {expected}")]
+    Invalid {
+        /// The setting (its environment variable's name).
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
+    },
     /// A URL that does not parse.
     #[error("{role} URL {url:?}: {reason}")]
     InvalidUrl {
@@ -88,7 +98,9 @@ pub struct Config {
     /// Broker URL: `memory://` (in-process, the default), `redis://…`, `amqp://…`, … (env `BROKER`).
     /// When [`Config::from_env`] finds `BROKER` unset, the server and the worker warn that the default
     /// in-process broker is not reachable from other processes
-    /// ([`Config::broker_is_in_process_by_default`]).
+    /// ([`Config::broker_is_in_process_by_default`]). Several RabbitMQ nodes: `amqp://…,amqp://…`, or a
+    /// list in YAML/TOML (joined with commas), tried in order.
+    #[serde(deserialize_with = "one_or_many")]
     pub broker: String,
     /// Lock URL for periodic tasks (env `LOCK`); empty means the broker's Redis if there is one.
     pub lock: String,
@@ -99,7 +111,8 @@ pub struct Config {
     /// `DEFAULT_QUEUE`).
     pub default_queue: String,
     /// Result backend URL: `memory://` (the default), `redis://…`, `amqp://…`, `memcache://…`, `null`
-    /// (env `RESULT_BACKEND`).
+    /// (env `RESULT_BACKEND`). A list in YAML/TOML is joined with commas, as for `broker`.
+    #[serde(deserialize_with = "one_or_many")]
     pub result_backend: String,
     /// Seconds results are kept (env `RESULTS_EXPIRE_IN`; 0 means 3600, as in Go).
     pub results_expire_in: u64,
@@ -118,6 +131,20 @@ pub struct Config {
     /// Whether `broker` is the in-process default because [`Config::from_env`] found `BROKER` unset.
     #[serde(skip)]
     pub(crate) broker_defaulted: BrokerDefaulted,
+}
+
+/// A URL, or a list of URLs joined with commas (several RabbitMQ nodes, or Redis sentinels).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(","),
+    })
 }
 
 /// Set when the broker URL is the in-process default only because the environment named none, so that
@@ -220,6 +247,10 @@ pub struct AmqpConfig {
     pub auto_delete: bool,
     /// One fixed delay queue instead of one per delay (env `AMQP_DELAYED_QUEUE`).
     pub delayed_queue: String,
+    /// The type of the queues the broker declares (env `AMQP_QUEUE_TYPE`; not in Go): `classic` (the
+    /// default, Go's declaration) or `quorum` (replicated on a RabbitMQ cluster: task, delay and
+    /// dead-letter queues; quorum queues ignore message priorities, see `docs/deploy.md`).
+    pub queue_type: String,
 }
 
 impl Default for AmqpConfig {
@@ -233,6 +264,7 @@ impl Default for AmqpConfig {
             prefetch_count: 0,
             auto_delete: false,
             delayed_queue: String::new(),
+            queue_type: "classic".into(),
         }
     }
 }
@@ -265,8 +297,17 @@ pub struct RedisConfig {
     pub delayed_tasks_key: String,
     /// `CLIENT SETNAME` of our connections (env `REDIS_CLIENT_NAME`).
     pub client_name: String,
-    /// Sentinel master name (env `REDIS_MASTER_NAME`).
+    /// Sentinel master name (env `REDIS_MASTER_NAME`): the broker and backend URLs then name the
+    /// sentinels, `redis://[pass@]h1:p1,h2:p2,h3:p3[/db]`, and the master is looked up through them.
     pub master_name: String,
+    /// Password of the sentinels themselves (env `REDIS_SENTINEL_PASSWORD`, Go v2); the URL's password is
+    /// the master's.
+    pub sentinel_password: String,
+    /// Replicas that must hold a send and a final state before it counts as done (env
+    /// `REDIS_WAIT_REPLICAS`; not in Go): each is followed by `WAIT <n>`, so that an acknowledged send
+    /// survives a failover. 0 (the default) does not wait; Redis replication is then asynchronous and a
+    /// failover can lose the last writes.
+    pub wait_replicas: u32,
     /// Use Redis Cluster (env `REDIS_CLUSTER_ENABLED`, or v1's `REDIS_CLUSTER_MODE`): the broker and
     /// result backend URLs name seed nodes (`redis://h1:p1,h2:p2`), and each queue's keys share its slot
     /// (`docs/redis.md`, "Redis Cluster").
@@ -293,6 +334,8 @@ impl Default for RedisConfig {
             delayed_tasks_key: "delayed_tasks".into(),
             client_name: String::new(),
             master_name: String::new(),
+            sentinel_password: String::new(),
+            wait_replicas: 0,
             cluster_enabled: false,
             heartbeat_timeout: 15_000,
         }

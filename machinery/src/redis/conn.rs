@@ -2,6 +2,12 @@
 //! ordinary commands ([`Healing`]), dedicated connections for blocking commands, and Lua scripts that
 //! survive a server restart (`NOSCRIPT` reloads them).
 //!
+//! Where the server is comes from an [`Endpoint`]: one fixed address, or the master that Redis Sentinels
+//! name. Behind Sentinel nothing is pinned to one address: every new connection asks the sentinels
+//! first, and a connection that breaks or lands on a demoted master (`READONLY`) is replaced by one to
+//! whichever master they name then. On a Redis Cluster the shared connection is the `redis` crate's
+//! cluster connection, which follows `MOVED`/`ASK` and failovers by itself ([`super::cluster`]).
+//!
 //! A link can die without a word: after a failover or a NAT table drop, the TCP connection stays open on
 //! our side and nothing ever arrives. Every connection here therefore has a response timeout, TCP
 //! keepalive (and, on Linux, `TCP_USER_TIMEOUT`), and a shared connection that goes silent is replaced
@@ -11,23 +17,26 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
     ServerErrorKind, Value,
 };
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use super::client::client;
+pub(crate) use super::blocking::{blocking_connection, on_node_of, Blocking};
 use super::cluster;
-use super::url::RedisUrl;
-use crate::config::{RedisConfig, TlsConfig};
+pub(crate) use super::endpoint::Endpoint;
+pub(crate) use super::open::open;
+use crate::config::RedisConfig;
 
 /// Seconds from the configuration, with Go's meaning of 0 ("no limit").
-fn secs(value: u64) -> Option<Duration> {
+pub(crate) fn secs(value: u64) -> Option<Duration> {
     (value > 0).then(|| Duration::from_secs(value))
 }
 
@@ -65,112 +74,38 @@ pub(crate) fn tcp_settings() -> TcpSettings {
     settings
 }
 
-/// Why [`open`] failed: the URL (password hidden) and the cause.
-pub(crate) struct OpenError {
-    pub(crate) url: String,
-    pub(crate) source: Box<dyn std::error::Error + Send + Sync + 'static>,
-}
+/// How long a durable write waits for its replicas (`WAIT`) before it fails: long enough for a
+/// replica that is up (it acknowledges within milliseconds), short enough that a send to a master that
+/// lost its replicas fails rather than stalls the shared connection behind it.
+pub(crate) const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What connections are opened to: one server, or a Redis Cluster through its seed nodes.
-// One per broker or backend, built once: the size difference does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone)]
-pub(crate) enum Endpoint {
-    /// One server.
-    Single(Client),
-    /// A cluster: its client, and a plain client per seed (for pub/sub, which any node relays).
-    Cluster {
-        client: ClusterClient,
-        seeds: Vec<Client>,
-    },
-}
-
-impl Endpoint {
-    /// Clients of single servers for pub/sub: the server, or each seed of a cluster (a cluster relays
-    /// every `PUBLISH` to all its nodes, so any seed that answers will do).
-    pub(crate) fn pubsub_clients(&self) -> Vec<Client> {
-        match self {
-            Endpoint::Single(client) => vec![client.clone()],
-            Endpoint::Cluster { seeds, .. } => seeds.clone(),
-        }
+/// The error of a durable write that fewer than `wanted` replicas acknowledged.
+fn not_replicated(acknowledged: u32, wanted: u32) -> RedisResult<()> {
+    if acknowledged >= wanted {
+        return Ok(());
     }
+    Err(RedisError::from((
+        ErrorKind::Client,
+        "the write was not acknowledged by enough replicas (REDIS_WAIT_REPLICAS)",
+        format!("{acknowledged} of {wanted} within {WAIT_TIMEOUT:?}"),
+    )))
 }
 
-/// Parses `url` and connects a client and its self-healing connection, for a broker, a result backend or
-/// a lock (`role`, named in the one warning of an unchecked TLS connection). A TLS handshake that fails
-/// is told in plain words ([`crate::tls::explain`]), at once: no retry mends a wrong certificate. With
-/// `config.cluster_enabled` the URL names the seed nodes of a Redis Cluster (see [`super::cluster`]); the
-/// returned URL is the first seed's.
-pub(crate) async fn open(
-    url: &str,
-    config: &RedisConfig,
-    tls: &TlsConfig,
-    role: &'static str,
-) -> Result<(RedisUrl, Endpoint, Healing), OpenError> {
-    let refused = |e: super::url::RedisUrlError| OpenError {
-        url: super::url::redact(url),
-        source: Box::new(e),
-    };
-    if config.cluster_enabled {
-        let seeds = cluster::seed_urls(url).map_err(refused)?;
-        // `seed_urls` gives at least one URL or an error.
-        let first = seeds[0].clone();
-        let failed = |source: Box<dyn std::error::Error + Send + Sync + 'static>| OpenError {
-            url: first.redacted(),
-            source,
-        };
-        let cluster = cluster::client(
-            &seeds,
-            tcp_settings(),
-            secs(config.connect_timeout),
-            secs(config.read_timeout),
-        )
-        .map_err(|e| failed(Box::new(e)))?;
-        let conn = cluster
-            .get_async_connection()
-            .await
-            .map_err(|e| failed(Box::new(e)))?;
-        let plain = seeds
-            .iter()
-            .map(|seed| client(seed, tls, role).map(|(client, _)| client))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(failed)?;
-        let healing = Healing {
-            link: Link::Cluster(conn),
-        };
-        return Ok((
-            first,
-            Endpoint::Cluster {
-                client: cluster,
-                seeds: plain,
-            },
-            healing,
-        ));
-    }
-    let parsed = RedisUrl::parse(url).map_err(refused)?;
-    let failed = |source: Box<dyn std::error::Error + Send + Sync + 'static>| OpenError {
-        url: parsed.redacted(),
-        source,
-    };
-    let (client, sends_certificate) = client(&parsed, tls, role).map_err(failed)?;
-    let conn = manager(&client, config).await.map_err(|error| {
-        match crate::tls::explain(&error, sends_certificate) {
-            Some(tls_error) => failed(Box::new(tls_error)),
-            None => failed(Box::new(error)),
-        }
-    })?;
-    Ok((parsed, Endpoint::Single(client), conn))
+/// Whether `error` says the server we write to is no longer the master (a failover demoted it).
+pub(crate) fn is_demoted(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
 }
 
 /// The connection for ordinary commands. It reconnects by itself with exponential back-off (100 ms,
 /// doubling, up to 2 s between tries); a command that fails on a dead connection returns the error and
 /// the next one waits for the new connection. A command unanswered for `read_timeout` fails, and the
 /// connection is replaced (see [`Healing`]).
-pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResult<Healing> {
+pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisResult<Healing> {
     // The manager retries its first connection for seconds; a wrong URL or password should fail at once,
     // so one plain connection is tried first.
     // A PING makes the probe complete a round trip: a TLS server that refuses our client certificate
     // says so only after the handshake, at the first read.
+    let client = endpoint.client().await?;
     let probe = AsyncConnectionConfig::new()
         .set_connection_timeout(secs(config.connect_timeout))
         .set_response_timeout(secs(config.read_timeout));
@@ -184,21 +119,77 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResul
         .set_max_delay(Duration::from_secs(2))
         .set_response_timeout(secs(config.read_timeout))
         .set_connection_timeout(secs(config.connect_timeout));
-    let manager = client
-        .get_connection_manager_with_config(settings.clone())
-        .await?;
+    let plain = AsyncConnectionConfig::new()
+        .set_response_timeout(secs(config.read_timeout))
+        .set_connection_timeout(secs(config.connect_timeout));
+    let shared = HealingShared {
+        endpoint: endpoint.clone(),
+        wait_replicas: config.wait_replicas,
+        settings,
+        plain,
+        db: client.get_connection_info().redis_settings().db(),
+        current: Mutex::new(Generation {
+            number: 0,
+            switches: endpoint.switches(),
+            manager: Arc::new(OnceCell::new()),
+            abandoned: CancellationToken::new(),
+        }),
+    };
+    let first = shared.link(client).await?;
+    let current = shared
+        .current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .manager
+        .clone();
+    let _ = current.set(first);
     Ok(Healing {
-        link: Link::Single(Arc::new(HealingShared {
-            client: client.clone(),
-            settings,
-            db: manager.get_db(),
-            current: Mutex::new(Generation {
-                number: 0,
-                manager,
-                abandoned: CancellationToken::new(),
-            }),
-        })),
+        link: Link::Single(Arc::new(shared)),
     })
+}
+
+/// The connection of one [`Generation`]: `redis`'s [`ConnectionManager`] for a fixed address, which
+/// reconnects by itself; behind Sentinel a plain connection, which does not, because it would reconnect
+/// to the same address, a demoted master by then (its reads stale, its writes refused): the broken
+/// connection is replaced instead, by one to the master the sentinels name.
+#[derive(Clone)]
+enum Conn {
+    Managed(ConnectionManager),
+    Plain(MultiplexedConnection),
+}
+
+impl Conn {
+    async fn send_packed_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::Managed(conn) => conn.send_packed_command(cmd).await,
+            Conn::Plain(conn) => conn.send_packed_command(cmd).await,
+        }
+    }
+
+    async fn send_packed_commands(
+        &mut self,
+        cmd: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Managed(conn) => conn.send_packed_commands(cmd, offset, count).await,
+            Conn::Plain(conn) => conn.send_packed_commands(cmd, offset, count).await,
+        }
+    }
+}
+
+impl HealingShared {
+    /// A new link to `client`'s server, of the kind the endpoint wants.
+    async fn link(&self, client: Client) -> RedisResult<Conn> {
+        if self.endpoint.follows_failover() {
+            let conn = client
+                .get_multiplexed_async_connection_with_config(&self.plain)
+                .await?;
+            return Ok(Conn::Plain(conn));
+        }
+        ConnectionManager::new_lazy_with_config(client, self.settings.clone()).map(Conn::Managed)
+    }
 }
 
 /// A self-healing connection for ordinary commands: `redis`'s [`ConnectionManager`], which reconnects
@@ -209,6 +200,9 @@ pub(crate) async fn manager(client: &Client, config: &RedisConfig) -> RedisResul
 /// caller that saw the link go silent ([`Healing::replace`]), swaps in a new manager; the commands still
 /// waiting on the old one fail at once as dropped by the connection (the broker retries its safe
 /// operations on the new one). Clones share the connection.
+///
+/// Behind Sentinel the link is a plain connection instead ([`Conn`]), replaced when it breaks, when a
+/// write is refused as `READONLY`, or when the sentinels announce a new master.
 ///
 /// On a Redis Cluster it is the `redis` crate's cluster connection instead, which follows `MOVED` and
 /// `ASK`, reloads the slot map after a failover and reconnects to each node by itself; a pipeline whose
@@ -225,8 +219,12 @@ enum Link {
 }
 
 struct HealingShared {
-    client: Client,
+    endpoint: Endpoint,
+    /// `REDIS_WAIT_REPLICAS`: replicas a durable write waits for ([`Healing::write`]).
+    wait_replicas: u32,
     settings: ConnectionManagerConfig,
+    /// Settings of a plain (Sentinel) link.
+    plain: AsyncConnectionConfig,
     db: i64,
     current: Mutex<Generation>,
 }
@@ -235,7 +233,10 @@ struct HealingShared {
 #[derive(Clone)]
 struct Generation {
     number: u64,
-    manager: ConnectionManager,
+    /// The endpoint's count of announced master switches when this generation began.
+    switches: u64,
+    /// Made on first use (behind Sentinel, that is when the master is looked up).
+    manager: Arc<OnceCell<Conn>>,
     /// Cancelled when this generation is replaced: its waiting commands give up.
     abandoned: CancellationToken,
 }
@@ -258,6 +259,13 @@ fn abandoned() -> RedisError {
 }
 
 impl Healing {
+    /// The shared connection of a Redis Cluster: the cluster connection itself.
+    pub(crate) fn over_cluster(conn: ClusterConnection) -> Healing {
+        Healing {
+            link: Link::Cluster(conn),
+        }
+    }
+
     /// The cluster connection, on a Redis Cluster.
     pub(crate) fn cluster(&self) -> Option<ClusterConnection> {
         match &self.link {
@@ -270,7 +278,7 @@ impl Healing {
     /// on a cluster, whose connection replaces its node links by itself.)
     pub(crate) fn generation(&self) -> u64 {
         match &self.link {
-            Link::Single(shared) => shared.current().number,
+            Link::Single(shared) => shared.generation(),
             Link::Cluster(_) => 0,
         }
     }
@@ -284,6 +292,69 @@ impl Healing {
             Link::Cluster(_) => false,
         }
     }
+
+    /// Retries after a connection failure that the broker's safe operations get: a failover behind
+    /// Sentinel takes a second or two, which these span (50 ms doubling: 0.35 s, or 3.1 s behind Sentinel).
+    pub(crate) fn retries(&self) -> u32 {
+        match &self.link {
+            Link::Single(shared) => shared.retries(),
+            Link::Cluster(_) => 3,
+        }
+    }
+
+    /// `REDIS_WAIT_REPLICAS` (not applied on a cluster, whose connection picks the node per key).
+    fn wait_replicas(&self) -> u32 {
+        match &self.link {
+            Link::Single(shared) => shared.wait_replicas,
+            Link::Cluster(_) => 0,
+        }
+    }
+
+    /// Runs `pipe`, every command of which ignores its reply, as a durable write: with
+    /// `REDIS_WAIT_REPLICAS=n` it ends with `WAIT n`, in the same pipeline so on the same connection
+    /// right after the writes, and fails unless `n` replicas acknowledged them within [`WAIT_TIMEOUT`]
+    /// (an acknowledged write then survives a failover to one of them).
+    pub(crate) async fn write(&self, pipe: &Pipeline) -> RedisResult<()> {
+        let mut conn = self.clone();
+        let wanted = self.wait_replicas();
+        if wanted == 0 {
+            return pipe.query_async(&mut conn).await;
+        }
+        let mut pipe = pipe.clone();
+        pipe.cmd("WAIT")
+            .arg(wanted)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let (acknowledged,): (u32,) = pipe.query_async(&mut conn).await?;
+        not_replicated(acknowledged, wanted)
+    }
+
+    /// Runs `lua` as a durable write (see [`Healing::write`]) and returns its reply.
+    pub(crate) async fn run_durably<T: redis::FromRedisValue>(
+        &self,
+        lua: &Lua,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> RedisResult<T> {
+        let mut conn = self.clone();
+        let wanted = self.wait_replicas();
+        if wanted == 0 {
+            return lua.run(&mut conn, keys, args).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(lua.cmd(keys, args))
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let (reply, acknowledged): (T, u32) = match pipe.query_async(&mut conn).await {
+            Err(error) if is_noscript(&error) => {
+                lua.load(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
+        not_replicated(acknowledged, wanted)?;
+        Ok(reply)
+    }
 }
 
 impl HealingShared {
@@ -294,44 +365,77 @@ impl HealingShared {
             .clone()
     }
 
+    /// Which connection is in use; pass it to [`Healing::replace`] after watching it go silent.
+    fn generation(&self) -> u64 {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .number
+    }
+
+    /// Replaces the connection with a new one (connected on first use), if it is still `generation`
+    /// (so many callers that saw the same silence replace it once); the commands waiting on the old one
+    /// fail at once. Returns whether it replaced it.
     fn replace(&self, generation: u64, why: &str) -> bool {
         let old = {
             let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
             if current.number != generation {
                 return false;
             }
-            let fresh = match ConnectionManager::new_lazy_with_config(
-                self.client.clone(),
-                self.settings.clone(),
-            ) {
-                Ok(fresh) => fresh,
-                Err(error) => {
-                    tracing::warn!(%error, why, "cannot replace a silent redis connection");
-                    return false;
-                }
-            };
             std::mem::replace(
                 &mut *current,
                 Generation {
                     number: generation + 1,
-                    manager: fresh,
+                    switches: self.endpoint.switches(),
+                    manager: Arc::new(OnceCell::new()),
                     abandoned: CancellationToken::new(),
                 },
             )
         };
         old.abandoned.cancel();
-        tracing::warn!(why, "replaced a silent redis connection");
+        tracing::warn!(why, "replaced a redis connection");
         true
     }
 
-    /// Runs one request on the current connection; a timeout replaces the connection.
+    /// The connection manager of `generation`, made now if it is new (asking the sentinels first, if
+    /// the endpoint is theirs).
+    async fn manager_of(&self, generation: &Generation) -> RedisResult<Conn> {
+        let manager = generation
+            .manager
+            .get_or_try_init(|| async {
+                let client = self.endpoint.client().await?;
+                self.link(client).await
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Retries after a connection failure that the broker's safe operations get: a failover behind
+    /// Sentinel takes a second or two, which these span (50 ms doubling: 0.35 s, or 3.1 s behind Sentinel).
+    fn retries(&self) -> u32 {
+        if self.endpoint.follows_failover() {
+            6
+        } else {
+            3
+        }
+    }
+
+    /// Runs one request on the current connection; a timeout replaces the connection, and so does,
+    /// behind Sentinel, a broken connection or a write refused by a demoted master.
     async fn request<'a, T>(
-        &self,
-        send: impl FnOnce(ConnectionManager) -> RedisFuture<'a, T>,
+        &'a self,
+        send: impl FnOnce(Conn) -> RedisFuture<'a, T>,
     ) -> RedisResult<T> {
-        let generation = self.current();
+        let mut generation = self.current();
+        if generation.switches != self.endpoint.switches() {
+            self.replace(generation.number, "the sentinels announced a new master");
+            generation = self.current();
+        }
         let result = tokio::select! {
-            result = send(generation.manager.clone()) => result,
+            result = async {
+                let manager = self.manager_of(&generation).await?;
+                send(manager).await
+            } => result,
             () = generation.abandoned.cancelled() => Err(abandoned()),
         };
         if let Err(error) = &result {
@@ -339,6 +443,16 @@ impl HealingShared {
                 self.replace(
                     generation.number,
                     "a command got no answer within REDIS_READ_TIMEOUT",
+                );
+            } else if self.endpoint.follows_failover()
+                && (is_demoted(error)
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_io_error())
+            {
+                self.replace(
+                    generation.number,
+                    "the master went away or was demoted; asking the sentinels again",
                 );
             }
         }
@@ -394,108 +508,6 @@ impl ConnectionLike for Healing {
         match &self.link {
             Link::Single(shared) => shared.db,
             Link::Cluster(_) => 0,
-        }
-    }
-}
-
-/// A connection of its own for blocking commands (`BLMOVE`), which would stall every other command on a
-/// shared multiplexed connection. Its response timeout is the blocking command's own plus a margin
-/// ([`silence_limit`]): a link that stays silent past it is dead, and the caller replaces it.
-///
-/// On a cluster it is a cluster connection of its own: its commands (all on one queue's slot) go to the
-/// node that serves the queue, and it follows `MOVED`/`ASK` and failovers like the shared one.
-pub(crate) async fn blocking_connection(
-    endpoint: &Endpoint,
-    config: &RedisConfig,
-) -> RedisResult<Blocking> {
-    match endpoint {
-        Endpoint::Single(client) => {
-            let settings = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(silence_limit(config)))
-                .set_connection_timeout(secs(config.connect_timeout));
-            client
-                .get_multiplexed_async_connection_with_config(&settings)
-                .await
-                .map(Blocking::Single)
-        }
-        Endpoint::Cluster { client, .. } => {
-            let settings = redis::cluster::ClusterConfig::new()
-                .set_response_timeout(silence_limit(config))
-                .set_connection_timeout(
-                    secs(config.connect_timeout).unwrap_or(Duration::from_secs(10)),
-                );
-            client
-                .get_async_connection_with_config(settings)
-                .await
-                .map(Blocking::Cluster)
-        }
-    }
-}
-
-/// The connection a consumer's blocking fetch uses ([`blocking_connection`]).
-pub(crate) enum Blocking {
-    Single(redis::aio::MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl Blocking {
-    /// Runs a command that names no key (`CLIENT INFO`) on the server that holds `key`: on a cluster, the
-    /// node this connection's commands for `key` go to.
-    pub(crate) async fn on_node_of<T: redis::FromRedisValue>(
-        &mut self,
-        key: &str,
-        cmd: Cmd,
-    ) -> RedisResult<T> {
-        match self {
-            Blocking::Single(conn) => cmd.query_async(conn).await,
-            Blocking::Cluster(conn) => {
-                redis::from_redis_value(cluster::on_node_of(conn, key, cmd).await?)
-                    .map_err(RedisError::from)
-            }
-        }
-    }
-}
-
-impl ConnectionLike for Blocking {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Blocking::Single(conn) => conn.req_packed_command(cmd),
-            Blocking::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Blocking::Single(conn) => conn.req_packed_commands(cmd, offset, count),
-            Blocking::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Blocking::Single(conn) => conn.get_db(),
-            Blocking::Cluster(_) => 0,
-        }
-    }
-}
-
-/// Runs a command that names no key (`CLIENT KILL`) on the server that holds `key`, over the shared
-/// connection.
-pub(crate) async fn on_node_of<T: redis::FromRedisValue>(
-    conn: &Healing,
-    key: &str,
-    cmd: Cmd,
-) -> RedisResult<T> {
-    match conn.cluster() {
-        None => cmd.query_async(&mut conn.clone()).await,
-        Some(mut cluster) => {
-            redis::from_redis_value(cluster::on_node_of(&mut cluster, key, cmd).await?)
-                .map_err(RedisError::from)
         }
     }
 }
@@ -560,7 +572,10 @@ impl Lua {
 /// Whether an error means the command may not have run because the connection broke, timed out or was
 /// replaced (worth retrying once the connection is back).
 pub(crate) fn is_transient(error: &RedisError) -> bool {
-    error.is_io_error()
+    // A demoted master refused the write: it did not happen, and the sentinels name the new master.
+    is_demoted(error)
+        || error.kind() == ErrorKind::MasterNameNotFoundBySentinel
+        || error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
         || error.is_timeout()

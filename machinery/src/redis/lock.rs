@@ -41,7 +41,7 @@ impl RedisLock {
         config: &Config,
         tls: &TlsConfig,
     ) -> Result<RedisLock, LockError> {
-        let (url, _client, conn) =
+        let (url, _endpoint, conn) =
             conn::open(url, &config.redis, tls, "lock")
                 .await
                 .map_err(|e| LockError::Operation {

@@ -10,12 +10,16 @@
 //! guarantees, so the atomic steps can be read (and reviewed) without the Rust around them.
 
 mod backend;
+mod blocking;
 mod broker;
 mod client;
 mod cluster;
 mod conn;
+mod endpoint;
 mod inspect;
 mod lock;
+mod open;
+mod sentinel;
 pub mod url;
 
 pub use backend::{completion_channel, RedisBackend, GO_CHORD_LOCK_KEY};

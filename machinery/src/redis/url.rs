@@ -8,8 +8,13 @@
 //! | `rediss://host:6380` | TLS, certificates checked against the system's roots; `#insecure` skips the check |
 //! | `redis+socket://pass@/run/redis.sock:/2` | a unix socket, with optional password and database |
 //!
-//! A database that is not a number is database 0, as in Go. Several comma-separated addresses (Go's
-//! go-redis Sentinel/Cluster form) are refused with a clear error.
+//! A database that is not a number is database 0, as in Go.
+//!
+//! With a Sentinel master name (`REDIS_MASTER_NAME`, YAML `master_name`), the URL names the **sentinels**
+//! in Go's go-redis form, `redis://[pass@]h1:p1,h2:p2,h3:p3[/db]` ([`RedisUrl::parse_sentinel`]): the
+//! password is the master's, from the first address, the database from the last (Go's rules), and the
+//! sentinels' own port defaults to 26379. Without one, several comma-separated addresses are refused
+//! with a clear error.
 //!
 //! ```
 //! use machinery::redis_url::{RedisAddr, RedisUrl};
@@ -46,8 +51,8 @@ pub enum RedisUrlError {
         /// What is wrong.
         reason: String,
     },
-    /// Several addresses (Go's Sentinel/Cluster form).
-    #[error("{url}: several addresses (Redis Sentinel or Cluster) are not supported; give one host:port")]
+    /// Several addresses (Go's Sentinel/Cluster form) without a Sentinel master name.
+    #[error("{url}: several addresses name Redis Sentinels only with a master name (REDIS_MASTER_NAME, YAML master_name); otherwise give one host:port")]
     SeveralAddresses {
         /// The URL, redacted.
         url: String,
@@ -68,6 +73,15 @@ pub enum RedisAddr {
     },
     /// A unix socket (`redis+socket://`).
     Unix(PathBuf),
+    /// The master that Redis Sentinels know by a name, looked up through them at every connection.
+    Sentinel {
+        /// The master's name (`REDIS_MASTER_NAME`).
+        master: String,
+        /// The sentinels' `(host, port)`, asked in this order.
+        sentinels: Vec<(String, u16)>,
+        /// Use TLS, to the sentinels and to the master.
+        tls: bool,
+    },
 }
 
 /// A parsed Redis URL.
@@ -99,6 +113,8 @@ impl fmt::Display for RedisUrl {
 }
 
 const DEFAULT_PORT: u16 = 6379;
+/// Redis Sentinel's own port.
+const DEFAULT_SENTINEL_PORT: u16 = 26379;
 
 impl RedisUrl {
     /// Parses a `redis://`, `rediss://` or `redis+socket://` URL with Go machinery's rules.
@@ -148,6 +164,75 @@ impl RedisUrl {
             password,
             db,
             tls_insecure: tls && parsed.fragment() == Some("insecure"),
+        })
+    }
+
+    /// Parses Go's go-redis form naming the sentinels that watch the master `master_name`:
+    /// `redis://[pass@]h1:p1,h2:p2,…[/db]` (one address is enough). The userinfo is the master's login,
+    /// the path its database.
+    ///
+    /// ```
+    /// use machinery::redis_url::{RedisAddr, RedisUrl};
+    ///
+    /// let url = RedisUrl::parse_sentinel("redis://s3cret@h1:26379,h2:26380,h3/1", "mymaster")?;
+    /// let RedisAddr::Sentinel { master, sentinels, .. } = &url.addr else { unreachable!() };
+    /// assert_eq!(master, "mymaster");
+    /// assert_eq!(sentinels[2], ("h3".to_owned(), 26379));
+    /// assert_eq!((url.password.as_deref(), url.db), (Some("s3cret"), 1));
+    /// # Ok::<(), machinery::redis_url::RedisUrlError>(())
+    /// ```
+    pub fn parse_sentinel(url: &str, master_name: &str) -> Result<RedisUrl, RedisUrlError> {
+        let url = url.trim();
+        let invalid = |reason: &str| RedisUrlError::Invalid {
+            url: redact(url),
+            reason: reason.to_owned(),
+        };
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("rediss://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("redis://") {
+            (false, rest)
+        } else {
+            return Err(RedisUrlError::Scheme { url: redact(url) });
+        };
+        let authority = authority(url);
+        let path = &rest[authority.len()..];
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (Some(userinfo), hosts),
+            None => (None, authority),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(userinfo) => match userinfo.split_once(':') {
+                Some((user, pass)) => credentials(user, Some(pass)),
+                None => credentials(userinfo, None),
+            }
+            .map_err(invalid)?,
+        };
+        let sentinels = hosts
+            .split(',')
+            .map(|host| host_port(host.trim(), DEFAULT_SENTINEL_PORT).ok_or(()))
+            .collect::<Result<Vec<_>, ()>>()
+            .map_err(|()| invalid("expected host:port,host:port,… naming the sentinels"))?;
+        if master_name.trim().is_empty() {
+            return Err(invalid("no Sentinel master name"));
+        }
+        let db = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .split('/')
+            .nth(1)
+            .map_or(0, |segment| segment.parse::<i64>().unwrap_or(0));
+        Ok(RedisUrl {
+            addr: RedisAddr::Sentinel {
+                master: master_name.trim().to_owned(),
+                sentinels,
+                tls,
+            },
+            username,
+            password,
+            db,
+            tls_insecure: tls && url.ends_with("#insecure"),
         })
     }
 
@@ -208,6 +293,28 @@ impl RedisUrl {
             RedisAddr::Unix(path) => {
                 format!("redis+socket://{userinfo}{}:/{}", path.display(), self.db)
             }
+            RedisAddr::Sentinel {
+                master,
+                sentinels,
+                tls,
+            } => {
+                let scheme = if *tls { "rediss" } else { "redis" };
+                let hosts: Vec<String> = sentinels
+                    .iter()
+                    .map(|(host, port)| {
+                        if host.contains(':') {
+                            format!("[{host}]:{port}")
+                        } else {
+                            format!("{host}:{port}")
+                        }
+                    })
+                    .collect();
+                format!(
+                    "{scheme}://{userinfo}{}/{} (sentinel master {master})",
+                    hosts.join(","),
+                    self.db
+                )
+            }
         }
     }
 
@@ -238,6 +345,12 @@ impl RedisUrl {
                 tls_params: None,
             },
             RedisAddr::Unix(path) => redis::ConnectionAddr::Unix(path.clone()),
+            RedisAddr::Sentinel { .. } => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "a Sentinel URL names no one server; ask the sentinels for the master",
+                )))
+            }
         };
         let mut settings = redis::RedisConnectionInfo::default().set_db(self.db);
         if let Some(user) = &self.username {
@@ -255,6 +368,31 @@ fn authority(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     &rest[..end]
+}
+
+/// `host:port`, `host` (with `default` port) or `[v6]:port`.
+fn host_port(text: &str, default: u16) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, rest) = rest.split_once(']')?;
+        match rest.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if rest.is_empty() => (host, None),
+            None => return None,
+        }
+    } else {
+        match text.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let port = match port {
+        Some(port) => port.parse().ok()?,
+        None => default,
+    };
+    Some((host.to_owned(), port))
 }
 
 fn non_empty(text: &str) -> Option<String> {
@@ -386,6 +524,34 @@ mod tests {
         let url = RedisUrl::parse("redis://admin:hunter2@h").unwrap();
         assert!(!format!("{url:?} {url}").contains("hunter2"));
         assert_eq!(url.redacted(), "redis://admin:***@h:6379/0");
+    }
+
+    #[test]
+    fn sentinel_urls_follow_go() {
+        let url = RedisUrl::parse_sentinel("redis://pw@h1:1,[::1]:2,h3/4", "m").unwrap();
+        assert_eq!(
+            url.addr,
+            RedisAddr::Sentinel {
+                master: "m".into(),
+                sentinels: vec![("h1".into(), 1), ("::1".into(), 2), ("h3".into(), 26379)],
+                tls: false,
+            }
+        );
+        assert_eq!(
+            (url.username, url.password.as_deref(), url.db),
+            (None, Some("pw"), 4)
+        );
+        let url = RedisUrl::parse_sentinel("rediss://u:p%40w@h1:1", "m").unwrap();
+        assert_eq!(
+            (url.username.as_deref(), url.password.as_deref(), url.db),
+            (Some("u"), Some("p@w"), 0)
+        );
+        assert!(url.redacted().starts_with("rediss://u:***@h1:1/0"));
+        assert!(!format!("{url:?}").contains("p@w"));
+        for bad in ["redis://h1:x,h2:1", "redis://,h2", "http://h1:1"] {
+            assert!(RedisUrl::parse_sentinel(bad, "m").is_err(), "{bad}");
+        }
+        assert!(RedisUrl::parse_sentinel("redis://h1:1", " ").is_err());
     }
 
     #[test]

@@ -43,6 +43,7 @@ impl Inner {
         if !live.declared(&memo, None) {
             let spec = QueueSpec {
                 durable: true,
+                args: self.settings.typed(lapin::types::FieldTable::default()),
                 ..QueueSpec::default()
             };
             declare_queue(&channel, &dead, &spec).await?;

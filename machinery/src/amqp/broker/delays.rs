@@ -91,11 +91,12 @@ impl Inner {
         args: FieldTable,
     ) -> Result<(), AmqpError> {
         let s = &self.settings;
+        // A quorum queue cannot be auto-deleted; its `x-expires` removes it once unused.
         let spec = QueueSpec {
             durable: true,
-            auto_delete: s.auto_delete,
+            auto_delete: s.auto_delete && !s.quorum,
             exclusive: false,
-            args,
+            args: s.typed(args),
         };
         declare_queue(topology, queue, &spec).await?;
         if !s.exchange.is_empty() {

@@ -39,7 +39,7 @@ use super::session::{AmqpError, ChannelSlot, Mode, QueueSpec, Session};
 use super::table::json_table;
 use super::url::ConnectError;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 /// The header naming why a message was dead-lettered.
 pub const DEAD_LETTER_REASON_HEADER: &str = "machinery_dead_letter_reason";
@@ -79,21 +79,56 @@ struct Settings {
     binding_args: FieldTable,
     auto_delete: bool,
     delayed_queue: String,
+    /// Declare quorum queues (`AMQP_QUEUE_TYPE=quorum`).
+    quorum: bool,
 }
 
 impl Settings {
-    fn from_config(config: &Config) -> Self {
+    fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let a = &config.amqp;
-        Settings {
+        let quorum = match a.queue_type.trim() {
+            "" | "classic" => false,
+            "quorum" => true,
+            other => {
+                return Err(ConfigError::Invalid {
+                    setting: "AMQP_QUEUE_TYPE",
+                    value: other.to_owned(),
+                    expected: "classic or quorum",
+                })
+            }
+        };
+        if quorum && a.queue_declare_args.contains_key("x-max-priority") {
+            // RabbitMQ 3.x quorum queues have no priorities; refused here rather than by a 406 later.
+            return Err(ConfigError::Invalid {
+                setting: "AMQP_QUEUE_DECLARE_ARGS",
+                value: "x-max-priority".into(),
+                expected: "no x-max-priority with AMQP_QUEUE_TYPE=quorum (quorum queues ignore priorities)",
+            });
+        }
+        let mut queue_args = json_table(&a.queue_declare_args);
+        if quorum {
+            queue_args.insert("x-queue-type".into(), quorum_type());
+        }
+        Ok(Settings {
             exchange: a.exchange.clone(),
             exchange_type: a.exchange_type.clone(),
             binding_key: a.binding_key.clone(),
             default_queue: config.default_queue.clone(),
-            queue_args: json_table(&a.queue_declare_args),
+            queue_args,
             binding_args: json_table(&a.queue_binding_args),
             auto_delete: a.auto_delete,
             delayed_queue: a.delayed_queue.clone(),
+            quorum,
+        })
+    }
+
+    /// The arguments of a delay or dead-letter queue: `args`, and the queue type when it is quorum (a
+    /// classic queue lives on one node, and its messages with it).
+    fn typed(&self, mut args: FieldTable) -> FieldTable {
+        if self.quorum {
+            args.insert("x-queue-type".into(), quorum_type());
         }
+        args
     }
 
     fn direct(&self) -> bool {
@@ -161,7 +196,7 @@ impl AmqpBroker {
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
                 session: Session::new("broker", endpoints, tls),
-                settings: Settings::from_config(config),
+                settings: Settings::from_config(config).map_err(ConnectError::Url)?,
                 publish: ChannelSlot::new(Mode::Confirm),
                 topology: ChannelSlot::recycled(Mode::Plain, 5_000),
             }),
@@ -180,6 +215,11 @@ impl AmqpBroker {
     pub async fn close(&self) {
         self.inner.session.close().await;
     }
+}
+
+/// `x-queue-type = quorum`.
+fn quorum_type() -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString("quorum".into())
 }
 
 /// The key under which a task queue's declaration and binding are remembered on a connection.
@@ -279,4 +319,36 @@ fn headers_fit(message: &Outgoing, frame_max: u32) -> Result<(), BrokerError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_queues_are_declared_as_such_and_refuse_priorities() {
+        let mut config = Config::default();
+        assert!(!Settings::from_config(&config).unwrap().quorum);
+        config.amqp.queue_type = "quorum".into();
+        let settings = Settings::from_config(&config).unwrap();
+        assert!(settings.quorum);
+        assert!(settings.queue_args.inner().contains_key("x-queue-type"));
+        assert!(settings
+            .typed(FieldTable::default())
+            .inner()
+            .contains_key("x-queue-type"));
+        config
+            .amqp
+            .queue_declare_args
+            .insert("x-max-priority".into(), 10.into());
+        assert!(matches!(
+            Settings::from_config(&config),
+            Err(ConfigError::Invalid { .. })
+        ));
+        config.amqp.queue_type = "stream".into();
+        assert!(matches!(
+            Settings::from_config(&config),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
 }

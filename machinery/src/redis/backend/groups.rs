@@ -39,8 +39,13 @@ impl RedisBackend {
             key: meta.group_uuid.clone(),
             source,
         })?;
-        let mut conn = self.inner.conn.clone();
-        conn.set_ex::<_, _, ()>(&meta.group_uuid, json, self.inner.expire_secs)
+        // Durable: a chord whose record a failover lost could never complete.
+        let mut pipe = redis::pipe();
+        pipe.set_ex(&meta.group_uuid, json, self.inner.expire_secs)
+            .ignore();
+        self.inner
+            .conn
+            .write(&pipe)
             .await
             .map_err(op("store group"))
     }
@@ -117,10 +122,12 @@ impl RedisBackend {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let mut backoff = Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
         loop {
-            let mut conn = self.inner.conn.clone();
-            let outcome: i64 = SCRIPTS
-                .complete_member
-                .run(&mut conn, &keys, &args)
+            // Durable: a member counted on a master that a failover then lost would leave its chord
+            // waiting for ever, the message being acknowledged already.
+            let outcome: i64 = self
+                .inner
+                .conn
+                .run_durably(&SCRIPTS.complete_member, &keys, &args)
                 .await
                 .map_err(op("record chord progress"))?;
             match outcome {

@@ -430,7 +430,14 @@ impl Backend for RedisBackend {
         for state in states {
             pipe.add_command(self.state_cmd(state)?).ignore();
         }
-        self.query_pipeline::<()>("set task state", &pipe).await
+        let conn = self.inner.conn.clone();
+        match conn.write(&pipe).await {
+            Err(error) if is_noscript(&error) => {
+                self.load_scripts(&mut conn.clone()).await?;
+                conn.write(&pipe).await.map_err(op("set task state"))
+            }
+            other => other.map_err(op("set task state")),
+        }
     }
 
     async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {

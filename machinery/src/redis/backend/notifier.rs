@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use redis::aio::PubSubSink;
-use redis::Client;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{completion_channel, decode_state, op, RedisBackend};
 use crate::backend::BackendError;
-use crate::redis::conn::is_transient;
+use crate::redis::conn::{is_transient, Endpoint};
 use crate::retry::Backoff;
 use crate::wire::state::TaskState;
 
@@ -78,7 +77,7 @@ impl RedisBackend {
     async fn notifier(&self) -> &Notifier {
         self.inner
             .notifier
-            .get_or_init(|| async { Notifier::start(self.inner.endpoint.pubsub_clients()) })
+            .get_or_init(|| async { Notifier::start(self.inner.endpoint.clone()) })
             .await
     }
 }
@@ -155,12 +154,12 @@ impl Drop for Waiter {
 }
 
 impl Notifier {
-    fn start(clients: Vec<Client>) -> Notifier {
+    fn start(endpoint: Endpoint) -> Notifier {
         let shared = Arc::new(NotifierShared::default());
         let (sender, receiver) = mpsc::unbounded_channel();
         *shared.unsubscribe.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
         let reader =
-            AbortOnDropHandle::new(tokio::spawn(Self::read(clients, shared.clone(), receiver)));
+            AbortOnDropHandle::new(tokio::spawn(Self::read(endpoint, shared.clone(), receiver)));
         Notifier {
             shared,
             _reader: reader,
@@ -201,26 +200,31 @@ impl Notifier {
     }
 
     /// Owns the pub/sub connection: wakes waiters, unsubscribes channels nobody waits on, reconnects (to
-    /// the next of `clients` each time, the seeds of a cluster, any of which relays every announcement).
+    /// the master the sentinels name then, or to the next seed of a cluster, any of which relays every
+    /// announcement).
     async fn read(
-        clients: Vec<Client>,
+        endpoint: Endpoint,
         shared: Arc<NotifierShared>,
         mut unsubscribe: mpsc::UnboundedReceiver<String>,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut next = 0;
         loop {
-            let Some(client) = clients.get(next % clients.len().max(1)) else {
-                return;
-            };
+            let attempt = next;
             next += 1;
-            let opened = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(redis::RedisError::from(std::io::Error::from(
-                        std::io::ErrorKind::TimedOut,
-                    )))
-                });
+            let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                endpoint
+                    .pubsub_client(attempt)
+                    .await?
+                    .get_async_pubsub()
+                    .await
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            });
             match opened {
                 Ok(pubsub) => {
                     backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));

@@ -195,6 +195,9 @@ pub(super) struct RedisConsumer {
     card: CardWriter,
     /// The connection `BLMOVE` blocks on, and who it is on the server (to cut it off).
     blocking: Option<(Blocking, ClientId)>,
+    /// The endpoint's count of announced master switches when `blocking` was connected: behind
+    /// Sentinel, a fetch must not go on blocking on a master that is no longer the one.
+    blocking_switches: u64,
     /// A blocking connection given up but not yet known to be gone on the server: until it is killed
     /// there, a `BLMOVE` it carried may still move a message into our in-flight list.
     killing: Option<ClientId>,
@@ -239,6 +242,7 @@ impl RedisConsumer {
             keys,
             tag,
             blocking: None,
+            blocking_switches: 0,
             killing: None,
             background: None,
             stop: CancellationToken::new(),
@@ -436,7 +440,13 @@ impl RedisConsumer {
     }
 
     async fn blocking_connection(&mut self) -> Result<&mut Blocking, BrokerError> {
+        let switches = self.inner.endpoint.switches();
+        if self.blocking.is_some() && self.blocking_switches != switches {
+            tracing::info!(queue = %self.keys.queue, "the sentinels announced a new master; fetching from it");
+            self.cut_blocking_connection().await?;
+        }
         if self.blocking.is_none() {
+            self.blocking_switches = switches;
             let mut conn = conn::blocking_connection(&self.inner.endpoint, &self.inner.config)
                 .await
                 .map_err(op("connect for fetching"))?;

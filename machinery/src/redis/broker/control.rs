@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use redis::Client;
 use tokio::sync::mpsc;
 
 use super::RedisBroker;
 use crate::broker::{BrokerError, CancelReceiver};
+use crate::redis::conn::Endpoint;
 use crate::retry::Backoff;
 
 /// The pub/sub channel of cancellation requests. Pub/sub spans a server's databases; task ids are unique,
@@ -29,24 +29,26 @@ impl RedisBroker {
 
     pub(super) fn listen_for_cancellations(&self) -> CancelReceiver {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(listen(self.inner.endpoint.pubsub_clients(), sender));
+        tokio::spawn(listen(self.inner.endpoint.clone(), sender));
         receiver
     }
 }
 
-/// Subscribes to [`CANCEL_CHANNEL`] and forwards each id, reconnecting after a lost connection (to the
-/// next of `clients`: a cluster's seeds each relay every `PUBLISH`), until the receiver is dropped.
-async fn listen(clients: Vec<Client>, sender: mpsc::UnboundedSender<String>) {
+/// Subscribes to [`CANCEL_CHANNEL`] and forwards each id, reconnecting after a lost connection (behind
+/// Sentinel to the master named then; on a cluster to the next seed, each of which relays every
+/// `PUBLISH`), until the receiver is dropped.
+async fn listen(endpoint: Endpoint, sender: mpsc::UnboundedSender<String>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0usize;
     loop {
-        let Some(client) = clients.get(attempt % clients.len().max(1)).cloned() else {
-            tracing::warn!("no server to hear cancellation requests on");
-            return;
-        };
+        let this = attempt;
         attempt = attempt.wrapping_add(1);
         let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = endpoint
+                .pubsub_client(this)
+                .await?
+                .get_async_pubsub()
+                .await?;
             pubsub.subscribe(CANCEL_CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

@@ -146,7 +146,7 @@ where
     Fut: std::future::Future<Output = Result<T, RedisError>>,
 {
     let mut delay = Duration::from_millis(50);
-    for _ in 0..3 {
+    for _ in 0..conn.retries() {
         match attempt(conn.clone()).await {
             Ok(value) => return Ok(value),
             Err(error) if is_transient(&error) => {
@@ -174,7 +174,7 @@ impl Inner {
         backend: &RedisBackend,
         pipe: &redis::Pipeline,
     ) -> Result<(), BrokerError> {
-        let send = move |mut conn: Healing| async move { pipe.query_async::<()>(&mut conn).await };
+        let send = move |conn: Healing| async move { conn.write(pipe).await };
         match retrying_redis(operation, &self.conn, send).await {
             Err(error) if is_noscript(&error) => {
                 backend
@@ -374,9 +374,11 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
-        let cmd = &self.publish_cmd(&message);
-        retrying("publish", &self.inner.conn, move |mut conn| async move {
-            cmd.query_async::<()>(&mut conn).await
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.publish_cmd(&message)).ignore();
+        let pipe = &pipe;
+        retrying("publish", &self.inner.conn, move |conn| async move {
+            conn.write(pipe).await
         })
         .await
     }
@@ -390,8 +392,8 @@ impl Broker for RedisBroker {
             pipe.add_command(self.publish_cmd(message)).ignore();
         }
         let pipe = &pipe;
-        retrying("publish", &self.inner.conn, move |mut conn| async move {
-            pipe.query_async::<()>(&mut conn).await
+        retrying("publish", &self.inner.conn, move |conn| async move {
+            conn.write(pipe).await
         })
         .await
     }
