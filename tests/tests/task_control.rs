@@ -163,7 +163,12 @@ async fn an_expired_task_never_runs_and_get_says_it_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unique_task_sent_ten_times_at_once_runs_once_and_every_handle_gets_its_result() {
     // The RabbitMQ broker with the Redis backend: the RabbitMQ backend has no atomic claim.
-    for setup in [Setup::Memory, Setup::Redis, Setup::AmqpRedis] {
+    for setup in [
+        Setup::Memory,
+        Setup::Redis,
+        Setup::AmqpRedis,
+        Setup::RedisMemcache,
+    ] {
         let Some(server) = setup.server("unique").await else {
             continue;
         };

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::client::MemcacheError;
 use super::client::{Client, StoreMode, StoreReply};
+pub use super::url::parse_url;
 use crate::backend::{Backend, BackendError};
 use crate::config::{Config, ConfigError};
 use crate::wire::gotime;
@@ -63,7 +64,7 @@ pub fn server_index(key: &str, servers: usize) -> usize {
 
 /// The memcached result backend.
 pub struct MemcacheBackend {
-    client: Client,
+    pub(super) client: Client,
     expire_in: Duration,
 }
 
@@ -100,6 +101,16 @@ pub enum ConnectError {
     /// No server of the list answered.
     #[error(transparent)]
     Unreachable(BackendError),
+}
+
+/// memcached's expiration time for `after`: seconds from now up to 30 days, a unix time beyond.
+pub(super) fn exptime(after: Duration) -> u32 {
+    let secs = after.as_secs().max(1);
+    if secs <= MAX_RELATIVE_EXPIRATION {
+        return secs as u32;
+    }
+    let now = chrono::Utc::now().timestamp().max(0) as u64;
+    u32::try_from(now.saturating_add(secs)).unwrap_or(u32::MAX)
 }
 
 impl MemcacheBackend {
@@ -146,12 +157,7 @@ impl MemcacheBackend {
     /// The expiration time to send: memcached reads values up to 30 days as seconds from now (measured by
     /// the server's clock, so client clock skew does not matter) and larger values as a unix time.
     fn expiration(&self) -> u32 {
-        let secs = self.expire_in.as_secs().max(1);
-        if secs <= MAX_RELATIVE_EXPIRATION {
-            return secs as u32;
-        }
-        let now = chrono::Utc::now().timestamp().max(0) as u64;
-        u32::try_from(now.saturating_add(secs)).unwrap_or(u32::MAX)
+        exptime(self.expire_in)
     }
 
     fn op_error(operation: &'static str, error: MemcacheError) -> BackendError {
@@ -308,57 +314,6 @@ impl MemcacheBackend {
         }
         Err(Self::too_much_contention(OP, group_uuid))
     }
-}
-
-/// Parses `memcache://h1:p1[,h2:p2...]` (or `memcaches://…`) into `host:port` strings, in order (a
-/// missing port is 11211).
-pub fn parse_url(url: &str) -> Result<Vec<String>, ConfigError> {
-    let invalid = |reason: &str| ConfigError::InvalidUrl {
-        role: "result backend",
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let url_text = url.trim();
-    let rest = url_text
-        .strip_prefix("memcache://")
-        .or_else(|| url_text.strip_prefix(super::tls::SCHEME))
-        .ok_or_else(|| invalid("expected memcache://host:port[,host:port...]"))?;
-    let rest = rest.trim_end_matches('/');
-    if rest.contains(['@', '?', '/']) {
-        return Err(invalid(
-            "expected memcache://host:port[,host:port...]; credentials, paths and options are not supported",
-        ));
-    }
-    let mut servers = Vec::new();
-    for entry in rest.split(',') {
-        let entry = entry.trim();
-        if entry.is_empty() {
-            return Err(invalid(
-                "empty server address; expected memcache://host:port[,host:port...]",
-            ));
-        }
-        let has_port = match entry.rsplit_once(':') {
-            // `[::1]` is an IPv6 address without a port; `[::1]:11211` and `host:11211` have one.
-            Some((host, port)) => {
-                !host.is_empty()
-                    && !port.ends_with(']')
-                    && (!host.contains(':') || host.ends_with(']'))
-            }
-            None => false,
-        };
-        if has_port {
-            let port = entry.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
-            if port.parse::<u16>().is_err() {
-                return Err(invalid(&format!(
-                    "server {entry:?}: port {port:?} is not a number from 0 to 65535"
-                )));
-            }
-            servers.push(entry.to_owned());
-        } else {
-            servers.push(format!("{entry}:{DEFAULT_PORT}"));
-        }
-    }
-    Ok(servers)
 }
 
 #[async_trait]
@@ -573,6 +528,19 @@ impl Backend for MemcacheBackend {
             .await
             .map_err(|e| Self::op_error("purge state", e))?;
         Ok(())
+    }
+
+    async fn claim_unique(
+        &self,
+        key: &str,
+        task_uuid: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BackendError> {
+        self.claim_unique_key(key, task_uuid, ttl).await
+    }
+
+    async fn release_unique(&self, key: &str, task_uuid: &str) -> Result<(), BackendError> {
+        self.release_unique_key(key, task_uuid).await
     }
 
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError> {

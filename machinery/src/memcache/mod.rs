@@ -5,6 +5,8 @@
 mod backend;
 mod client;
 mod tls;
+mod unique;
+mod url;
 
 pub use backend::{
     parse_url, server_index, ConnectError, MemcacheBackend, MemcacheError, CHORD_PROGRESS_SUFFIX,
