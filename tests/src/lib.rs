@@ -163,3 +163,16 @@ where
 }
 
 pub mod setups;
+
+/// The ids among `ids` whose state, read through `server`'s result backend, is not SUCCESS (or cannot be
+/// read): what a fault test still waits for.
+pub async fn unfinished(server: &machinery::Server, ids: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    for id in ids {
+        match server.backend().get_state(id).await {
+            Ok(Some(state)) if state.state == machinery::State::Success => {}
+            _ => left.push(id.clone()),
+        }
+    }
+    left
+}

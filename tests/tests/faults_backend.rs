@@ -13,9 +13,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use machinery::{task, Server, State, TaskContext, TaskError, Worker};
+use machinery::{task, Server, TaskContext, TaskError, Worker};
 use machinery_tests::amqp::{self, Cleanup};
 use machinery_tests::fault_proxy::FaultProxy;
+use machinery_tests::unfinished;
 use machinery_tests::{require, Service};
 use redis_common::Names;
 
@@ -79,18 +80,6 @@ const DURING: i64 = 4;
 const SEND_EVERY: Duration = Duration::from_secs(4);
 /// How long every task may take to reach SUCCESS after the heal.
 const ALL_DONE_WITHIN: Duration = Duration::from_secs(15);
-
-/// The ids among `ids` whose state, read on the direct connection, is not SUCCESS.
-async fn unfinished(sender: &Server, ids: &[String]) -> Vec<String> {
-    let mut left = Vec::new();
-    for id in ids {
-        match sender.backend().get_state(id).await {
-            Ok(Some(state)) if state.state == State::Success => {}
-            _ => left.push(id.clone()),
-        }
-    }
-    left
-}
 
 async fn outage(queue: Queue, store: Store, kind: Outage, test: &str) {
     if !require(Service::Redis, test) {

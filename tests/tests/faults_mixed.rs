@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use machinery::{task, Chain, Chord, Config, Group, Server, State, TaskError};
+use machinery::{task, Chain, Chord, Config, Group, Server, TaskError};
 use machinery_tests::amqp::{self, Cleanup};
 use machinery_tests::fault_proxy::FaultProxy;
+use machinery_tests::unfinished;
 use machinery_tests::{require, unique, Service};
 use redis_common::{raw, Names};
 
@@ -118,18 +119,6 @@ async fn load(sender: Server, sent: Arc<Mutex<Sent>>, stop: Arc<AtomicBool>) {
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-}
-
-/// The ids among `ids` whose state, read by the sender, is not SUCCESS.
-async fn unfinished(sender: &Server, ids: &[String]) -> Vec<String> {
-    let mut left = Vec::new();
-    for id in ids {
-        match sender.backend().get_state(id).await {
-            Ok(Some(state)) if state.state == State::Success => {}
-            _ => left.push(id.clone()),
-        }
-    }
-    left
 }
 
 /// The worker processes: how to start one, the ones running, and the pids killed.

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use machinery::{task, Chain, Chord, Group, Server, State, TaskError, Worker};
+use machinery::{task, Chain, Chord, Group, Server, TaskError, Worker};
 use machinery_tests::fault_proxy::FaultProxy;
+use machinery_tests::unfinished;
 use machinery_tests::{require, Service};
 use redis::AsyncConnectionConfig;
 use redis_common::Names;
@@ -256,18 +257,6 @@ async fn load(sender: Server, sent: Arc<Mutex<Sent>>, stop: Arc<AtomicBool>) {
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-}
-
-/// The ids among `ids` whose stored state (read on the sender's direct connection) is not SUCCESS.
-async fn unfinished(sender: &Server, ids: &[String]) -> Vec<String> {
-    let mut left = Vec::new();
-    for id in ids {
-        match sender.backend().get_state(id).await {
-            Ok(Some(state)) if state.state == State::Success => {}
-            _ => left.push(id.clone()),
-        }
-    }
-    left
 }
 
 /// Sends one task and returns how long it took to reach SUCCESS, or `None` after `limit`.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use machinery::broker::ConsumeOptions;
 use machinery::{task, Chain, Chord, Config, Group, Server, Signature, State, TaskError, Worker};
-use machinery_tests::{cluster, eventually, require, unique, Service};
+use machinery_tests::{cluster, eventually, require, unfinished, unique, Service};
 
 static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -316,17 +316,6 @@ async fn burst(sender: Server, taken_over: Arc<AtomicBool>) -> (Vec<String>, usi
         }
     }
     (acknowledged, refused)
-}
-
-async fn unfinished(sender: &Server, ids: &[String]) -> Vec<String> {
-    let mut left = Vec::new();
-    for id in ids {
-        match sender.backend().get_state(id).await {
-            Ok(Some(state)) if state.state == State::Success => {}
-            _ => left.push(id.clone()),
-        }
-    }
-    left
 }
 
 async fn wait_done(sender: &Server, ids: &[String], limit: Duration) -> Vec<String> {
