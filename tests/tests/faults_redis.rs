@@ -123,7 +123,8 @@ async fn a_silent_shared_connection_is_replaced_after_the_read_timeout() {
     let backend = server.backend().clone();
     let id = names.task("absent");
     assert_eq!(backend.get_state(&id).await.unwrap(), None);
-    assert!(proxy.freeze_open() >= 2);
+    // At least the connection that answered (the shared connection opens lazily, on first use).
+    assert!(proxy.freeze_open() >= 1);
 
     let started = Instant::now();
     let caught = backend.get_state(&id).await;
