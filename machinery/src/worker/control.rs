@@ -23,9 +23,48 @@ pub(crate) struct Control {
     /// How long a cancelled task may take to return before its future is dropped.
     pub(crate) grace: Duration,
     running: Mutex<HashMap<String, CancellationToken>>,
-    heard: Mutex<VecDeque<(String, Instant)>>,
+    heard: Mutex<Heard>,
     /// The listener, stopped with the worker (when the last reference to this goes).
     listener: OnceLock<AbortOnDropHandle<()>>,
+}
+
+/// The cancellation requests heard lately: in the order they came (to forget the oldest), and counted
+/// by id (so that a task about to start is looked up at once, however many there are).
+#[derive(Debug, Default)]
+struct Heard {
+    order: VecDeque<(String, Instant)>,
+    ids: HashMap<String, usize>,
+}
+
+impl Heard {
+    fn forget_oldest(&mut self) {
+        let Some((uuid, _)) = self.order.pop_front() else {
+            return;
+        };
+        if let Some(count) = self.ids.get_mut(&uuid) {
+            *count -= 1;
+            if *count == 0 {
+                self.ids.remove(&uuid);
+            }
+        }
+    }
+
+    fn remember(&mut self, uuid: &str, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) > REMEMBER)
+            || self.order.len() >= REMEMBER_MAX
+        {
+            self.forget_oldest();
+        }
+        self.order.push_back((uuid.to_owned(), now));
+        *self.ids.entry(uuid.to_owned()).or_default() += 1;
+    }
+
+    fn contains(&self, uuid: &str) -> bool {
+        self.ids.contains_key(uuid)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,16 +109,7 @@ impl Control {
             tracing::info!(task.uuid = %uuid, "cancelling a running task");
             token.cancel();
         }
-        let now = Instant::now();
-        let mut heard = lock(&self.heard);
-        while heard
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) > REMEMBER)
-            || heard.len() >= REMEMBER_MAX
-        {
-            heard.pop_front();
-        }
-        heard.push_back((uuid.to_owned(), now));
+        lock(&self.heard).remember(uuid, Instant::now());
     }
 
     /// The token of a task about to run, cancelled already if a request for it came lately; dropping
@@ -87,7 +117,7 @@ impl Control {
     pub(crate) fn register(&self, uuid: &str) -> Running<'_> {
         let token = CancellationToken::new();
         lock(&self.running).insert(uuid.to_owned(), token.clone());
-        if lock(&self.heard).iter().any(|(heard, _)| heard == uuid) {
+        if lock(&self.heard).contains(uuid) {
             token.cancel();
         }
         Running {
@@ -108,5 +138,39 @@ pub(crate) struct Running<'a> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         lock(&self.control.running).remove(&self.uuid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heard_requests_are_found_by_id_and_the_oldest_forgotten_first() {
+        let mut heard = Heard::default();
+        let now = Instant::now();
+        heard.remember("a", now);
+        heard.remember("b", now);
+        heard.remember("a", now);
+        assert!(heard.contains("a") && heard.contains("b") && !heard.contains("c"));
+        heard.forget_oldest(); // the first "a"; the second still counts
+        assert!(heard.contains("a"));
+        heard.forget_oldest(); // "b"
+        assert!(!heard.contains("b"));
+        heard.forget_oldest(); // the second "a"
+        assert!(!heard.contains("a"));
+        assert!(heard.order.is_empty() && heard.ids.is_empty());
+    }
+
+    #[test]
+    fn requests_older_than_a_minute_are_forgotten_when_the_next_comes() {
+        let mut heard = Heard::default();
+        let Some(long_ago) = Instant::now().checked_sub(REMEMBER + Duration::from_secs(1)) else {
+            return; // a clock too young to go back a minute
+        };
+        heard.remember("old", long_ago);
+        heard.remember("new", Instant::now());
+        assert!(!heard.contains("old"));
+        assert!(heard.contains("new"));
     }
 }
