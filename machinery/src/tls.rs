@@ -229,6 +229,41 @@ pub(crate) fn explain(
     Some(TlsError::Handshake { cause, detail })
 }
 
+/// A connection our own TLS client set up that the server then reset or closed at once. With TLS 1.3 a
+/// server that refuses the client's certificate says so after the client's side of the handshake is
+/// done, and may close the connection before its alert is read: told as that refusal, hedged.
+pub(crate) fn explain_reset(
+    error: &(dyn std::error::Error + 'static),
+    sent_certificate: bool,
+) -> Option<TlsError> {
+    let mut texts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(inner) = source {
+        texts.push(inner.to_string());
+        source = inner.source();
+    }
+    let text = texts.join(": ").replace('\n', " ");
+    let reset = [
+        "Connection reset by peer",
+        "unexpected end of file",
+        "UnexpectedEof",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle));
+    if !reset {
+        return None;
+    }
+    let cause = if sent_certificate {
+        "the server reset the connection after the TLS handshake: it probably refused our client certificate (is it signed by a CA the server trusts, and still valid?)"
+    } else {
+        "the server reset the connection after the TLS handshake: it probably requires a client certificate, and none is configured (TLS_CERT_FILE, TLS_KEY_FILE)"
+    };
+    Some(TlsError::Handshake {
+        cause,
+        detail: text,
+    })
+}
+
 /// The rustls message fragments we recognise.
 fn cause_of(text: &str) -> Option<&'static str> {
     const KNOWN: [&str; 6] = [
@@ -442,5 +477,33 @@ mod tests {
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
         let err = load(&TlsConfig::new().server_name("bad name!")).unwrap_err();
         assert!(matches!(err, TlsError::ServerName(_)), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use super::explain_reset;
+
+    #[test]
+    fn a_reset_right_after_our_handshake_is_told_as_a_refused_certificate() {
+        let reset = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "Connection reset by peer (os error 104)",
+        );
+        let without = explain_reset(&reset, false).map(|e| e.to_string());
+        assert!(
+            without
+                .as_deref()
+                .is_some_and(|t| t.contains("requires a client certificate")),
+            "{without:?}"
+        );
+        let with = explain_reset(&reset, true).map(|e| e.to_string());
+        assert!(
+            with.as_deref()
+                .is_some_and(|t| t.contains("refused our client certificate")),
+            "{with:?}"
+        );
+        let refused = std::io::Error::other("Connection refused (os error 111)");
+        assert!(explain_reset(&refused, false).is_none());
     }
 }

@@ -102,5 +102,12 @@ pub(crate) async fn connect(
         properties,
     )
     .await
-    .map_err(|e| failed(e, sends_certificate))
+    .map_err(|e| match crate::tls::explain_reset(&e, sends_certificate) {
+        // Only when no TLS alert explains it (the alert, when read, is the surer cause).
+        Some(reset) if crate::tls::explain(&e, sends_certificate).is_none() => AmqpError::Tls {
+            url: endpoint.display.clone(),
+            source: reset,
+        },
+        _ => failed(e, sends_certificate),
+    })
 }
