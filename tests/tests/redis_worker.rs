@@ -164,3 +164,58 @@ async fn a_message_written_by_a_go_sender_runs_on_our_worker() {
     running.shutdown(Duration::from_secs(5)).await.unwrap();
     names.cleanup().await;
 }
+
+/// Tasks that finish together acknowledge in shared pipelines (`redis/broker/commit.rs`); when the
+/// server forgets its scripts (`SCRIPT FLUSH`, as after a restart) in the middle of that, the commands
+/// it refused with `NOSCRIPT` go again once the scripts are loaded, and only those: every task's result
+/// is stored, nothing stays in flight, and no task runs twice.
+#[tokio::test]
+async fn a_script_flush_during_a_drain_loses_no_acknowledgement() {
+    if !require(
+        Service::Redis,
+        "a_script_flush_during_a_drain_loses_no_acknowledgement",
+    ) {
+        return;
+    }
+    let names = Names::new("rw_flush");
+    let server = Server::new(names.config()).await.unwrap();
+    let mut results = Vec::new();
+    for n in 0..600 {
+        results.push(count_run::send(&server, n).await.unwrap());
+    }
+    let running = Worker::new(&server)
+        .register(count_run::task())
+        .concurrency(50)
+        .start()
+        .await
+        .unwrap();
+    let mut conn = raw().await;
+    for _ in 0..10 {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut ids = Vec::new();
+    for (n, result) in results.into_iter().enumerate() {
+        ids.push(result.uuid().to_owned());
+        assert_eq!(result.get(Duration::from_secs(20)).await.unwrap(), n as i64);
+    }
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    let stats = server
+        .broker()
+        .inspect()
+        .unwrap()
+        .queue_stats(&names.queue)
+        .await
+        .unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    let runs = RUNS.lock().unwrap().clone().unwrap_or_default();
+    for id in &ids {
+        assert_eq!(runs.get(id), Some(&1), "task {id} ran once");
+    }
+    let _: () = conn.del(&ids).await.unwrap();
+    names.cleanup().await;
+}

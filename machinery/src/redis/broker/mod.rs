@@ -28,6 +28,7 @@
 
 mod acker;
 pub(super) mod card;
+mod commit;
 mod consumer;
 mod control;
 mod envelope;
