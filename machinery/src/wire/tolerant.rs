@@ -21,6 +21,12 @@ macro_rules! wire_fields {
                         f.write_str("a field name")
                     }
                     fn visit_str<E: ::serde::de::Error>(self, key: &str) -> Result<$name, E> {
+                        // Keys spelt as Go spells them first: one length-and-bytes comparison each,
+                        // where the case-insensitive scan below compares byte by byte.
+                        match key {
+                            $($key => return Ok($name::$variant),)*
+                            _ => {}
+                        }
                         $(if key.eq_ignore_ascii_case($key) { return Ok($name::$variant); })*
                         Ok($name::Unknown)
                     }
@@ -69,6 +75,15 @@ fn lenient_int<T>(text: &str) -> Result<T, String>
 where
     T: TryFrom<i64> + TryFrom<u64> + Default + Bounded,
 {
+    // The common case, a plain integer that fits, without building a JSON value.
+    if let Some(n) = plain_int(text) {
+        if n < 0 && !T::SIGNED {
+            return Ok(T::default());
+        }
+        if let Ok(n) = T::try_from(n) {
+            return Ok(n);
+        }
+    }
     let shown = cut(text);
     let out_of_range = || format!("integer {shown} out of range");
     let number = match serde_json::from_str::<Value>(text) {
@@ -112,6 +127,19 @@ where
     } else {
         Err(out_of_range())
     }
+}
+
+/// `text` as an `i64` when it is a plain JSON integer (an optional minus, then digits without a leading
+/// zero) that fits; `None` for anything else, which the full reading then handles.
+fn plain_int(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let plain = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if !plain {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// At most 64 characters of a value's text, for an error message.
@@ -174,6 +202,16 @@ mod tests {
         assert!(error
             .to_string()
             .starts_with("integer 4294967296 out of range"));
+        let Lenient(n): Lenient<u8> = serde_json::from_str("255").unwrap();
+        assert_eq!(n, 255);
+        let Lenient(n): Lenient<u32> = serde_json::from_str(" 0 ").unwrap();
+        assert_eq!(n, 0);
+        assert!(serde_json::from_str::<Lenient<u32>>("07").is_err());
+        assert!(serde_json::from_str::<Lenient<u32>>("-").is_err());
+        assert_eq!(plain_int("-12"), Some(-12));
+        assert_eq!(plain_int("+1"), None);
+        assert_eq!(plain_int("1.0"), None);
+        assert_eq!(plain_int("99999999999999999999"), None);
         let Lenient(s): Lenient<String> = serde_json::from_str("null").unwrap();
         assert_eq!(s, "");
     }

@@ -101,7 +101,7 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         outcome = tracing::field::Empty,
     );
     trace::adopt_parent(&span, signature.headers.as_ref());
-    metrics::task_received(&signature.name);
+    metrics::task_received(def.name);
     log::received(&signature, delivery.redelivered);
     let succeeded = follow_up::already_succeeded(ctx, &mut signature, &delivery).await;
     Some(Ready {
@@ -313,7 +313,7 @@ async fn run_task(
             let state = TaskState::success(&signature.uuid, &signature.name, results);
             match delivery.try_ack_with_state(&state).await {
                 Ok(()) => {
-                    done(ctx, &signature, &state, took).await;
+                    done(ctx, def, &signature, &state, took).await;
                     return;
                 }
                 Err(delivery) => (
@@ -327,7 +327,7 @@ async fn run_task(
     };
     match finish {
         Finish::Done(state) => {
-            done(ctx, &signature, &state, took).await;
+            done(ctx, def, &signature, &state, took).await;
             settle("ack", delivery.ack()).await;
         }
         Finish::NotStored => {
@@ -336,7 +336,7 @@ async fn run_task(
             settle("requeue", delivery.requeue(signature_body(&signature))).await;
         }
         Finish::FollowUpFailed(state, failed) => {
-            done(ctx, &signature, &state, took).await;
+            done(ctx, def, &signature, &state, took).await;
             follow_up::requeue(ctx, &signature, delivery, failed).await;
         }
         Finish::Unstorable(error) => {
@@ -393,21 +393,33 @@ fn nothing_follows(signature: &Signature) -> bool {
 
 /// Records a run whose final state is stored ([`finished`]), and releases a unique task's key once that
 /// state is final.
-async fn done(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took: Duration) {
-    finished(ctx, signature, state, took);
+async fn done(
+    ctx: &WorkerContext,
+    def: &'static TaskDef,
+    signature: &Signature,
+    state: &TaskState,
+    took: Duration,
+) {
+    finished(ctx, def, signature, state, took);
     if state.is_completed() {
         crate::unique::release(ctx.server.backend().as_ref(), signature).await;
     }
 }
 
 /// Records a run whose final state is stored: metrics, the span's outcome and the post-task hook.
-fn finished(ctx: &WorkerContext, signature: &Signature, state: &TaskState, took: Duration) {
+fn finished(
+    ctx: &WorkerContext,
+    def: &'static TaskDef,
+    signature: &Signature,
+    state: &TaskState,
+    took: Duration,
+) {
     let outcome = match state.state {
         State::Success => metrics::Outcome::Succeeded,
         State::Retry => metrics::Outcome::Retried,
         _ => metrics::Outcome::Failed,
     };
-    metrics::task_finished(&signature.name, outcome, took);
+    metrics::task_finished(def.name, outcome, took);
     ctx.counters.finished(&state.state);
     tracing::Span::current().record("outcome", state.state.as_str());
     log::finished(signature, state, took);
