@@ -75,19 +75,32 @@ impl Records {
             .map(|(state, _)| state)
     }
 
-    /// Stores `state`, keeping the task name and creation time of the live record it replaces (in place,
-    /// without cloning the old record or the key).
-    fn store(&mut self, mut state: TaskState, now: Instant, expire_in: Duration) {
+    /// Stores `state`, keeping the task name and creation time of the live record it replaces. The live
+    /// record is overwritten field by field, reusing its strings, so a state change allocates nothing
+    /// for the id and the name (a task's five writes would otherwise copy both five times).
+    fn store(&mut self, state: &TaskState, now: Instant, expire_in: Duration) {
         match self.states.get_mut(&state.task_uuid) {
-            Some(slot) => {
-                if slot.1 > now {
-                    state.merge_from_previous(&slot.0);
+            Some((record, expires)) if *expires > now => {
+                if !state.task_name.is_empty() {
+                    record.task_name.clone_from(&state.task_name);
                 }
-                *slot = (state, now + expire_in);
+                if state.created_at != crate::wire::gotime::zero_time() {
+                    record.created_at = state.created_at;
+                }
+                record.state = state.state.clone();
+                record.results.clone_from(&state.results);
+                record.error.clone_from(&state.error);
+                record.ttl = state.ttl;
+                record.progress.clone_from(&state.progress);
+                *expires = now + expire_in;
+            }
+            Some((record, expires)) => {
+                record.clone_from(state);
+                *expires = now + expire_in;
             }
             None => {
                 self.states
-                    .insert(state.task_uuid.clone(), (state, now + expire_in));
+                    .insert(state.task_uuid.clone(), (state.clone(), now + expire_in));
             }
         }
         self.sweep(now);
@@ -141,7 +154,7 @@ impl Backend for MemoryBackend {
         {
             let mut records = self.shared.lock();
             for state in states {
-                records.store(state.clone(), now, self.expire_in);
+                records.store(state, now, self.expire_in);
             }
         }
         self.shared.changed.notify_waiters();
@@ -158,7 +171,7 @@ impl Backend for MemoryBackend {
             {
                 return Ok(false);
             }
-            records.store(state.clone(), now, self.expire_in);
+            records.store(state, now, self.expire_in);
         }
         self.shared.changed.notify_waiters();
         Ok(true)
@@ -181,8 +194,8 @@ impl Backend for MemoryBackend {
                     {
                         return Ok(false);
                     }
-                    records.store(received.clone(), now, self.expire_in);
-                    records.store(started.clone(), now, self.expire_in);
+                    records.store(received, now, self.expire_in);
+                    records.store(started, now, self.expire_in);
                     Ok(true)
                 })
                 .collect()
