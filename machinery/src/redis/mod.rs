@@ -14,6 +14,7 @@ mod blocking;
 mod broker;
 mod client;
 mod cluster;
+mod commit;
 mod conn;
 mod endpoint;
 mod inspect;

@@ -16,6 +16,7 @@
 //!   (see [`Backend::complete_group_member`] and `docs/redis.md`), safe beside Go workers that use the
 //!   `TriggerChordMutex` lock.
 
+mod commands;
 mod control;
 mod groups;
 mod notifier;
@@ -28,14 +29,15 @@ use async_trait::async_trait;
 use redis::{AsyncCommands as _, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
+pub(crate) use self::commands::load_state_scripts;
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
+use super::commit::GroupCommit;
 use super::conn::{self, is_noscript, Endpoint, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::wire::gotime;
-use crate::wire::state::{GroupMeta, TaskState, CANCELLED_ERROR, REVOKED_ERROR};
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// The channel on which a final state of `task_uuid` is announced.
 pub fn completion_channel(task_uuid: &str) -> String {
@@ -56,6 +58,9 @@ struct Inner {
     cluster: bool,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
+    /// Shares pipelines between state writes made at once (not on a cluster, where keys live on several
+    /// servers).
+    commit: Option<GroupCommit>,
     /// Keys a task or group id must not name: the default queue, its dead letters, the delayed-task set.
     /// A state written there would turn a queue into a string (Go does that).
     reserved: [String; 3],
@@ -133,46 +138,6 @@ fn decode_state(task_uuid: &str, raw: Option<Vec<u8>>) -> Result<Option<TaskStat
     .transpose()
 }
 
-/// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
-/// are empty when the previous record should supply them.
-fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
-    let prefix = format!(
-        "{{\"TaskUUID\":{},\"TaskName\":",
-        serde_json::to_string(&state.task_uuid)?
-    );
-    let name = if state.task_name.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(&state.task_name)?
-    };
-    let middle = format!(
-        ",\"State\":{},\"Results\":{},\"Error\":{},\"CreatedAt\":",
-        serde_json::to_string(state.state.as_str())?,
-        serde_json::to_string(&state.results)?,
-        serde_json::to_string(&state.error)?,
-    );
-    let created = if state.created_at == gotime::zero_time() {
-        String::new()
-    } else {
-        serde_json::to_string(&gotime::format(&state.created_at))?
-    };
-    let suffix = match &state.progress {
-        None => format!(",\"TTL\":{}}}", state.ttl),
-        Some(progress) => format!(
-            ",\"TTL\":{},\"Progress\":{}}}",
-            state.ttl,
-            serde_json::to_string(progress)?
-        ),
-    };
-    Ok([
-        prefix.into_bytes(),
-        name.into_bytes(),
-        middle.into_bytes(),
-        created.into_bytes(),
-        suffix.into_bytes(),
-    ])
-}
-
 impl RedisBackend {
     /// Connects to the Redis server named by `config.result_backend`.
     pub async fn connect(config: &Config) -> Result<RedisBackend, BackendError> {
@@ -188,11 +153,13 @@ impl RedisBackend {
             source: e.source,
         })?;
         tracing::debug!(url = %url, "connected to the redis result backend");
+        let commit = (!config.redis.cluster_enabled).then(|| GroupCommit::new(conn.clone(), false));
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 url,
                 endpoint,
                 conn,
+                commit,
                 cluster: config.redis.cluster_enabled,
                 expire_secs: config.results_expire_in_secs(),
                 notifier: OnceCell::new(),
@@ -222,72 +189,6 @@ impl RedisBackend {
         conn.get(task_uuid).await
     }
 
-    /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
-    /// record and nobody needs telling, else the `set_state` script.
-    pub(crate) fn state_cmd(&self, state: &TaskState) -> Result<redis::Cmd, BackendError> {
-        self.state_cmd_unless_revoked(state, false)
-    }
-
-    /// [`RedisBackend::state_cmd`], or with `unless_revoked` the script that refuses to replace a
-    /// revocation (it returns 0 then).
-    fn state_cmd_unless_revoked(
-        &self,
-        state: &TaskState,
-        unless_revoked: bool,
-    ) -> Result<redis::Cmd, BackendError> {
-        let pieces = self.pieces(state)?;
-        let completed = state.is_completed();
-        if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !unless_revoked {
-            // GET makes the server refuse (WRONGTYPE) to replace a key that is not a string, such as a
-            // queue's list, where a plain SET would.
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&state.task_uuid)
-                .arg(pieces.concat())
-                .arg("EX")
-                .arg(self.inner.expire_secs)
-                .arg("GET");
-            return Ok(cmd);
-        }
-        let channel = if completed {
-            completion_channel(&state.task_uuid).into_bytes()
-        } else {
-            Vec::new()
-        };
-        let [prefix, name, middle, created, suffix] = pieces;
-        Ok(self.script_cmd(
-            &state.task_uuid,
-            [prefix, name, created, suffix],
-            channel,
-            unless_revoked,
-            vec![middle],
-            None,
-        ))
-    }
-
-    /// The `set_state` script storing `state`, then removing `message` from the list `inflight` (a Redis
-    /// broker's acknowledgement): both in one step on the server.
-    pub(crate) fn state_and_ack_cmd(
-        &self,
-        state: &TaskState,
-        inflight: &str,
-        message: &[u8],
-    ) -> Result<redis::Cmd, BackendError> {
-        let channel = if state.is_completed() {
-            completion_channel(&state.task_uuid).into_bytes()
-        } else {
-            Vec::new()
-        };
-        let [prefix, name, middle, created, suffix] = self.pieces(state)?;
-        Ok(self.script_cmd(
-            &state.task_uuid,
-            [prefix, name, created, suffix],
-            channel,
-            false,
-            vec![middle],
-            Some((inflight, message)),
-        ))
-    }
-
     /// Refuses an id that names one of our keys: the default queue, its dead letters, the delayed-task
     /// set, or anything under `machinery:` (in-flight lists, heartbeats, chord records). Other lists (a
     /// custom queue that holds messages) are refused by the server itself (`WRONGTYPE`), as the state
@@ -304,92 +205,6 @@ impl RedisBackend {
             key: key.to_owned(),
             reason: reason.to_owned(),
         })
-    }
-
-    fn pieces(&self, state: &TaskState) -> Result<[Vec<u8>; 5], BackendError> {
-        self.check_key(&state.task_uuid)?;
-        state_pieces(state).map_err(|source| BackendError::Decode {
-            key: state.task_uuid.clone(),
-            source,
-        })
-    }
-
-    /// The `set_state` script writing one state per middle piece.
-    fn script_cmd(
-        &self,
-        task_uuid: &str,
-        [prefix, name, created, suffix]: [Vec<u8>; 4],
-        channel: Vec<u8>,
-        unless_revoked: bool,
-        middles: Vec<Vec<u8>>,
-        ack: Option<(&str, &[u8])>,
-    ) -> redis::Cmd {
-        let expire = self.inner.expire_secs.to_string().into_bytes();
-        let revoked = if unless_revoked {
-            format!("{REVOKED_ERROR}\n{CANCELLED_ERROR}").into_bytes()
-        } else {
-            Vec::new()
-        };
-        let mut args = vec![prefix, name, created, suffix, expire, channel, revoked];
-        args.extend(middles);
-        match ack {
-            Some((inflight, message)) => {
-                args.push(message.to_vec());
-                SCRIPTS
-                    .set_state
-                    .cmd(&[task_uuid.as_bytes(), inflight.as_bytes()], &args)
-            }
-            None => SCRIPTS.set_state.cmd(&[task_uuid.as_bytes()], &args),
-        }
-    }
-
-    /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
-    pub(crate) async fn load_scripts(&self, conn: &mut Healing) -> Result<(), BackendError> {
-        SCRIPTS
-            .set_state
-            .load(conn)
-            .await
-            .map_err(op("load scripts"))?;
-        SCRIPTS
-            .complete_member
-            .load(conn)
-            .await
-            .map_err(op("load scripts"))
-    }
-
-    /// The one script call that stores STARTED (RECEIVED, replaced in the same atomic step, could never be
-    /// seen) after one revocation check, reading the previous record once; `None` when the two states are
-    /// not the worker's usual pair (they differ in more than their state).
-    fn received_and_started_cmd(
-        &self,
-        received: &TaskState,
-        started: &TaskState,
-    ) -> Result<Option<redis::Cmd>, BackendError> {
-        let same_task = (
-            &received.task_uuid,
-            &received.task_name,
-            received.created_at,
-            received.ttl,
-        ) == (
-            &started.task_uuid,
-            &started.task_name,
-            started.created_at,
-            started.ttl,
-        );
-        if !same_task || received.is_completed() || started.is_completed() {
-            return Ok(None);
-        }
-        let [prefix, name, started_middle, created, suffix] = self.pieces(started)?;
-        Ok(Some(self.script_cmd(
-            &started.task_uuid,
-            [prefix, name, created, suffix],
-            Vec::new(),
-            true,
-            // RECEIVED would be replaced by STARTED within the same atomic step, where no reader can
-            // see it: only STARTED is written.
-            vec![started_middle],
-            None,
-        )))
     }
 
     /// Runs a pipeline and returns its replies, loading the scripts and trying once more if the server
@@ -419,7 +234,14 @@ impl Backend for RedisBackend {
     }
 
     async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
-        self.set_states(std::slice::from_ref(state)).await
+        match &self.inner.commit {
+            // Final states of tasks finishing together share a pipeline (`redis/commit.rs`).
+            Some(commit) => commit
+                .run(self.state_cmd(state)?)
+                .await
+                .map_err(op("set task state")),
+            None => self.set_states(std::slice::from_ref(state)).await,
+        }
     }
 
     async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
@@ -579,41 +401,5 @@ impl Backend for RedisBackend {
 
     async fn purge_group(&self, group_uuid: &str) -> Result<(), BackendError> {
         self.delete_group(group_uuid).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::state::TaskResult;
-
-    #[test]
-    fn state_pieces_join_into_the_records_json() {
-        let mut state = TaskState::success(
-            "task_1",
-            "add",
-            vec![TaskResult::new(
-                "uint64",
-                serde_json::json!(18446744073709551615u64),
-            )],
-        );
-        state.created_at = chrono::Utc::now();
-        let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
-        assert_eq!(joined, state.to_json().unwrap());
-    }
-
-    #[test]
-    fn progress_joins_into_the_records_json() {
-        let mut state =
-            TaskState::progress("task_1", "add", serde_json::json!({"done": 1, "total": 2}));
-        state.created_at = chrono::Utc::now();
-        let joined: Vec<u8> = state_pieces(&state).unwrap().concat();
-        assert_eq!(joined, state.to_json().unwrap());
-    }
-
-    #[test]
-    fn missing_name_and_time_leave_their_pieces_empty() {
-        let pieces = state_pieces(&TaskState::started("t", "")).unwrap();
-        assert!(pieces[1].is_empty() && pieces[3].is_empty());
     }
 }

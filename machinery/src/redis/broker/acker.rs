@@ -10,10 +10,10 @@ use async_trait::async_trait;
 use chrono::Utc;
 use redis::AsyncCommands as _;
 
-use super::commit::GroupCommit;
 use super::{op, retrying, Envelope, Inner, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{Acknowledger, BrokerError};
 use crate::redis::backend::RedisBackend;
+use crate::redis::commit::GroupCommit;
 use crate::wire::state::TaskState;
 
 /// Counts of the deliveries a consumer handed out and that are not settled yet, by body hash; and whether

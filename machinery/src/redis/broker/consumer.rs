@@ -15,10 +15,10 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::acker::{body_hash, Outstanding, RedisAcker};
 use super::card::{CardWriter, GONE_KEPT};
-use super::commit::GroupCommit;
 use super::{op, promote, recover, retrying, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{BrokerError, ConsumeOptions, Consumer, Delivery};
 use crate::redis::backend::RedisBackend;
+use crate::redis::commit::GroupCommit;
 use crate::redis::conn::{self, is_noscript, Blocking};
 
 /// Most messages one fetch takes, whatever the worker asks.
@@ -237,7 +237,7 @@ impl RedisConsumer {
         let tag = options.consumer_tag.clone();
         let heartbeat_timeout = Duration::from_millis(inner.config.heartbeat_timeout.max(500));
         let commit = (!inner.config.cluster_enabled)
-            .then(|| Arc::new(GroupCommit::new(inner.conn.clone(), states.clone())));
+            .then(|| Arc::new(GroupCommit::new(inner.conn.clone(), true)));
         let mut consumer = RedisConsumer {
             inner,
             states,

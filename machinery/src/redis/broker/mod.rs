@@ -28,7 +28,6 @@
 
 mod acker;
 pub(super) mod card;
-mod commit;
 mod consumer;
 mod control;
 mod envelope;
@@ -137,7 +136,7 @@ where
 }
 
 /// [`retrying`], handing back the last Redis error itself, for callers that act on its kind.
-async fn retrying_redis<T, F, Fut>(
+pub(in crate::redis) async fn retrying_redis<T, F, Fut>(
     operation: &'static str,
     conn: &Healing,
     mut attempt: F,

@@ -1,6 +1,6 @@
-//! Group commit: the acknowledgements (and the final states that ride with them) of tasks that finish
-//! close together go to Redis in one pipeline, one round trip and one socket read on the server for
-//! many tasks instead of one each.
+//! Group commit: the acknowledgements (and the final states that ride with them), or the final states
+//! alone on a result backend, of tasks that finish close together go to Redis in one pipeline: one
+//! round trip and one socket read on the server for many tasks instead of one each.
 //!
 //! Nothing waits on a timer. A finishing task hands its command to a flusher task and awaits the answer;
 //! the flusher sends whatever has queued up since its last pipeline left, so that a lone task goes at
@@ -14,9 +14,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::retrying_redis;
-use crate::redis::backend::RedisBackend;
-use crate::redis::conn::{is_noscript, not_replicated, Healing, WAIT_TIMEOUT};
+use super::backend::load_state_scripts;
+use super::broker::retrying_redis;
+use super::conn::{is_noscript, not_replicated, Healing, WAIT_TIMEOUT};
 
 /// The most commands one pipeline carries.
 const MOST_PER_PIPELINE: usize = 256;
@@ -34,24 +34,25 @@ struct Request {
 /// Hands commands to a flusher task on the current runtime, started on first use and again if the
 /// runtime it ran on has gone (a `Server` can outlive the runtime that made it, as in tests).
 #[derive(Debug)]
-pub(super) struct GroupCommit {
+pub(crate) struct GroupCommit {
     conn: Healing,
-    /// Reloads the state scripts after `NOSCRIPT` (a restarted or flushed server).
-    states: Option<RedisBackend>,
+    /// Whether a pipeline that failed for connection reasons goes again (the broker's acknowledgements);
+    /// a result backend's writes fail at once, as they did one by one, and the worker decides.
+    retry: bool,
     flusher: std::sync::Mutex<Option<mpsc::UnboundedSender<Request>>>,
 }
 
 impl GroupCommit {
-    pub(super) fn new(conn: Healing, states: Option<RedisBackend>) -> GroupCommit {
+    pub(crate) fn new(conn: Healing, retry: bool) -> GroupCommit {
         GroupCommit {
             conn,
-            states,
+            retry,
             flusher: std::sync::Mutex::new(None),
         }
     }
 
     /// Runs `cmd` in the next pipeline and returns its own outcome.
-    pub(super) async fn run(&self, cmd: Cmd) -> RedisResult<()> {
+    pub(crate) async fn run(&self, cmd: Cmd) -> RedisResult<()> {
         let (outcome, answer) = oneshot::channel();
         self.sender()?
             .send(Request { cmd, outcome })
@@ -66,7 +67,7 @@ impl GroupCommit {
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| stopped())?;
         let (sender, requests) = mpsc::unbounded_channel();
-        runtime.spawn(flush_loop(requests, self.conn.clone(), self.states.clone()));
+        runtime.spawn(flush_loop(requests, self.conn.clone(), self.retry));
         *flusher = Some(sender.clone());
         Ok(sender)
     }
@@ -80,11 +81,7 @@ fn stopped() -> RedisError {
 }
 
 /// Sends what has queued up, up to [`MOST_IN_FLIGHT`] pipelines at a time, until every sender is gone.
-async fn flush_loop(
-    mut requests: mpsc::UnboundedReceiver<Request>,
-    conn: Healing,
-    states: Option<RedisBackend>,
-) {
+async fn flush_loop(mut requests: mpsc::UnboundedReceiver<Request>, conn: Healing, retry: bool) {
     let mut flushing = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -99,7 +96,7 @@ async fn flush_loop(
                         Err(_) => break,
                     }
                 }
-                flushing.push(flush(&conn, states.as_ref(), batch));
+                flushing.push(flush(&conn, retry, batch));
             }
         }
     }
@@ -108,7 +105,7 @@ async fn flush_loop(
 
 /// Sends one pipeline and tells each request its own outcome; commands refused with `NOSCRIPT` go again
 /// once the scripts are loaded.
-async fn flush(conn: &Healing, states: Option<&RedisBackend>, batch: Vec<Request>) {
+async fn flush(conn: &Healing, retry: bool, batch: Vec<Request>) {
     let mut pipe = redis::pipe();
     let mut outcomes = Vec::with_capacity(batch.len());
     for request in batch {
@@ -116,8 +113,8 @@ async fn flush(conn: &Healing, states: Option<&RedisBackend>, batch: Vec<Request
         outcomes.push(request.outcome);
     }
     pipe.ignore_errors();
-    let mut results = send(conn, &pipe).await;
-    if let (Some(backend), Ok(each)) = (states, &mut results) {
+    let mut results = send(conn, retry, &pipe).await;
+    if let Ok(each) = &mut results {
         let unloaded: Vec<usize> = (0..each.len())
             .filter(|&i| matches!(&each[i], Err(error) if is_noscript(error)))
             .collect();
@@ -129,13 +126,9 @@ async fn flush(conn: &Healing, states: Option<&RedisBackend>, batch: Vec<Request
                     again.add_command(cmd.clone());
                 }
             }
-            let resent = match backend.load_scripts(&mut conn.clone()).await {
-                Ok(()) => send(conn, &again).await,
-                Err(error) => Err(RedisError::from((
-                    redis::ErrorKind::Client,
-                    "cannot load the state scripts",
-                    error.to_string(),
-                ))),
+            let resent = match load_state_scripts(&mut conn.clone()).await {
+                Ok(()) => send(conn, retry, &again).await,
+                Err(error) => Err(error),
             };
             for (position, &i) in unloaded.iter().enumerate() {
                 each[i] = match &resent {
@@ -155,13 +148,17 @@ async fn flush(conn: &Healing, states: Option<&RedisBackend>, batch: Vec<Request
     }
 }
 
-/// Runs `pipe`, which ignores errors, retried whole on connection errors, and returns each command's own
-/// outcome.
-async fn send(conn: &Healing, pipe: &Pipeline) -> RedisResult<Vec<RedisResult<()>>> {
-    let each = retrying_redis("acknowledge a batch", conn, move |conn| async move {
-        write_each(conn, pipe).await
-    })
-    .await?;
+/// Runs `pipe`, which ignores errors (retried whole on connection errors if `retry`), and returns each
+/// command's own outcome.
+async fn send(conn: &Healing, retry: bool, pipe: &Pipeline) -> RedisResult<Vec<RedisResult<()>>> {
+    let each = if retry {
+        retrying_redis("acknowledge a batch", conn, move |conn| async move {
+            write_each(conn, pipe).await
+        })
+        .await?
+    } else {
+        write_each(conn.clone(), pipe).await?
+    };
     Ok(each.into_iter().map(|r| r.map(drop)).collect())
 }
 
