@@ -134,25 +134,53 @@ async fn redis_server_signed_by_an_untrusted_ca_is_refused() {
     );
 }
 
+/// The certificate names `machinery-tls.test` and `127.0.0.1`, not `localhost`: the URL's host is
+/// checked unless `TLS_SERVER_NAME` names the certificate's name, and then that name is checked (the
+/// CA still is, and a name the certificate does not carry still fails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_checks_the_certificate_for_the_urls_host() {
-    let Some(url) = redis("redis_checks_the_certificate_for_the_urls_host") else {
+async fn redis_checks_the_certificate_for_the_server_name_when_given() {
+    let Some(url) = redis("redis_checks_the_certificate_for_the_server_name_when_given") else {
         return;
     };
     let by_name = url.replace("127.0.0.1", "localhost");
     let (error, took) = start_error(config(&by_name, "null").tls(certs().tls())).await;
     assert_clear(&error, took, "broker", &by_name, "does not carry the name");
     assert!(error.contains("\"localhost\""), "{error}");
-    // redis-rs cannot check for another name than the host it connects to: said at start, not ignored.
-    let tls = certs().tls().server_name(SERVER_NAME);
-    let (error, took) = start_error(config(&by_name, "null").tls(tls)).await;
+
+    let other_name = certs().tls().server_name("other.machinery-tls.test");
+    let (error, took) = start_error(config(&by_name, "null").tls(other_name)).await;
+    assert_clear(&error, took, "broker", &by_name, "does not carry the name");
+    assert!(error.contains("other.machinery-tls.test"), "{error}");
+
+    let (cert, key) = certs().client();
+    let untrusted = TlsConfig::new()
+        .ca_file(certs().foreign_ca())
+        .client_cert_files(cert, key)
+        .server_name(SERVER_NAME);
+    let (error, took) = start_error(config("memory://", &by_name).tls(untrusted)).await;
+    assert_clear(
+        &error,
+        took,
+        "result backend",
+        &by_name,
+        "not signed by a CA we trust",
+    );
+
+    let (error, took) =
+        start_error(config(&by_name, "null").tls(ca_only().server_name(SERVER_NAME))).await;
     assert_clear(
         &error,
         took,
         "broker",
         &by_name,
-        "put the name the certificate carries in the URL",
+        "requires a client certificate",
     );
+
+    let server =
+        Server::new(config(&by_name, &by_name).tls(certs().tls().server_name(SERVER_NAME)))
+            .await
+            .expect("with TLS_SERVER_NAME naming the certificate's name, the server starts");
+    round_trip(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
