@@ -37,6 +37,10 @@ pub enum Service {
     /// The Redis Cluster `scripts/services.sh up` starts: 3 masters and 3 replicas on 127.0.0.1:7000-7005
     /// (`MACHINERY_TEST_REDIS_CLUSTER_ADDR` names the first seed, default `127.0.0.1:7000`).
     RedisCluster,
+    /// The Redis Cluster over TLS only of `scripts/services.sh`, which requires client certificates: 3
+    /// masters on `MACHINERY_TEST_REDIS_TLS_CLUSTER_ADDRS` (default
+    /// `127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102`), with the certificate of [`Service::RedisTls`].
+    RedisTlsCluster,
     /// The Redis Sentinel set of `scripts/services.sh`: the sentinels on `MACHINERY_TEST_SENTINEL_ADDRS`
     /// (default `127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381`) watching [`SENTINEL_MASTER`], whose
     /// master and replica are on :6380 and :6381 (either way round after a failover).
@@ -63,6 +67,10 @@ impl Service {
             Service::RedisTls => ("MACHINERY_TEST_REDIS_TLS_ADDR", "127.0.0.1:6390"),
             Service::RabbitMqTls => ("MACHINERY_TEST_AMQP_TLS_ADDR", "127.0.0.1:5676"),
             Service::RedisCluster => ("MACHINERY_TEST_REDIS_CLUSTER_ADDR", "127.0.0.1:7000"),
+            Service::RedisTlsCluster => (
+                "MACHINERY_TEST_REDIS_TLS_CLUSTER_ADDRS",
+                "127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102",
+            ),
             Service::RedisSentinel => (
                 "MACHINERY_TEST_SENTINEL_ADDRS",
                 "127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381",
@@ -89,6 +97,7 @@ impl Service {
                 Err(_) => "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005".to_owned(),
             },
             Service::RedisSentinel => format!("redis://{}", self.addr()),
+            Service::RedisTlsCluster => format!("rediss://{}", self.addr()),
             Service::RabbitMqCluster => self
                 .addr()
                 .split(',')

@@ -1,7 +1,7 @@
 //! TLS as production needs it, against real listeners that require client certificates (started by
-//! `scripts/services.sh up`: Redis on :6390, a RabbitMQ node of its own on :5676, both with a
-//! certificate of the private CA in `target/services/tls/` that names `machinery-tls.test` and
-//! `127.0.0.1`). The workflow suite itself runs over both in `workflows.rs` (`redis_tls`, `amqp_tls`);
+//! `scripts/services.sh up`: Redis on :6390, a Redis Cluster over TLS on :7100-7102, a RabbitMQ node of
+//! its own on :5676, all with a certificate of the private CA in `target/services/tls/` that names
+//! `machinery-tls.test` and `127.0.0.1`). The workflow suite itself runs over both in `workflows.rs` (`redis_tls`, `amqp_tls`);
 //! here: what goes wrong is told at start, on one line that names the server, the role and the cause,
 //! without a retry loop; the server name; the settings read from the environment, per role; and
 //! the unchecked mode.
@@ -56,6 +56,10 @@ async fn round_trip(server: &Server) {
         .shutdown(Duration::from_secs(20))
         .await
         .expect("shutdown");
+}
+
+fn redis_cluster(test: &str) -> Option<String> {
+    require(Service::RedisTlsCluster, test).then(|| Service::RedisTlsCluster.url())
 }
 
 fn redis(test: &str) -> Option<String> {
@@ -180,6 +184,45 @@ async fn redis_checks_the_certificate_for_the_server_name_when_given() {
         Server::new(config(&by_name, &by_name).tls(certs().tls().server_name(SERVER_NAME)))
             .await
             .expect("with TLS_SERVER_NAME naming the certificate's name, the server starts");
+    round_trip(&server).await;
+}
+
+/// A Redis Cluster over TLS that requires client certificates (`scripts/services.sh`: :7100-7102): the
+/// CA and the client certificate reach every node, the seeds and those the cluster announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_over_mutual_tls() {
+    let Some(url) = redis_cluster("redis_cluster_over_mutual_tls") else {
+        return;
+    };
+    let on_cluster = |config: Config| {
+        let mut config = config;
+        config.redis.cluster_enabled = true;
+        config
+    };
+    let first_seed = url.split(',').next().unwrap_or(&url).to_owned();
+    let (error, took) = start_error(on_cluster(config(&url, "null").tls(ca_only()))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        &first_seed,
+        "requires a client certificate",
+    );
+    let (cert, key) = certs().client();
+    let untrusted = TlsConfig::new()
+        .ca_file(certs().foreign_ca())
+        .client_cert_files(cert, key);
+    let (error, took) = start_error(on_cluster(config(&url, "null").tls(untrusted))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        &first_seed,
+        "not signed by a CA we trust",
+    );
+    let server = Server::new(on_cluster(config(&url, &url).tls(certs().tls())))
+        .await
+        .expect("with the CA and a client certificate, the server starts on the TLS cluster");
     round_trip(&server).await;
 }
 
