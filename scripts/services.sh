@@ -5,7 +5,8 @@
 #   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212; TLS
 #                              # listeners requiring client certificates: Redis :6390, and RabbitMQ
 #                              # :5676 (a node of its own, machinery-tls@localhost), a Redis Cluster
-#                              # over TLS only (3 masters on :7100-7102); a Redis Cluster of
+#                              # over TLS only (3 masters on :7100-7102), a Redis Sentinel over
+#                              # TLS only (master :6391, sentinel :26390, `tlsmaster`); a Redis Cluster of
 #                              # 3 masters + 3 replicas on :7000-7005; a Redis Sentinel set (master
 #                              # :6380, replica :6381, sentinels :26379-26381, master name `mymaster`);
 #                              # a 3-node RabbitMQ cluster (:5673-:5675, nodes machinery-c1..c3@localhost);
@@ -370,6 +371,49 @@ tls_cluster_down() {
   rm -f "$state_dir/started-tls-cluster"
 }
 
+tls_sentinel_dir="$state_dir/tls-sentinel"
+
+# A Redis Sentinel over TLS only, requiring client certificates: a master on :6391 (no replica) and one
+# sentinel on :26390 watching it as `tlsmaster`, both with the TLS listeners' certificate (node.pem for
+# the sentinel's own connections to the master). tests/tests/tls.rs runs a task through it.
+tls_sentinel_up() {
+  local tls="$PWD/$tls_dir" dir="$PWD/$tls_sentinel_dir"
+  if reachable 127.0.0.1 6391 || reachable 127.0.0.1 26390; then
+    if tls_running 6391 "redis tls sentinel master" && tls_running 26390 "redis tls sentinel"; then
+      return
+    fi
+    log "redis tls sentinel: only one of 127.0.0.1:6391 and :26390 answers"
+    return 1
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "redis tls sentinel: starting (master :6391, sentinel :26390, client certificates required)"
+  rm -rf "$tls_sentinel_dir"
+  mkdir -p "$tls_sentinel_dir"
+  local common=(--bind 127.0.0.1 --port 0 --dir "$dir" --tls-cert-file "$tls/server.pem"
+    --tls-key-file "$tls/server.key" --tls-client-cert-file "$tls/node.pem"
+    --tls-client-key-file "$tls/node.key" --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients yes
+    --tls-replication yes --daemonize yes)
+  redis-server "${common[@]}" --tls-port 6391 --save '' --appendonly no \
+    --logfile "$dir/redis-6391.log" --pidfile "$dir/redis-6391.pid"
+  echo 6391 >>"$state_dir/started-tls-sentinel"
+  # A sentinel rewrites its configuration file as it learns the topology: a fresh one each start.
+  echo "sentinel monitor tlsmaster 127.0.0.1 6391 1" >"$tls_sentinel_dir/sentinel.conf"
+  redis-server "$dir/sentinel.conf" --sentinel "${common[@]}" --tls-port 26390 \
+    --logfile "$dir/sentinel-26390.log" --pidfile "$dir/redis-26390.pid"
+  echo 26390 >>"$state_dir/started-tls-sentinel"
+  wait_for "redis tls sentinel master" 6391 20
+  wait_for "redis tls sentinel" 26390 20
+}
+
+tls_sentinel_down() {
+  [ -f "$state_dir/started-tls-sentinel" ] || return 0
+  local port
+  while read -r port; do
+    stop_pid "redis tls sentinel :$port" "$tls_sentinel_dir/redis-$port.pid"
+  done <"$state_dir/started-tls-sentinel"
+  rm -f "$state_dir/started-tls-sentinel"
+}
+
 rabbitmq_tls_dir="$state_dir/rabbitmq-tls"
 
 # Runs a RabbitMQ command ($1: rabbitmq-server, rabbitmqctl) for the TLS node, with its own node name,
@@ -425,6 +469,7 @@ stop_pid() { # name pidfile
 
 tls_down() {
   tls_cluster_down
+  tls_sentinel_down
   if [ -f "$state_dir/started-redis-tls" ]; then
     stop_pid "redis tls :6390" "$state_dir/redis-tls.pid"
     rm -f "$state_dir/started-redis-tls"
@@ -565,6 +610,7 @@ case "${1:-up}" in
     tls_node_cert
     redis_tls_up
     tls_cluster_up
+    tls_sentinel_up
     rabbitmq_tls_up
     cluster_up
     sentinel_up

@@ -1,17 +1,18 @@
 //! TLS as production needs it, against real listeners that require client certificates (started by
-//! `scripts/services.sh up`: Redis on :6390, a Redis Cluster over TLS on :7100-7102, a RabbitMQ node of
-//! its own on :5676, all with a certificate of the private CA in `target/services/tls/` that names
-//! `machinery-tls.test` and `127.0.0.1`). The workflow suite itself runs over both in `workflows.rs` (`redis_tls`, `amqp_tls`);
-//! here: what goes wrong is told at start, on one line that names the server, the role and the cause,
-//! without a retry loop; the server name; the settings read from the environment, per role; and
-//! the unchecked mode.
+//! `scripts/services.sh up`: Redis on :6390, a Redis Cluster over TLS on :7100-7102, a Redis Sentinel
+//! over TLS on :26390 (its master on :6391), a RabbitMQ node of its own on :5676, all with a
+//! certificate of the private CA in `target/services/tls/` that names `machinery-tls.test` and
+//! `127.0.0.1`). The workflow suite itself runs over :6390 and :5676 in `workflows.rs`
+//! (`redis_tls`, `amqp_tls`); here: what goes wrong is told at start, on one line that names the
+//! server, the role and the cause, without a retry loop; the server name; the settings read from the
+//! environment, per role; and the unchecked mode.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use machinery::{task, Config, Server, TaskError, TlsConfig, Worker};
 use machinery_tests::tls::{certs, SERVER_NAME};
-use machinery_tests::{require, unique, Service};
+use machinery_tests::{require, unique, Service, TLS_SENTINEL_MASTER};
 
 /// No retry loop: a refused certificate is known after one handshake.
 const PROMPT: Duration = Duration::from_secs(5);
@@ -60,6 +61,10 @@ async fn round_trip(server: &Server) {
 
 fn redis_cluster(test: &str) -> Option<String> {
     require(Service::RedisTlsCluster, test).then(|| Service::RedisTlsCluster.url())
+}
+
+fn redis_sentinel(test: &str) -> Option<String> {
+    require(Service::RedisTlsSentinel, test).then(|| Service::RedisTlsSentinel.url())
 }
 
 fn redis(test: &str) -> Option<String> {
@@ -223,6 +228,44 @@ async fn redis_cluster_over_mutual_tls() {
     let server = Server::new(on_cluster(config(&url, &url).tls(certs().tls())))
         .await
         .expect("with the CA and a client certificate, the server starts on the TLS cluster");
+    round_trip(&server).await;
+}
+
+/// A Redis Sentinel over TLS that requires client certificates (`scripts/services.sh`: the sentinel on
+/// :26390, the master on :6391): the CA and the client certificate reach the sentinel and the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_over_mutual_tls() {
+    let Some(url) = redis_sentinel("redis_sentinel_over_mutual_tls") else {
+        return;
+    };
+    let behind_sentinel = |config: Config| {
+        let mut config = config;
+        config.redis.master_name = TLS_SENTINEL_MASTER.into();
+        config
+    };
+    let (error, took) = start_error(behind_sentinel(config(&url, "null").tls(ca_only()))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        "127.0.0.1:26390",
+        "requires a client certificate",
+    );
+    let (cert, key) = certs().client();
+    let untrusted = TlsConfig::new()
+        .ca_file(certs().foreign_ca())
+        .client_cert_files(cert, key);
+    let (error, took) = start_error(behind_sentinel(config(&url, "null").tls(untrusted))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        "127.0.0.1:26390",
+        "not signed by a CA we trust",
+    );
+    let server = Server::new(behind_sentinel(config(&url, &url).tls(certs().tls())))
+        .await
+        .expect("with the CA and a client certificate, the server starts behind the TLS sentinel");
     round_trip(&server).await;
 }
 
