@@ -80,12 +80,7 @@ impl NamedTls {
         connect: Option<Duration>,
     ) -> RedisResult<MultiplexedConnection> {
         within(connect, async {
-            let stream = self.stream().await?;
-            let (conn, driver) =
-                MultiplexedConnection::new_with_config(&self.redis, stream, config.clone()).await?;
-            // The driver ends when the last handle of the connection is dropped.
-            tokio::spawn(driver);
-            Ok(conn)
+            multiplexed_over(self.stream().await?, &self.redis, config).await
         })
         .await
     }
@@ -116,6 +111,23 @@ impl NamedTls {
             )
         }))
     }
+}
+
+/// A multiplexed connection over `stream`, its driver task spawned. The task ends, and the stream is
+/// closed, when the last clone of the connection is dropped, even with a blocking command unanswered
+/// (tested below: redis-rs documents that its own connections need a task handle for that).
+async fn multiplexed_over<S>(
+    stream: S,
+    redis: &RedisConnectionInfo,
+    config: &AsyncConnectionConfig,
+) -> RedisResult<MultiplexedConnection>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, driver) =
+        MultiplexedConnection::new_with_config(redis, stream, config.clone()).await?;
+    tokio::spawn(driver);
+    Ok(conn)
 }
 
 /// `work` within `limit` (none: as long as it takes); a timeout is an I/O timeout, as redis-rs reports
@@ -151,3 +163,70 @@ fn with_settings(tcp: TcpStream, settings: &TcpSettings) -> io::Result<TcpStream
 
 /// Shared by the clones of one endpoint.
 pub(crate) type Named = Arc<NamedTls>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+    use tokio::sync::oneshot;
+
+    /// A server that answers `+OK` to every command until a `BLMOVE`, which it never answers; says when
+    /// the client closes the stream.
+    async fn serve(mut stream: DuplexStream, closed: oneshot::Sender<()>) {
+        let mut buf = vec![0u8; 4096];
+        let mut blocked = false;
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            blocked |= chunk.windows(6).any(|w| w == b"BLMOVE");
+            if blocked {
+                continue;
+            }
+            // Commands are arrays: one `*` at the start of a line each.
+            let commands = (0..n)
+                .filter(|&i| chunk[i] == b'*' && (i == 0 || chunk[i - 1] == b'\n'))
+                .count();
+            for _ in 0..commands {
+                if stream.write_all(b"+OK\r\n").await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = closed.send(());
+    }
+
+    /// A consumer replaces its blocking connection while a `BLMOVE` waits on it (a silent link): the
+    /// old socket must not live on.
+    #[tokio::test]
+    async fn a_connection_over_our_stream_closes_with_its_last_clone() {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let (closed, on_close) = oneshot::channel();
+        tokio::spawn(serve(theirs, closed));
+        let config = AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut conn = multiplexed_over(ours, &RedisConnectionInfo::default(), &config)
+            .await
+            .unwrap();
+        let ok: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+        assert_eq!(ok, "OK");
+        let mut other = conn.clone();
+        let mut blmove = redis::cmd("BLMOVE");
+        blmove.arg("a").arg("b").arg("LEFT").arg("RIGHT").arg(0);
+        let waiting = blmove.query_async::<Value>(&mut other);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), waiting)
+                .await
+                .is_err(),
+            "BLMOVE was answered"
+        );
+        drop(other);
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(2), on_close)
+            .await
+            .expect("the stream closes with the last clone, a BLMOVE still unanswered")
+            .unwrap();
+    }
+}
