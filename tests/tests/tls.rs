@@ -342,18 +342,21 @@ async fn amqp_checks_the_certificate_for_the_server_name_when_given() {
 
 /// Go's deployment shape: the broker on RabbitMQ, the backend on Redis, each with settings of its own,
 /// all from the environment: the shared `TLS_*` trust the CA and present the client certificate; the
-/// broker's `BROKER_TLS_SERVER_NAME` names its certificate, since its URL says `localhost`.
+/// broker's `BROKER_TLS_SERVER_NAME` and the backend's `RESULT_BACKEND_TLS_SERVER_NAME` name their
+/// certificate, since their URLs say `localhost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_from_the_environment_apply_per_role() {
     let test = "settings_from_the_environment_apply_per_role";
     let (Some(broker), Some(backend)) = (amqp(test), redis(test)) else {
         return;
     };
+    let backend = backend.replace("127.0.0.1", "localhost");
     let (cert, key) = certs().client();
     let queue = unique("tls_env");
     let mut vars: HashMap<&str, String> = HashMap::from([
         ("BROKER", broker.replace("127.0.0.1", "localhost")),
         ("RESULT_BACKEND", backend.clone()),
+        ("RESULT_BACKEND_TLS_SERVER_NAME", SERVER_NAME.into()),
         ("DEFAULT_QUEUE", queue.clone()),
         ("AMQP_BINDING_KEY", queue.clone()),
         ("AMQP_EXCHANGE", "machinery_tests_tls".into()),

@@ -200,7 +200,8 @@ impl HealingShared {
 /// operations on the new one). Clones share the connection.
 ///
 /// Behind Sentinel the link is a plain connection instead ([`Conn`]), replaced when it breaks, when a
-/// write is refused as `READONLY`, or when the sentinels announce a new master.
+/// write is refused as `READONLY`, or when the sentinels announce a new master. So it is, replaced when
+/// it breaks, on a server whose certificate is checked for `TLS_SERVER_NAME`.
 ///
 /// On a Redis Cluster it is the `redis` crate's cluster connection instead, which follows `MOVED` and
 /// `ASK`, reloads the slot map after a failover and reconnects to each node by itself; a pipeline whose
