@@ -4,7 +4,9 @@
 #
 #   scripts/services.sh up     # Redis :6379, RabbitMQ :5672, memcached :11211 and :11212; TLS
 #                              # listeners requiring client certificates: Redis :6390, and RabbitMQ
-#                              # :5676 (a node of its own, machinery-tls@localhost); a Redis Cluster of
+#                              # :5676 (a node of its own, machinery-tls@localhost), a Redis Cluster
+#                              # over TLS only (3 masters on :7100-7102), a Redis Sentinel over
+#                              # TLS only (master :6391, sentinel :26390, `tlsmaster`); a Redis Cluster of
 #                              # 3 masters + 3 replicas on :7000-7005; a Redis Sentinel set (master
 #                              # :6380, replica :6381, sentinels :26379-26381, master name `mymaster`);
 #                              # a 3-node RabbitMQ cluster (:5673-:5675, nodes machinery-c1..c3@localhost);
@@ -13,7 +15,8 @@
 #   scripts/services.sh down   # stops what `up` started (and only that)
 #
 # State (what we started) is kept in target/services/. The TLS listeners use a private CA and a server
-# certificate made here with openssl, in target/services/tls/ (ca.pem, ca.key, server.pem, server.key);
+# certificate made here with openssl, in target/services/tls/ (ca.pem, ca.key, server.pem, server.key;
+# node.pem, node.key: the TLS cluster nodes' client certificate);
 # the server certificate names machinery-tls.test and 127.0.0.1, not localhost. The tests make their
 # client certificates with that CA (tests/src/tls.rs).
 set -euo pipefail
@@ -277,6 +280,140 @@ redis_tls_up() {
   wait_for "redis tls" 6390 20
 }
 
+# A certificate for the TLS cluster's own connections (each node's cluster bus links to the others, and
+# redis-cli creating the cluster): the nodes require client certificates, and server.pem is for
+# serverAuth only. Made again after the CA.
+tls_node_cert() {
+  if [ -f "$tls_dir/node.pem" ] && [ -f "$tls_dir/node.key" ] && [ "$tls_dir/node.pem" -nt "$tls_dir/ca.pem" ]; then
+    return
+  fi
+  log "tls: making the TLS cluster nodes' client certificate in $tls_dir"
+  (
+    cd "$tls_dir"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+      -subj "/CN=machinery-tls-node" -keyout node.key -out node.csr 2>/dev/null
+    printf '%s\n' "extendedKeyUsage=clientAuth" "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature" >node.ext
+    openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile node.ext -out node.pem 2>/dev/null
+    rm -f node.csr node.ext
+    chmod 644 node.pem node.key
+  )
+}
+
+tls_cluster_ports=(7100 7101 7102)
+
+# A Redis Cluster over TLS only, requiring client certificates: 3 masters, no replicas, on
+# 127.0.0.1:7100-7102 (cluster bus over TLS on 17100-17102), serving the certificate of the other TLS
+# listeners (it names 127.0.0.1, the address the nodes announce). tests/tests/tls.rs runs a task over it.
+tls_cluster_node_up() { # port
+  local port=$1 dir="$PWD/$state_dir/tls-cluster/$1" tls="$PWD/$tls_dir"
+  mkdir -p "$dir"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port "$port" --dir "$dir" \
+    --tls-cert-file "$tls/server.pem" --tls-key-file "$tls/server.key" \
+    --tls-client-cert-file "$tls/node.pem" --tls-client-key-file "$tls/node.key" \
+    --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients yes --tls-cluster yes \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --save '' --appendonly no --logfile "$dir/redis.log" --pidfile "$dir/redis.pid"
+}
+
+tls_cli() { # redis-cli arguments...
+  redis-cli --tls --cacert "$tls_dir/ca.pem" --cert "$tls_dir/node.pem" --key "$tls_dir/node.key" "$@"
+}
+
+tls_cluster_ok_nodes() { # how many nodes report cluster_state:ok
+  local port n=0
+  for port in "${tls_cluster_ports[@]}"; do
+    if tls_cli -p "$port" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then n=$((n + 1)); fi
+  done
+  echo "$n"
+}
+
+tls_cluster_up() {
+  local port running=0 i
+  for port in "${tls_cluster_ports[@]}"; do
+    if reachable 127.0.0.1 "$port"; then running=$((running + 1)); fi
+  done
+  if [ "$running" -ne 0 ]; then
+    if tls_running 7100 "redis tls cluster" \
+      && [ "$(tls_cluster_ok_nodes)" -eq "${#tls_cluster_ports[@]}" ]; then
+      return
+    fi
+    log "redis tls cluster: some of 127.0.0.1:7100-7102 are taken but no healthy cluster answers there"
+    return 1
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "redis tls cluster :7100-7102: starting (client certificates required)"
+  rm -rf "$state_dir/tls-cluster"
+  for port in "${tls_cluster_ports[@]}"; do
+    tls_cluster_node_up "$port"
+    echo "$port" >>"$state_dir/started-tls-cluster"
+  done
+  for port in "${tls_cluster_ports[@]}"; do wait_for "redis tls cluster node :$port" "$port" 20; done
+  tls_cli --cluster create 127.0.0.1:7100 127.0.0.1:7101 127.0.0.1:7102 --cluster-replicas 0 \
+    --cluster-yes >/dev/null
+  for ((i = 0; i < 300; i++)); do
+    if [ "$(tls_cluster_ok_nodes)" -eq "${#tls_cluster_ports[@]}" ]; then
+      log "redis tls cluster :7100-7102: ok"; return 0
+    fi
+    sleep 0.1
+  done
+  log "redis tls cluster did not reach cluster_state:ok within 30s"
+  return 1
+}
+
+tls_cluster_down() {
+  [ -f "$state_dir/started-tls-cluster" ] || return 0
+  local port
+  while read -r port; do
+    stop_pid "redis tls cluster node :$port" "$state_dir/tls-cluster/$port/redis.pid"
+  done <"$state_dir/started-tls-cluster"
+  rm -f "$state_dir/started-tls-cluster"
+}
+
+tls_sentinel_dir="$state_dir/tls-sentinel"
+
+# A Redis Sentinel over TLS only, requiring client certificates: a master on :6391 (no replica) and one
+# sentinel on :26390 watching it as `tlsmaster`, both with the TLS listeners' certificate (node.pem for
+# the sentinel's own connections to the master). tests/tests/tls.rs runs a task through it.
+tls_sentinel_up() {
+  local tls="$PWD/$tls_dir" dir="$PWD/$tls_sentinel_dir"
+  if reachable 127.0.0.1 6391 || reachable 127.0.0.1 26390; then
+    if tls_running 6391 "redis tls sentinel master" && tls_running 26390 "redis tls sentinel"; then
+      return
+    fi
+    log "redis tls sentinel: only one of 127.0.0.1:6391 and :26390 answers"
+    return 1
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "redis tls sentinel: starting (master :6391, sentinel :26390, client certificates required)"
+  rm -rf "$tls_sentinel_dir"
+  mkdir -p "$tls_sentinel_dir"
+  local common=(--bind 127.0.0.1 --port 0 --dir "$dir" --tls-cert-file "$tls/server.pem"
+    --tls-key-file "$tls/server.key" --tls-client-cert-file "$tls/node.pem"
+    --tls-client-key-file "$tls/node.key" --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients yes
+    --tls-replication yes --daemonize yes)
+  redis-server "${common[@]}" --tls-port 6391 --save '' --appendonly no \
+    --logfile "$dir/redis-6391.log" --pidfile "$dir/redis-6391.pid"
+  echo 6391 >>"$state_dir/started-tls-sentinel"
+  # A sentinel rewrites its configuration file as it learns the topology: a fresh one each start.
+  echo "sentinel monitor tlsmaster 127.0.0.1 6391 1" >"$tls_sentinel_dir/sentinel.conf"
+  redis-server "$dir/sentinel.conf" --sentinel "${common[@]}" --tls-port 26390 \
+    --logfile "$dir/sentinel-26390.log" --pidfile "$dir/redis-26390.pid"
+  echo 26390 >>"$state_dir/started-tls-sentinel"
+  wait_for "redis tls sentinel master" 6391 20
+  wait_for "redis tls sentinel" 26390 20
+}
+
+tls_sentinel_down() {
+  [ -f "$state_dir/started-tls-sentinel" ] || return 0
+  local port
+  while read -r port; do
+    stop_pid "redis tls sentinel :$port" "$tls_sentinel_dir/redis-$port.pid"
+  done <"$state_dir/started-tls-sentinel"
+  rm -f "$state_dir/started-tls-sentinel"
+}
+
 rabbitmq_tls_dir="$state_dir/rabbitmq-tls"
 
 # Runs a RabbitMQ command ($1: rabbitmq-server, rabbitmqctl) for the TLS node, with its own node name,
@@ -331,6 +468,8 @@ stop_pid() { # name pidfile
 }
 
 tls_down() {
+  tls_cluster_down
+  tls_sentinel_down
   if [ -f "$state_dir/started-redis-tls" ]; then
     stop_pid "redis tls :6390" "$state_dir/redis-tls.pid"
     rm -f "$state_dir/started-redis-tls"
@@ -468,7 +607,10 @@ case "${1:-up}" in
     memcached_up 11212
     browser_up
     tls_certs
+    tls_node_cert
     redis_tls_up
+    tls_cluster_up
+    tls_sentinel_up
     rabbitmq_tls_up
     cluster_up
     sentinel_up

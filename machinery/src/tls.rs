@@ -43,12 +43,13 @@ pub enum TlsError {
     /// The server name is not a DNS name or an IP address.
     #[error("TLS server name {0:?} is not a valid DNS name or IP address")]
     ServerName(String),
-    /// The transport cannot check the certificate for another name than the URL's host.
-    #[error("TLS server name {name:?}: {transport} connections check the URL's host; put the name the certificate carries in the URL instead")]
+    /// The topology reaches its servers at addresses they announce, and checks each certificate for
+    /// the address it connects to: one configured name cannot stand for all of them.
+    #[error("TLS server name {name:?}: {transport} connections check each server's certificate for the address the server is reached at (announced by the topology); unset TLS_SERVER_NAME and give the servers certificates that carry their addresses")]
     ServerNameUnsupported {
         /// The configured name.
         name: String,
-        /// `Redis`.
+        /// `Redis Sentinel` or `Redis Cluster`.
         transport: &'static str,
     },
     /// The TLS handshake failed; `cause` says why in plain words, `detail` is the TLS library's
@@ -318,7 +319,7 @@ fn cause(text: &str, sent_certificate: bool) -> Option<&'static str> {
 
 /// A rustls client configuration from `material`: its CA or the system's roots (or no check at all
 /// when insecure), and its client certificate if any.
-#[cfg(any(feature = "amqp", feature = "memcache"))]
+#[cfg(any(feature = "amqp", feature = "memcache", feature = "redis"))]
 pub(crate) fn client_config(
     material: &Material,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, TlsError> {
@@ -372,7 +373,7 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
-#[cfg(any(feature = "amqp", feature = "memcache"))]
+#[cfg(any(feature = "amqp", feature = "memcache", feature = "redis"))]
 mod insecure {
     use std::sync::Arc;
 

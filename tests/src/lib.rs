@@ -37,6 +37,14 @@ pub enum Service {
     /// The Redis Cluster `scripts/services.sh up` starts: 3 masters and 3 replicas on 127.0.0.1:7000-7005
     /// (`MACHINERY_TEST_REDIS_CLUSTER_ADDR` names the first seed, default `127.0.0.1:7000`).
     RedisCluster,
+    /// The Redis Cluster over TLS only of `scripts/services.sh`, which requires client certificates: 3
+    /// masters on `MACHINERY_TEST_REDIS_TLS_CLUSTER_ADDRS` (default
+    /// `127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102`), with the certificate of [`Service::RedisTls`].
+    RedisTlsCluster,
+    /// The Redis Sentinel over TLS only of `scripts/services.sh`, which requires client certificates: one
+    /// sentinel on `MACHINERY_TEST_REDIS_TLS_SENTINEL_ADDR` (default `127.0.0.1:26390`) watching
+    /// [`TLS_SENTINEL_MASTER`] on :6391, with the certificate of [`Service::RedisTls`].
+    RedisTlsSentinel,
     /// The Redis Sentinel set of `scripts/services.sh`: the sentinels on `MACHINERY_TEST_SENTINEL_ADDRS`
     /// (default `127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381`) watching [`SENTINEL_MASTER`], whose
     /// master and replica are on :6380 and :6381 (either way round after a failover).
@@ -48,6 +56,9 @@ pub enum Service {
 
 /// The master name the test sentinels watch.
 pub const SENTINEL_MASTER: &str = "mymaster";
+
+/// The master name the TLS test sentinel watches.
+pub const TLS_SENTINEL_MASTER: &str = "tlsmaster";
 
 /// The data servers of the test Sentinel set (master and replica, in either role).
 pub const SENTINEL_DATA_ADDRS: [&str; 2] = ["127.0.0.1:6380", "127.0.0.1:6381"];
@@ -63,6 +74,13 @@ impl Service {
             Service::RedisTls => ("MACHINERY_TEST_REDIS_TLS_ADDR", "127.0.0.1:6390"),
             Service::RabbitMqTls => ("MACHINERY_TEST_AMQP_TLS_ADDR", "127.0.0.1:5676"),
             Service::RedisCluster => ("MACHINERY_TEST_REDIS_CLUSTER_ADDR", "127.0.0.1:7000"),
+            Service::RedisTlsCluster => (
+                "MACHINERY_TEST_REDIS_TLS_CLUSTER_ADDRS",
+                "127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102",
+            ),
+            Service::RedisTlsSentinel => {
+                ("MACHINERY_TEST_REDIS_TLS_SENTINEL_ADDR", "127.0.0.1:26390")
+            }
             Service::RedisSentinel => (
                 "MACHINERY_TEST_SENTINEL_ADDRS",
                 "127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381",
@@ -89,6 +107,9 @@ impl Service {
                 Err(_) => "redis://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005".to_owned(),
             },
             Service::RedisSentinel => format!("redis://{}", self.addr()),
+            Service::RedisTlsCluster | Service::RedisTlsSentinel => {
+                format!("rediss://{}", self.addr())
+            }
             Service::RabbitMqCluster => self
                 .addr()
                 .split(',')

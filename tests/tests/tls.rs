@@ -1,17 +1,18 @@
 //! TLS as production needs it, against real listeners that require client certificates (started by
-//! `scripts/services.sh up`: Redis on :6390, a RabbitMQ node of its own on :5676, both with a
+//! `scripts/services.sh up`: Redis on :6390, a Redis Cluster over TLS on :7100-7102, a Redis Sentinel
+//! over TLS on :26390 (its master on :6391), a RabbitMQ node of its own on :5676, all with a
 //! certificate of the private CA in `target/services/tls/` that names `machinery-tls.test` and
-//! `127.0.0.1`). The workflow suite itself runs over both in `workflows.rs` (`redis_tls`, `amqp_tls`);
-//! here: what goes wrong is told at start, on one line that names the server, the role and the cause,
-//! without a retry loop; the server name; the settings read from the environment, per role; and
-//! the unchecked mode.
+//! `127.0.0.1`). The workflow suite itself runs over :6390 and :5676 in `workflows.rs`
+//! (`redis_tls`, `amqp_tls`); here: what goes wrong is told at start, on one line that names the
+//! server, the role and the cause, without a retry loop; the server name; the settings read from the
+//! environment, per role; and the unchecked mode.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use machinery::{task, Config, Server, TaskError, TlsConfig, Worker};
 use machinery_tests::tls::{certs, SERVER_NAME};
-use machinery_tests::{require, unique, Service};
+use machinery_tests::{require, unique, Service, TLS_SENTINEL_MASTER};
 
 /// No retry loop: a refused certificate is known after one handshake.
 const PROMPT: Duration = Duration::from_secs(5);
@@ -56,6 +57,14 @@ async fn round_trip(server: &Server) {
         .shutdown(Duration::from_secs(20))
         .await
         .expect("shutdown");
+}
+
+fn redis_cluster(test: &str) -> Option<String> {
+    require(Service::RedisTlsCluster, test).then(|| Service::RedisTlsCluster.url())
+}
+
+fn redis_sentinel(test: &str) -> Option<String> {
+    require(Service::RedisTlsSentinel, test).then(|| Service::RedisTlsSentinel.url())
 }
 
 fn redis(test: &str) -> Option<String> {
@@ -134,25 +143,130 @@ async fn redis_server_signed_by_an_untrusted_ca_is_refused() {
     );
 }
 
+/// The certificate names `machinery-tls.test` and `127.0.0.1`, not `localhost`: the URL's host is
+/// checked unless `TLS_SERVER_NAME` names the certificate's name, and then that name is checked (the
+/// CA still is, and a name the certificate does not carry still fails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_checks_the_certificate_for_the_urls_host() {
-    let Some(url) = redis("redis_checks_the_certificate_for_the_urls_host") else {
+async fn redis_checks_the_certificate_for_the_server_name_when_given() {
+    let Some(url) = redis("redis_checks_the_certificate_for_the_server_name_when_given") else {
         return;
     };
     let by_name = url.replace("127.0.0.1", "localhost");
     let (error, took) = start_error(config(&by_name, "null").tls(certs().tls())).await;
     assert_clear(&error, took, "broker", &by_name, "does not carry the name");
     assert!(error.contains("\"localhost\""), "{error}");
-    // redis-rs cannot check for another name than the host it connects to: said at start, not ignored.
-    let tls = certs().tls().server_name(SERVER_NAME);
-    let (error, took) = start_error(config(&by_name, "null").tls(tls)).await;
+
+    let other_name = certs().tls().server_name("other.machinery-tls.test");
+    let (error, took) = start_error(config(&by_name, "null").tls(other_name)).await;
+    assert_clear(&error, took, "broker", &by_name, "does not carry the name");
+    assert!(error.contains("other.machinery-tls.test"), "{error}");
+
+    let (cert, key) = certs().client();
+    let untrusted = TlsConfig::new()
+        .ca_file(certs().foreign_ca())
+        .client_cert_files(cert, key)
+        .server_name(SERVER_NAME);
+    let (error, took) = start_error(config("memory://", &by_name).tls(untrusted)).await;
+    assert_clear(
+        &error,
+        took,
+        "result backend",
+        &by_name,
+        "not signed by a CA we trust",
+    );
+
+    let (error, took) =
+        start_error(config(&by_name, "null").tls(ca_only().server_name(SERVER_NAME))).await;
     assert_clear(
         &error,
         took,
         "broker",
         &by_name,
-        "put the name the certificate carries in the URL",
+        "requires a client certificate",
     );
+
+    let server =
+        Server::new(config(&by_name, &by_name).tls(certs().tls().server_name(SERVER_NAME)))
+            .await
+            .expect("with TLS_SERVER_NAME naming the certificate's name, the server starts");
+    round_trip(&server).await;
+}
+
+/// A Redis Cluster over TLS that requires client certificates (`scripts/services.sh`: :7100-7102): the
+/// CA and the client certificate reach every node, the seeds and those the cluster announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_over_mutual_tls() {
+    let Some(url) = redis_cluster("redis_cluster_over_mutual_tls") else {
+        return;
+    };
+    let on_cluster = |config: Config| {
+        let mut config = config;
+        config.redis.cluster_enabled = true;
+        config
+    };
+    let first_seed = url.split(',').next().unwrap_or(&url).to_owned();
+    let (error, took) = start_error(on_cluster(config(&url, "null").tls(ca_only()))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        &first_seed,
+        "requires a client certificate",
+    );
+    let (cert, key) = certs().client();
+    let untrusted = TlsConfig::new()
+        .ca_file(certs().foreign_ca())
+        .client_cert_files(cert, key);
+    let (error, took) = start_error(on_cluster(config(&url, "null").tls(untrusted))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        &first_seed,
+        "not signed by a CA we trust",
+    );
+    let server = Server::new(on_cluster(config(&url, &url).tls(certs().tls())))
+        .await
+        .expect("with the CA and a client certificate, the server starts on the TLS cluster");
+    round_trip(&server).await;
+}
+
+/// A Redis Sentinel over TLS that requires client certificates (`scripts/services.sh`: the sentinel on
+/// :26390, the master on :6391): the CA and the client certificate reach the sentinel and the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_over_mutual_tls() {
+    let Some(url) = redis_sentinel("redis_sentinel_over_mutual_tls") else {
+        return;
+    };
+    let behind_sentinel = |config: Config| {
+        let mut config = config;
+        config.redis.master_name = TLS_SENTINEL_MASTER.into();
+        config
+    };
+    let (error, took) = start_error(behind_sentinel(config(&url, "null").tls(ca_only()))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        "127.0.0.1:26390",
+        "requires a client certificate",
+    );
+    let (cert, key) = certs().client();
+    let untrusted = TlsConfig::new()
+        .ca_file(certs().foreign_ca())
+        .client_cert_files(cert, key);
+    let (error, took) = start_error(behind_sentinel(config(&url, "null").tls(untrusted))).await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        "127.0.0.1:26390",
+        "not signed by a CA we trust",
+    );
+    let server = Server::new(behind_sentinel(config(&url, &url).tls(certs().tls())))
+        .await
+        .expect("with the CA and a client certificate, the server starts behind the TLS sentinel");
+    round_trip(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,18 +342,21 @@ async fn amqp_checks_the_certificate_for_the_server_name_when_given() {
 
 /// Go's deployment shape: the broker on RabbitMQ, the backend on Redis, each with settings of its own,
 /// all from the environment: the shared `TLS_*` trust the CA and present the client certificate; the
-/// broker's `BROKER_TLS_SERVER_NAME` names its certificate, since its URL says `localhost`.
+/// broker's `BROKER_TLS_SERVER_NAME` and the backend's `RESULT_BACKEND_TLS_SERVER_NAME` name their
+/// certificate, since their URLs say `localhost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_from_the_environment_apply_per_role() {
     let test = "settings_from_the_environment_apply_per_role";
     let (Some(broker), Some(backend)) = (amqp(test), redis(test)) else {
         return;
     };
+    let backend = backend.replace("127.0.0.1", "localhost");
     let (cert, key) = certs().client();
     let queue = unique("tls_env");
     let mut vars: HashMap<&str, String> = HashMap::from([
         ("BROKER", broker.replace("127.0.0.1", "localhost")),
         ("RESULT_BACKEND", backend.clone()),
+        ("RESULT_BACKEND_TLS_SERVER_NAME", SERVER_NAME.into()),
         ("DEFAULT_QUEUE", queue.clone()),
         ("AMQP_BINDING_KEY", queue.clone()),
         ("AMQP_EXCHANGE", "machinery_tests_tls".into()),

@@ -41,7 +41,8 @@ pub struct TlsConfig {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub key_file: String,
     /// The name the server's certificate must carry, when it is not the URL's host (env
-    /// `TLS_SERVER_NAME`); AMQP only (see `docs/deploy.md`).
+    /// `TLS_SERVER_NAME`): `amqps://`, `memcaches://` and a single `rediss://` server, not Redis Sentinel
+    /// or Cluster (see `docs/deploy.md`).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub server_name: String,
     /// Do not check the server's certificate at all (env `TLS_INSECURE`; a `rediss://…#insecure` URL

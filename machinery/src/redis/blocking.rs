@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use super::cluster;
 use super::conn::{secs, silence_limit, Endpoint, Healing};
@@ -23,14 +23,11 @@ pub(crate) async fn blocking_connection(
 ) -> RedisResult<Blocking> {
     match endpoint {
         Endpoint::Direct(_) | Endpoint::Sentinel(_) => {
-            let settings = AsyncConnectionConfig::new()
-                .set_response_timeout(Some(silence_limit(config)))
-                .set_connection_timeout(secs(config.connect_timeout));
             // Behind Sentinel, the master the sentinels name now.
             endpoint
                 .client()
                 .await?
-                .get_multiplexed_async_connection_with_config(&settings)
+                .multiplexed(secs(config.connect_timeout), Some(silence_limit(config)))
                 .await
                 .map(Blocking::Single)
         }

@@ -15,9 +15,11 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisResult, ServerErrorKind, TlsMode, Value};
 
-use super::url::{RedisUrl, RedisUrlError};
+use super::url::{RedisAddr, RedisUrl, RedisUrlError};
+use crate::config::TlsConfig;
+use crate::tls::{Material, TlsError};
 
 /// The seed nodes of a cluster URL: `redis://[user:pass@|pass@]h1:p1,h2:p2[/db]` (or `rediss://`), one
 /// URL per address with the same credentials. A single address is one seed.
@@ -45,19 +47,31 @@ pub(crate) fn seed_urls(url: &str) -> Result<Vec<RedisUrl>, RedisUrlError> {
 }
 
 /// A cluster client over `seeds`, whose node connections carry `tcp` and answer within `response` (or
-/// fail with a timeout). It follows `MOVED` and `ASK` by itself, and reloads the slot map when a node
-/// goes away (a failover), retrying the command meanwhile.
+/// fail with a timeout), and with `rediss://` the CA, client certificate and insecure mode of `tls`
+/// (on every node, the seeds and those the cluster announces). It follows `MOVED` and `ASK` by itself,
+/// and reloads the slot map when a node goes away (a failover), retrying the command meanwhile.
 pub(crate) fn client(
     seeds: &[RedisUrl],
     tcp: TcpSettings,
     connect: Option<Duration>,
     response: Option<Duration>,
+    tls: Option<&Material>,
 ) -> RedisResult<ClusterClient> {
     let infos = seeds
         .iter()
         .map(RedisUrl::connection_info)
         .collect::<RedisResult<Vec<_>>>()?;
     let mut builder = ClusterClient::builder(infos).tcp_settings(tcp);
+    if let Some(material) = tls {
+        builder = builder.tls(if material.insecure {
+            TlsMode::Insecure
+        } else {
+            TlsMode::Secure
+        });
+        if let Some(certificates) = super::client::certificates(material) {
+            builder = builder.certs(certificates);
+        }
+    }
     if let Some(connect) = connect {
         builder = builder.connection_timeout(connect);
     }
@@ -65,6 +79,34 @@ pub(crate) fn client(
         builder = builder.response_timeout(response);
     }
     builder.build()
+}
+
+/// The TLS material of a cluster's connections (`None` for `redis://`): `tls` with the first seed's
+/// `#insecure`. A server name is refused: the nodes are reached at the addresses the cluster announces,
+/// and redis-rs checks each certificate for the address it connects to.
+pub(crate) fn material(
+    seeds: &[RedisUrl],
+    tls: &TlsConfig,
+    role: &'static str,
+) -> Result<Option<Material>, TlsError> {
+    let Some(first) = seeds.first() else {
+        return Ok(None);
+    };
+    if !matches!(first.addr, RedisAddr::Tcp { tls: true, .. }) {
+        return Ok(None);
+    }
+    let mut material = crate::tls::load(tls)?;
+    if let Some(name) = material.server_name.take() {
+        return Err(TlsError::ServerNameUnsupported {
+            name,
+            transport: "Redis Cluster",
+        });
+    }
+    material.insecure |= seeds.iter().any(|seed| seed.tls_insecure);
+    if material.insecure {
+        crate::tls::warn_insecure(role, &first.redacted());
+    }
+    Ok(Some(material))
 }
 
 /// Whether two keys hash to the same slot (so one script may touch both on a cluster).

@@ -23,13 +23,13 @@ use redis::aio::{
 use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
-    ServerErrorKind, Value,
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use super::blocking::{blocking_connection, on_node_of, Blocking};
+use super::client::Target;
 use super::cluster;
 pub(crate) use super::endpoint::Endpoint;
 pub(crate) use super::open::open;
@@ -106,11 +106,8 @@ pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisR
     // A PING makes the probe complete a round trip: a TLS server that refuses our client certificate
     // says so only after the handshake, at the first read.
     let client = endpoint.client().await?;
-    let probe = AsyncConnectionConfig::new()
-        .set_connection_timeout(secs(config.connect_timeout))
-        .set_response_timeout(secs(config.read_timeout));
     let mut probe = client
-        .get_multiplexed_async_connection_with_config(&probe)
+        .multiplexed(secs(config.connect_timeout), secs(config.read_timeout))
         .await?;
     redis::cmd("PING").query_async::<()>(&mut probe).await?;
     drop(probe);
@@ -119,15 +116,13 @@ pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisR
         .set_max_delay(Duration::from_secs(2))
         .set_response_timeout(secs(config.read_timeout))
         .set_connection_timeout(secs(config.connect_timeout));
-    let plain = AsyncConnectionConfig::new()
-        .set_response_timeout(secs(config.read_timeout))
-        .set_connection_timeout(secs(config.connect_timeout));
     let shared = HealingShared {
         endpoint: endpoint.clone(),
         wait_replicas: config.wait_replicas,
         settings,
-        plain,
-        db: client.get_connection_info().redis_settings().db(),
+        connect_timeout: secs(config.connect_timeout),
+        read_timeout: secs(config.read_timeout),
+        db: client.client().get_connection_info().redis_settings().db(),
         current: Mutex::new(Generation {
             number: 0,
             switches: endpoint.switches(),
@@ -151,7 +146,9 @@ pub(crate) async fn manager(endpoint: &Endpoint, config: &RedisConfig) -> RedisR
 /// The connection of one [`Generation`]: `redis`'s [`ConnectionManager`] for a fixed address, which
 /// reconnects by itself; behind Sentinel a plain connection, which does not, because it would reconnect
 /// to the same address, a demoted master by then (its reads stale, its writes refused): the broken
-/// connection is replaced instead, by one to the master the sentinels name.
+/// connection is replaced instead, by one to the master the sentinels name. A server whose certificate
+/// is checked for `TLS_SERVER_NAME` has plain connections too, made over our own TLS stream (the
+/// manager would make its own and check the URL's host).
 #[derive(Clone)]
 enum Conn {
     Managed(ConnectionManager),
@@ -181,14 +178,15 @@ impl Conn {
 
 impl HealingShared {
     /// A new link to `client`'s server, of the kind the endpoint wants.
-    async fn link(&self, client: Client) -> RedisResult<Conn> {
-        if self.endpoint.follows_failover() {
+    async fn link(&self, client: Target) -> RedisResult<Conn> {
+        if self.endpoint.replaces_broken_links() {
             let conn = client
-                .get_multiplexed_async_connection_with_config(&self.plain)
+                .multiplexed(self.connect_timeout, self.read_timeout)
                 .await?;
             return Ok(Conn::Plain(conn));
         }
-        ConnectionManager::new_lazy_with_config(client, self.settings.clone()).map(Conn::Managed)
+        ConnectionManager::new_lazy_with_config(client.client().clone(), self.settings.clone())
+            .map(Conn::Managed)
     }
 }
 
@@ -202,7 +200,8 @@ impl HealingShared {
 /// operations on the new one). Clones share the connection.
 ///
 /// Behind Sentinel the link is a plain connection instead ([`Conn`]), replaced when it breaks, when a
-/// write is refused as `READONLY`, or when the sentinels announce a new master.
+/// write is refused as `READONLY`, or when the sentinels announce a new master. So it is, replaced when
+/// it breaks, on a server whose certificate is checked for `TLS_SERVER_NAME`.
 ///
 /// On a Redis Cluster it is the `redis` crate's cluster connection instead, which follows `MOVED` and
 /// `ASK`, reloads the slot map after a failover and reconnects to each node by itself; a pipeline whose
@@ -223,8 +222,9 @@ struct HealingShared {
     /// `REDIS_WAIT_REPLICAS`: replicas a durable write waits for ([`Healing::write`]).
     wait_replicas: u32,
     settings: ConnectionManagerConfig,
-    /// Settings of a plain (Sentinel) link.
-    plain: AsyncConnectionConfig,
+    /// `REDIS_CONNECT_TIMEOUT` and `REDIS_READ_TIMEOUT` of a plain link ([`Conn::Plain`]).
+    connect_timeout: Option<Duration>,
+    read_timeout: Option<Duration>,
     db: i64,
     current: Mutex<Generation>,
 }
@@ -421,7 +421,8 @@ impl HealingShared {
     }
 
     /// Runs one request on the current connection; a timeout replaces the connection, and so does,
-    /// behind Sentinel, a broken connection or a write refused by a demoted master.
+    /// on a plain link (behind Sentinel, or with `TLS_SERVER_NAME`), a broken connection or a write
+    /// refused by a demoted master.
     async fn request<'a, T>(
         &'a self,
         send: impl FnOnce(Conn) -> RedisFuture<'a, T>,
@@ -444,16 +445,18 @@ impl HealingShared {
                     generation.number,
                     "a command got no answer within REDIS_READ_TIMEOUT",
                 );
-            } else if self.endpoint.follows_failover()
+            } else if self.endpoint.replaces_broken_links()
                 && (is_demoted(error)
                     || error.is_connection_dropped()
                     || error.is_connection_refusal()
                     || error.is_io_error())
             {
-                self.replace(
-                    generation.number,
-                    "the master went away or was demoted; asking the sentinels again",
-                );
+                let why = if self.endpoint.follows_failover() {
+                    "the master went away or was demoted; asking the sentinels again"
+                } else {
+                    "the connection broke; reconnecting"
+                };
+                self.replace(generation.number, why);
             }
         }
         result

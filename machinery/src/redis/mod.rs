@@ -19,6 +19,7 @@ mod conn;
 mod endpoint;
 mod inspect;
 mod lock;
+mod named;
 mod open;
 mod sentinel;
 pub mod url;

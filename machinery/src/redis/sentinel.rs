@@ -21,6 +21,7 @@ use super::client::client;
 use super::conn::{secs, tcp_settings};
 use super::url::{RedisAddr, RedisUrl};
 use crate::config::{RedisConfig, TlsConfig};
+use crate::tls::{Material, TlsError};
 
 /// The sentinels, and what they announced.
 pub(crate) struct Watched {
@@ -46,8 +47,10 @@ struct Switches {
 
 impl Watched {
     /// Starts watching the sentinels of `url` (`RedisAddr::Sentinel`) for `master`, listening to their
-    /// announcements (so it needs the Tokio runtime). `tls_material` and `role` serve the connections to
-    /// an announced master.
+    /// announcements (so it needs the Tokio runtime); and whether its connections present a client
+    /// certificate. With `rediss://` the CA, client certificate and insecure mode of `tls_material`
+    /// apply to the sentinels and to the servers they name; `tls_material` and `role` also serve the
+    /// connections to an announced master.
     pub(crate) fn start(
         url: &RedisUrl,
         master: &String,
@@ -56,7 +59,14 @@ impl Watched {
         config: &RedisConfig,
         tls_material: &TlsConfig,
         role: &'static str,
-    ) -> RedisResult<Watched> {
+    ) -> Result<(Watched, bool), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        let material = if *tls {
+            Some(sentinel_tls(url, tls_material, role)?)
+        } else {
+            None
+        };
+        let insecure = material.as_ref().is_some_and(|m| m.insecure);
+        let certificates = material.as_ref().and_then(super::client::certificates);
         let addrs: Vec<ConnectionAddr> = sentinels
             .iter()
             .map(|(host, port)| {
@@ -64,7 +74,7 @@ impl Watched {
                     ConnectionAddr::TcpTls {
                         host: host.clone(),
                         port: *port,
-                        insecure: url.tls_insecure,
+                        insecure,
                         tls_params: None,
                     }
                 } else {
@@ -78,7 +88,7 @@ impl Watched {
                 .set_client_to_redis_tcp_settings(tcp_settings())
                 .set_client_to_sentinel_tcp_settings(tcp_settings());
         if *tls {
-            let mode = if url.tls_insecure {
+            let mode = if insecure {
                 TlsMode::Insecure
             } else {
                 TlsMode::Secure
@@ -86,6 +96,11 @@ impl Watched {
             builder = builder
                 .set_client_to_redis_tls_mode(mode)
                 .set_client_to_sentinel_tls_mode(mode);
+        }
+        if let Some(certificates) = &certificates {
+            builder = builder
+                .set_client_to_redis_certificates(certificates.clone())
+                .set_client_to_sentinel_certificates(certificates.clone());
         }
         if let Some(user) = &url.username {
             builder = builder.set_client_to_redis_username(user);
@@ -101,15 +116,19 @@ impl Watched {
         let watch_on = addrs
             .into_iter()
             .map(|addr| {
-                Ok(addr
+                let info = addr
                     .into_connection_info()?
                     .set_redis_settings(sentinel_settings.clone())
-                    .set_tcp_settings(tcp_settings()))
+                    .set_tcp_settings(tcp_settings());
+                match &certificates {
+                    Some(certificates) => Client::build_with_tls(info, certificates.clone()),
+                    None => Client::open(info),
+                }
             })
             .collect::<RedisResult<Vec<_>>>()?;
         let switches = Arc::new(Switches::default());
         let watcher = tokio::spawn(watch(watch_on, master.clone(), switches.clone()));
-        Ok(Watched {
+        let watched = Watched {
             sentinels: tokio::sync::Mutex::new(builder.build()?),
             timeout: secs(config.connect_timeout),
             url: url.clone(),
@@ -117,7 +136,9 @@ impl Watched {
             role,
             switches,
             _watcher: AbortOnDropHandle::new(watcher),
-        })
+        };
+        let sends_certificate = material.is_some_and(|m| m.sends_certificate());
+        Ok((watched, sends_certificate))
     }
 
     /// A client for the server to connect to now: the master last announced if it still says it is
@@ -170,8 +191,9 @@ impl Watched {
             addr: RedisAddr::Tcp { host, port, tls },
             ..self.url.clone()
         };
-        let (client, _) = client(&url, &self.tls, self.role)
+        let (target, _) = client(&url, &self.tls, self.role)
             .map_err(|e| RedisError::from((redis::ErrorKind::Client, "TLS", e.to_string())))?;
+        let client = target.client().clone();
         let mut conn = client.get_multiplexed_async_connection().await?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
         match role
@@ -188,14 +210,29 @@ impl Watched {
     }
 }
 
+/// The TLS material of the sentinels and the servers they name: `tls` with the URL's `#insecure`. A
+/// server name is refused: the servers are reached at the addresses the sentinels announce, and redis-rs
+/// checks each certificate for the address it connects to.
+fn sentinel_tls(url: &RedisUrl, tls: &TlsConfig, role: &'static str) -> Result<Material, TlsError> {
+    let mut material = crate::tls::load(tls)?;
+    if let Some(name) = material.server_name.take() {
+        return Err(TlsError::ServerNameUnsupported {
+            name,
+            transport: "Redis Sentinel",
+        });
+    }
+    material.insecure |= url.tls_insecure;
+    if material.insecure {
+        crate::tls::warn_insecure(role, &url.redacted());
+    }
+    Ok(material)
+}
+
 /// Listens to `+switch-master` on the first sentinel that answers, for ever (the task is aborted with
 /// its endpoint), and records the announcements for `master`.
-async fn watch(sentinels: Vec<redis::ConnectionInfo>, master: String, switches: Arc<Switches>) {
+async fn watch(sentinels: Vec<Client>, master: String, switches: Arc<Switches>) {
     loop {
-        for info in &sentinels {
-            let Ok(client) = Client::open(info.clone()) else {
-                continue;
-            };
+        for client in &sentinels {
             let opened =
                 tokio::time::timeout(Duration::from_secs(5), client.get_async_pubsub()).await;
             let Ok(Ok(mut pubsub)) = opened else {

@@ -213,11 +213,7 @@ impl Notifier {
             let attempt = next;
             next += 1;
             let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                endpoint
-                    .pubsub_client(attempt)
-                    .await?
-                    .get_async_pubsub()
-                    .await
+                endpoint.pubsub_client(attempt).await?.pubsub().await
             })
             .await
             .unwrap_or_else(|_| {

@@ -44,11 +44,7 @@ async fn listen(endpoint: Endpoint, sender: mpsc::UnboundedSender<String>) {
         let this = attempt;
         attempt = attempt.wrapping_add(1);
         let subscribed = async {
-            let mut pubsub = endpoint
-                .pubsub_client(this)
-                .await?
-                .get_async_pubsub()
-                .await?;
+            let mut pubsub = endpoint.pubsub_client(this).await?.pubsub().await?;
             pubsub.subscribe(CANCEL_CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
