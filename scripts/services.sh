@@ -457,16 +457,6 @@ rabbitmq_tls_up() {
   wait_for "rabbitmq tls" 5676 60
 }
 
-stop_pid() { # name pidfile
-  local pid i
-  [ -f "$2" ] || return 0
-  pid=$(cat "$2")
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  rm -f "$2"
-  log "$1: stopped"
-}
-
 tls_down() {
   tls_cluster_down
   tls_sentinel_down

@@ -323,7 +323,11 @@ async fn run_task(
             }
         }
         Ok(results) => (succeeded(ctx, def, &signature, results).await, delivery),
-        Err(failure) => (failed(ctx, def, &signature, failure).await, delivery),
+        // Boxed, as the follow-ups above: failures and retries are the rarer road.
+        Err(failure) => (
+            Box::pin(failed(ctx, def, &signature, failure)).await,
+            delivery,
+        ),
     };
     match finish {
         Finish::Done(state) => {
@@ -337,7 +341,7 @@ async fn run_task(
         }
         Finish::FollowUpFailed(state, failed) => {
             done(ctx, def, &signature, &state, took).await;
-            follow_up::requeue(ctx, &signature, delivery, failed).await;
+            Box::pin(follow_up::requeue(ctx, &signature, delivery, failed)).await;
         }
         Finish::Unstorable(error) => {
             // Running the task again would end the same way, for ever: give it up, saying why.
@@ -444,15 +448,21 @@ async fn succeeded(
         Err(error @ BackendError::TooLarge { .. }) => {
             let message = format!("the task's result cannot be stored: {error}");
             let failure = TaskFailure::new(FailureKind::Encode, message);
-            return failed(ctx, def, signature, failure).await;
+            return Box::pin(failed(ctx, def, signature, failure)).await;
         }
         Err(error) => return Finish::not_stored(error),
     }
     tracing::debug!("task succeeded");
-    let sent = match follow_up::send_success_callbacks(ctx, signature, &results).await {
-        Ok(()) => follow_up::group_member_finished(ctx, signature).await,
-        Err(failed) => Err(failed),
-    };
+    if nothing_follows(signature) {
+        return Finish::Done(state);
+    }
+    // Boxed: sending follow-ups is a large future that most runs never start, and every run's future
+    // would otherwise carry its size (it is moved when a batch's runs are gathered).
+    let sent = Box::pin(async {
+        follow_up::send_success_callbacks(ctx, signature, &results).await?;
+        follow_up::group_member_finished(ctx, signature).await
+    })
+    .await;
     Finish::after(state, sent)
 }
 
