@@ -165,10 +165,9 @@ async fn a_message_written_by_a_go_sender_runs_on_our_worker() {
     names.cleanup().await;
 }
 
-/// Tasks that finish together acknowledge in shared pipelines (`redis/broker/commit.rs`); when the
-/// server forgets its scripts (`SCRIPT FLUSH`, as after a restart) in the middle of that, the commands
-/// it refused with `NOSCRIPT` go again once the scripts are loaded, and only those: every task's result
-/// is stored, nothing stays in flight, and no task runs twice.
+/// When the server forgets its scripts (`SCRIPT FLUSH`, as after a restart) while a worker drains at
+/// concurrency 50, every fetch, state write and acknowledgement refused with `NOSCRIPT` goes again once
+/// the scripts are loaded: every task's result is stored, nothing stays in flight, and no task runs twice.
 #[tokio::test]
 async fn a_script_flush_during_a_drain_loses_no_acknowledgement() {
     if !require(

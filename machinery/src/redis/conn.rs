@@ -80,7 +80,7 @@ pub(crate) fn tcp_settings() -> TcpSettings {
 pub(crate) const WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The error of a durable write that fewer than `wanted` replicas acknowledged.
-pub(crate) fn not_replicated(acknowledged: u32, wanted: u32) -> RedisResult<()> {
+fn not_replicated(acknowledged: u32, wanted: u32) -> RedisResult<()> {
     if acknowledged >= wanted {
         return Ok(());
     }
@@ -303,7 +303,7 @@ impl Healing {
     }
 
     /// `REDIS_WAIT_REPLICAS` (not applied on a cluster, whose connection picks the node per key).
-    pub(crate) fn wait_replicas(&self) -> u32 {
+    fn wait_replicas(&self) -> u32 {
         match &self.link {
             Link::Single(shared) => shared.wait_replicas,
             Link::Cluster(_) => 0,

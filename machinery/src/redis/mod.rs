@@ -14,7 +14,6 @@ mod blocking;
 mod broker;
 mod client;
 mod cluster;
-mod commit;
 mod conn;
 mod endpoint;
 mod inspect;

@@ -7,12 +7,6 @@ use crate::redis::conn::Healing;
 use crate::wire::gotime;
 use crate::wire::state::{TaskState, CANCELLED_ERROR, REVOKED_ERROR};
 
-/// Loads the state scripts on the server behind `conn` (after `NOSCRIPT`: a restarted or flushed server).
-pub(crate) async fn load_state_scripts(conn: &mut Healing) -> redis::RedisResult<()> {
-    SCRIPTS.set_state.load(conn).await?;
-    SCRIPTS.complete_member.load(conn).await
-}
-
 /// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
 /// are empty when the previous record should supply them.
 fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
@@ -159,7 +153,16 @@ impl RedisBackend {
 
     /// Loads this backend's scripts (after `NOSCRIPT` in a pipeline).
     pub(crate) async fn load_scripts(&self, conn: &mut Healing) -> Result<(), BackendError> {
-        load_state_scripts(conn).await.map_err(op("load scripts"))
+        SCRIPTS
+            .set_state
+            .load(conn)
+            .await
+            .map_err(op("load scripts"))?;
+        SCRIPTS
+            .complete_member
+            .load(conn)
+            .await
+            .map_err(op("load scripts"))
     }
 
     /// The one script call that stores STARTED (RECEIVED, replaced in the same atomic step, could never be

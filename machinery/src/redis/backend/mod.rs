@@ -29,10 +29,8 @@ use async_trait::async_trait;
 use redis::{AsyncCommands as _, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
-pub(crate) use self::commands::load_state_scripts;
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
-use super::commit::GroupCommit;
 use super::conn::{self, is_noscript, Endpoint, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
@@ -58,9 +56,6 @@ struct Inner {
     cluster: bool,
     expire_secs: u64,
     notifier: OnceCell<Notifier>,
-    /// Shares pipelines between state writes made at once (not on a cluster, where keys live on several
-    /// servers).
-    commit: Option<GroupCommit>,
     /// Keys a task or group id must not name: the default queue, its dead letters, the delayed-task set.
     /// A state written there would turn a queue into a string (Go does that).
     reserved: [String; 3],
@@ -153,13 +148,11 @@ impl RedisBackend {
             source: e.source,
         })?;
         tracing::debug!(url = %url, "connected to the redis result backend");
-        let commit = (!config.redis.cluster_enabled).then(|| GroupCommit::new(conn.clone(), false));
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 url,
                 endpoint,
                 conn,
-                commit,
                 cluster: config.redis.cluster_enabled,
                 expire_secs: config.results_expire_in_secs(),
                 notifier: OnceCell::new(),
@@ -234,14 +227,7 @@ impl Backend for RedisBackend {
     }
 
     async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
-        match &self.inner.commit {
-            // Final states of tasks finishing together share a pipeline (`redis/commit.rs`).
-            Some(commit) => commit
-                .run(self.state_cmd(state)?)
-                .await
-                .map_err(op("set task state")),
-            None => self.set_states(std::slice::from_ref(state)).await,
-        }
+        self.set_states(std::slice::from_ref(state)).await
     }
 
     async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {

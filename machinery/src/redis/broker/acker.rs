@@ -10,10 +10,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 use redis::AsyncCommands as _;
 
-use super::{op, retrying, Envelope, Inner, REDELIVERED_MARK_SECS, SCRIPTS};
+use super::{retrying, Envelope, Inner, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{Acknowledger, BrokerError};
 use crate::redis::backend::RedisBackend;
-use crate::redis::commit::GroupCommit;
 use crate::wire::state::TaskState;
 
 /// Counts of the deliveries a consumer handed out and that are not settled yet, by body hash; and whether
@@ -69,8 +68,6 @@ pub(super) fn body_hash(body: &[u8]) -> u64 {
 pub(super) struct RedisAcker {
     pub(super) inner: Arc<Inner>,
     pub(super) states: Option<RedisBackend>,
-    /// Where acknowledgements go to share a pipeline with those of other tasks finishing at once.
-    pub(super) commit: Option<Arc<GroupCommit>>,
     pub(super) queue: String,
     pub(super) inflight: String,
     /// The bytes as taken, which identify the message in the in-flight list.
@@ -121,13 +118,6 @@ impl RedisAcker {
 #[async_trait]
 impl Acknowledger for RedisAcker {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        if let Some(commit) = &self.commit {
-            let mut lrem = redis::cmd("LREM");
-            lrem.arg(&self.inflight).arg(1).arg(&self.original);
-            commit.run(lrem).await.map_err(op("ack"))?;
-            self.settled.store(true, Ordering::SeqCst);
-            return Ok(());
-        }
         let (inflight, original) = (&self.inflight, &self.original);
         retrying("ack", &self.inner.conn, move |mut conn| async move {
             conn.lrem::<_, _, ()>(inflight, 1, original).await
@@ -158,14 +148,6 @@ impl Acknowledger for RedisAcker {
         let cmd = states
             .state_and_ack_cmd(state, &self.inflight, &self.original)
             .map_err(|error| BrokerError::operation("store the state and acknowledge", error))?;
-        if let Some(commit) = &self.commit {
-            commit
-                .run(cmd)
-                .await
-                .map_err(op("store the state and acknowledge"))?;
-            self.settled.store(true, Ordering::SeqCst);
-            return Ok(true);
-        }
         let mut pipe = redis::pipe();
         pipe.add_command(cmd).ignore();
         self.inner

@@ -18,7 +18,6 @@ use super::card::{CardWriter, GONE_KEPT};
 use super::{op, promote, recover, retrying, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{BrokerError, ConsumeOptions, Consumer, Delivery};
 use crate::redis::backend::RedisBackend;
-use crate::redis::commit::GroupCommit;
 use crate::redis::conn::{self, is_noscript, Blocking};
 
 /// Most messages one fetch takes, whatever the worker asks.
@@ -187,9 +186,6 @@ pub(super) struct RedisConsumer {
     inner: Arc<Inner>,
     /// The backend half, handed to each acknowledger (see [`RedisBroker::with_backend`]).
     states: Option<RedisBackend>,
-    /// Sends the acknowledgements of tasks that finish together in one pipeline (not on a cluster, where
-    /// the queues' keys live on different servers).
-    commit: Option<Arc<GroupCommit>>,
     keys: QueueKeys,
     tag: String,
     inflight: String,
@@ -236,12 +232,9 @@ impl RedisConsumer {
         let keys = inner.keys(&options.queue);
         let tag = options.consumer_tag.clone();
         let heartbeat_timeout = Duration::from_millis(inner.config.heartbeat_timeout.max(500));
-        let commit = (!inner.config.cluster_enabled)
-            .then(|| Arc::new(GroupCommit::new(inner.conn.clone(), true)));
         let mut consumer = RedisConsumer {
             inner,
             states,
-            commit,
             inflight: keys.inflight(&tag),
             heartbeat: keys.heartbeat(&tag),
             card_key: keys.card(&tag),
@@ -356,7 +349,6 @@ impl RedisConsumer {
         let acker = RedisAcker {
             inner: self.inner.clone(),
             states: self.states.clone(),
-            commit: self.commit.clone(),
             queue: self.keys.queue.clone(),
             inflight: self.inflight.clone(),
             original: body.clone(),

@@ -136,7 +136,7 @@ where
 }
 
 /// [`retrying`], handing back the last Redis error itself, for callers that act on its kind.
-pub(in crate::redis) async fn retrying_redis<T, F, Fut>(
+async fn retrying_redis<T, F, Fut>(
     operation: &'static str,
     conn: &Healing,
     mut attempt: F,
