@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use machinery::{task, Server, TaskContext, TaskError, Worker};
-use machinery_tests::{require, Service};
+use machinery_tests::{eventually, require, Service};
 use redis::AsyncCommands as _;
 use redis_common::{raw, Names};
 
@@ -25,6 +25,12 @@ async fn shout(text: String) -> Result<String, TaskError> {
 #[task]
 async fn reverse_bytes(bytes: Vec<u8>) -> Result<Vec<u8>, TaskError> {
     Ok(bytes.into_iter().rev().collect())
+}
+
+#[task]
+async fn nap(ms: u64) -> Result<u64, TaskError> {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(ms)
 }
 
 /// How often each task id ran, per test (tests run in parallel in one process).
@@ -216,5 +222,50 @@ async fn a_script_flush_during_a_drain_loses_no_acknowledgement() {
         assert_eq!(runs.get(id), Some(&1), "task {id} ran once");
     }
     let _: () = conn.del(&ids).await.unwrap();
+    names.cleanup().await;
+}
+
+/// A worker holds a few messages fetched ahead of its free slots (in its in-flight list, so a crash
+/// hands them back like the running ones); when it stops, those go back to the queue unrun at once,
+/// and only the tasks that were running finish.
+#[tokio::test]
+async fn a_stopping_worker_returns_the_messages_it_fetched_ahead() {
+    if !require(
+        Service::Redis,
+        "a_stopping_worker_returns_the_messages_it_fetched_ahead",
+    ) {
+        return;
+    }
+    let names = Names::new("rw_ahead");
+    let server = Server::new(names.config()).await.unwrap();
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        results.push(nap::send(&server, 600).await.unwrap());
+    }
+    let running = Worker::new(&server)
+        .register(nap::task())
+        .concurrency(2)
+        .fetch_ahead(2)
+        .start()
+        .await
+        .unwrap();
+    let inspect = server.broker().inspect().unwrap();
+    let held = eventually(Duration::from_secs(5), || async {
+        let stats = inspect.queue_stats(&names.queue).await.unwrap();
+        (stats.pending, stats.in_flight) == (2, Some(4))
+    })
+    .await;
+    assert!(held, "two running and two fetched ahead of six");
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    let stats = inspect.queue_stats(&names.queue).await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight), (4, Some(0)));
+    let mut finished = 0;
+    for result in &results {
+        let state = server.backend().get_state(result.uuid()).await.unwrap();
+        if state.is_some_and(|s| s.state == machinery::State::Success) {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 2, "only the two running tasks ran");
     names.cleanup().await;
 }

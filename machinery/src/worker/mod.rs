@@ -157,6 +157,8 @@ pub struct Worker {
     server: Server,
     tasks: Vec<&'static TaskDef>,
     concurrency: usize,
+    /// Messages fetched ahead of free slots; `None`: half the concurrency.
+    fetch_ahead: Option<usize>,
     queue: Option<String>,
     consumer_tag: String,
     shutdown_timeout: Duration,
@@ -185,6 +187,7 @@ impl Worker {
             server: server.clone(),
             tasks: Vec::new(),
             concurrency: 2 * cpus,
+            fetch_ahead: None,
             queue: None,
             consumer_tag: format!(
                 "machinery-{}-{}",
@@ -214,6 +217,18 @@ impl Worker {
     /// How many tasks run at once (default: twice the CPUs, as Go's `0`).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How many messages the worker may hold fetched while every slot is busy (default: half the
+    /// concurrency, at least one), so that a slot that frees starts its next task without waiting for
+    /// the broker. They stay in this worker's in-flight list (Redis) or unacknowledged (RabbitMQ): a
+    /// worker that dies hands them back like the running ones, and a stopping worker returns them at
+    /// once. `0` fetches only for free slots, as a worker of long tasks sharing a queue may want (the
+    /// messages it would hold could run on another worker meanwhile); on RabbitMQ the default prefetch
+    /// grows by the same number.
+    pub fn fetch_ahead(mut self, messages: usize) -> Self {
+        self.fetch_ahead = Some(messages);
         self
     }
 
@@ -285,8 +300,9 @@ impl Worker {
             Some(queue) => queue.clone(),
             None => self.server.config().default_queue.clone(),
         };
+        let fetch_ahead = self.fetch_ahead.unwrap_or((self.concurrency / 2).max(1));
         let prefetch = match self.server.config().amqp.prefetch_count {
-            0 => self.concurrency,
+            0 => self.concurrency + fetch_ahead,
             n => usize::from(n),
         };
         let options = ConsumeOptions {
@@ -329,7 +345,10 @@ impl Worker {
         let handle = tokio::spawn(run::run(
             context,
             consumer,
-            self.concurrency,
+            run::Sizes {
+                concurrency: self.concurrency,
+                fetch_ahead,
+            },
             stop.clone(),
             abort.clone(),
         ));

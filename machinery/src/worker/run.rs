@@ -1,7 +1,9 @@
-//! The worker loop: fetch as many messages as there are free slots, start them together (one backend
-//! call per batch), run each batch in a tokio task of its own, and on shutdown drain or cancel what runs
-//! and close the consumer.
+//! The worker loop: fetch as many messages as there are free slots (and a few ahead, handed to the next
+//! slots that free), start them together (one backend call per batch), run each batch in a tokio task of
+//! its own, and on shutdown return what was fetched ahead, drain or cancel what runs and close the
+//! consumer.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +31,22 @@ fn gather_target(concurrency: usize) -> usize {
     (concurrency / 2).clamp(1, MAX_BATCH)
 }
 
+/// How much the loop runs and holds at once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sizes {
+    /// Tasks running at once.
+    pub(super) concurrency: usize,
+    /// Messages held fetched beyond the free slots.
+    pub(super) fetch_ahead: usize,
+}
+
 pub(super) async fn run(
     context: Arc<WorkerContext>,
     mut consumer: Box<dyn Consumer>,
-    concurrency: usize,
+    Sizes {
+        concurrency,
+        fetch_ahead,
+    }: Sizes,
     stop: CancellationToken,
     abort: CancellationToken,
 ) -> Stopped {
@@ -45,6 +59,8 @@ pub(super) async fn run(
     let queue: Arc<str> = Arc::from(context.queue.as_str());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut fetch_failing = false;
+    // Fetched ahead of free slots; handed out before anything is fetched again.
+    let mut ahead: VecDeque<Delivery> = VecDeque::new();
     // Samples the queue's size for the metrics while the loop runs; dropped (and so stopped) with it.
     #[cfg(feature = "metrics")]
     let _sampler =
@@ -71,7 +87,7 @@ pub(super) async fn run(
         // free slots instead of one round trip per finished task. Never longer than GATHER: a slot freed
         // beside long-running tasks is filled almost at once.
         let wanted = gather_target(concurrency);
-        if permits.len() < wanted {
+        if ahead.is_empty() && permits.len() < wanted {
             let gather = tokio::time::sleep(GATHER);
             tokio::pin!(gather);
             while permits.len() < wanted {
@@ -102,24 +118,29 @@ pub(super) async fn run(
             }
             continue;
         }
+        if !ahead.is_empty() {
+            // No round trip: the free slots take what was fetched ahead (any slot left over goes back).
+            permits.truncate(ahead.len());
+            let deliveries: Vec<Delivery> = ahead.drain(..permits.len()).collect();
+            let batch = with_slots(deliveries, permits, &queue, &finishing, &in_flight);
+            running.spawn(run_batch(context.clone(), batch));
+            continue;
+        }
         let batch = tokio::select! {
-            batch = consumer.next_batch(permits.len()) => batch,
+            batch = consumer.next_batch(permits.len() + fetch_ahead) => batch,
             _ = stop.cancelled() => break,
         };
         match batch {
-            Ok(deliveries) => {
+            Ok(mut deliveries) => {
+                if deliveries.len() > permits.len() {
+                    ahead.extend(deliveries.drain(permits.len()..));
+                }
                 backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
                 if std::mem::take(&mut fetch_failing) {
                     tracing::info!(queue = %context.queue, "fetching from the broker works again");
                     metrics::broker_reconnected(context.server.broker().kind());
                 }
-                let batch: Vec<(Delivery, Slot)> = deliveries
-                    .into_iter()
-                    .zip(permits)
-                    .map(|(delivery, permit)| {
-                        (delivery, Slot::new(&queue, permit, &finishing, &in_flight))
-                    })
-                    .collect();
+                let batch = with_slots(deliveries, permits, &queue, &finishing, &in_flight);
                 running.spawn(run_batch(context.clone(), batch));
             }
             Err(error) => {
@@ -137,6 +158,11 @@ pub(super) async fn run(
 
     while let Some(done) = running.try_join_next() {
         report_crash(done);
+    }
+    if !ahead.is_empty() {
+        // Never started: dropped unsettled, each goes back to its queue at once (`Acknowledger::abandon`).
+        tracing::debug!(queue = %context.queue, returned = ahead.len(), "returning the messages fetched ahead");
+        ahead.clear();
     }
     tracing::info!(queue = %context.queue, running = in_flight.load(Ordering::Relaxed), "worker stopping; waiting for running tasks");
     // Stop consuming first, so other workers get the messages this one would not start anyway.
@@ -166,6 +192,21 @@ pub(super) async fn run(
     }
     tracing::info!(queue = %context.queue, aborted, "worker stopped");
     Stopped { aborted }
+}
+
+/// Pairs each delivery with a run slot (one permit each; permits left over are released).
+fn with_slots(
+    deliveries: Vec<Delivery>,
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    queue: &Arc<str>,
+    finishing: &Arc<Semaphore>,
+    in_flight: &Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<(Delivery, Slot)> {
+    deliveries
+        .into_iter()
+        .zip(permits)
+        .map(|(delivery, permit)| (delivery, Slot::new(queue, permit, finishing, in_flight)))
+        .collect()
 }
 
 /// Decodes a fetched batch, stores the RECEIVED and STARTED states of its tasks in one backend call, and
