@@ -10,7 +10,7 @@ use std::time::Duration;
 use machinery::{task, Server, TaskContext, TaskError, Worker};
 use machinery_tests::{eventually, require, Service};
 use redis::AsyncCommands as _;
-use redis_common::{raw, Names};
+use redis_common::{queue_counts, raw, Names};
 
 #[task]
 async fn add(a: i64, b: i64) -> Result<i64, TaskError> {
@@ -79,14 +79,7 @@ async fn typed_tasks_round_trip_over_redis() {
         "{stored}"
     );
     running.shutdown(Duration::from_secs(5)).await.unwrap();
-    let stats = server
-        .broker()
-        .inspect()
-        .unwrap()
-        .queue_stats(&names.queue)
-        .await
-        .unwrap();
-    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    assert_eq!(queue_counts(&server, &names.queue).await, (0, Some(0)));
     ids.push(uuid);
     let _: () = conn.del(ids).await.unwrap();
     names.cleanup().await;
@@ -209,14 +202,7 @@ async fn a_script_flush_during_a_drain_loses_no_acknowledgement() {
         assert_eq!(result.get(Duration::from_secs(20)).await.unwrap(), n as i64);
     }
     running.shutdown(Duration::from_secs(5)).await.unwrap();
-    let stats = server
-        .broker()
-        .inspect()
-        .unwrap()
-        .queue_stats(&names.queue)
-        .await
-        .unwrap();
-    assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
+    assert_eq!(queue_counts(&server, &names.queue).await, (0, Some(0)));
     let runs = RUNS.lock().unwrap().clone().unwrap_or_default();
     for id in &ids {
         assert_eq!(runs.get(id), Some(&1), "task {id} ran once");
@@ -249,16 +235,13 @@ async fn a_stopping_worker_returns_the_messages_it_fetched_ahead() {
         .start()
         .await
         .unwrap();
-    let inspect = server.broker().inspect().unwrap();
     let held = eventually(Duration::from_secs(5), || async {
-        let stats = inspect.queue_stats(&names.queue).await.unwrap();
-        (stats.pending, stats.in_flight) == (2, Some(4))
+        queue_counts(&server, &names.queue).await == (2, Some(4))
     })
     .await;
     assert!(held, "two running and two fetched ahead of six");
     running.shutdown(Duration::from_secs(5)).await.unwrap();
-    let stats = inspect.queue_stats(&names.queue).await.unwrap();
-    assert_eq!((stats.pending, stats.in_flight), (4, Some(0)));
+    assert_eq!(queue_counts(&server, &names.queue).await, (4, Some(0)));
     let mut finished = 0;
     for result in &results {
         let state = server.backend().get_state(result.uuid()).await.unwrap();

@@ -20,9 +20,7 @@ use crate::broker::Delivery;
 use crate::retry::{fibonacci_next, Backoff};
 use crate::task::{FailureKind, TaskDef, TaskFailure};
 use crate::telemetry::{metrics, trace};
-use crate::wire::signature::{
-    Signature, RATE_SLOT_HEADER, RETRY_ATTEMPT_HEADER, UNKNOWN_TASK_REQUEUES_HEADER,
-};
+use crate::wire::signature::{Signature, RATE_SLOT_HEADER, RETRY_ATTEMPT_HEADER};
 use crate::wire::state::{State, TaskResult, TaskState};
 use crate::Server;
 
@@ -71,7 +69,7 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         }
     };
     let Some(def) = ctx.registry.get(&signature.name) else {
-        unknown_task(ctx, signature, delivery).await;
+        super::unknown::unknown_task(ctx, signature, delivery).await;
         return None;
     };
     if signature.uuid == ctx.queue || signature.uuid == signature.routing_key {
@@ -217,48 +215,6 @@ pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slo
     .await
 }
 
-/// Go requeues unknown tasks forever (a busy loop); we requeue a bounded number of times, counting in a
-/// header, so that another worker that knows the task can take it, then dead-letter it.
-async fn unknown_task(ctx: &WorkerContext, signature: Signature, delivery: Delivery) {
-    if signature.ignore_when_task_not_registered {
-        tracing::info!(task.name = %signature.name, task.uuid = %signature.uuid, "dropping a task this worker does not know (IgnoreWhenTaskNotRegistered)");
-        settle("ack", delivery.ack()).await;
-        return;
-    }
-    let requeues = signature
-        .header_value(UNKNOWN_TASK_REQUEUES_HEADER)
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    let limit = u64::from(ctx.server.config().unknown_task_requeues);
-    if requeues >= limit {
-        let reason = format!(
-            "unknown task name {}: no worker on queue {} knows it (requeued {requeues} times; this worker knows {})",
-            signature.quoted_name(),
-            ctx.queue,
-            ctx.registry.names().join(", ")
-        );
-        tracing::warn!(task.uuid = %signature.uuid, %reason, "dead-lettering a task no worker knows");
-        metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::UnknownTask);
-        store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
-        settle("dead-letter", delivery.dead_letter(reason)).await;
-        return;
-    }
-    let signature = signature.header(UNKNOWN_TASK_REQUEUES_HEADER, requeues + 1);
-    match signature.to_json() {
-        Ok(body) => {
-            tracing::debug!(task.name = %signature.name, requeues = requeues + 1, "requeueing a task this worker does not know");
-            settle("requeue", delivery.requeue(body)).await;
-        }
-        Err(error) => {
-            settle(
-                "dead-letter",
-                delivery.dead_letter(format!("cannot re-encode message: {error}")),
-            )
-            .await
-        }
-    }
-}
-
 /// The task id (and name, if any) of a message that does not decode as a signature, when its JSON is an
 /// object with a non-empty string `UUID`.
 fn readable_id(body: &[u8]) -> Option<(String, String)> {
@@ -271,7 +227,12 @@ fn readable_id(body: &[u8]) -> Option<(String, String)> {
 /// Stores FAILURE with the reason a task's message is dead-lettered, so that a sender waiting for its
 /// result gets that error at once instead of waiting out its timeout. Best effort: the message is
 /// dead-lettered whether or not this works.
-async fn store_dead_letter_state(ctx: &WorkerContext, uuid: &str, name: &str, reason: &str) {
+pub(super) async fn store_dead_letter_state(
+    ctx: &WorkerContext,
+    uuid: &str,
+    name: &str,
+    reason: &str,
+) {
     let state = TaskState::failure(uuid, name, format!("dead-lettered: {reason}"));
     if let Err(error) = ctx.server.backend().set_state(&state).await {
         tracing::warn!(%error, task.uuid = %uuid, "cannot store the FAILURE state of a dead-lettered task");

@@ -151,3 +151,16 @@ pub static SLEEP_MS: TaskDef = TaskDef {
 pub fn int(value: i64) -> Arg {
     Arg::new("", "int64", value.into())
 }
+
+/// The queue's waiting and in-flight counts, as `server`'s broker inspects them.
+#[allow(dead_code)] // not every test file that shares this module counts a queue
+pub async fn queue_counts(server: &machinery::Server, queue: &str) -> (u64, Option<u64>) {
+    let stats = server
+        .broker()
+        .inspect()
+        .expect("the Redis broker inspects")
+        .queue_stats(queue)
+        .await
+        .expect("queue stats");
+    (stats.pending, stats.in_flight)
+}
