@@ -287,7 +287,10 @@ fn cause(text: &str, sent_certificate: bool) -> Option<&'static str> {
         "the server requires a client certificate and none is configured (TLS_CERT_FILE, TLS_KEY_FILE)"
     };
     // The server's alerts first: their names ("CertificateExpired") overlap the certificate errors'.
-    Some(if has("alert: CertificateRequired") {
+    Some(if has("alert: CertificateRequired") && sent_certificate {
+        // One is configured, yet the server saw none: the client that connected left it out.
+        "the server requires a client certificate and did not get the one configured (behind Redis Sentinel, TLS_INSECURE leaves it out: trust the servers' CA with TLS_CA_FILE instead)"
+    } else if has("alert: CertificateRequired") {
         "the server requires a client certificate and none is configured (TLS_CERT_FILE, TLS_KEY_FILE)"
     } else if has("alert: CertificateExpired") {
         "the server refused our client certificate: it has expired"
@@ -450,7 +453,12 @@ mod tests {
                 false,
                 "has expired",
             ),
-            ("received fatal alert: CertificateRequired", false, "requires a client certificate"),
+            ("received fatal alert: CertificateRequired", false, "none is configured"),
+            (
+                "received fatal alert: CertificateRequired",
+                true,
+                "did not get the one configured",
+            ),
             ("received fatal alert: HandshakeFailure", false, "requires a client certificate"),
             ("received fatal alert: UnknownCA", true, "refused our client certificate"),
             ("received fatal alert: BadCertificate", true, "refused our client certificate"),

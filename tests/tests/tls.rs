@@ -263,6 +263,19 @@ async fn redis_sentinel_over_mutual_tls() {
         "127.0.0.1:26390",
         "not signed by a CA we trust",
     );
+    // Insecure mode behind Sentinel leaves the configured certificate out (redis-rs): the error says so
+    // instead of claiming that none is configured.
+    let (error, took) = start_error(behind_sentinel(
+        config(&url, "null").tls(certs().tls().insecure(true)),
+    ))
+    .await;
+    assert_clear(
+        &error,
+        took,
+        "broker",
+        "127.0.0.1:26390",
+        "did not get the one configured",
+    );
     let server = Server::new(behind_sentinel(config(&url, &url).tls(certs().tls())))
         .await
         .expect("with the CA and a client certificate, the server starts behind the TLS sentinel");
