@@ -21,11 +21,13 @@ use tokio::task::JoinHandle;
 
 use crate::error::BenchError;
 
-/// Calls per command and `total_commands_processed` at one moment.
+/// Calls per command, `total_commands_processed` and the server's CPU time at one moment.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Snapshot {
     calls: BTreeMap<String, u64>,
     processed: u64,
+    /// `used_cpu_user` + `used_cpu_sys` (`INFO cpu`): the server process's CPU seconds so far.
+    cpu_seconds: f64,
 }
 
 /// Reads `INFO commandstats` and `INFO stats` in one command.
@@ -37,6 +39,19 @@ pub(crate) async fn snapshot(conn: &mut MultiplexedConnection) -> Result<Snapsho
         .await
         .map_err(BenchError::redis("reading INFO commandstats"))?;
     Ok(parse_info(&text))
+}
+
+/// The CPU seconds the Redis server process has used so far (`INFO cpu`: user plus system time of the
+/// server, whatever its clients asked of it).
+pub(crate) async fn server_cpu_seconds(
+    conn: &mut MultiplexedConnection,
+) -> Result<f64, BenchError> {
+    let text: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .map_err(BenchError::redis("reading INFO cpu"))?;
+    Ok(parse_info(&text).cpu_seconds)
 }
 
 fn parse_info(text: &str) -> Snapshot {
@@ -56,6 +71,11 @@ fn parse_info(text: &str) -> Snapshot {
             }
         } else if let Some(n) = line.strip_prefix("total_commands_processed:") {
             snapshot.processed = n.parse().unwrap_or(0);
+        } else if let Some(seconds) = line
+            .strip_prefix("used_cpu_user:")
+            .or_else(|| line.strip_prefix("used_cpu_sys:"))
+        {
+            snapshot.cpu_seconds += seconds.parse::<f64>().unwrap_or(0.0);
         }
     }
     snapshot
@@ -245,6 +265,20 @@ mod tests {
         assert_eq!(delta.calls, [("get".into(), 5), ("evalsha".into(), 2)]);
         assert_eq!(delta.total(), 7);
         assert_eq!(delta.processed, 7);
+    }
+
+    #[test]
+    fn server_cpu_is_user_plus_system_of_the_server_alone() {
+        let info = parse_info(
+            "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\n\
+             used_cpu_sys_children:9.000000\r\nused_cpu_user_children:9.000000\r\n\
+             used_cpu_sys_main_thread:1.400000\r\n",
+        );
+        assert!(
+            (info.cpu_seconds - 3.75).abs() < 1e-9,
+            "{}",
+            info.cpu_seconds
+        );
     }
 
     #[test]

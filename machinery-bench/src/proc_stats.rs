@@ -103,6 +103,48 @@ pub(crate) fn tcp_local_ports(pid: u32) -> HashSet<u16> {
     ports
 }
 
+/// The process listening on local TCP `port` (IPv4 or IPv6), if this user may see it: the local
+/// broker's server process, whose CPU time a drain reads.
+pub(crate) fn listener_pid(port: u16) -> Option<u32> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            // State 0A is LISTEN.
+            let listening_here = *state == "0A"
+                && local
+                    .rsplit_once(':')
+                    .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+                    == Some(port);
+            if listening_here {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| inodes.contains(target.to_string_lossy().as_ref()))
+                .then_some(pid)
+        })
+}
+
 /// The CPUs this process may use (what `nproc` prints).
 pub(crate) fn nproc() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
@@ -145,5 +187,14 @@ mod tests {
         let client = std::net::TcpStream::connect(addr).expect("a connection to it");
         let local = client.local_addr().expect("the client's address");
         assert!(tcp_local_ports(std::process::id()).contains(&local.port()));
+    }
+
+    #[test]
+    fn finds_the_process_listening_on_a_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a local listener");
+        let port = listener.local_addr().expect("its address").port();
+        assert_eq!(listener_pid(port), Some(std::process::id()));
+        drop(listener);
+        assert_eq!(listener_pid(port), None);
     }
 }

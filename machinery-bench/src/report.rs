@@ -61,6 +61,24 @@ fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
+/// The servers' CPU per 10k tasks of a drain row: `Redis 0.24 s`, `RabbitMQ 0.90 s + Redis 0.20 s`, or
+/// `–` when none could be read.
+fn server_cpu(row: &DrainRow) -> String {
+    let parts: Vec<String> = [
+        ("RabbitMQ", &row.rabbitmq_cpu_per_10k),
+        ("Redis", &row.redis_cpu_per_10k),
+    ]
+    .into_iter()
+    .filter(|(_, values)| !values.is_empty())
+    .map(|(name, values)| format!("{name} {:.2} s", median(values)))
+    .collect();
+    if parts.is_empty() {
+        "–".to_owned()
+    } else {
+        parts.join(" + ")
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
@@ -357,20 +375,21 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
     line("Drains: the worker process, started on a queue already holding the tasks.".into());
     line(String::new());
     line(
-        "| backend | concurrency | tasks | drain rate | vs the broker alone, same shape | vs the broker's best | worker CPU per 10k tasks | worker RSS at end | Redis commands per task |"
+        "| backend | concurrency | tasks | drain rate | vs the broker alone, same shape | vs the broker's best | worker CPU per 10k tasks | servers' CPU per 10k tasks | worker RSS at end | Redis commands per task |"
             .into(),
     );
-    line("|---|---:|---:|---:|---|---|---:|---:|---:|".into());
+    line("|---|---:|---:|---:|---|---|---:|---:|---:|---:|".into());
     for row in &results.drains {
         let value = median(&row.rates);
         line(format!(
-            "| {} | {} | {} | {} | {} | {:.2} s | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} s | {} | {} | {} |",
             row.backend,
             row.concurrency,
             int(row.tasks as f64),
             rate(value),
             versus_pair(results, drain_ceilings(kind), settings.senders, value),
             median(&row.cpu_per_10k),
+            server_cpu(row),
             mib(median(&row.rss_end)),
             if row.commands_per_task.is_empty() {
                 "–".to_owned()

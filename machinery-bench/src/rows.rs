@@ -68,6 +68,12 @@ pub(crate) struct DrainRow {
     pub(crate) rss_end: Vec<f64>,
     /// Redis commands per task (INFO commandstats, all clients, scripts included).
     pub(crate) commands_per_task: Vec<f64>,
+    /// CPU seconds per 10,000 tasks of the Redis server the worker fetches from or stores to (the
+    /// broker's, else the backend's; `INFO cpu`, whatever its clients asked of it), from just before the
+    /// worker process starts to just after it reports `done` and stops.
+    pub(crate) redis_cpu_per_10k: Vec<f64>,
+    /// The same for the local RabbitMQ server process (`/proc/<pid>/stat`), AMQP broker only.
+    pub(crate) rabbitmq_cpu_per_10k: Vec<f64>,
     /// Tasks that ended in FAILURE, over all runs.
     pub(crate) failures: u64,
 }

@@ -43,7 +43,17 @@ struct Env {
     backend_redis: Option<MultiplexedConnection>,
     /// The broker's RabbitMQ (AMQP broker only): raw ceilings and clean-up.
     amqp: Option<lapin::Connection>,
+    /// The local RabbitMQ server process (AMQP broker on this machine only), whose CPU a drain reads.
+    amqp_pid: Option<u32>,
     ticks: f64,
+}
+
+/// CPU seconds the servers have used so far: the Redis the worker stores to (the broker's, else the
+/// backend's) and the local RabbitMQ process.
+#[derive(Debug, Clone, Copy, Default)]
+struct ServerCpu {
+    redis: Option<f64>,
+    rabbitmq: Option<f64>,
 }
 
 impl Env {
@@ -77,6 +87,12 @@ impl Env {
             BrokerKind::Amqp => Some(servers::amqp_connect(&settings.broker).await?),
             BrokerKind::Redis => None,
         };
+        let amqp_pid = match settings.kind {
+            BrokerKind::Amqp => {
+                servers::local_port(&settings.broker, 5672).and_then(proc_stats::listener_pid)
+            }
+            BrokerKind::Redis => None,
+        };
         Ok(Env {
             settings,
             queue,
@@ -86,8 +102,25 @@ impl Env {
             broker_redis,
             backend_redis,
             amqp,
+            amqp_pid,
             ticks: proc_stats::clock_ticks(),
         })
+    }
+
+    /// The servers' CPU seconds now (what cannot be read is left out).
+    async fn server_cpu(&mut self) -> Result<ServerCpu, BenchError> {
+        let conn = match &mut self.broker_redis {
+            Some((_, conn)) => Some(conn),
+            None => self.backend_redis.as_mut(),
+        };
+        let redis = match conn {
+            Some(conn) => Some(commands::server_cpu_seconds(conn).await?),
+            None => None,
+        };
+        let rabbitmq = self
+            .amqp_pid
+            .and_then(|pid| proc_stats::cpu_seconds(pid, self.ticks).ok());
+        Ok(ServerCpu { redis, rabbitmq })
     }
 
     /// The backends measured: the configured one, then `null` unless that is the configured one.
@@ -309,14 +342,25 @@ async fn drain_once(
         _ => None,
     };
     let spec = env.worker(backend, concurrency, tasks);
+    let cpu_before = env.server_cpu().await?;
     let stats = env.broker_redis.as_mut().map(|(_, conn)| conn);
     let drained: Drained = measure::drain(&spec, env.ticks, stats).await?;
+    let cpu_after = env.server_cpu().await?;
     env.reset(&uuids).await?;
     let row = DrainRow::find(&mut results.drains, label, concurrency, tasks);
     row.rates.push(drained.rate);
     row.cpu_per_10k
         .push(drained.finished.cpu_seconds / tasks as f64 * 10_000.0);
     row.rss_end.push(drained.finished.rss as f64);
+    let per_10k = |before: Option<f64>, after: Option<f64>| {
+        Some((after? - before?).max(0.0) / tasks as f64 * 10_000.0)
+    };
+    if let Some(cpu) = per_10k(cpu_before.redis, cpu_after.redis) {
+        row.redis_cpu_per_10k.push(cpu);
+    }
+    if let Some(cpu) = per_10k(cpu_before.rabbitmq, cpu_after.rabbitmq) {
+        row.rabbitmq_cpu_per_10k.push(cpu);
+    }
     row.failures += drained.finished.failures;
     if let Some(delta) = &drained.commands {
         row.commands_per_task

@@ -158,3 +158,40 @@ pub(crate) async fn delete_amqp_queues(
     let _ = channel.close(200, "OK".into()).await;
     Ok(())
 }
+
+/// The port of a broker URL whose host is this machine (`127.0.0.1`, `::1` or `localhost`), with
+/// `default` when the URL names none; `None` for another host or an unreadable URL.
+pub(crate) fn local_port(url: &str, default: u16) -> Option<u16> {
+    let parsed = url::Url::parse(url).ok()?;
+    // `amqp://` is not a scheme the URL standard knows, so its host comes back as an opaque name, IP
+    // addresses included.
+    let local = match parsed.host()? {
+        url::Host::Domain(name) => {
+            name == "localhost"
+                || name
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    local.then(|| parsed.port().unwrap_or(default))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_ports_of_broker_urls() {
+        assert_eq!(
+            local_port("amqp://guest:guest@127.0.0.1:5672/", 5672),
+            Some(5672)
+        );
+        assert_eq!(local_port("amqp://localhost/", 5672), Some(5672));
+        assert_eq!(local_port("amqps://[::1]:5671/vhost", 5672), Some(5671));
+        assert_eq!(local_port("amqp://rabbit.example.com:5672/", 5672), None);
+        assert_eq!(local_port("not a url", 5672), None);
+    }
+}
