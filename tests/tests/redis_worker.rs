@@ -222,26 +222,58 @@ async fn a_stopping_worker_returns_the_messages_it_fetched_ahead() {
     ) {
         return;
     }
-    let names = Names::new("rw_ahead");
+    holds_ahead_and_returns_them("rw_ahead", 6, Some(2), 2).await;
+}
+
+/// Unless told otherwise, a worker fetches twice its concurrency ahead (three times its concurrency
+/// held in all): at concurrency 2, four messages wait beside the two running.
+#[tokio::test]
+async fn a_worker_fetches_twice_its_concurrency_ahead_by_default() {
+    if !require(
+        Service::Redis,
+        "a_worker_fetches_twice_its_concurrency_ahead_by_default",
+    ) {
+        return;
+    }
+    holds_ahead_and_returns_them("rw_ahead_default", 10, None, 4).await;
+}
+
+/// Queues `tasks` slow tasks, starts a worker at concurrency 2 (with `fetch_ahead` if given), checks that
+/// it holds the two running and `ahead` more, stops it, and checks that everything but the two running
+/// went back to the queue and that only those two ran.
+async fn holds_ahead_and_returns_them(
+    prefix: &str,
+    tasks: u64,
+    fetch_ahead: Option<usize>,
+    ahead: u64,
+) {
+    let names = Names::new(prefix);
     let server = Server::new(names.config()).await.unwrap();
     let mut results = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..tasks {
         results.push(nap::send(&server, 600).await.unwrap());
     }
-    let running = Worker::new(&server)
-        .register(nap::task())
-        .concurrency(2)
-        .fetch_ahead(2)
-        .start()
-        .await
-        .unwrap();
-    let held = eventually(Duration::from_secs(5), || async {
-        queue_counts(&server, &names.queue).await == (2, Some(4))
+    let mut worker = Worker::new(&server).register(nap::task()).concurrency(2);
+    if let Some(messages) = fetch_ahead {
+        worker = worker.fetch_ahead(messages);
+    }
+    let running = worker.start().await.unwrap();
+    let held = 2 + ahead;
+    let expected = (tasks - held, Some(held));
+    let holding = eventually(Duration::from_secs(5), || async {
+        queue_counts(&server, &names.queue).await == expected
     })
     .await;
-    assert!(held, "two running and two fetched ahead of six");
+    assert!(
+        holding,
+        "two running and {ahead} fetched ahead of {tasks}: (queued, in flight) = {:?}",
+        queue_counts(&server, &names.queue).await
+    );
     running.shutdown(Duration::from_secs(5)).await.unwrap();
-    assert_eq!(queue_counts(&server, &names.queue).await, (4, Some(0)));
+    assert_eq!(
+        queue_counts(&server, &names.queue).await,
+        (tasks - 2, Some(0))
+    );
     let mut finished = 0;
     for result in &results {
         let state = server.backend().get_state(result.uuid()).await.unwrap();

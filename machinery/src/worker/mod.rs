@@ -152,13 +152,18 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".to_owned())
 }
 
+/// Messages a worker fetches ahead per run slot unless told otherwise ([`Worker::fetch_ahead`]):
+/// measured in `machinery-bench` (docs/benchmarks.md), half a message per slot drained 24k tasks/s at
+/// concurrency 10 on Redis with results, one 30k/s and two 34k/s.
+const DEFAULT_FETCH_AHEAD_PER_SLOT: usize = 2;
+
 /// A worker being configured. [`start`](Worker::start) it, or [`launch`](Worker::launch) it to run until
 /// SIGINT/SIGTERM.
 pub struct Worker {
     server: Server,
     tasks: Vec<&'static TaskDef>,
     concurrency: usize,
-    /// Messages fetched ahead of free slots; `None`: half the concurrency.
+    /// Messages fetched ahead of free slots; `None`: twice the concurrency ([`DEFAULT_FETCH_AHEAD_PER_SLOT`]).
     fetch_ahead: Option<usize>,
     queue: Option<String>,
     consumer_tag: String,
@@ -221,9 +226,10 @@ impl Worker {
         self
     }
 
-    /// How many messages the worker may hold fetched while every slot is busy (default: half the
-    /// concurrency, at least one), so that a slot that frees starts its next task without waiting for
-    /// the broker. They stay in this worker's in-flight list (Redis) or unacknowledged (RabbitMQ): a
+    /// How many messages the worker may hold fetched while every slot is busy (default: twice the
+    /// concurrency, so a worker holds at most three times its concurrency, under Celery's default of
+    /// four), so that a slot that frees starts its next task without waiting for the broker, and one
+    /// fetch serves many slots. They stay in this worker's in-flight list (Redis) or unacknowledged (RabbitMQ): a
     /// worker that dies hands them back like the running ones, and a stopping worker returns them at
     /// once. `0` fetches only for free slots, as a worker of long tasks sharing a queue may want (the
     /// messages it would hold could run on another worker meanwhile); on RabbitMQ the default prefetch
@@ -301,7 +307,10 @@ impl Worker {
             Some(queue) => queue.clone(),
             None => self.server.config().default_queue.clone(),
         };
-        let fetch_ahead = self.fetch_ahead.unwrap_or((self.concurrency / 2).max(1));
+        let fetch_ahead = self.fetch_ahead.unwrap_or(
+            self.concurrency
+                .saturating_mul(DEFAULT_FETCH_AHEAD_PER_SLOT),
+        );
         let prefetch = match self.server.config().amqp.prefetch_count {
             0 => self.concurrency + fetch_ahead,
             n => usize::from(n),
