@@ -238,6 +238,56 @@ async fn a_worker_fetches_twice_its_concurrency_ahead_by_default() {
     holds_ahead_and_returns_them("rw_ahead_default", 10, None, 4).await;
 }
 
+/// The worker tops its buffer up while its tasks run, instead of waiting for it to empty and a slot to
+/// free: at concurrency 1 with 2 fetched ahead, it holds 3 messages all along (one running, two waiting).
+#[tokio::test]
+async fn a_worker_refills_what_it_fetched_ahead_while_its_tasks_run() {
+    if !require(
+        Service::Redis,
+        "a_worker_refills_what_it_fetched_ahead_while_its_tasks_run",
+    ) {
+        return;
+    }
+    let names = Names::new("rw_refill");
+    let server = Server::new(names.config()).await.unwrap();
+    let mut results = Vec::new();
+    for _ in 0..8 {
+        results.push(nap::send(&server, 400).await.unwrap());
+    }
+    let running = Worker::new(&server)
+        .register(nap::task())
+        .concurrency(1)
+        .fetch_ahead(2)
+        .start()
+        .await
+        .unwrap();
+    // Two tasks done (about 0.8 s in), the third running.
+    let succeeded = || async {
+        let mut done = 0;
+        for result in &results {
+            let state = server.backend().get_state(result.uuid()).await.unwrap();
+            if state.is_some_and(|s| s.state == machinery::State::Success) {
+                done += 1;
+            }
+        }
+        done
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { succeeded().await >= 2 }).await,
+        "two tasks finish"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Without refilling, the buffer would be empty now (one message in flight, five queued) until the
+    // third task ends.
+    assert_eq!(
+        (succeeded().await, queue_counts(&server, &names.queue).await),
+        (2, (3, Some(3))),
+        "(tasks done, (queued, in flight)): one running and two waiting, fetched while the tasks ran"
+    );
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}
+
 /// Queues `tasks` slow tasks, starts a worker at concurrency 2 (with `fetch_ahead` if given), checks that
 /// it holds the two running and `ahead` more, stops it, and checks that everything but the two running
 /// went back to the queue and that only those two ran.

@@ -1,35 +1,29 @@
-//! The worker loop: fetch as many messages as there are free slots (and a few ahead, handed to the next
-//! slots that free), start them together (one backend call per batch), run each batch in a tokio task of
-//! its own, and on shutdown return what was fetched ahead, drain or cancel what runs and close the
-//! consumer.
+//! The worker loop: keep a buffer of fetched messages topped up in the background (a fetch runs while
+//! the tasks do), hand buffered messages to free slots as they free (one backend call per handed-out
+//! batch to start them), run each batch in a tokio task of its own, and on shutdown return what was
+//! fetched ahead, drain or cancel what runs and close the consumer.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{self, WorkerContext};
 use super::slot::Slot;
 use super::Stopped;
-use crate::broker::{Consumer, Delivery};
+use crate::broker::{BrokerError, Consumer, Delivery};
 use crate::retry::Backoff;
 use crate::telemetry::metrics;
 
 /// The most messages fetched in one call, however many slots are free.
 const MAX_BATCH: usize = 128;
-
-/// How long the loop waits for more free slots before fetching for fewer than it would like.
-const GATHER: Duration = Duration::from_millis(1);
-
-/// How many free slots a fetch waits for (up to [`GATHER`]): half the concurrency, at least one.
-fn gather_target(concurrency: usize) -> usize {
-    (concurrency / 2).clamp(1, MAX_BATCH)
-}
 
 /// How much the loop runs and holds at once.
 #[derive(Debug, Clone, Copy)]
@@ -40,9 +34,46 @@ pub(super) struct Sizes {
     pub(super) fetch_ahead: usize,
 }
 
+/// A fetch running beside the loop.
+type Fetch = Pin<Box<dyn Future<Output = Result<Vec<Delivery>, BrokerError>> + Send>>;
+
+/// The consumer, shared by the loop and the fetch in flight; taken out when the loop ends.
+type SharedConsumer = Arc<Mutex<Option<Box<dyn Consumer>>>>;
+
+/// A fetch of up to `max` messages that holds the consumer until it is done or dropped.
+fn fetch(consumer: &SharedConsumer, max: usize) -> Fetch {
+    let consumer = consumer.clone();
+    Box::pin(async move {
+        match consumer.lock_owned().await.as_mut() {
+            Some(consumer) => consumer.next_batch(max).await,
+            None => Ok(Vec::new()),
+        }
+    })
+}
+
+/// Awaits `future` if there is one, else never finishes (a `select!` branch that is switched off).
+async fn if_any<F: Future + Unpin>(future: Option<&mut F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How many messages a new fetch may ask for: enough to fill the free slots and the buffer, never so
+/// many that the running, the buffered and the fetched together exceed the concurrency plus
+/// `fetch_ahead`. `None` while the buffer is still more than half full (the fetch waits for more room,
+/// so that one call serves many slots).
+fn refill_size(fetch_ahead: usize, free_slots: usize, buffered: usize) -> Option<usize> {
+    if buffered > fetch_ahead / 2 {
+        return None;
+    }
+    let room = (fetch_ahead + free_slots).saturating_sub(buffered);
+    (room > 0).then_some(room.min(MAX_BATCH))
+}
+
 pub(super) async fn run(
     context: Arc<WorkerContext>,
-    mut consumer: Box<dyn Consumer>,
+    consumer: Box<dyn Consumer>,
     Sizes {
         concurrency,
         fetch_ahead,
@@ -51,15 +82,20 @@ pub(super) async fn run(
     abort: CancellationToken,
 ) -> Stopped {
     let slots = Arc::new(Semaphore::new(concurrency));
-    // One tokio task per fetched batch, and the count of messages being processed, for the shutdown
+    // One tokio task per handed-out batch, and the count of messages being processed, for the shutdown
     // report.
     let mut running = JoinSet::new();
     let in_flight = context.counters.running_gauge();
     let finishing = Arc::new(Semaphore::new(concurrency));
     let queue: Arc<str> = Arc::from(context.queue.as_str());
+    // Shared with the fetch in flight, which may be dropped half-way (the consumer is cancel-safe).
+    let consumer: SharedConsumer = Arc::new(Mutex::new(Some(consumer)));
+    let mut fetching: Option<Fetch> = None;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut fetch_failing = false;
-    // Fetched ahead of free slots; handed out before anything is fetched again.
+    // After a failed fetch, no new one before this.
+    let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // Fetched, not yet handed to a slot.
     let mut ahead: VecDeque<Delivery> = VecDeque::new();
     // Samples the queue's size for the metrics while the loop runs; dropped (and so stopped) with it.
     #[cfg(feature = "metrics")]
@@ -69,45 +105,12 @@ pub(super) async fn run(
         while let Some(done) = running.try_join_next() {
             report_crash(done);
         }
-        let first = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = stop.cancelled() => break,
-        };
-        let mut permits = vec![first];
-        while permits.len() < MAX_BATCH {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
+        if stop.is_cancelled() {
+            break;
         }
-        // While tasks still run, wait a moment for more of them to finish, so that one fetch serves several
-        // free slots instead of one round trip per finished task. Never longer than GATHER: a slot freed
-        // beside long-running tasks is filled almost at once.
-        let wanted = gather_target(concurrency);
-        if ahead.is_empty() && permits.len() < wanted {
-            let gather = tokio::time::sleep(GATHER);
-            tokio::pin!(gather);
-            while permits.len() < wanted {
-                tokio::select! {
-                    permit = slots.clone().acquire_owned() => match permit {
-                        Ok(permit) => permits.push(permit),
-                        Err(_) => break,
-                    },
-                    _ = &mut gather => break,
-                    _ = stop.cancelled() => break,
-                }
-            }
-            if stop.is_cancelled() {
-                break;
-            }
-        }
-        // While the result backend is down, fetch nothing: a task run now could not store its outcome
-        // and would only run again. Probe until it answers (`worker/health.rs`).
+        // While the result backend is down, start nothing and fetch nothing: a task run now could not
+        // store its outcome and would only run again. Probe until it answers (`worker/health.rs`).
         if context.backend_health.is_down() {
-            drop(permits);
             let backend = context.server.backend().as_ref();
             if !context
                 .backend_health
@@ -118,44 +121,58 @@ pub(super) async fn run(
             }
             continue;
         }
-        if !ahead.is_empty() {
-            // No round trip: the free slots take what was fetched ahead (any slot left over goes back).
-            permits.truncate(ahead.len());
-            let deliveries: Vec<Delivery> = ahead.drain(..permits.len()).collect();
-            let batch = with_slots(deliveries, permits, &queue, &finishing, &in_flight);
-            running.spawn(run_batch(context.clone(), batch));
-            continue;
+        if fetching.is_none() && pause.is_none() {
+            if let Some(max) = refill_size(fetch_ahead, slots.available_permits(), ahead.len()) {
+                fetching = Some(fetch(&consumer, max));
+            }
         }
-        let batch = tokio::select! {
-            batch = consumer.next_batch(permits.len() + fetch_ahead) => batch,
-            _ = stop.cancelled() => break,
-        };
-        match batch {
-            Ok(mut deliveries) => {
-                if deliveries.len() > permits.len() {
-                    ahead.extend(deliveries.drain(permits.len()..));
+        let idle = fetching.is_none() && pause.is_none() && ahead.is_empty();
+        tokio::select! {
+            permit = slots.clone().acquire_owned(), if !ahead.is_empty() => {
+                let Ok(first) = permit else { break };
+                // No round trip: the free slots take what was fetched (one start call for them all).
+                let mut permits = vec![first];
+                while permits.len() < ahead.len() {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(permit) => permits.push(permit),
+                        Err(_) => break,
+                    }
                 }
-                backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-                if std::mem::take(&mut fetch_failing) {
-                    tracing::info!(queue = %context.queue, "fetching from the broker works again");
-                    metrics::broker_reconnected(context.server.broker().kind());
-                }
+                let deliveries: Vec<Delivery> = ahead.drain(..permits.len()).collect();
                 let batch = with_slots(deliveries, permits, &queue, &finishing, &in_flight);
                 running.spawn(run_batch(context.clone(), batch));
             }
-            Err(error) => {
-                fetch_failing = true;
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, queue = %context.queue, "fetching from the broker failed");
-                context.hooks.error(&error);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.cancelled() => break,
+            fetched = if_any(fetching.as_mut()), if fetching.is_some() => {
+                fetching = None;
+                match fetched {
+                    Ok(deliveries) => {
+                        ahead.extend(deliveries);
+                        backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+                        if std::mem::take(&mut fetch_failing) {
+                            tracing::info!(queue = %context.queue, "fetching from the broker works again");
+                            metrics::broker_reconnected(context.server.broker().kind());
+                        }
+                    }
+                    Err(error) => {
+                        fetch_failing = true;
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in = ?delay, queue = %context.queue, "fetching from the broker failed");
+                        context.hooks.error(&error);
+                        pause = Some(Box::pin(tokio::time::sleep(delay)));
+                    }
                 }
             }
+            _ = if_any(pause.as_mut()), if pause.is_some() => {
+                pause = None;
+            }
+            // Every slot is busy and nothing may be fetched ahead: wait for one to free, then fetch for it.
+            permit = slots.acquire(), if idle => drop(permit),
+            _ = stop.cancelled() => break,
         }
     }
 
+    // A fetch cut off here is safe: the consumer hands back whatever it had taken when it closes.
+    drop(fetching);
     while let Some(done) = running.try_join_next() {
         report_crash(done);
     }
@@ -165,12 +182,16 @@ pub(super) async fn run(
         ahead.clear();
     }
     tracing::info!(queue = %context.queue, running = in_flight.load(Ordering::Relaxed), "worker stopping; waiting for running tasks");
-    // Stop consuming first, so other workers get the messages this one would not start anyway.
-    tokio::select! {
-        stopped = consumer.stop() => if let Err(error) = stopped {
-            tracing::warn!(%error, queue = %context.queue, "stopping the consumer failed; its messages return when it closes");
-        },
-        _ = abort.cancelled() => {}
+    // Dropping the fetch released its hold on the consumer.
+    let mut consumer = consumer.lock().await.take();
+    if let Some(consumer) = consumer.as_mut() {
+        // Stop consuming first, so other workers get the messages this one would not start anyway.
+        tokio::select! {
+            stopped = consumer.stop() => if let Err(error) = stopped {
+                tracing::warn!(%error, queue = %context.queue, "stopping the consumer failed; its messages return when it closes");
+            },
+            _ = abort.cancelled() => {}
+        }
     }
     let mut aborted = 0;
     loop {
@@ -187,8 +208,10 @@ pub(super) async fn run(
             }
         }
     }
-    if let Err(error) = consumer.close().await {
-        tracing::warn!(%error, queue = %context.queue, "closing the consumer failed; unfinished messages return when the broker notices");
+    if let Some(consumer) = consumer {
+        if let Err(error) = consumer.close().await {
+            tracing::warn!(%error, queue = %context.queue, "closing the consumer failed; unfinished messages return when the broker notices");
+        }
     }
     tracing::info!(queue = %context.queue, aborted, "worker stopped");
     Stopped { aborted }
@@ -258,5 +281,29 @@ fn report_crash(done: Result<(), tokio::task::JoinError>) {
         if error.is_panic() {
             tracing::error!(%error, "a worker task panicked outside the task itself; its message returns to the queue");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refill_size;
+
+    #[test]
+    fn a_refill_fills_the_free_slots_and_the_buffer_and_no_more() {
+        // Concurrency 10, 20 ahead: nothing running and nothing held asks for 30.
+        assert_eq!(refill_size(20, 10, 0), Some(30));
+        // All slots busy, 10 buffered: 10 more, so 10 + 10 + 10 are held.
+        assert_eq!(refill_size(20, 0, 10), Some(10));
+        // More than half the buffer left: wait.
+        assert_eq!(refill_size(20, 5, 11), None);
+        // Never more than one fetch may take.
+        assert_eq!(refill_size(400, 100, 0), Some(128));
+    }
+
+    #[test]
+    fn without_fetching_ahead_a_refill_is_for_free_slots_only() {
+        assert_eq!(refill_size(0, 3, 0), Some(3));
+        assert_eq!(refill_size(0, 0, 0), None);
+        assert_eq!(refill_size(0, 2, 1), None);
     }
 }
