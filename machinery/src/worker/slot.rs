@@ -1,11 +1,10 @@
 //! A worker slot: what one message holds from when it is fetched until its processing ends.
 //!
-//! A message holds a *run* permit (one of `concurrency`) until its handler returns, then a *finish*
-//! permit (also one of `concurrency`) while its outcome is stored and it is acknowledged. The worker
-//! fetches only for free run permits, so every fetched message starts at once, and the next fetch
-//! overlaps the finishing round trip of the tasks before it. A slow backend holds messages in the
-//! finishing phase; when every finish permit is taken, handlers that end keep their run permit until
-//! one frees, so nothing more is fetched.
+//! A message holds a *run* permit (one of `concurrency`) from when it is handed to a slot until its
+//! handler returns, then a *finish* permit (one of three times `concurrency`, `FINISHING_PER_SLOT` in
+//! `worker/run.rs`) while its outcome is stored and it is acknowledged, so that the next message starts
+//! while this one finishes. A slow backend holds messages in the finishing phase; when every finish
+//! permit is taken, handlers that end keep their run permit until one frees, so nothing more starts.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
