@@ -216,3 +216,84 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
     running.shutdown(Duration::from_secs(5)).await.unwrap();
     names.cleanup().await;
 }
+
+/// A task whose state Redis refuses (its id names a list) is dead-lettered alone: the tasks fetched and
+/// started in the same batch run and store their results.
+#[tokio::test]
+async fn a_refused_state_dead_letters_only_its_own_task_not_its_batch() {
+    if !require(
+        Service::Redis,
+        "a_refused_state_dead_letters_only_its_own_task_not_its_batch",
+    ) {
+        return;
+    }
+    let names = Names::new("dl_batch");
+    let victim = format!("{}_victim", names.id);
+    let mut conn = raw().await;
+    let _: () = conn.rpush(&victim, "x").await.unwrap();
+    let server = Server::new(names.config()).await.unwrap();
+    let message = |uuid: &str, a: i64| {
+        Signature::with_args(
+            "dl_known",
+            vec![machinery::Arg::new("", "int64", serde_json::json!(a))],
+        )
+        .with_uuid(uuid)
+        .to_json()
+        .unwrap()
+    };
+    let good = [format!("{}_a", names.id), format!("{}_b", names.id)];
+    // One push before the worker starts: its first fetch takes all three into one batch.
+    let bodies = vec![
+        message(&good[0], 1),
+        message(&victim, 2),
+        message(&good[1], 3),
+    ];
+    let _: () = conn.rpush(&names.queue, bodies).await.unwrap();
+    let running = Worker::new(&server)
+        .register(dl_known::task())
+        .concurrency(10)
+        .start()
+        .await
+        .unwrap();
+    let inspect = server.broker();
+    let settled = eventually(PROMPTLY, || async {
+        let dead = inspect
+            .inspect()
+            .unwrap()
+            .dead_letters(&names.queue, 10)
+            .await
+            .unwrap();
+        let stats = inspect
+            .inspect()
+            .unwrap()
+            .queue_stats(&names.queue)
+            .await
+            .unwrap();
+        !dead.is_empty() && (stats.pending, stats.in_flight) == (0, Some(0))
+    })
+    .await;
+    assert!(settled, "the batch is settled within {PROMPTLY:?}");
+    let dead = inspect
+        .inspect()
+        .unwrap()
+        .dead_letters(&names.queue, 10)
+        .await
+        .unwrap();
+    let dead_ids: Vec<String> = dead
+        .iter()
+        .map(|d| Signature::from_json(&d.body).unwrap().uuid.clone())
+        .collect();
+    assert_eq!(dead_ids, [victim], "only the refused task is dead-lettered");
+    assert!(dead[0].reason.contains("WRONGTYPE"), "{}", dead[0].reason);
+    for uuid in &good {
+        let state = server.backend().get_state(uuid).await.unwrap();
+        assert_eq!(
+            state.map(|s| s.state),
+            Some(machinery::State::Success),
+            "task {uuid} of the same batch ran and stored its result"
+        );
+    }
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    let _: () = conn.del(&good).await.unwrap();
+    names.cleanup().await;
+}

@@ -159,10 +159,40 @@ impl RedisBackend {
             .await
             .map_err(op("load scripts"))?;
         SCRIPTS
+            .start_many
+            .load(conn)
+            .await
+            .map_err(op("load scripts"))?;
+        SCRIPTS
             .complete_member
             .load(conn)
             .await
             .map_err(op("load scripts"))
+    }
+
+    /// The `start_many` script storing STARTED for each task of a batch (whose pieces
+    /// [`RedisBackend::start_pieces`] made) after its revocation check, in one call.
+    pub(super) fn start_many_cmd(&self, keys: &[&str], pieces: Vec<[Vec<u8>; 5]>) -> redis::Cmd {
+        let mut args = Vec::with_capacity(2 + 5 * pieces.len());
+        args.push(self.inner.expire_secs.to_string().into_bytes());
+        args.push(format!("{REVOKED_ERROR}\n{CANCELLED_ERROR}").into_bytes());
+        for [prefix, name, middle, created, suffix] in pieces {
+            args.extend([prefix, name, created, suffix, middle]);
+        }
+        SCRIPTS.start_many.cmd(keys, &args)
+    }
+
+    /// The pieces of a task's STARTED for [`RedisBackend::start_many_cmd`], `None` when RECEIVED and
+    /// STARTED are not the worker's usual pair (see [`RedisBackend::received_and_started_cmd`]).
+    pub(super) fn start_pieces(
+        &self,
+        received: &TaskState,
+        started: &TaskState,
+    ) -> Result<Option<[Vec<u8>; 5]>, BackendError> {
+        if !usual_start(received, started) {
+            return Ok(None);
+        }
+        self.pieces(started).map(Some)
     }
 
     /// The one script call that stores STARTED (RECEIVED, replaced in the same atomic step, could never be
@@ -173,18 +203,7 @@ impl RedisBackend {
         received: &TaskState,
         started: &TaskState,
     ) -> Result<Option<redis::Cmd>, BackendError> {
-        let same_task = (
-            &received.task_uuid,
-            &received.task_name,
-            received.created_at,
-            received.ttl,
-        ) == (
-            &started.task_uuid,
-            &started.task_name,
-            started.created_at,
-            started.ttl,
-        );
-        if !same_task || received.is_completed() || started.is_completed() {
+        if !usual_start(received, started) {
             return Ok(None);
         }
         let [prefix, name, started_middle, created, suffix] = self.pieces(started)?;
@@ -199,6 +218,24 @@ impl RedisBackend {
             None,
         )))
     }
+}
+
+/// Whether RECEIVED and STARTED are the worker's usual pair: one task's, differing in their state alone
+/// (then one write of STARTED stands for both: RECEIVED, replaced in the same atomic step, could never be
+/// seen).
+fn usual_start(received: &TaskState, started: &TaskState) -> bool {
+    let same_task = (
+        &received.task_uuid,
+        &received.task_name,
+        received.created_at,
+        received.ttl,
+    ) == (
+        &started.task_uuid,
+        &started.task_name,
+        started.created_at,
+        started.ttl,
+    );
+    same_task && !received.is_completed() && !started.is_completed()
 }
 
 #[cfg(test)]

@@ -74,11 +74,20 @@ impl fmt::Debug for RedisBackend {
 /// ARGV and what it does atomically.
 struct Scripts {
     set_state: Lua,
+    start_many: Lua,
     complete_member: Lua,
 }
 
+/// Each state-writing script is the shared `store_state` function followed by its own part.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    set_state: Lua::new(include_str!("../scripts/set_state.lua")),
+    set_state: Lua::new(concat!(
+        include_str!("../scripts/state_lib.lua"),
+        include_str!("../scripts/set_state.lua")
+    )),
+    start_many: Lua::new(concat!(
+        include_str!("../scripts/state_lib.lua"),
+        include_str!("../scripts/start_many.lua")
+    )),
     complete_member: Lua::new(include_str!("../scripts/complete_member.lua")),
 });
 
@@ -119,6 +128,26 @@ pub(crate) fn is_refusal(error: &RedisError) -> bool {
             Some("OOM" | "BUSY" | "MISCONF" | "LOADING" | "NOREPLICAS" | "UNBLOCKED")
         ),
         _ => false,
+    }
+}
+
+/// One task's answer from the `start_many` script: 1 written, 0 revoked, or the text of the error that
+/// refused its write (treated as a failed write, as when a pipeline of single writes fails).
+fn start_answer(answer: Option<redis::Value>) -> Result<bool, BackendError> {
+    match answer {
+        Some(redis::Value::Int(1)) => Ok(true),
+        Some(redis::Value::Int(0)) => Ok(false),
+        Some(redis::Value::BulkString(text)) => Err(BackendError::operation(
+            "set task state",
+            String::from_utf8_lossy(&text).into_owned(),
+        )),
+        Some(redis::Value::SimpleString(text)) => {
+            Err(BackendError::operation("set task state", text))
+        }
+        other => Err(BackendError::operation(
+            "set task state",
+            format!("unexpected answer from the start script: {other:?}"),
+        )),
     }
 }
 
@@ -200,6 +229,58 @@ impl RedisBackend {
         })
     }
 
+    /// STARTED for a batch in one `start_many` call (a Redis without cluster mode): one answer per pair, in
+    /// order. A pair that is not the worker's usual one is written as its two states, on its own.
+    async fn start_many(
+        &self,
+        pairs: &[(TaskState, TaskState)],
+    ) -> Vec<Result<bool, BackendError>> {
+        let mut keys = Vec::with_capacity(pairs.len());
+        let mut pieces = Vec::with_capacity(pairs.len());
+        let mut results = Vec::with_capacity(pairs.len());
+        for (received, started) in pairs {
+            match self.start_pieces(received, started) {
+                Ok(Some(task_pieces)) => {
+                    keys.push(started.task_uuid.as_str());
+                    pieces.push(task_pieces);
+                    results.push(None);
+                }
+                Ok(None) => results.push(Some(
+                    crate::backend::received_then_started(self, received, started).await,
+                )),
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        if keys.is_empty() {
+            return results.into_iter().map(|r| r.unwrap_or(Ok(true))).collect();
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.start_many_cmd(&keys, pieces));
+        match self
+            .query_pipeline::<(Vec<redis::Value>,)>("set task state", &pipe)
+            .await
+        {
+            Ok((answers,)) => {
+                let mut answers = answers.into_iter();
+                results
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| start_answer(answers.next())))
+                    .collect()
+            }
+            Err(error) => {
+                let text = error.to_string();
+                results
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| {
+                            Err(BackendError::operation("set task state", text.clone()))
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// Runs a pipeline and returns its replies, loading the scripts and trying once more if the server
     /// did not know them.
     async fn query_pipeline<T: redis::FromRedisValue>(
@@ -278,6 +359,10 @@ impl Backend for RedisBackend {
         &self,
         pairs: &[(TaskState, TaskState)],
     ) -> Vec<Result<bool, BackendError>> {
+        if !self.inner.cluster {
+            return self.start_many(pairs).await;
+        }
+        // On a cluster the tasks' keys are in different slots: one script call each, in one pipeline.
         let mut pipe = redis::pipe();
         let mut results = Vec::with_capacity(pairs.len());
         for (received, started) in pairs {
