@@ -137,6 +137,25 @@ async fn dl_counted(a: i64) -> Result<i64, TaskError> {
     Ok(a)
 }
 
+/// A task id that names a list (created here), so that Redis refuses to store a state there
+/// (`WRONGTYPE`), every time.
+async fn id_naming_a_list(names: &Names, conn: &mut redis::aio::MultiplexedConnection) -> String {
+    let victim = format!("{}_victim", names.id);
+    let _: () = conn.rpush(&victim, "x").await.unwrap();
+    victim
+}
+
+/// A valid message of `task(a)` with id `uuid`, as a Go sender writes it onto the queue list.
+fn go_message(task: &str, uuid: &str, a: i64) -> Vec<u8> {
+    Signature::with_args(
+        task,
+        vec![machinery::Arg::new("", "int64", serde_json::json!(a))],
+    )
+    .with_uuid(uuid)
+    .to_json()
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it_again() {
     if !require(
@@ -146,25 +165,18 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
         return;
     }
     let names = Names::new("dl_wrongtype");
-    // The task's id names a list: storing its state there fails with WRONGTYPE, every time.
-    let victim = format!("{}_victim", names.id);
     let mut conn = raw().await;
-    let _: () = conn.rpush(&victim, "x").await.unwrap();
+    let victim = id_naming_a_list(&names, &mut conn).await;
     let server = Server::new(names.config()).await.unwrap();
     let running = Worker::new(&server)
         .register(dl_counted::task())
         .start()
         .await
         .unwrap();
-    // A valid message pushed straight onto the queue list, as a Go sender writes it.
-    let body = Signature::with_args(
-        "dl_counted",
-        vec![machinery::Arg::new("", "int64", serde_json::json!(5))],
-    )
-    .with_uuid(&victim)
-    .to_json()
-    .unwrap();
-    let _: () = conn.rpush(&names.queue, body).await.unwrap();
+    let _: () = conn
+        .rpush(&names.queue, go_message("dl_counted", &victim, 5))
+        .await
+        .unwrap();
 
     let inspect = server.broker();
     let dead_lettered = eventually(PROMPTLY, || async {
@@ -228,19 +240,10 @@ async fn a_refused_state_dead_letters_only_its_own_task_not_its_batch() {
         return;
     }
     let names = Names::new("dl_batch");
-    let victim = format!("{}_victim", names.id);
     let mut conn = raw().await;
-    let _: () = conn.rpush(&victim, "x").await.unwrap();
+    let victim = id_naming_a_list(&names, &mut conn).await;
     let server = Server::new(names.config()).await.unwrap();
-    let message = |uuid: &str, a: i64| {
-        Signature::with_args(
-            "dl_known",
-            vec![machinery::Arg::new("", "int64", serde_json::json!(a))],
-        )
-        .with_uuid(uuid)
-        .to_json()
-        .unwrap()
-    };
+    let message = |uuid: &str, a: i64| go_message("dl_known", uuid, a);
     let good = [format!("{}_a", names.id), format!("{}_b", names.id)];
     // One push before the worker starts: its first fetch takes all three into one batch.
     let bodies = vec![
