@@ -145,6 +145,17 @@ async fn id_naming_a_list(names: &Names, conn: &mut redis::aio::MultiplexedConne
     victim
 }
 
+/// Up to ten dead letters of `queue`.
+async fn dead_letters(server: &Server, queue: &str) -> Vec<machinery::broker::DeadLetter> {
+    server
+        .broker()
+        .inspect()
+        .unwrap()
+        .dead_letters(queue, 10)
+        .await
+        .unwrap()
+}
+
 /// A valid message of `task(a)` with id `uuid`, as a Go sender writes it onto the queue list.
 fn go_message(task: &str, uuid: &str, a: i64) -> Vec<u8> {
     Signature::with_args(
@@ -180,12 +191,7 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
 
     let inspect = server.broker();
     let dead_lettered = eventually(PROMPTLY, || async {
-        let dead = inspect
-            .inspect()
-            .unwrap()
-            .dead_letters(&names.queue, 10)
-            .await
-            .unwrap();
+        let dead = dead_letters(&server, &names.queue).await;
         dead.len() == 1
     })
     .await;
@@ -193,12 +199,7 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
         dead_lettered,
         "the task is dead-lettered within {PROMPTLY:?}"
     );
-    let dead = inspect
-        .inspect()
-        .unwrap()
-        .dead_letters(&names.queue, 10)
-        .await
-        .unwrap();
+    let dead = dead_letters(&server, &names.queue).await;
     assert!(
         dead[0].reason.contains("WRONGTYPE"),
         "the reason names the refusal: {}",
@@ -260,12 +261,7 @@ async fn a_refused_state_dead_letters_only_its_own_task_not_its_batch() {
         .unwrap();
     let inspect = server.broker();
     let settled = eventually(PROMPTLY, || async {
-        let dead = inspect
-            .inspect()
-            .unwrap()
-            .dead_letters(&names.queue, 10)
-            .await
-            .unwrap();
+        let dead = dead_letters(&server, &names.queue).await;
         let stats = inspect
             .inspect()
             .unwrap()
@@ -276,12 +272,7 @@ async fn a_refused_state_dead_letters_only_its_own_task_not_its_batch() {
     })
     .await;
     assert!(settled, "the batch is settled within {PROMPTLY:?}");
-    let dead = inspect
-        .inspect()
-        .unwrap()
-        .dead_letters(&names.queue, 10)
-        .await
-        .unwrap();
+    let dead = dead_letters(&server, &names.queue).await;
     let dead_ids: Vec<String> = dead
         .iter()
         .map(|d| Signature::from_json(&d.body).unwrap().uuid.clone())
