@@ -9,7 +9,7 @@ use crate::cli::{backend_label, BrokerKind, Settings};
 use crate::commands::Delta;
 use crate::error::BenchError;
 use crate::measure::{median, WARM_UP_ROUND_TRIPS};
-use crate::rows::{DrainRow, Machine, Results, SendRow, COUNTED_CONCURRENCY};
+use crate::rows::{CpuPer10k, DrainRow, Machine, Results, SendRow, COUNTED_CONCURRENCY};
 use crate::servers::RESULTS_EXPIRE_SECS;
 
 /// The top of docs/benchmarks.md, written when the file does not exist yet.
@@ -61,21 +61,27 @@ fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
-/// The servers' CPU per 10k tasks of a drain row: `Redis 0.24 s`, `RabbitMQ 0.90 s + Redis 0.20 s`, or
-/// `–` when none could be read.
-fn server_cpu(row: &DrainRow) -> String {
-    let parts: Vec<String> = [
-        ("RabbitMQ", &row.rabbitmq_cpu_per_10k),
-        ("Redis", &row.redis_cpu_per_10k),
-    ]
-    .into_iter()
-    .filter(|(_, values)| !values.is_empty())
-    .map(|(name, values)| format!("{name} {:.2} s", median(values)))
-    .collect();
+/// The servers' CPU per 10k tasks of a row: `Redis 0.24 s`, `RabbitMQ 0.90 s + Redis 0.20 s`, or `–`
+/// when none could be read.
+fn server_cpu(cpu: &CpuPer10k) -> String {
+    let parts: Vec<String> = [("RabbitMQ", &cpu.rabbitmq), ("Redis", &cpu.redis)]
+        .into_iter()
+        .filter(|(_, values)| !values.is_empty())
+        .map(|(name, values)| format!("{name} {:.2} s", median(values)))
+        .collect();
     if parts.is_empty() {
         "–".to_owned()
     } else {
         parts.join(" + ")
+    }
+}
+
+/// The working process's CPU per 10k tasks of a row, or `–`.
+fn own_cpu(cpu: &CpuPer10k) -> String {
+    if cpu.own.is_empty() {
+        "–".to_owned()
+    } else {
+        format!("{:.2} s", median(&cpu.own))
     }
 }
 
@@ -366,7 +372,25 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
             "| worker CPU per 10k tasks ({} backend, concurrency {}) | {:.2} s | | | |",
             row.backend,
             row.concurrency,
-            median(&row.cpu_per_10k)
+            median(&row.cpu.own)
+        ));
+    }
+    line(String::new());
+
+    // Sends in detail.
+    line("Sends: CPU of this program (the senders) and of the servers, per 10k tasks.".into());
+    line(String::new());
+    line("| senders | backend | tasks | send rate | sender CPU per 10k tasks | servers' CPU per 10k tasks |".into());
+    line("|---:|---|---:|---:|---:|---:|".into());
+    for row in &results.sends {
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} |",
+            row.senders,
+            row.backend,
+            int(row.tasks as f64),
+            rate(median(&row.rates)),
+            own_cpu(&row.cpu),
+            server_cpu(&row.cpu),
         ));
     }
     line(String::new());
@@ -388,8 +412,8 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
             int(row.tasks as f64),
             rate(value),
             versus_pair(results, drain_ceilings(kind), settings.senders, value),
-            median(&row.cpu_per_10k),
-            server_cpu(row),
+            median(&row.cpu.own),
+            server_cpu(&row.cpu),
             mib(median(&row.rss_end)),
             if row.commands_per_task.is_empty() {
                 "–".to_owned()

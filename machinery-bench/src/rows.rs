@@ -25,29 +25,75 @@ pub(crate) struct SendRow {
     pub(crate) tasks: u64,
     /// Tasks per second, one per run.
     pub(crate) rates: Vec<f64>,
+    /// CPU seconds per 10,000 tasks of the sending process and of the servers, one per run.
+    pub(crate) cpu: CpuPer10k,
+}
+
+/// CPU seconds per 10,000 tasks, one value per run: the process doing the work (the sender, or the
+/// worker) and the servers it talks to (`INFO cpu` of the Redis it writes to; the local RabbitMQ
+/// process, from `/proc`). What could not be read stays empty.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CpuPer10k {
+    pub(crate) own: Vec<f64>,
+    pub(crate) redis: Vec<f64>,
+    pub(crate) rabbitmq: Vec<f64>,
+}
+
+impl CpuPer10k {
+    /// Adds one run's readings (CPU seconds before and after `tasks` tasks).
+    pub(crate) fn push(&mut self, tasks: u64, before: CpuReading, after: CpuReading) {
+        let per_10k = |before: Option<f64>, after: Option<f64>| {
+            Some((after? - before?).max(0.0) / tasks as f64 * 10_000.0)
+        };
+        let pairs = [
+            (&mut self.own, before.own, after.own),
+            (&mut self.redis, before.redis, after.redis),
+            (&mut self.rabbitmq, before.rabbitmq, after.rabbitmq),
+        ];
+        for (values, before, after) in pairs {
+            if let Some(value) = per_10k(before, after) {
+                values.push(value);
+            }
+        }
+    }
+}
+
+/// CPU seconds used so far by the process doing the work and by the servers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuReading {
+    pub(crate) own: Option<f64>,
+    pub(crate) redis: Option<f64>,
+    pub(crate) rabbitmq: Option<f64>,
 }
 
 impl SendRow {
-    /// Adds a run's rate to its row, making the row if needed.
+    /// Adds a run's rate and CPU readings to its row, making the row if needed.
     pub(crate) fn add(
         rows: &mut Vec<SendRow>,
-        senders: usize,
-        backend: &'static str,
+        (senders, backend): (usize, &'static str),
         tasks: u64,
         rate: f64,
+        (before, after): (CpuReading, CpuReading),
     ) {
-        match rows
-            .iter_mut()
-            .find(|r| r.senders == senders && r.backend == backend)
+        let index = match rows
+            .iter()
+            .position(|r| r.senders == senders && r.backend == backend)
         {
-            Some(row) => row.rates.push(rate),
-            None => rows.push(SendRow {
-                senders,
-                backend,
-                tasks,
-                rates: vec![rate],
-            }),
-        }
+            Some(index) => index,
+            None => {
+                rows.push(SendRow {
+                    senders,
+                    backend,
+                    tasks,
+                    rates: Vec::new(),
+                    cpu: CpuPer10k::default(),
+                });
+                rows.len() - 1
+            }
+        };
+        let row = &mut rows[index];
+        row.rates.push(rate);
+        row.cpu.push(tasks, before, after);
     }
 }
 
@@ -62,18 +108,14 @@ pub(crate) struct DrainRow {
     pub(crate) tasks: u64,
     /// Tasks per second.
     pub(crate) rates: Vec<f64>,
-    /// The worker's CPU seconds per 10,000 tasks.
-    pub(crate) cpu_per_10k: Vec<f64>,
+    /// CPU seconds per 10,000 tasks of the worker process (from `ready` to its last task) and of the
+    /// servers (the Redis the worker fetches from or stores to: the broker's, else the backend's; the
+    /// local RabbitMQ), from just before the worker process starts to just after it stops.
+    pub(crate) cpu: CpuPer10k,
     /// The worker's RSS in bytes when the last task finished.
     pub(crate) rss_end: Vec<f64>,
     /// Redis commands per task (INFO commandstats, all clients, scripts included).
     pub(crate) commands_per_task: Vec<f64>,
-    /// CPU seconds per 10,000 tasks of the Redis server the worker fetches from or stores to (the
-    /// broker's, else the backend's; `INFO cpu`, whatever its clients asked of it), from just before the
-    /// worker process starts to just after it reports `done` and stops.
-    pub(crate) redis_cpu_per_10k: Vec<f64>,
-    /// The same for the local RabbitMQ server process (`/proc/<pid>/stat`), AMQP broker only.
-    pub(crate) rabbitmq_cpu_per_10k: Vec<f64>,
     /// Tasks that ended in FAILURE, over all runs.
     pub(crate) failures: u64,
 }
@@ -236,5 +278,30 @@ async fn command_output(program: &str, args: &[&str]) -> Option<String> {
             Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_per_10k_tasks_from_two_readings_leaves_out_what_was_not_read() {
+        let before = CpuReading {
+            own: Some(1.0),
+            redis: Some(10.0),
+            rabbitmq: None,
+        };
+        let after = CpuReading {
+            own: Some(1.5),
+            redis: Some(10.2),
+            rabbitmq: Some(3.0),
+        };
+        let mut cpu = CpuPer10k::default();
+        cpu.push(20_000, before, after);
+        assert_eq!(cpu.own.len(), 1);
+        assert!((cpu.own[0] - 0.25).abs() < 1e-9, "{:?}", cpu.own);
+        assert!((cpu.redis[0] - 0.1).abs() < 1e-9, "{:?}", cpu.redis);
+        assert!(cpu.rabbitmq.is_empty(), "no reading before: no value");
     }
 }

@@ -15,7 +15,7 @@ use crate::measure::{self, Drained};
 use crate::proc_stats;
 use crate::report;
 use crate::rows::{
-    CommandCount, DrainRow, Machine, Results, RoundTrip, SendRow, COUNTED_CONCURRENCY,
+    CommandCount, CpuReading, DrainRow, Machine, Results, RoundTrip, SendRow, COUNTED_CONCURRENCY,
 };
 use crate::servers;
 
@@ -46,14 +46,6 @@ struct Env {
     /// The local RabbitMQ server process (AMQP broker on this machine only), whose CPU a drain reads.
     amqp_pid: Option<u32>,
     ticks: f64,
-}
-
-/// CPU seconds the servers have used so far: the Redis the worker stores to (the broker's, else the
-/// backend's) and the local RabbitMQ process.
-#[derive(Debug, Clone, Copy, Default)]
-struct ServerCpu {
-    redis: Option<f64>,
-    rabbitmq: Option<f64>,
 }
 
 impl Env {
@@ -107,8 +99,10 @@ impl Env {
         })
     }
 
-    /// The servers' CPU seconds now (what cannot be read is left out).
-    async fn server_cpu(&mut self) -> Result<ServerCpu, BenchError> {
+    /// The CPU seconds the servers (the Redis the work writes to: the broker's, else the backend's; the
+    /// local RabbitMQ process) have used so far, and with `own` this process's (the senders'); what cannot
+    /// be read is left out.
+    async fn cpu_reading(&mut self, own: bool) -> Result<CpuReading, BenchError> {
         let conn = match &mut self.broker_redis {
             Some((_, conn)) => Some(conn),
             None => self.backend_redis.as_mut(),
@@ -120,7 +114,14 @@ impl Env {
         let rabbitmq = self
             .amqp_pid
             .and_then(|pid| proc_stats::cpu_seconds(pid, self.ticks).ok());
-        Ok(ServerCpu { redis, rabbitmq })
+        let own = own
+            .then(|| proc_stats::cpu_seconds(std::process::id(), self.ticks).ok())
+            .flatten();
+        Ok(CpuReading {
+            own,
+            redis,
+            rabbitmq,
+        })
     }
 
     /// The backends measured: the configured one, then `null` unless that is the configured one.
@@ -288,16 +289,29 @@ async fn sends(env: &mut Env, results: &mut Results) -> Result<(), BenchError> {
     let (tasks, senders) = (env.settings.tasks, env.settings.senders);
     let configured = backend_label(&env.settings.backend);
     let one_by_one = env.settings.tasks_at(1);
+    let before = env.cpu_reading(true).await?;
     let sent = measure::send_sequential(&env.configured, one_by_one).await?;
+    let cpu = (before, env.cpu_reading(true).await?);
     env.reset(&sent.uuids).await?;
-    SendRow::add(&mut results.sends, 1, configured, one_by_one, sent.rate);
+    let row = (1, configured);
+    SendRow::add(&mut results.sends, row, one_by_one, sent.rate, cpu);
+    let before = env.cpu_reading(true).await?;
     let sent = measure::send_concurrent(&env.configured, tasks, senders).await?;
+    let cpu = (before, env.cpu_reading(true).await?);
     env.reset(&sent.uuids).await?;
-    SendRow::add(&mut results.sends, senders, configured, tasks, sent.rate);
+    SendRow::add(
+        &mut results.sends,
+        (senders, configured),
+        tasks,
+        sent.rate,
+        cpu,
+    );
     if env.settings.backend != "null" {
+        let before = env.cpu_reading(true).await?;
         let sent = measure::send_concurrent(&env.null, tasks, senders).await?;
+        let cpu = (before, env.cpu_reading(true).await?);
         env.reset(&[]).await?;
-        SendRow::add(&mut results.sends, senders, "null", tasks, sent.rate);
+        SendRow::add(&mut results.sends, (senders, "null"), tasks, sent.rate, cpu);
     }
     Ok(())
 }
@@ -342,25 +356,17 @@ async fn drain_once(
         _ => None,
     };
     let spec = env.worker(backend, concurrency, tasks);
-    let cpu_before = env.server_cpu().await?;
+    let mut before = env.cpu_reading(false).await?;
     let stats = env.broker_redis.as_mut().map(|(_, conn)| conn);
     let drained: Drained = measure::drain(&spec, env.ticks, stats).await?;
-    let cpu_after = env.server_cpu().await?;
+    let mut after = env.cpu_reading(false).await?;
+    // The worker process's own CPU, as it reported it from `ready` to its last task.
+    (before.own, after.own) = (Some(0.0), Some(drained.finished.cpu_seconds));
     env.reset(&uuids).await?;
     let row = DrainRow::find(&mut results.drains, label, concurrency, tasks);
     row.rates.push(drained.rate);
-    row.cpu_per_10k
-        .push(drained.finished.cpu_seconds / tasks as f64 * 10_000.0);
+    row.cpu.push(tasks, before, after);
     row.rss_end.push(drained.finished.rss as f64);
-    let per_10k = |before: Option<f64>, after: Option<f64>| {
-        Some((after? - before?).max(0.0) / tasks as f64 * 10_000.0)
-    };
-    if let Some(cpu) = per_10k(cpu_before.redis, cpu_after.redis) {
-        row.redis_cpu_per_10k.push(cpu);
-    }
-    if let Some(cpu) = per_10k(cpu_before.rabbitmq, cpu_after.rabbitmq) {
-        row.rabbitmq_cpu_per_10k.push(cpu);
-    }
     row.failures += drained.finished.failures;
     if let Some(delta) = &drained.commands {
         row.commands_per_task
