@@ -227,13 +227,13 @@ impl Worker {
     }
 
     /// How many messages the worker may hold fetched while every slot is busy (default: twice the
-    /// concurrency, so a worker holds at most three times its concurrency, under Celery's default of
-    /// four), so that a slot that frees starts its next task without waiting for the broker, and one
-    /// fetch serves many slots. They stay in this worker's in-flight list (Redis) or unacknowledged (RabbitMQ): a
-    /// worker that dies hands them back like the running ones, and a stopping worker returns them at
-    /// once. `0` fetches only for free slots, as a worker of long tasks sharing a queue may want (the
-    /// messages it would hold could run on another worker meanwhile); on RabbitMQ the default prefetch
-    /// grows by the same number.
+    /// concurrency), so that a slot that frees starts its next task without waiting for the broker, and
+    /// one fetch serves many slots. Running and waiting messages then come to at most three times the
+    /// concurrency (Celery prefetches four times), besides those whose outcome is still being stored.
+    /// They stay in this worker's in-flight list (Redis) or unacknowledged (RabbitMQ): a worker that dies
+    /// hands them back like the running ones, and a stopping worker returns them at once. `0` fetches only
+    /// for free slots, as a worker of long tasks sharing a queue may want (the messages it would hold
+    /// could run on another worker meanwhile); on RabbitMQ the default prefetch grows by the same number.
     pub fn fetch_ahead(mut self, messages: usize) -> Self {
         self.fetch_ahead = Some(messages);
         self
