@@ -262,25 +262,21 @@ async fn a_worker_refills_what_it_fetched_ahead_while_its_tasks_run() {
         .await
         .unwrap();
     // Two tasks done (about 0.8 s in), the third running.
-    let succeeded = || async {
-        let mut done = 0;
-        for result in &results {
-            let state = server.backend().get_state(result.uuid()).await.unwrap();
-            if state.is_some_and(|s| s.state == machinery::State::Success) {
-                done += 1;
-            }
-        }
-        done
-    };
     assert!(
-        eventually(Duration::from_secs(5), || async { succeeded().await >= 2 }).await,
+        eventually(Duration::from_secs(5), || async {
+            succeeded(&server, &results).await >= 2
+        })
+        .await,
         "two tasks finish"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Without refilling, the buffer would be empty now (one message in flight, five queued) until the
     // third task ends.
     assert_eq!(
-        (succeeded().await, queue_counts(&server, &names.queue).await),
+        (
+            succeeded(&server, &results).await,
+            queue_counts(&server, &names.queue).await
+        ),
         (2, (3, Some(3))),
         "(tasks done, (queued, in flight)): one running and two waiting, fetched while the tasks ran"
     );
@@ -324,13 +320,22 @@ async fn holds_ahead_and_returns_them(
         queue_counts(&server, &names.queue).await,
         (tasks - 2, Some(0))
     );
-    let mut finished = 0;
-    for result in &results {
+    assert_eq!(
+        succeeded(&server, &results).await,
+        2,
+        "only the two running tasks ran"
+    );
+    names.cleanup().await;
+}
+
+/// How many of `results` have SUCCESS stored.
+async fn succeeded<T>(server: &Server, results: &[machinery::AsyncResult<T>]) -> usize {
+    let mut done = 0;
+    for result in results {
         let state = server.backend().get_state(result.uuid()).await.unwrap();
         if state.is_some_and(|s| s.state == machinery::State::Success) {
-            finished += 1;
+            done += 1;
         }
     }
-    assert_eq!(finished, 2, "only the two running tasks ran");
-    names.cleanup().await;
+    done
 }
