@@ -182,8 +182,8 @@ impl RedisBackend {
         SCRIPTS.start_many.cmd(keys, &args)
     }
 
-    /// The pieces of a task's STARTED for [`RedisBackend::start_many_cmd`], `None` when RECEIVED and
-    /// STARTED are not the worker's usual pair (see [`RedisBackend::received_and_started_cmd`]).
+    /// The pieces of a task's STARTED (for [`RedisBackend::start_many_cmd`] or
+    /// [`RedisBackend::started_cmd`]), `None` when RECEIVED and STARTED are not the worker's usual pair.
     pub(super) fn start_pieces(
         &self,
         received: &TaskState,
@@ -195,28 +195,22 @@ impl RedisBackend {
         self.pieces(started).map(Some)
     }
 
-    /// The one script call that stores STARTED (RECEIVED, replaced in the same atomic step, could never be
-    /// seen) after one revocation check, reading the previous record once; `None` when the two states are
-    /// not the worker's usual pair (they differ in more than their state).
-    pub(super) fn received_and_started_cmd(
+    /// The `set_state` call that stores one task's STARTED (RECEIVED, replaced in the same atomic step,
+    /// could never be seen) after its revocation check, reading the previous record once: on a cluster,
+    /// where a batch's keys share no slot.
+    pub(super) fn started_cmd(
         &self,
-        received: &TaskState,
-        started: &TaskState,
-    ) -> Result<Option<redis::Cmd>, BackendError> {
-        if !usual_start(received, started) {
-            return Ok(None);
-        }
-        let [prefix, name, started_middle, created, suffix] = self.pieces(started)?;
-        Ok(Some(self.script_cmd(
-            &started.task_uuid,
+        task_uuid: &str,
+        [prefix, name, started_middle, created, suffix]: [Vec<u8>; 5],
+    ) -> redis::Cmd {
+        self.script_cmd(
+            task_uuid,
             [prefix, name, created, suffix],
             Vec::new(),
             true,
-            // RECEIVED would be replaced by STARTED within the same atomic step, where no reader can
-            // see it: only STARTED is written.
             vec![started_middle],
             None,
-        )))
+        )
     }
 }
 

@@ -131,8 +131,9 @@ pub(crate) fn is_refusal(error: &RedisError) -> bool {
     }
 }
 
-/// One task's answer from the `start_many` script: 1 written, 0 revoked, or the text of the error that
-/// refused its write (treated as a failed write, as when a pipeline of single writes fails).
+/// One task's answer to its STARTED write (`start_many`, or `set_state` on a cluster): 1 written, 0
+/// revoked, or the text of the error that refused it (treated as a failed write, as when a pipeline of
+/// single writes fails).
 fn start_answer(answer: Option<redis::Value>) -> Result<bool, BackendError> {
     match answer {
         Some(redis::Value::Int(1)) => Ok(true),
@@ -229,58 +230,6 @@ impl RedisBackend {
         })
     }
 
-    /// STARTED for a batch in one `start_many` call (a Redis without cluster mode): one answer per pair, in
-    /// order. A pair that is not the worker's usual one is written as its two states, on its own.
-    async fn start_many(
-        &self,
-        pairs: &[(TaskState, TaskState)],
-    ) -> Vec<Result<bool, BackendError>> {
-        let mut keys = Vec::with_capacity(pairs.len());
-        let mut pieces = Vec::with_capacity(pairs.len());
-        let mut results = Vec::with_capacity(pairs.len());
-        for (received, started) in pairs {
-            match self.start_pieces(received, started) {
-                Ok(Some(task_pieces)) => {
-                    keys.push(started.task_uuid.as_str());
-                    pieces.push(task_pieces);
-                    results.push(None);
-                }
-                Ok(None) => results.push(Some(
-                    crate::backend::received_then_started(self, received, started).await,
-                )),
-                Err(error) => results.push(Some(Err(error))),
-            }
-        }
-        if keys.is_empty() {
-            return results.into_iter().map(|r| r.unwrap_or(Ok(true))).collect();
-        }
-        let mut pipe = redis::pipe();
-        pipe.add_command(self.start_many_cmd(&keys, pieces));
-        match self
-            .query_pipeline::<(Vec<redis::Value>,)>("set task state", &pipe)
-            .await
-        {
-            Ok((answers,)) => {
-                let mut answers = answers.into_iter();
-                results
-                    .into_iter()
-                    .map(|r| r.unwrap_or_else(|| start_answer(answers.next())))
-                    .collect()
-            }
-            Err(error) => {
-                let text = error.to_string();
-                results
-                    .into_iter()
-                    .map(|r| {
-                        r.unwrap_or_else(|| {
-                            Err(BackendError::operation("set task state", text.clone()))
-                        })
-                    })
-                    .collect()
-            }
-        }
-    }
-
     /// Runs a pipeline and returns its replies, loading the scripts and trying once more if the server
     /// did not know them.
     async fn query_pipeline<T: redis::FromRedisValue>(
@@ -359,16 +308,15 @@ impl Backend for RedisBackend {
         &self,
         pairs: &[(TaskState, TaskState)],
     ) -> Vec<Result<bool, BackendError>> {
-        if !self.inner.cluster {
-            return self.start_many(pairs).await;
-        }
-        // On a cluster the tasks' keys are in different slots: one script call each, in one pipeline.
-        let mut pipe = redis::pipe();
+        let mut keys = Vec::with_capacity(pairs.len());
+        let mut pieces = Vec::with_capacity(pairs.len());
+        // One entry per pair: its answer already, or `None` for one of the batch's writes below.
         let mut results = Vec::with_capacity(pairs.len());
         for (received, started) in pairs {
-            match self.received_and_started_cmd(received, started) {
-                Ok(Some(cmd)) => {
-                    pipe.add_command(cmd);
+            match self.start_pieces(received, started) {
+                Ok(Some(task_pieces)) => {
+                    keys.push(started.task_uuid.as_str());
+                    pieces.push(task_pieces);
                     results.push(None);
                 }
                 // Not the worker's usual pair: the two calls, on their own.
@@ -378,29 +326,44 @@ impl Backend for RedisBackend {
                 Err(error) => results.push(Some(Err(error))),
             }
         }
-        let written: Result<Vec<i64>, BackendError> = if pipe.cmd_iter().next().is_none() {
+        let answers = if keys.is_empty() {
             Ok(Vec::new())
+        } else if self.inner.cluster {
+            // The keys share no slot: one `set_state` call each, in one pipeline.
+            let mut pipe = redis::pipe();
+            for (key, task_pieces) in keys.iter().zip(pieces) {
+                pipe.add_command(self.started_cmd(key, task_pieces));
+            }
+            self.query_pipeline::<Vec<redis::Value>>("set task state", &pipe)
+                .await
         } else {
-            self.query_pipeline("set task state", &pipe).await
+            // One `start_many` call for the batch, with an answer per task.
+            let mut pipe = redis::pipe();
+            pipe.add_command(self.start_many_cmd(&keys, pieces));
+            self.query_pipeline::<(Vec<redis::Value>,)>("set task state", &pipe)
+                .await
+                .map(|(answers,)| answers)
         };
-        let mut written = match written {
-            Ok(written) => written.into_iter(),
+        match answers {
+            Ok(answers) => {
+                let mut answers = answers.into_iter();
+                results
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| start_answer(answers.next())))
+                    .collect()
+            }
             Err(error) => {
                 let text = error.to_string();
-                return results
+                results
                     .into_iter()
                     .map(|r| {
                         r.unwrap_or_else(|| {
                             Err(BackendError::operation("set task state", text.clone()))
                         })
                     })
-                    .collect();
+                    .collect()
             }
-        };
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Ok(written.next() == Some(1))))
-            .collect()
+        }
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>, BackendError> {
