@@ -137,13 +137,15 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
-    /// Stores RECEIVED unless the task was [revoked](crate::Server::revoke); returns `false`, storing
-    /// nothing, for a revoked task. The default reads then writes; backends may do it in one step.
+    /// Stores RECEIVED unless the stored record [stops a start](TaskState::stops_a_start): the task was
+    /// [revoked](crate::Server::revoke), or its SUCCESS is stored (this is a second copy of its message);
+    /// then returns `false`, storing nothing. The default reads then writes; backends may do it in one
+    /// step.
     async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
         if self
             .get_state(&state.task_uuid)
             .await?
-            .is_some_and(|s| s.is_revoked())
+            .is_some_and(|s| s.stops_a_start())
         {
             return Ok(false);
         }
@@ -151,8 +153,9 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(true)
     }
 
-    /// Stores RECEIVED then STARTED, as a worker does before running a task, unless the task was
-    /// [revoked](crate::Server::revoke): then returns `false` and stores nothing. The default calls
+    /// Stores RECEIVED then STARTED, as a worker does before running a task, unless the stored record
+    /// [stops a start](TaskState::stops_a_start) (revoked, or SUCCESS): then returns `false` and stores
+    /// nothing. The default calls
     /// [`Backend::set_received`] and [`Backend::set_state`]; backends that pipeline (Redis) write both in
     /// one round trip.
     async fn set_received_and_started(

@@ -101,6 +101,39 @@ async fn states_go_to_gos_per_task_queue_and_go_reads_them_in_order() {
     assert_eq!(b.get_state(&uuid).await.unwrap(), None);
 }
 
+/// A second copy of a message whose task succeeded (redelivered after a lost acknowledgement) stores
+/// neither RECEIVED nor STARTED after the SUCCESS: the worker sees `false` and does not run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_is_not_stored_after_a_success() {
+    if !require(Service::RabbitMq, "start after success") {
+        return;
+    }
+    let config = amqp::config("start_after_success");
+    let cleanup = Cleanup::for_config(&config);
+    let b = backend(&config).await;
+    let uuid = new_task_uuid();
+    cleanup.queue(&uuid);
+    let (received, started) = (
+        TaskState::received(&uuid, "add"),
+        TaskState::started(&uuid, "add"),
+    );
+    assert!(b
+        .set_received_and_started(&received, &started)
+        .await
+        .unwrap());
+    let success = TaskState::success(&uuid, "add", vec![TaskResult::new("int64", json!(42))]);
+    b.set_state(&success).await.unwrap();
+    assert!(!b
+        .set_received_and_started(&received, &started)
+        .await
+        .unwrap());
+    let stored = b.get_state(&uuid).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.results),
+        (State::Success, success.results)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn we_read_what_go_wrote_without_consuming_it() {
     if !require(Service::RabbitMq, "read_go") {

@@ -195,7 +195,7 @@ async fn records_written_by_go_are_read() {
 }
 
 #[tokio::test]
-async fn received_is_not_stored_over_a_revocation() {
+async fn received_is_not_stored_over_a_revocation_or_a_success() {
     if !require(Service::Memcached, "memcache revocation") {
         return;
     }
@@ -221,6 +221,23 @@ async fn received_is_not_stored_over_a_revocation() {
     let stored = backend.get_state(&uuid).await.unwrap().unwrap();
     assert!(stored.is_revoked(), "{stored:?}");
     assert_eq!(stored.task_name, "cancel_me");
+
+    // A second copy of a message whose task succeeded neither starts nor hides the SUCCESS.
+    let done = TaskState::success(&uuid, "cancel_me", vec![TaskResult::new("int64", 3.into())]);
+    backend.set_state(&done).await.unwrap();
+    let (received, started) = (
+        TaskState::received(&uuid, "cancel_me"),
+        TaskState::started(&uuid, "cancel_me"),
+    );
+    assert!(!backend
+        .set_received_and_started(&received, &started)
+        .await
+        .unwrap());
+    let stored = backend.get_state(&uuid).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.results),
+        (State::Success, done.results)
+    );
 }
 
 #[tokio::test]

@@ -786,8 +786,9 @@ async fn received_is_refused_in_one_step_for_a_revoked_task() {
 }
 
 /// A worker's batch of STARTED writes answers for each task on its own: a revoked task is not started
-/// (and keeps its revocation), a task whose id names a list is refused without touching the list, and
-/// the tasks beside them are started.
+/// (and keeps its revocation), nor is a task whose SUCCESS is stored (a second copy of its message: the
+/// SUCCESS stays, results and all), a task whose id names a list is refused without touching the list,
+/// and the tasks beside them are started.
 #[tokio::test]
 async fn a_batch_of_started_states_answers_for_each_task_on_its_own() {
     if !require(
@@ -800,13 +801,17 @@ async fn a_batch_of_started_states_answers_for_each_task_on_its_own() {
     let backend = backend(&names).await;
     let id = |suffix: &str| format!("{}_{suffix}", names.id);
     let (first, revoked, listed, last) = (id("first"), id("revoked"), id("listed"), id("last"));
+    let done = id("done");
     backend
         .set_state(&TaskState::revoked(&revoked))
         .await
         .unwrap();
+    let success = TaskState::success(&done, "add", vec![TaskResult::new("int64", 5.into())]);
+    backend.set_state(&success).await.unwrap();
+    let done_before = raw_get(&done).await;
     let mut conn = raw().await;
     let _: () = conn.rpush(&listed, "x").await.unwrap();
-    let pairs: Vec<(TaskState, TaskState)> = [&first, &revoked, &listed, &last]
+    let pairs: Vec<(TaskState, TaskState)> = [&first, &revoked, &listed, &done, &last]
         .into_iter()
         .map(|uuid| {
             (
@@ -816,14 +821,24 @@ async fn a_batch_of_started_states_answers_for_each_task_on_its_own() {
         })
         .collect();
     let answers = backend.set_received_and_started_many(&pairs).await;
-    assert_eq!(answers.len(), 4);
+    assert_eq!(answers.len(), 5);
     assert!(matches!(answers[0], Ok(true)), "{:?}", answers[0]);
     assert!(matches!(answers[1], Ok(false)), "revoked: {:?}", answers[1]);
     let refusal = answers[2]
         .as_ref()
         .expect_err("the list is not a task state");
     assert!(refusal.to_string().contains("WRONGTYPE"), "{refusal}");
-    assert!(matches!(answers[3], Ok(true)), "{:?}", answers[3]);
+    assert!(
+        matches!(answers[3], Ok(false)),
+        "succeeded: {:?}",
+        answers[3]
+    );
+    assert!(matches!(answers[4], Ok(true)), "{:?}", answers[4]);
+    assert_eq!(
+        raw_get(&done).await,
+        done_before,
+        "the SUCCESS stays as it was"
+    );
     for uuid in [&first, &last] {
         let state = backend.get_state(uuid).await.unwrap().unwrap();
         assert_eq!(state.state, State::Started, "{uuid}");
@@ -832,5 +847,8 @@ async fn a_batch_of_started_states_answers_for_each_task_on_its_own() {
     assert_eq!(kept.state, State::Failure, "the revocation stays");
     let list: Vec<String> = conn.lrange(&listed, 0, -1).await.unwrap();
     assert_eq!(list, ["x"], "the list the id names is untouched");
-    let _: () = conn.del(&[&first, &revoked, &listed, &last]).await.unwrap();
+    let _: () = conn
+        .del(&[&first, &revoked, &listed, &done, &last])
+        .await
+        .unwrap();
 }

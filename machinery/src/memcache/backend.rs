@@ -235,18 +235,18 @@ impl MemcacheBackend {
     }
 
     /// Writes a task state: as it is if it has a name and a creation time, else merged into the previous
-    /// record with `gets`/`cas` (retried on conflict). With `unless_revoked`, returns `false` without
-    /// writing when the stored record is a revocation.
+    /// record with `gets`/`cas` (retried on conflict). With `start_write` (RECEIVED or STARTED),
+    /// returns `false` without writing when the stored record [stops a start](TaskState::stops_a_start).
     async fn write_state(
         &self,
         operation: &'static str,
         state: &TaskState,
-        unless_revoked: bool,
+        start_write: bool,
     ) -> Result<bool, BackendError> {
         let key = state.task_uuid.as_str();
         let value = Self::encode(key, state)?;
         let complete = !state.task_name.is_empty() && state.created_at != gotime::zero_time();
-        if complete && !unless_revoked {
+        if complete && !start_write {
             self.store(operation, StoreMode::Set, key, &value).await?;
             return Ok(true);
         }
@@ -262,7 +262,7 @@ impl MemcacheBackend {
                 Some((bytes, cas)) => {
                     let mut merged = state.clone();
                     match TaskState::from_json(&bytes) {
-                        Ok(previous) if unless_revoked && previous.is_revoked() => {
+                        Ok(previous) if start_write && previous.stops_a_start() => {
                             return Ok(false)
                         }
                         Ok(previous) => merged.merge_from_previous(&previous),

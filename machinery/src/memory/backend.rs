@@ -167,7 +167,7 @@ impl Backend for MemoryBackend {
             let mut records = self.shared.lock();
             if records
                 .live(&state.task_uuid, now)
-                .is_some_and(TaskState::is_revoked)
+                .is_some_and(TaskState::stops_a_start)
             {
                 return Ok(false);
             }
@@ -177,7 +177,7 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
-    /// The whole batch under one lock: each pair is stored unless the task was revoked.
+    /// The whole batch under one lock: each pair is stored unless its record stops a start.
     async fn set_received_and_started_many(
         &self,
         pairs: &[(TaskState, TaskState)],
@@ -190,7 +190,7 @@ impl Backend for MemoryBackend {
                 .map(|(received, started)| {
                     if records
                         .live(&received.task_uuid, now)
-                        .is_some_and(TaskState::is_revoked)
+                        .is_some_and(TaskState::stops_a_start)
                     {
                         return Ok(false);
                     }
@@ -337,6 +337,7 @@ impl Backend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::state::State;
 
     #[tokio::test]
     async fn states_merge_and_expire() {
@@ -353,6 +354,45 @@ mod tests {
         assert_eq!(state.task_name, "add");
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(backend.get_state("t1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_start_never_replaces_a_revocation_or_a_success() {
+        let backend = MemoryBackend::new("memory://", Duration::from_secs(60));
+        let done = TaskState::success("done", "add", vec![]);
+        backend.set_state(&done).await.unwrap();
+        backend
+            .set_state(&TaskState::revoked("revoked"))
+            .await
+            .unwrap();
+        let pairs: Vec<_> = ["done", "revoked", "new"]
+            .into_iter()
+            .map(|id| {
+                (
+                    TaskState::received(id, "add"),
+                    TaskState::started(id, "add"),
+                )
+            })
+            .collect();
+        let answers: Vec<bool> = backend
+            .set_received_and_started_many(&pairs)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(answers, [false, false, true]);
+        assert!(!backend
+            .set_received(&TaskState::received("done", "add"))
+            .await
+            .unwrap());
+        let kept = backend.get_state("done").await.unwrap().unwrap();
+        assert_eq!(kept.state, State::Success);
+        assert!(backend
+            .get_state("revoked")
+            .await
+            .unwrap()
+            .unwrap()
+            .is_revoked());
     }
 
     #[tokio::test]

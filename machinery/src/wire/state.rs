@@ -240,6 +240,13 @@ impl TaskState {
             && (self.error == REVOKED_ERROR || self.error == CANCELLED_ERROR)
     }
 
+    /// Whether a worker must not store RECEIVED or STARTED over this record: a [revocation
+    /// mark](TaskState::is_revoked), or a SUCCESS (every send stores PENDING first, so a SUCCESS at start
+    /// means the task already ran since it was last sent, and this is a second copy of its message).
+    pub fn stops_a_start(&self) -> bool {
+        self.is_revoked() || self.state == State::Success
+    }
+
     /// FAILURE with [`CANCELLED_ERROR`], written by [`Server::cancel`](crate::Server::cancel) for a task
     /// that no worker runs yet.
     pub fn cancelled(task_uuid: &str) -> Self {

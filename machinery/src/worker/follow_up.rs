@@ -15,7 +15,6 @@ use std::time::Duration;
 use super::process::{settle, store_final, WorkerContext};
 use crate::broker::Delivery;
 use crate::error::SendError;
-use crate::telemetry::metrics;
 use crate::wire::signature::{
     Arg, Signature, CHORD_ELECTED_HEADER, FOLLOW_UP_ATTEMPTS_HEADER, SENT_AGAIN_HEADER,
 };
@@ -80,34 +79,22 @@ pub(super) fn came_again(signature: &Signature) -> bool {
         || signature.header_value(FOLLOW_UP_ATTEMPTS_HEADER).is_some()
 }
 
-/// The results of an earlier run of this task, if the message came again (redelivered by the broker, put
-/// back because a follow-up could not be sent, or a follow-up sent again) and its SUCCESS is stored: the
-/// worker then sends the follow-ups without running the task again, so its side effects happen once and
-/// a chord's callback sent twice runs once (unless both copies run at the same time). Messages seen for
-/// the first time are not looked up (no extra read on the hot path); a state that cannot be read means
-/// running the task, as before. A redelivered message is marked ([`SENT_AGAIN_HEADER`]) so that the
-/// follow-ups it sends are marked too.
-pub(super) async fn already_succeeded(
-    ctx: &WorkerContext,
-    signature: &mut Signature,
-    delivery: &Delivery,
-) -> Option<Vec<TaskResult>> {
-    if delivery.redelivered && !came_again(signature) {
+/// Marks a redelivered message ([`SENT_AGAIN_HEADER`]) so that the follow-ups it sends are marked too: a
+/// copy of a message whose task succeeded is not run again ([`super::start`]), and its follow-ups must
+/// not store PENDING over states that may be further along.
+pub(super) fn mark_if_redelivered(signature: &mut Signature, delivery: &Delivery) {
+    if delivery.redelivered {
+        mark_sent_again(signature);
+    }
+}
+
+/// Marks a message as one that may have come before ([`came_again`]), unless it is marked already.
+pub(super) fn mark_sent_again(signature: &mut Signature) {
+    if !came_again(signature) {
         signature
             .headers
             .get_or_insert_with(Default::default)
             .insert(SENT_AGAIN_HEADER.to_owned(), true.into());
-    }
-    if !came_again(signature) {
-        return None;
-    }
-    match ctx.server.backend().get_state(&signature.uuid).await {
-        Ok(Some(state)) if state.state == State::Success => {
-            tracing::info!(task.uuid = %signature.uuid, "the task's SUCCESS is already stored; its follow-ups are sent without running it again");
-            metrics::not_run_again(&signature.name);
-            Some(state.results.unwrap_or_default())
-        }
-        _ => None,
     }
 }
 

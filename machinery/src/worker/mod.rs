@@ -31,6 +31,7 @@ mod registry;
 mod run;
 mod signals;
 mod slot;
+mod start;
 mod unknown;
 
 use std::fmt;

@@ -14,6 +14,7 @@ use super::health::BackendHealth;
 use super::log;
 use super::registry::Registry;
 use super::slot::Slot;
+use super::start::Start;
 use super::Hooks;
 use crate::backend::BackendError;
 use crate::broker::Delivery;
@@ -46,9 +47,27 @@ pub(crate) struct Ready {
     signature: Signature,
     delivery: Delivery,
     span: tracing::Span,
-    /// The results of an earlier run whose SUCCESS is stored (a message delivered again): the task is not
-    /// run again, only its follow-ups are sent.
-    succeeded: Option<Vec<TaskResult>>,
+}
+
+impl Ready {
+    /// The RECEIVED and STARTED a worker stores before running it.
+    pub(super) fn start_states(&self) -> (TaskState, TaskState) {
+        let (uuid, name) = (&self.signature.uuid, &self.signature.name);
+        (
+            TaskState::received(uuid, name),
+            TaskState::started(uuid, name),
+        )
+    }
+
+    /// The task's id.
+    pub(super) fn uuid(&self) -> &str {
+        &self.signature.uuid
+    }
+
+    /// The span it runs in.
+    pub(super) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
 }
 
 /// Decodes a delivery. Malformed messages and unknown tasks are settled here (dead-lettered or requeued)
@@ -101,97 +120,32 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     trace::adopt_parent(&span, signature.headers.as_ref());
     metrics::task_received(def.name);
     log::received(&signature, delivery.redelivered);
-    let succeeded = follow_up::already_succeeded(ctx, &mut signature, &delivery).await;
+    follow_up::mark_if_redelivered(&mut signature, &delivery);
     Some(Ready {
         def,
         signature,
         delivery,
         span,
-        succeeded,
     })
-}
-
-/// Whether a fetched task may run, once its RECEIVED and STARTED are stored.
-pub(crate) enum Start {
-    /// Run it.
-    Run,
-    /// It was revoked: acknowledge it without running it.
-    Revoked,
-    /// Its states can never be stored (a [permanent](BackendError::is_permanent) error, such as an id that
-    /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
-    /// not be stored either.
-    Refused(BackendError),
-    /// Its states could not be stored for a transient reason: the backend is down (see
-    /// [`BackendHealth`]), so its outcome could not be stored either. Put it back without running it.
-    PutBack,
-}
-
-/// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
-/// tells for each whether it may run. A task whose states could not be stored for a transient reason does
-/// not run if the backend is down ([`BackendHealth::failed`]): its message goes back to the queue. If
-/// the backend answers, the failure was that write's alone and the task runs anyway, with a warning.
-pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
-    // A task whose SUCCESS is stored keeps it: no RECEIVED or STARTED is written over it.
-    let pairs: Vec<(TaskState, TaskState)> = ready
-        .iter()
-        .filter(|r| r.succeeded.is_none())
-        .map(|r| {
-            let (uuid, name) = (&r.signature.uuid, &r.signature.name);
-            (
-                TaskState::received(uuid, name),
-                TaskState::started(uuid, name),
-            )
-        })
-        .collect();
-    let stored = ctx
-        .server
-        .backend()
-        .set_received_and_started_many(&pairs)
-        .await;
-    // One probe for the batch, whose writes all went in one call.
-    let down = match stored.iter().find_map(|r| r.as_ref().err()) {
-        Some(error) => {
-            let backend = ctx.server.backend().as_ref();
-            ctx.backend_health.failed(error, backend, &ctx.queue).await
-        }
-        None => false,
-    };
-    let mut stored = stored.into_iter();
-    ready
-        .iter()
-        .map(|r| {
-            if r.succeeded.is_some() {
-                return Ok(true);
-            }
-            stored.next().unwrap_or(Ok(true))
-        })
-        .zip(ready)
-        .map(|(result, r)| match result {
-            Ok(true) => Start::Run,
-            Ok(false) => Start::Revoked,
-            Err(error) if error.is_permanent() => Start::Refused(error),
-            Err(_) if down => Start::PutBack,
-            Err(error) => {
-                r.span
-                    .in_scope(|| tracing::warn!(%error, "cannot store RECEIVED and STARTED"));
-                Start::Run
-            }
-        })
-        .collect()
 }
 
 /// Runs a started task (or acknowledges a revoked one without running it) in its span.
 pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slot: Slot) {
     let Ready {
         def,
-        signature,
+        mut signature,
         delivery,
         span,
-        succeeded,
     } = ready;
     async move {
         match start {
-            Start::Run => run_task(ctx, def, signature, delivery, succeeded, &mut slot).await,
+            Start::Run => run_task(ctx, def, signature, delivery, None, &mut slot).await,
+            Start::Succeeded(results) => {
+                tracing::info!("the task's SUCCESS is already stored; its follow-ups are sent without running it again");
+                metrics::not_run_again(&signature.name);
+                follow_up::mark_sent_again(&mut signature);
+                run_task(ctx, def, signature, delivery, Some(results), &mut slot).await
+            }
             Start::Revoked => {
                 tracing::info!("task was revoked; acknowledging it without running it");
                 tracing::Span::current().record("outcome", "REVOKED");

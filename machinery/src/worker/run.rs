@@ -252,7 +252,7 @@ async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
             slots.push(slot);
         }
     }
-    let starts = process::start(&context, &ready).await;
+    let starts = super::start::start(&context, &ready).await;
     let mut runs: FuturesUnordered<_> = ready
         .into_iter()
         .zip(starts)

@@ -345,7 +345,7 @@ impl Backend for AmqpBackend {
         if self
             .get_state(&received.task_uuid)
             .await?
-            .is_some_and(|s| s.is_revoked())
+            .is_some_and(|s| s.stops_a_start())
         {
             return Ok(false);
         }

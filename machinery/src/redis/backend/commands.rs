@@ -51,19 +51,19 @@ impl RedisBackend {
     /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
     /// record and nobody needs telling, else the `set_state` script.
     pub(crate) fn state_cmd(&self, state: &TaskState) -> Result<redis::Cmd, BackendError> {
-        self.state_cmd_unless_revoked(state, false)
+        self.state_or_start_cmd(state, false)
     }
 
-    /// [`RedisBackend::state_cmd`], or with `unless_revoked` the script that refuses to replace a
-    /// revocation (it returns 0 then).
-    pub(super) fn state_cmd_unless_revoked(
+    /// [`RedisBackend::state_cmd`], or with `start_write` (RECEIVED or STARTED) the script that refuses
+    /// to replace a record that [stops a start](TaskState::stops_a_start) (it returns 0 then).
+    pub(super) fn state_or_start_cmd(
         &self,
         state: &TaskState,
-        unless_revoked: bool,
+        start_write: bool,
     ) -> Result<redis::Cmd, BackendError> {
         let pieces = self.pieces(state)?;
         let completed = state.is_completed();
-        if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !unless_revoked {
+        if !pieces[1].is_empty() && !pieces[3].is_empty() && !completed && !start_write {
             // GET makes the server refuse (WRONGTYPE) to replace a key that is not a string, such as a
             // queue's list, where a plain SET would.
             let mut cmd = redis::cmd("SET");
@@ -84,7 +84,7 @@ impl RedisBackend {
             &state.task_uuid,
             [prefix, name, created, suffix],
             channel,
-            unless_revoked,
+            start_write,
             vec![middle],
             None,
         ))
@@ -128,12 +128,12 @@ impl RedisBackend {
         task_uuid: &str,
         [prefix, name, created, suffix]: [Vec<u8>; 4],
         channel: Vec<u8>,
-        unless_revoked: bool,
+        start_write: bool,
         middles: Vec<Vec<u8>>,
         ack: Option<(&str, &[u8])>,
     ) -> redis::Cmd {
         let expire = self.inner.expire_secs.to_string().into_bytes();
-        let revoked = if unless_revoked {
+        let revoked = if start_write {
             format!("{REVOKED_ERROR}\n{CANCELLED_ERROR}").into_bytes()
         } else {
             Vec::new()

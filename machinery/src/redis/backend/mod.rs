@@ -132,8 +132,8 @@ pub(crate) fn is_refusal(error: &RedisError) -> bool {
 }
 
 /// One task's answer to its STARTED write (`start_many`, or `set_state` on a cluster): 1 written, 0
-/// revoked, or the text of the error that refused it (treated as a failed write, as when a pipeline of
-/// single writes fails).
+/// refused by the record it would replace (revoked, or SUCCESS already), or the text of the error that
+/// refused it (treated as a failed write, as when a pipeline of single writes fails).
 fn start_answer(answer: Option<redis::Value>) -> Result<bool, BackendError> {
     match answer {
         Some(redis::Value::Int(1)) => Ok(true),
@@ -281,7 +281,7 @@ impl Backend for RedisBackend {
     async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
         // The revocation check and the write in one script: one round trip, and no window in which a
         // revocation could slip between them.
-        let cmd = self.state_cmd_unless_revoked(state, true)?;
+        let cmd = self.state_or_start_cmd(state, true)?;
         let mut conn = self.inner.conn.clone();
         let written: i64 = match cmd.query_async(&mut conn).await {
             Err(error) if is_noscript(&error) => {

@@ -11,14 +11,14 @@
 -- ARGV[4]  JSON text after the CreatedAt value
 -- ARGV[5]  expiry in seconds
 -- ARGV[6]  channel to announce the last state on (the message is its JSON), or ''
--- ARGV[7]  the error texts of the marks that stop a start (revoked, cancelled), one per line, or ''
---          (then no revocation check)
+-- ARGV[7]  for a start: the error texts of the marks that stop it (revoked, cancelled), one per line;
+--          '' for any other write (then the previous record is not checked)
 -- ARGV[8..] one or more "middles": the text from after TaskName up to CreatedAt (State, Results, Error),
 --          one state each
 -- last     with KEYS[2] only: the message's exact bytes, removed from KEYS[2] once the states are
 --          written
 --
--- Returns 1, or 0 if a revocation stopped the write, or a WRONGTYPE error.
+-- Returns 1, or 0 if a revocation or a SUCCESS stopped a start, or a WRONGTYPE error.
 local last = #ARGV
 if KEYS[2] then last = last - 1 end
 local middles = {}

@@ -9,7 +9,7 @@
 --          value (or '' to keep the previous record's), the CreatedAt value (or ''), the text after it,
 --          and the middle (State, Results, Error) of its STARTED
 --
--- Returns one answer per task, in order: 1 written, 0 revoked (nothing written), or the text of the
+-- Returns one answer per task, in order: 1 written, 0 revoked or SUCCESS already (nothing written), or the text of the
 -- error that refused that task's write (a key that is not a string); one task's refusal leaves the
 -- others' writes alone.
 local answers = {}

@@ -9,8 +9,8 @@
 --   suffix    JSON text after the CreatedAt value
 --   expire    expiry in seconds
 --   channel   channel to announce the last state on (the message is its JSON), or ''
---   revoked   the error texts of the marks that stop a start (revoked, cancelled), one per line, or ''
---             (then no revocation check)
+--   revoked   for a start (RECEIVED, STARTED): the error texts of the marks that stop it (revoked,
+--             cancelled), one per line; '' for any other write (then the previous record is not checked)
 --   middles   a list of one or more "middles": the text from after TaskName up to CreatedAt (State,
 --             Results, Error), one state each
 --   inflight  optional: a Redis broker's in-flight list, to acknowledge the message in the same step
@@ -22,8 +22,9 @@
 -- in flight (it runs again) and never acknowledged without its state.
 -- A key that holds anything but a string (a queue's list, say) is never replaced: the answer is a
 -- WRONGTYPE error reply and nothing changes.
--- Returns 1; with revocation texts, writes nothing and returns 0 if the previous record is one of those
--- marks. Only strings are read from the old record; the JSON text we made is stored as it is (big
+-- Returns 1; for a start, writes nothing and returns 0 if the previous record is one of those marks or a
+-- SUCCESS (every send stores PENDING first, so a SUCCESS means the task already ran since it was last
+-- sent, and this start is a second copy's: STARTED must not hide that SUCCESS). Only strings are read from the old record; the JSON text we made is stored as it is (big
 -- integers in results stay exact). The old record is decoded only when a look at its text cannot tell:
 -- a record without results holds TaskName and CreatedAt once, at the top level, as plain JSON strings
 -- that are copied as they are, and a record without the word FAILURE is no revocation.
@@ -45,6 +46,10 @@ local function store_state(key, prefix, name, created, suffix, expire, channel, 
       end
     end
     return old
+  end
+  if revoked ~= '' and raw and string.find(raw, 'SUCCESS', 1, true) then
+    local t = decoded()
+    if t and t['State'] == 'SUCCESS' then return 0 end
   end
   if revoked ~= '' and raw and string.find(raw, 'FAILURE', 1, true) then
     local t = decoded()

@@ -1,0 +1,85 @@
+//! Whether a fetched task may run: its RECEIVED and STARTED are stored first, for a whole batch in one
+//! backend call, and that write refuses to replace a revocation or a SUCCESS.
+//!
+//! Every send stores PENDING before it publishes, so a SUCCESS found at start means the task already ran
+//! since it was last sent: this message is a second copy (the broker redelivered it after an
+//! acknowledgement was lost, or a publisher sent it again after a lost confirm). The copy does not run
+//! again, and only what follows the task is sent again. Writing STARTED over that SUCCESS would hide a
+//! finished chord member from the member that completes the chord, which would then fail the callback.
+
+use super::process::{Ready, WorkerContext};
+use crate::backend::BackendError;
+use crate::wire::state::{State, TaskResult};
+
+/// Whether a fetched task may run, once its RECEIVED and STARTED are stored.
+pub(crate) enum Start {
+    /// Run it.
+    Run,
+    /// Its SUCCESS is stored already (an earlier copy of its message ran): send its follow-ups with
+    /// these results, without running it again.
+    Succeeded(Vec<TaskResult>),
+    /// It was revoked: acknowledge it without running it.
+    Revoked,
+    /// Its states can never be stored (a [permanent](BackendError::is_permanent) error, such as an id that
+    /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
+    /// not be stored either.
+    Refused(BackendError),
+    /// Its states could not be stored for a transient reason: the backend is down (see
+    /// [`BackendHealth`](super::health::BackendHealth)), so its outcome could not be stored either; or the
+    /// record that refused the write changed before it could be read. Put it back without running it.
+    PutBack,
+}
+
+/// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
+/// tells for each whether it may run. A task whose states could not be stored for a transient reason does
+/// not run if the backend is down ([`BackendHealth::failed`](super::health::BackendHealth::failed)): its
+/// message goes back to the queue. If the backend answers, the failure was that write's alone and the
+/// task runs anyway, with a warning.
+pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
+    let pairs: Vec<_> = ready.iter().map(Ready::start_states).collect();
+    let stored = ctx
+        .server
+        .backend()
+        .set_received_and_started_many(&pairs)
+        .await;
+    // One probe for the batch, whose writes all went in one call.
+    let down = match stored.iter().find_map(|r| r.as_ref().err()) {
+        Some(error) => {
+            let backend = ctx.server.backend().as_ref();
+            ctx.backend_health.failed(error, backend, &ctx.queue).await
+        }
+        None => false,
+    };
+    let mut starts = Vec::with_capacity(ready.len());
+    for (result, r) in stored.into_iter().zip(ready) {
+        starts.push(match result {
+            Ok(true) => Start::Run,
+            Ok(false) => refused_start(ctx, r).await,
+            Err(error) if error.is_permanent() => Start::Refused(error),
+            Err(_) if down => Start::PutBack,
+            Err(error) => {
+                r.span()
+                    .in_scope(|| tracing::warn!(%error, "cannot store RECEIVED and STARTED"));
+                Start::Run
+            }
+        });
+    }
+    starts
+}
+
+/// Why the backend refused a task's start: the record it kept, read again (rare: a revoked task, or a
+/// copy of a message whose task succeeded).
+async fn refused_start(ctx: &WorkerContext, r: &Ready) -> Start {
+    match ctx.server.backend().get_state(r.uuid()).await {
+        Ok(Some(state)) if state.state == State::Success => {
+            Start::Succeeded(state.results.unwrap_or_default())
+        }
+        Ok(Some(state)) if state.is_revoked() => Start::Revoked,
+        other => {
+            r.span().in_scope(|| {
+                tracing::warn!(record = ?other, "the record that refused the task's start is gone or changed; the message goes back to the queue")
+            });
+            Start::PutBack
+        }
+    }
+}
