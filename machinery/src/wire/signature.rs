@@ -11,14 +11,13 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::ser::SerializeStruct;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::Deserialize;
 use serde_json::Value;
 
 pub use super::arg::{Arg, MAX_VALUE_DEPTH};
-use super::gotime;
 
 mod read;
+mod write;
 
 /// The free-form `Headers` map of a signature. Go's tracing stores string values here; we keep every
 /// value, understood or not, when a message is re-published.
@@ -170,7 +169,17 @@ impl Signature {
     /// heap as nested signatures are read. Free-form values (argument values, `Headers`) keep a depth
     /// limit of their own ([`MAX_VALUE_DEPTH`]).
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+        match std::str::from_utf8(bytes) {
+            // Checked once for the whole message, the text's strings are not checked one by one.
+            Ok(text) => Self::read_json(serde_json::Deserializer::from_str(text)),
+            // The byte reader's error says where the bad bytes are.
+            Err(_) => Self::read_json(serde_json::Deserializer::from_slice(bytes)),
+        }
+    }
+
+    fn read_json<'de, R: serde_json::de::Read<'de>>(
+        mut de: serde_json::Deserializer<R>,
+    ) -> Result<Self, serde_json::Error> {
         de.disable_recursion_limit();
         let signature = Signature::deserialize(&mut de)?;
         de.end()?;
@@ -352,7 +361,7 @@ impl<T> Signature<T> {
         // Every key is written even when empty, so a message is rarely under 400 bytes: start there
         // instead of growing from nothing.
         let mut json = Vec::with_capacity(512);
-        serde_json::to_writer(&mut json, self)?;
+        self.write_json(&mut json)?;
         Ok(json)
     }
 
@@ -501,66 +510,29 @@ impl<T> Signature<T> {
     }
 }
 
-/// `[]` and Go's nil slice are the same to every reader; we write Go's `null` for an empty list.
-struct NullIfEmpty<'a, E>(&'a [E]);
-
-impl<E: Serialize> Serialize for NullIfEmpty<'_, E> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0.is_empty() {
-            s.serialize_none()
-        } else {
-            self.0.serialize(s)
-        }
-    }
-}
-
-struct EtaField<'a>(&'a Option<DateTime<Utc>>);
-
-impl Serialize for EtaField<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        gotime::serialize_opt(self.0, s)
-    }
-}
-
-impl<T> Serialize for Signature<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        deep(|| self.serialize_fields(s))
-    }
-}
-
-impl<T> Signature<T> {
-    fn serialize_fields<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Signature", 19)?;
-        st.serialize_field("UUID", &self.uuid)?;
-        st.serialize_field("Name", &self.name)?;
-        st.serialize_field("RoutingKey", &self.routing_key)?;
-        st.serialize_field("ETA", &EtaField(&self.eta))?;
-        st.serialize_field("GroupUUID", &self.group_uuid)?;
-        st.serialize_field("GroupTaskCount", &self.group_task_count)?;
-        st.serialize_field("Args", &NullIfEmpty(&self.args))?;
-        st.serialize_field("Headers", &self.headers)?;
-        st.serialize_field("Priority", &self.priority)?;
-        st.serialize_field("Immutable", &self.immutable)?;
-        st.serialize_field("RetryCount", &self.retry_count)?;
-        st.serialize_field("RetryTimeout", &self.retry_timeout)?;
-        st.serialize_field("OnSuccess", &NullIfEmpty(&self.on_success))?;
-        st.serialize_field("OnError", &NullIfEmpty(&self.on_error))?;
-        st.serialize_field("ChordCallback", &self.chord_callback)?;
-        st.serialize_field("BrokerMessageGroupId", &self.broker_message_group_id)?;
-        st.serialize_field("SQSReceiptHandle", &self.sqs_receipt_handle)?;
-        st.serialize_field("StopTaskDeletionOnError", &self.stop_task_deletion_on_error)?;
-        st.serialize_field(
-            "IgnoreWhenTaskNotRegistered",
-            &self.ignore_when_task_not_registered,
-        )?;
-        st.end()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_message_that_is_not_utf8_is_an_error_saying_where() {
+        let mut body = br#"{"UUID":"task_1","Name":"ad"#.to_vec();
+        body.push(0xff);
+        body.extend_from_slice(br#""}"#);
+        let error = Signature::from_json(&body).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("invalid unicode code point at line 1 column 28"),
+            "{error}"
+        );
+        let text = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(
+            Signature::from_json(text.as_bytes()).unwrap().name,
+            "ad\u{fffd}"
+        );
+    }
 
     #[test]
     fn reads_keys_in_any_case_and_ignores_unknown_ones() {
