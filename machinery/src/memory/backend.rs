@@ -2,7 +2,7 @@
 //! shared by every server of the process that names it, and `memory://` is private to one server.
 //! Records expire after `results_expire_in` seconds; waiting for a result is woken by the write itself.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -48,13 +48,20 @@ struct Records {
     writes: u64,
 }
 
+/// The fewest writes between two sweeps of expired records.
+const SWEEP_AFTER_WRITES: u64 = 1024;
+
 impl Records {
     /// Drops expired records every so often, so a long-running process does not grow without bound.
     fn sweep(&mut self, now: Instant) {
         self.writes += 1;
-        if !self.writes.is_multiple_of(1024) {
+        // A sweep walks every record, so it waits for at least as many writes as there are records: its
+        // cost per write stays the same however many records are live (every 1024 writes, it grew with
+        // them).
+        if self.writes < SWEEP_AFTER_WRITES.max(self.states.len() as u64) {
             return;
         }
+        self.writes = 0;
         self.states.retain(|_, (_, expires)| *expires > now);
         self.groups.retain(|_, (_, expires)| *expires > now);
         let groups = &self.groups;
@@ -354,6 +361,26 @@ mod tests {
         assert_eq!(state.task_name, "add");
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(backend.get_state("t1").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn expired_records_go_within_as_many_writes_as_there_are_records() {
+        let mut records = Records::default();
+        let start = Instant::now();
+        for i in 0..3000 {
+            let state = TaskState::pending(&format!("t{i}"), "add");
+            records.store(&state, start, Duration::from_millis(1));
+        }
+        let later = start + Duration::from_secs(1);
+        let fresh = TaskState::pending("fresh", "add");
+        let writes = (1..=3001)
+            .find(|_| {
+                records.store(&fresh, later, Duration::from_secs(60));
+                records.states.len() == 1
+            })
+            .expect("the expired records are swept");
+        assert!(writes > 1, "not at every write");
+        assert!(records.live("fresh", later).is_some());
     }
 
     #[tokio::test]

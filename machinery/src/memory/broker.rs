@@ -9,7 +9,9 @@
 //! [`Server`]: crate::Server
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 

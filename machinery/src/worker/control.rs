@@ -1,7 +1,9 @@
 //! The worker's side of [`Server::cancel`](crate::Server::cancel): a listener for the broker's
 //! cancellation requests, and the cancellation token of each task running in this worker.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! The table of tasks a worker runs, keyed by wire name.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::WorkerError;
 use crate::task::TaskDef;
@@ -14,7 +14,8 @@ pub(crate) struct Registry {
 impl Registry {
     /// Builds the table; two different tasks with one wire name are an error naming both.
     pub(crate) fn build(defs: &[&'static TaskDef]) -> Result<Registry, WorkerError> {
-        let mut tasks: HashMap<&'static str, &'static TaskDef> = HashMap::with_capacity(defs.len());
+        let mut tasks: HashMap<&'static str, &'static TaskDef> =
+            HashMap::with_capacity_and_hasher(defs.len(), Default::default());
         for def in defs {
             match tasks.get(def.name) {
                 // The same definition registered twice (say by `auto` and by `register`) is harmless.
