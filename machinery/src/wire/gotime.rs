@@ -4,15 +4,19 @@
 //! reproduced exactly when we do the same. Reading is lenient: any offset, any number of fraction digits,
 //! and (unlike Go) a missing offset, which is taken as UTC.
 
-use chrono::{DateTime, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serializer};
 
 /// Go's zero `time.Time` (`0001-01-01T00:00:00Z`), which Go writes for states that carry no creation time.
 pub fn zero_time() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0)
-        .single()
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    ZERO_TIME
 }
+
+/// Made once at compile time: every state a worker builds carries it.
+const ZERO_TIME: DateTime<Utc> = match NaiveDate::from_ymd_opt(1, 1, 1) {
+    Some(date) => DateTime::from_naive_utc_and_offset(date.and_time(NaiveTime::MIN), Utc),
+    None => DateTime::<Utc>::MIN_UTC,
+};
 
 /// Formats `t` exactly like Go's `time.Time.MarshalJSON` does for a UTC time.
 pub fn format(t: &DateTime<Utc>) -> String {
