@@ -202,11 +202,15 @@ async fn run_task(
     slot: &mut Slot,
 ) {
     let (signature, delivery) = match earlier {
-        Some(_) => (signature, delivery),
-        None => match super::rate::admit(ctx, def, signature, delivery).await {
-            Some(admitted) => admitted,
-            None => return,
-        },
+        // Boxed: rate admission is a large future (its sleep, its publish) that most tasks never start,
+        // and every run's future would carry its size.
+        None if def.options.rate_limit.is_some() => {
+            match Box::pin(super::rate::admit(ctx, def, signature, delivery)).await {
+                Some(admitted) => admitted,
+                None => return,
+            }
+        }
+        _ => (signature, delivery),
     };
     let signature = Arc::new(signature);
     let redelivered = delivery.redelivered;

@@ -257,7 +257,9 @@ async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
         .into_iter()
         .zip(starts)
         .zip(slots)
-        .map(|((task, start), slot)| process::run(&context, task, start, slot))
+        // Boxed where it is made: a run's future is a few KB, which FuturesUnordered would otherwise
+        // copy on its way into the set.
+        .map(|((task, start), slot)| Box::pin(process::run(&context, task, start, slot)))
         .collect();
     while runs.next().await.is_some() {}
 }
