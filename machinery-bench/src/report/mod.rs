@@ -7,41 +7,20 @@ use crate::cli::{backend_label, BrokerKind, Settings};
 use crate::commands::Delta;
 use crate::error::BenchError;
 use crate::measure::{median, WARM_UP_ROUND_TRIPS};
-use crate::rows::{DrainRow, Machine, Results, SendRow, COUNTED_CONCURRENCY};
+use crate::rows::{Machine, Results, COUNTED_CONCURRENCY};
 use crate::servers::RESULTS_EXPIRE_SECS;
 
 mod cells;
+mod targets;
 
 use cells::{
     drain_ceilings, int, mib, ms, own_cpu, rate, send_ceilings, server_cpu, short, versus_pair,
     Target,
 };
+use targets::{drain_target, send_target};
 
 /// The top of docs/benchmarks.md, written when the file does not exist yet.
 pub(crate) const INTRO: &str = include_str!("../intro.md");
-
-fn send_target(settings: &Settings, row: &SendRow) -> Option<Target> {
-    let with_results = row.backend != "null";
-    match settings.kind {
-        BrokerKind::Redis if row.senders > 1 && with_results => Some(Target::MinRate(40_000.0)),
-        BrokerKind::Amqp if row.senders > 1 && with_results => Some(Target::MinRate(15_000.0)),
-        _ => None,
-    }
-}
-
-fn drain_target(settings: &Settings, row: &DrainRow) -> Option<Target> {
-    if row.concurrency != 10 {
-        return None;
-    }
-    match (settings.kind, row.backend) {
-        (BrokerKind::Redis, "redis") => Some(Target::MinRate(20_000.0)),
-        (BrokerKind::Redis, "null") => Some(Target::MinRate(40_000.0)),
-        (BrokerKind::Amqp, backend) if backend == backend_label(&settings.backend) => {
-            Some(Target::MinRate(12_900.0))
-        }
-        _ => None,
-    }
-}
 
 fn senders_text(senders: usize) -> String {
     if senders == 1 {
@@ -139,7 +118,8 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
             row.backend,
             int(row.tasks as f64),
             rate(value),
-            send_target(settings, row).map_or(String::new(), |t| t.judge(value)),
+            send_target(settings.kind, row.backend, row.senders)
+                .map_or(String::new(), |t| t.judge(value)),
             versus_pair(
                 results,
                 send_ceilings(kind, row.senders),
@@ -156,7 +136,8 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
             row.concurrency,
             int(row.tasks as f64),
             rate(value),
-            drain_target(settings, row).map_or(String::new(), |t| t.judge(value)),
+            drain_target(settings.kind, row.backend, row.concurrency)
+                .map_or(String::new(), |t| t.judge(value)),
             versus_pair(results, drain_ceilings(kind), settings.senders, value),
         ));
     }
