@@ -72,8 +72,10 @@ pub(super) async fn send_error_callbacks(
     Ok(())
 }
 
-/// Whether this message may have come before: it was redelivered or put back (marked so by
-/// [`already_succeeded`]), or it is a follow-up sent again by such a message ([`SENT_AGAIN_HEADER`]).
+/// Whether this message may have come before: it was redelivered ([`mark_if_redelivered`]), found
+/// to be a copy of a task whose SUCCESS is stored ([`mark_sent_again`]), put back because a follow-up
+/// could not be sent ([`FOLLOW_UP_ATTEMPTS_HEADER`]), or it is a follow-up sent again by such a message
+/// ([`SENT_AGAIN_HEADER`]).
 pub(super) fn came_again(signature: &Signature) -> bool {
     signature.header_value(SENT_AGAIN_HEADER).is_some()
         || signature.header_value(FOLLOW_UP_ATTEMPTS_HEADER).is_some()
