@@ -3,7 +3,7 @@
 //!
 //! Each start reserves the next free instant of its task's schedule ("generic cell rate" scheduling):
 //! in the result backend where every worker shares it (Redis: one atomic script), else in this process
-//! ([`reserve_locally`]). A task whose instant is more than a moment away is not held by the worker: it
+//! (`reserve_locally`). A task whose instant is more than a moment away is not held by the worker: it
 //! goes back to the broker with that instant as its ETA and the reservation in a header, and runs when it
 //! comes back, without reserving again. So a limited task waits, but does not hold a worker slot while it
 //! waits, and other tasks keep flowing.

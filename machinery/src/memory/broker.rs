@@ -52,7 +52,7 @@ struct State {
     queues: HashMap<String, Queue>,
     /// Delayed messages by (ETA, sequence number), with their queue.
     delayed: BTreeMap<(DateTime<Utc>, u64), (String, Vec<u8>)>,
-    /// Live consumers by id: (consumer tag, queue), for [`Broker::workers`].
+    /// Live consumers by id: (consumer tag, queue), for [`Inspect::workers`].
     consumers: HashMap<u64, (String, String)>,
     next_id: u64,
     /// The workers listening for cancellations ([`Broker::cancellations`]).

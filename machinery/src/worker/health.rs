@@ -6,7 +6,7 @@
 //! probe right after gets no answer either, the worker marks the backend down (a failure the probe
 //! contradicts belongs to that one write, as a pipeline some other record broke: the backend stays up):
 //! the fetch loop takes no new message, probes the backend
-//! ([`Backend::ping`](crate::backend::Backend::ping)) with a growing pause until it answers, and only then
+//! ([`Backend::ping`]) with a growing pause until it answers, and only then
 //! fetches again; messages fetched meanwhile are put back without running. A WARN is logged once when
 //! the worker pauses, an INFO when it resumes.
 

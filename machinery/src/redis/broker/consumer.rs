@@ -184,7 +184,7 @@ impl ClientId {
 /// A consumer of one Redis queue.
 pub(super) struct RedisConsumer {
     inner: Arc<Inner>,
-    /// The backend half, handed to each acknowledger (see [`RedisBroker::with_backend`]).
+    /// The backend half, handed to each acknowledger (see [`RedisBroker::with_backend`](super::RedisBroker::with_backend)).
     states: Option<RedisBackend>,
     keys: QueueKeys,
     tag: String,
