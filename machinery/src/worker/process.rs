@@ -87,10 +87,11 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
             return None;
         }
     };
-    let Some(def) = ctx.registry.get(&signature.name) else {
+    let Some(registered) = ctx.registry.get(&signature.name) else {
         super::unknown::unknown_task(ctx, signature, delivery).await;
         return None;
     };
+    let def = registered.def;
     if signature.uuid == ctx.queue || signature.uuid == signature.routing_key {
         // Its state, stored by id, would replace the queue (on Redis); nothing it does can be recorded.
         let reason = format!(
@@ -118,7 +119,7 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         outcome = tracing::field::Empty,
     );
     trace::adopt_parent(&span, signature.headers.as_ref());
-    metrics::task_received(def.name);
+    registered.metrics.received();
     log::received(&signature, delivery.redelivered);
     follow_up::mark_if_redelivered(&mut signature, &delivery);
     Some(Ready {
@@ -342,7 +343,9 @@ fn finished(
         State::Retry => metrics::Outcome::Retried,
         _ => metrics::Outcome::Failed,
     };
-    metrics::task_finished(def.name, outcome, took);
+    if let Some(registered) = ctx.registry.get(def.name) {
+        registered.metrics.finished(outcome, took);
+    }
     ctx.counters.finished(&state.state);
     tracing::Span::current().record("outcome", state.state.as_str());
     log::finished(signature, state, took);

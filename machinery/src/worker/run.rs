@@ -93,7 +93,7 @@ pub(super) async fn run(
     let mut running = JoinSet::new();
     let in_flight = context.counters.running_gauge();
     let finishing = Arc::new(Semaphore::new(concurrency * FINISHING_PER_SLOT));
-    let queue: Arc<str> = Arc::from(context.queue.as_str());
+    let in_flight_gauge = metrics::InFlight::register(&context.queue);
     // Shared with the fetch in flight, which may be dropped half-way (the consumer is cancel-safe).
     let consumer: SharedConsumer = Arc::new(Mutex::new(Some(consumer)));
     let mut fetching: Option<Fetch> = None;
@@ -145,7 +145,7 @@ pub(super) async fn run(
                     }
                 }
                 let deliveries: Vec<Delivery> = ahead.drain(..permits.len()).collect();
-                let batch = with_slots(deliveries, permits, &queue, &finishing, &in_flight);
+                let batch = with_slots(deliveries, permits, &in_flight_gauge, &finishing, &in_flight);
                 running.spawn(run_batch(context.clone(), batch));
             }
             fetched = if_any(fetching.as_mut()), if fetching.is_some() => {
@@ -227,14 +227,14 @@ pub(super) async fn run(
 fn with_slots(
     deliveries: Vec<Delivery>,
     permits: Vec<tokio::sync::OwnedSemaphorePermit>,
-    queue: &Arc<str>,
+    gauge: &metrics::InFlight,
     finishing: &Arc<Semaphore>,
     in_flight: &Arc<std::sync::atomic::AtomicUsize>,
 ) -> Vec<(Delivery, Slot)> {
     deliveries
         .into_iter()
         .zip(permits)
-        .map(|(delivery, permit)| (delivery, Slot::new(queue, permit, finishing, in_flight)))
+        .map(|(delivery, permit)| (delivery, Slot::new(gauge, permit, finishing, in_flight)))
         .collect()
 }
 

@@ -17,7 +17,7 @@ use crate::telemetry::metrics;
 /// cancelled at shutdown included), frees everything.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    queue: Arc<str>,
+    gauge: metrics::InFlight,
     run: Option<OwnedSemaphorePermit>,
     finish: Option<OwnedSemaphorePermit>,
     finishing: Arc<Semaphore>,
@@ -27,15 +27,15 @@ pub(crate) struct Slot {
 impl Slot {
     /// A slot for a message fetched with `run`, counted in the in-flight gauge and in `in_flight`.
     pub(crate) fn new(
-        queue: &Arc<str>,
+        gauge: &metrics::InFlight,
         run: OwnedSemaphorePermit,
         finishing: &Arc<Semaphore>,
         in_flight: &Arc<AtomicUsize>,
     ) -> Self {
-        metrics::in_flight(queue, 1.0);
+        gauge.add(1.0);
         in_flight.fetch_add(1, Ordering::Relaxed);
         Slot {
-            queue: queue.clone(),
+            gauge: gauge.clone(),
             run: Some(run),
             finish: None,
             finishing: finishing.clone(),
@@ -60,7 +60,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        metrics::in_flight(&self.queue, -1.0);
+        self.gauge.add(-1.0);
     }
 }
 
@@ -70,7 +70,7 @@ mod tests {
 
     fn slot(run: &Arc<Semaphore>, finishing: &Arc<Semaphore>, count: &Arc<AtomicUsize>) -> Slot {
         let permit = run.clone().try_acquire_owned().expect("a free run permit");
-        Slot::new(&Arc::from("q"), permit, finishing, count)
+        Slot::new(&metrics::InFlight::register("q"), permit, finishing, count)
     }
 
     #[tokio::test]
