@@ -137,7 +137,8 @@ pub(super) async fn run(
             permit = slots.clone().acquire_owned(), if !ahead.is_empty() => {
                 let Ok(first) = permit else { break };
                 // No round trip: the free slots take what was fetched (one start call for them all).
-                let mut permits = vec![first];
+                let mut permits = Vec::with_capacity(ahead.len().min(slots.available_permits() + 1));
+                permits.push(first);
                 while permits.len() < ahead.len() {
                     match slots.clone().try_acquire_owned() {
                         Ok(permit) => permits.push(permit),
