@@ -137,6 +137,18 @@ impl MemoryBackend {
         MemoryBackend { shared, expire_in }
     }
 
+    /// Stores `states` under one lock, then wakes the waiters.
+    fn store_all(&self, states: &[TaskState]) {
+        let now = Instant::now();
+        {
+            let mut records = self.shared.lock();
+            for state in states {
+                records.store(state, now, self.expire_in);
+            }
+        }
+        self.shared.changed.notify_waiters();
+    }
+
     fn live_state(records: &Records, uuid: &str, now: Instant) -> Option<TaskState> {
         records
             .states
@@ -153,18 +165,13 @@ impl Backend for MemoryBackend {
     }
 
     async fn set_state(&self, state: &TaskState) -> Result<(), BackendError> {
-        self.set_states(std::slice::from_ref(state)).await
+        // Not through `set_states`: each trait call boxes its future.
+        self.store_all(std::slice::from_ref(state));
+        Ok(())
     }
 
     async fn set_states(&self, states: &[TaskState]) -> Result<(), BackendError> {
-        let now = Instant::now();
-        {
-            let mut records = self.shared.lock();
-            for state in states {
-                records.store(state, now, self.expire_in);
-            }
-        }
-        self.shared.changed.notify_waiters();
+        self.store_all(states);
         Ok(())
     }
 
