@@ -14,7 +14,6 @@ use super::health::BackendHealth;
 use super::log;
 use super::registry::Registry;
 use super::slot::Slot;
-use super::start::Start;
 use super::Hooks;
 use crate::backend::BackendError;
 use crate::broker::Delivery;
@@ -128,6 +127,25 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         delivery,
         span,
     })
+}
+
+/// Whether a fetched task may run, once its RECEIVED and STARTED are stored ([`super::start`]).
+pub(crate) enum Start {
+    /// Run it.
+    Run,
+    /// Its SUCCESS is stored already (an earlier copy of its message ran): send its follow-ups with
+    /// these results, without running it again.
+    Succeeded(Vec<TaskResult>),
+    /// It was revoked: acknowledge it without running it.
+    Revoked,
+    /// Its states can never be stored (a [permanent](BackendError::is_permanent) error, such as an id that
+    /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
+    /// not be stored either.
+    Refused(BackendError),
+    /// Its states could not be stored for a transient reason: the backend is down (see
+    /// [`BackendHealth`]), so its outcome could not be stored either; or the
+    /// record that refused the write changed before it could be read. Put it back without running it.
+    PutBack,
 }
 
 /// Runs a started task (or acknowledges a revoked one without running it) in its span.

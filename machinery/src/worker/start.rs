@@ -7,28 +7,8 @@
 //! again, and only what follows the task is sent again. Writing STARTED over that SUCCESS would hide a
 //! finished chord member from the member that completes the chord, which would then fail the callback.
 
-use super::process::{Ready, WorkerContext};
-use crate::backend::BackendError;
-use crate::wire::state::{State, TaskResult};
-
-/// Whether a fetched task may run, once its RECEIVED and STARTED are stored.
-pub(crate) enum Start {
-    /// Run it.
-    Run,
-    /// Its SUCCESS is stored already (an earlier copy of its message ran): send its follow-ups with
-    /// these results, without running it again.
-    Succeeded(Vec<TaskResult>),
-    /// It was revoked: acknowledge it without running it.
-    Revoked,
-    /// Its states can never be stored (a [permanent](BackendError::is_permanent) error, such as an id that
-    /// names one of the backend's own keys): dead-letter it without running it, since its outcome could
-    /// not be stored either.
-    Refused(BackendError),
-    /// Its states could not be stored for a transient reason: the backend is down (see
-    /// [`BackendHealth`](super::health::BackendHealth)), so its outcome could not be stored either; or the
-    /// record that refused the write changed before it could be read. Put it back without running it.
-    PutBack,
-}
+use super::process::{Ready, Start, WorkerContext};
+use crate::wire::state::State;
 
 /// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
 /// tells for each whether it may run. A task whose states could not be stored for a transient reason does
