@@ -12,46 +12,61 @@ use super::{deep, Headers, Signature};
 use crate::wire::arg::Arg;
 use crate::wire::gotime;
 
+/// A field's key: its name, and its JSON text `"Name":` made at compile time (Go's keys need no
+/// escaping).
+#[derive(Clone, Copy)]
+struct Key {
+    name: &'static str,
+    json: &'static [u8],
+}
+
+macro_rules! key {
+    ($name:literal) => {
+        Key {
+            name: $name,
+            json: concat!("\"", $name, "\":").as_bytes(),
+        }
+    };
+}
+
 /// What the fields of a signature are written to, one call per field in Go's order.
 trait Fields {
     type Error;
-    fn string(&mut self, key: &'static str, value: &str) -> Result<(), Self::Error>;
-    fn number(&mut self, key: &'static str, value: u32) -> Result<(), Self::Error>;
-    fn boolean(&mut self, key: &'static str, value: bool) -> Result<(), Self::Error>;
-    fn time(&mut self, key: &'static str, value: &Option<DateTime<Utc>>)
-        -> Result<(), Self::Error>;
-    fn args(&mut self, key: &'static str, value: &[Arg]) -> Result<(), Self::Error>;
-    fn headers(&mut self, key: &'static str, value: &Option<Headers>) -> Result<(), Self::Error>;
-    fn signatures(&mut self, key: &'static str, value: &[Signature]) -> Result<(), Self::Error>;
-    fn callback(
-        &mut self,
-        key: &'static str,
-        value: &Option<Box<Signature>>,
-    ) -> Result<(), Self::Error>;
+    fn string(&mut self, key: Key, value: &str) -> Result<(), Self::Error>;
+    fn number(&mut self, key: Key, value: u32) -> Result<(), Self::Error>;
+    fn boolean(&mut self, key: Key, value: bool) -> Result<(), Self::Error>;
+    fn time(&mut self, key: Key, value: &Option<DateTime<Utc>>) -> Result<(), Self::Error>;
+    fn args(&mut self, key: Key, value: &[Arg]) -> Result<(), Self::Error>;
+    fn headers(&mut self, key: Key, value: &Option<Headers>) -> Result<(), Self::Error>;
+    fn signatures(&mut self, key: Key, value: &[Signature]) -> Result<(), Self::Error>;
+    fn callback(&mut self, key: Key, value: &Option<Box<Signature>>) -> Result<(), Self::Error>;
 }
 
 impl<T> Signature<T> {
     fn write_fields<F: Fields>(&self, f: &mut F) -> Result<(), F::Error> {
-        f.string("UUID", &self.uuid)?;
-        f.string("Name", &self.name)?;
-        f.string("RoutingKey", &self.routing_key)?;
-        f.time("ETA", &self.eta)?;
-        f.string("GroupUUID", &self.group_uuid)?;
-        f.number("GroupTaskCount", self.group_task_count)?;
-        f.args("Args", &self.args)?;
-        f.headers("Headers", &self.headers)?;
-        f.number("Priority", u32::from(self.priority))?;
-        f.boolean("Immutable", self.immutable)?;
-        f.number("RetryCount", self.retry_count)?;
-        f.number("RetryTimeout", self.retry_timeout)?;
-        f.signatures("OnSuccess", &self.on_success)?;
-        f.signatures("OnError", &self.on_error)?;
-        f.callback("ChordCallback", &self.chord_callback)?;
-        f.string("BrokerMessageGroupId", &self.broker_message_group_id)?;
-        f.string("SQSReceiptHandle", &self.sqs_receipt_handle)?;
-        f.boolean("StopTaskDeletionOnError", self.stop_task_deletion_on_error)?;
+        f.string(key!("UUID"), &self.uuid)?;
+        f.string(key!("Name"), &self.name)?;
+        f.string(key!("RoutingKey"), &self.routing_key)?;
+        f.time(key!("ETA"), &self.eta)?;
+        f.string(key!("GroupUUID"), &self.group_uuid)?;
+        f.number(key!("GroupTaskCount"), self.group_task_count)?;
+        f.args(key!("Args"), &self.args)?;
+        f.headers(key!("Headers"), &self.headers)?;
+        f.number(key!("Priority"), u32::from(self.priority))?;
+        f.boolean(key!("Immutable"), self.immutable)?;
+        f.number(key!("RetryCount"), self.retry_count)?;
+        f.number(key!("RetryTimeout"), self.retry_timeout)?;
+        f.signatures(key!("OnSuccess"), &self.on_success)?;
+        f.signatures(key!("OnError"), &self.on_error)?;
+        f.callback(key!("ChordCallback"), &self.chord_callback)?;
+        f.string(key!("BrokerMessageGroupId"), &self.broker_message_group_id)?;
+        f.string(key!("SQSReceiptHandle"), &self.sqs_receipt_handle)?;
         f.boolean(
-            "IgnoreWhenTaskNotRegistered",
+            key!("StopTaskDeletionOnError"),
+            self.stop_task_deletion_on_error,
+        )?;
+        f.boolean(
+            key!("IgnoreWhenTaskNotRegistered"),
             self.ignore_when_task_not_registered,
         )
     }
@@ -103,33 +118,29 @@ struct Struct<S>(S);
 
 impl<S: SerializeStruct> Fields for Struct<S> {
     type Error = S::Error;
-    fn string(&mut self, key: &'static str, value: &str) -> Result<(), S::Error> {
-        self.0.serialize_field(key, value)
+    fn string(&mut self, key: Key, value: &str) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, value)
     }
-    fn number(&mut self, key: &'static str, value: u32) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &value)
+    fn number(&mut self, key: Key, value: u32) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, &value)
     }
-    fn boolean(&mut self, key: &'static str, value: bool) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &value)
+    fn boolean(&mut self, key: Key, value: bool) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, &value)
     }
-    fn time(&mut self, key: &'static str, value: &Option<DateTime<Utc>>) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &Time(value))
+    fn time(&mut self, key: Key, value: &Option<DateTime<Utc>>) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, &Time(value))
     }
-    fn args(&mut self, key: &'static str, value: &[Arg]) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &NullIfEmpty(value))
+    fn args(&mut self, key: Key, value: &[Arg]) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, &NullIfEmpty(value))
     }
-    fn headers(&mut self, key: &'static str, value: &Option<Headers>) -> Result<(), S::Error> {
-        self.0.serialize_field(key, value)
+    fn headers(&mut self, key: Key, value: &Option<Headers>) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, value)
     }
-    fn signatures(&mut self, key: &'static str, value: &[Signature]) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &NullIfEmpty(value))
+    fn signatures(&mut self, key: Key, value: &[Signature]) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, &NullIfEmpty(value))
     }
-    fn callback(
-        &mut self,
-        key: &'static str,
-        value: &Option<Box<Signature>>,
-    ) -> Result<(), S::Error> {
-        self.0.serialize_field(key, value)
+    fn callback(&mut self, key: Key, value: &Option<Box<Signature>>) -> Result<(), S::Error> {
+        self.0.serialize_field(key.name, value)
     }
 }
 
@@ -140,14 +151,12 @@ struct Direct<'a> {
 }
 
 impl Direct<'_> {
-    /// `,"key":` (no comma before the first); the keys are Go's, which need no escaping.
-    fn key(&mut self, key: &'static str) {
+    /// `,"key":` (no comma before the first).
+    fn key(&mut self, key: Key) {
         if !std::mem::take(&mut self.first) {
             self.out.push(b',');
         }
-        self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
+        self.out.extend_from_slice(key.json);
     }
 
     /// `value` through serde_json, for the fields that are rarely set or free-form.
@@ -164,7 +173,7 @@ fn needs_no_escape(text: &str) -> bool {
 
 impl Fields for Direct<'_> {
     type Error = serde_json::Error;
-    fn string(&mut self, key: &'static str, value: &str) -> Result<(), Self::Error> {
+    fn string(&mut self, key: Key, value: &str) -> Result<(), Self::Error> {
         self.key(key);
         if needs_no_escape(value) {
             self.out.reserve(value.len() + 2);
@@ -176,35 +185,31 @@ impl Fields for Direct<'_> {
             self.serde(&value)
         }
     }
-    fn number(&mut self, key: &'static str, value: u32) -> Result<(), Self::Error> {
+    fn number(&mut self, key: Key, value: u32) -> Result<(), Self::Error> {
         self.key(key);
         self.out
             .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
         Ok(())
     }
-    fn boolean(&mut self, key: &'static str, value: bool) -> Result<(), Self::Error> {
+    fn boolean(&mut self, key: Key, value: bool) -> Result<(), Self::Error> {
         self.key(key);
         self.out
             .extend_from_slice(if value { b"true" } else { b"false" });
         Ok(())
     }
-    fn time(
-        &mut self,
-        key: &'static str,
-        value: &Option<DateTime<Utc>>,
-    ) -> Result<(), Self::Error> {
+    fn time(&mut self, key: Key, value: &Option<DateTime<Utc>>) -> Result<(), Self::Error> {
         self.key(key);
         self.serde(&Time(value))
     }
-    fn args(&mut self, key: &'static str, value: &[Arg]) -> Result<(), Self::Error> {
+    fn args(&mut self, key: Key, value: &[Arg]) -> Result<(), Self::Error> {
         self.key(key);
         self.serde(&NullIfEmpty(value))
     }
-    fn headers(&mut self, key: &'static str, value: &Option<Headers>) -> Result<(), Self::Error> {
+    fn headers(&mut self, key: Key, value: &Option<Headers>) -> Result<(), Self::Error> {
         self.key(key);
         self.serde(value)
     }
-    fn signatures(&mut self, key: &'static str, value: &[Signature]) -> Result<(), Self::Error> {
+    fn signatures(&mut self, key: Key, value: &[Signature]) -> Result<(), Self::Error> {
         self.key(key);
         if value.is_empty() {
             self.out.extend_from_slice(b"null");
@@ -220,11 +225,7 @@ impl Fields for Direct<'_> {
         self.out.push(b']');
         Ok(())
     }
-    fn callback(
-        &mut self,
-        key: &'static str,
-        value: &Option<Box<Signature>>,
-    ) -> Result<(), Self::Error> {
+    fn callback(&mut self, key: Key, value: &Option<Box<Signature>>) -> Result<(), Self::Error> {
         self.key(key);
         match value {
             Some(signature) => signature.write_json(self.out),
