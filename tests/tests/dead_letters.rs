@@ -131,9 +131,11 @@ async fn a_message_that_does_not_decode_fails_its_task_when_its_id_can_be_read()
 
 static COUNTED_RUNS: AtomicUsize = AtomicUsize::new(0);
 
+/// Counts its runs, sleeps `ms`, returns `a`.
 #[task]
-async fn dl_counted(a: i64) -> Result<i64, TaskError> {
+async fn dl_counted(a: i64, ms: i64) -> Result<i64, TaskError> {
     COUNTED_RUNS.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms.max(0) as u64)).await;
     Ok(a)
 }
 
@@ -167,6 +169,8 @@ fn go_message(task: &str, uuid: &str, a: i64) -> Vec<u8> {
     .unwrap()
 }
 
+/// The task's id comes to name a list while it runs (its STARTED was stored): Redis refuses its final
+/// state (`WRONGTYPE`), and the message is dead-lettered rather than run again for ever.
 #[tokio::test]
 async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it_again() {
     if !require(
@@ -177,17 +181,28 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
     }
     let names = Names::new("dl_wrongtype");
     let mut conn = raw().await;
-    let victim = id_naming_a_list(&names, &mut conn).await;
+    let victim = format!("{}_victim", names.id);
     let server = Server::new(names.config()).await.unwrap();
     let running = Worker::new(&server)
         .register(dl_counted::task())
         .start()
         .await
         .unwrap();
-    let _: () = conn
-        .rpush(&names.queue, go_message("dl_counted", &victim, 5))
+    server
+        .send(dl_counted::signature(5, 600).with_uuid(&victim))
         .await
         .unwrap();
+    let started = eventually(PROMPTLY, || async {
+        server
+            .backend()
+            .get_state(&victim)
+            .await
+            .is_ok_and(|s| s.is_some_and(|s| s.state == machinery::State::Started))
+    })
+    .await;
+    assert!(started, "the task starts");
+    let _: () = conn.del(&victim).await.unwrap();
+    let _: () = conn.rpush(&victim, "x").await.unwrap();
 
     let inspect = server.broker();
     let dead_lettered = eventually(PROMPTLY, || async {
@@ -201,7 +216,8 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
     );
     let dead = dead_letters(&server, &names.queue).await;
     assert!(
-        dead[0].reason.contains("WRONGTYPE"),
+        dead[0].reason.contains("final state cannot be stored")
+            && dead[0].reason.contains("WRONGTYPE"),
         "the reason names the refusal: {}",
         dead[0].reason
     );
@@ -221,7 +237,7 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
     assert_eq!((stats.pending, stats.in_flight), (0, Some(0)));
     assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 1, "the task ran once");
     // The worker goes on serving.
-    let normal = dl_counted::send(&server, 9).await.unwrap();
+    let normal = dl_counted::send(&server, 9, 0).await.unwrap();
     assert_eq!(normal.get(PROMPTLY).await.unwrap(), 9);
     assert_eq!(COUNTED_RUNS.load(Ordering::SeqCst), 2);
     let kept: Vec<String> = conn.lrange(&victim, 0, -1).await.unwrap();
@@ -230,8 +246,9 @@ async fn a_final_state_redis_refuses_dead_letters_the_task_instead_of_running_it
     names.cleanup().await;
 }
 
-/// A task whose state Redis refuses (its id names a list) is dead-lettered alone: the tasks fetched and
-/// started in the same batch run and store their results.
+/// A task whose state Redis refuses (its id names a list) is dead-lettered alone, without running (its
+/// outcome could not be stored either): the tasks fetched and started in the same batch run and store
+/// their results.
 #[tokio::test]
 async fn a_refused_state_dead_letters_only_its_own_task_not_its_batch() {
     if !require(
@@ -278,7 +295,12 @@ async fn a_refused_state_dead_letters_only_its_own_task_not_its_batch() {
         .map(|d| Signature::from_json(&d.body).unwrap().uuid.clone())
         .collect();
     assert_eq!(dead_ids, [victim], "only the refused task is dead-lettered");
-    assert!(dead[0].reason.contains("WRONGTYPE"), "{}", dead[0].reason);
+    assert!(
+        dead[0].reason.starts_with("the task's state cannot be stored") // refused at its start
+            && dead[0].reason.contains("WRONGTYPE"),
+        "{}",
+        dead[0].reason
+    );
     for uuid in &good {
         let state = server.backend().get_state(uuid).await.unwrap();
         assert_eq!(

@@ -133,17 +133,19 @@ pub(crate) fn is_refusal(error: &RedisError) -> bool {
 
 /// One task's answer to its STARTED write (`start_many`, or `set_state` on a cluster): 1 written, 0
 /// refused by the record it would replace (revoked, or SUCCESS already), or the text of the error that
-/// refused it (treated as a failed write, as when a pipeline of single writes fails).
+/// refused it: the script's own `WRONGTYPE` for a key that is not a task state, a refusal that writing
+/// again cannot mend (the worker dead-letters the task without running it, as its outcome could not be
+/// stored either).
 fn start_answer(answer: Option<redis::Value>) -> Result<bool, BackendError> {
     match answer {
         Some(redis::Value::Int(1)) => Ok(true),
         Some(redis::Value::Int(0)) => Ok(false),
-        Some(redis::Value::BulkString(text)) => Err(BackendError::operation(
+        Some(redis::Value::BulkString(text)) => Err(BackendError::refused(
             "set task state",
             String::from_utf8_lossy(&text).into_owned(),
         )),
         Some(redis::Value::SimpleString(text)) => {
-            Err(BackendError::operation("set task state", text))
+            Err(BackendError::refused("set task state", text))
         }
         other => Err(BackendError::operation(
             "set task state",
