@@ -336,7 +336,8 @@ impl Backend for AmqpBackend {
         self.inner.read_state(task_uuid).await
     }
 
-    /// One read for the revocation check, then both states sent before either confirm is awaited.
+    /// One read for the check (revocation, SUCCESS), then both states sent before either confirm is
+    /// awaited.
     async fn set_received_and_started(
         &self,
         received: &TaskState,

@@ -171,7 +171,7 @@ impl RedisBackend {
     }
 
     /// The `start_many` script storing STARTED for each task of a batch (whose pieces
-    /// [`RedisBackend::start_pieces`] made) after its revocation check, in one call.
+    /// [`RedisBackend::start_pieces`] made) unless its record is a revocation or a SUCCESS, in one call.
     pub(super) fn start_many_cmd(&self, keys: &[&str], pieces: Vec<[Vec<u8>; 5]>) -> redis::Cmd {
         let mut args = Vec::with_capacity(2 + 5 * pieces.len());
         args.push(self.inner.expire_secs.to_string().into_bytes());
@@ -196,7 +196,7 @@ impl RedisBackend {
     }
 
     /// The `set_state` call that stores one task's STARTED (RECEIVED, replaced in the same atomic step,
-    /// could never be seen) after its revocation check, reading the previous record once: on a cluster,
+    /// could never be seen) unless its record is a revocation or a SUCCESS, reading it once: on a cluster,
     /// where a batch's keys share no slot.
     pub(super) fn started_cmd(
         &self,

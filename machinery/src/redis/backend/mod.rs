@@ -281,8 +281,8 @@ impl Backend for RedisBackend {
     }
 
     async fn set_received(&self, state: &TaskState) -> Result<bool, BackendError> {
-        // The revocation check and the write in one script: one round trip, and no window in which a
-        // revocation could slip between them.
+        // The check (revocation, SUCCESS) and the write in one script: one round trip, and no window in
+        // which either could slip between them.
         let cmd = self.state_or_start_cmd(state, true)?;
         let mut conn = self.inner.conn.clone();
         let written: i64 = match cmd.query_async(&mut conn).await {

@@ -1,6 +1,6 @@
 -- start_many (after state_lib): stores STARTED for a batch of tasks a worker fetched together, each after
--- its revocation check, in one script call instead of one per task (a Redis without cluster mode; the
--- keys are in no common slot). See store_state in state_lib.lua for the rules of each write.
+-- its check (revocation, SUCCESS), in one script call instead of one per task (a Redis without cluster
+-- mode; the keys are in no common slot). See store_state in state_lib.lua for the rules of each write.
 --
 -- KEYS[i]  the uuid of task i (Go's state record)
 -- ARGV[1]  expiry in seconds
