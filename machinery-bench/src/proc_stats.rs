@@ -195,6 +195,15 @@ mod tests {
         let port = listener.local_addr().expect("its address").port();
         assert_eq!(listener_pid(port), Some(std::process::id()));
         drop(listener);
-        assert_eq!(listener_pid(port), None);
+        // A process forked by a test running beside this one (`reads_this_process` runs `getconf`)
+        // holds a copy of the socket until it execs, which closes it: the port stays in LISTEN until
+        // then, held by that child. So the port must be free soon, not at once.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut holder = listener_pid(port);
+        while holder.is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            holder = listener_pid(port);
+        }
+        assert_eq!(holder, None);
     }
 }
