@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::de::DeserializeSeed as _;
 use serde_json::Value;
 
 pub use super::arg::{Arg, MAX_VALUE_DEPTH};
@@ -137,29 +137,10 @@ impl Signature {
 
     /// A signature for the task `name` with these arguments.
     pub fn with_args(name: impl Into<String>, args: Vec<Arg>) -> Self {
-        Signature {
-            uuid: String::new(),
-            name: name.into(),
-            routing_key: String::new(),
-            eta: None,
-            group_uuid: String::new(),
-            group_task_count: 0,
-            args,
-            headers: None,
-            priority: 0,
-            immutable: false,
-            retry_count: 0,
-            retry_timeout: 0,
-            on_success: Vec::new(),
-            on_error: Vec::new(),
-            chord_callback: None,
-            broker_message_group_id: String::new(),
-            sqs_receipt_handle: String::new(),
-            stop_task_deletion_on_error: false,
-            ignore_when_task_not_registered: false,
-            encode_error: None,
-            _output: PhantomData,
-        }
+        let mut signature = Signature::blank();
+        signature.name = name.into();
+        signature.args = args;
+        signature
     }
 
     /// Decodes a message from JSON, tolerantly (keys in any case, `null`s, unknown keys).
@@ -177,17 +158,46 @@ impl Signature {
         }
     }
 
+    /// Reads from text in memory (a string or a byte slice: the reads that can lend their input).
     fn read_json<'de, R: serde_json::de::Read<'de>>(
         mut de: serde_json::Deserializer<R>,
     ) -> Result<Self, serde_json::Error> {
         de.disable_recursion_limit();
-        let signature = Signature::deserialize(&mut de)?;
+        // The input is in memory: integer fields and `Headers` are read from borrowed text.
+        let signature = read::Borrowing::<Value>::default().deserialize(&mut de)?;
         de.end()?;
         Ok(signature)
     }
 }
 
 impl<T> Signature<T> {
+    /// A signature with every field empty (no name, no id, no arguments).
+    pub(crate) fn blank() -> Self {
+        Signature {
+            uuid: String::new(),
+            name: String::new(),
+            routing_key: String::new(),
+            eta: None,
+            group_uuid: String::new(),
+            group_task_count: 0,
+            args: Vec::new(),
+            headers: None,
+            priority: 0,
+            immutable: false,
+            retry_count: 0,
+            retry_timeout: 0,
+            on_success: Vec::new(),
+            on_error: Vec::new(),
+            chord_callback: None,
+            broker_message_group_id: String::new(),
+            sqs_receipt_handle: String::new(),
+            stop_task_deletion_on_error: false,
+            ignore_when_task_not_registered: false,
+            encode_error: None,
+            _output: PhantomData,
+        }
+    }
+
     /// The same message with another output type.
     pub fn retype<U>(mut self) -> Signature<U> {
         use std::mem::take;
@@ -704,6 +714,32 @@ mod tests {
             error
                 .to_string()
                 .starts_with("RetryCount: integer 1e30 out of range"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn deserializers_that_cannot_lend_their_text_read_the_same_signature() {
+        // `from_json` borrows the text of integer fields and `Headers`; a `Value` or a reader cannot
+        // lend it, and must read the same fields and give the same errors.
+        let body = r#"{"UUID":"task_1","RetryCount":3,"Priority":2.0,"Headers":{"a":[1]}}"#;
+        let value: Value = serde_json::from_str(body).unwrap();
+        for sig in [
+            Signature::from_json(body.as_bytes()).unwrap(),
+            serde_json::from_value::<Signature>(value).unwrap(),
+            serde_json::from_reader::<_, Signature>(body.as_bytes()).unwrap(),
+        ] {
+            assert_eq!(
+                (sig.uuid.as_str(), sig.retry_count, sig.priority),
+                ("task_1", 3, 2)
+            );
+            assert_eq!(sig.header_value("a"), Some(&json!([1])));
+        }
+        let error = serde_json::from_reader::<_, Signature>(&br#"{"RetryCount":1e30}"#[..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("RetryCount: integer 1e30 out of range"),
             "{error}"
         );
     }

@@ -69,12 +69,14 @@ macro_rules! lenient_int {
 }
 lenient_int!(u8, u32, i64);
 
+/// An integer type a field can be read into by [`lenient_int`].
+pub(crate) trait LenientInt: TryFrom<i64> + TryFrom<u64> + Default + Bounded {}
+
+impl<T: TryFrom<i64> + TryFrom<u64> + Default + Bounded> LenientInt for T {}
+
 /// Reads an integer field tolerantly from its JSON text: `null` is 0, an integral float is its integer,
 /// a negative count is 0; anything else out of range is an error naming the number as sent.
-fn lenient_int<T>(text: &str) -> Result<T, String>
-where
-    T: TryFrom<i64> + TryFrom<u64> + Default + Bounded,
-{
+pub(crate) fn lenient_int<T: LenientInt>(text: &str) -> Result<T, String> {
     // The common case, a plain integer that fits, without building a JSON value.
     if let Some(n) = plain_int(text) {
         if n < 0 && !T::SIGNED {

@@ -254,13 +254,14 @@ async fn run_task(
                     done(ctx, def, &signature, &state, took).await;
                     return;
                 }
-                Err(delivery) => (
-                    succeeded(ctx, def, &signature, state.results.unwrap_or_default()).await,
-                    delivery,
-                ),
+                // The same state, stored on its own.
+                Err(delivery) => (succeeded(ctx, def, &signature, state).await, delivery),
             }
         }
-        Ok(results) => (succeeded(ctx, def, &signature, results).await, delivery),
+        Ok(results) => {
+            let state = TaskState::success(&signature.uuid, &signature.name, results);
+            (succeeded(ctx, def, &signature, state).await, delivery)
+        }
         // Boxed, as the follow-ups above: failures and retries are the rarer road.
         Err(failure) => (
             Box::pin(failed(ctx, def, &signature, failure)).await,
@@ -374,15 +375,15 @@ fn signature_body(signature: &Signature) -> Vec<u8> {
     signature.to_json().unwrap_or_default()
 }
 
-/// Stores SUCCESS, sends the callbacks, and fires the chord if this was its group's last member. Results
-/// too large for the backend make the task fail with that error (running it again would not help).
+/// Stores SUCCESS (`state`), sends the callbacks, and fires the chord if this was its group's last
+/// member. Results too large for the backend make the task fail with that error (running it again would
+/// not help).
 async fn succeeded(
     ctx: &WorkerContext,
     def: &'static TaskDef,
     signature: &Signature,
-    results: Vec<TaskResult>,
+    state: TaskState,
 ) -> Finish {
-    let state = TaskState::success(&signature.uuid, &signature.name, results.clone());
     match store_final(ctx, &state).await {
         Ok(()) => {}
         Err(error @ BackendError::TooLarge { .. }) => {
@@ -399,7 +400,8 @@ async fn succeeded(
     // Boxed: sending follow-ups is a large future that most runs never start, and every run's future
     // would otherwise carry its size (it is moved when a batch's runs are gathered).
     let sent = Box::pin(async {
-        follow_up::send_success_callbacks(ctx, signature, &results).await?;
+        let results = state.results.as_deref().unwrap_or_default();
+        follow_up::send_success_callbacks(ctx, signature, results).await?;
         follow_up::group_member_finished(ctx, signature).await
     })
     .await;
