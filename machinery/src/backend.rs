@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::wire::state::{GroupMeta, TaskState};
+use crate::wire::state::{GroupMeta, State, TaskState};
 
 /// A boxed error from a backend's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -166,18 +166,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         received_then_started(self, received, started).await
     }
 
-    /// [`Backend::set_received_and_started`] for a batch of tasks (what a worker fetched at once), with
-    /// one result per pair in order. The default makes the calls concurrently; backends that pipeline
-    /// (Redis) write the whole batch in one round trip.
-    async fn set_received_and_started_many(
-        &self,
-        pairs: &[(TaskState, TaskState)],
-    ) -> Vec<Result<bool, BackendError>> {
-        futures_util::future::join_all(
-            pairs
-                .iter()
-                .map(|(received, started)| self.set_received_and_started(received, started)),
-        )
+    /// [`Backend::set_received_and_started`] for a batch of tasks (what a worker fetched at once), given
+    /// each task's STARTED (its RECEIVED is the same record in state RECEIVED), with one result per task
+    /// in order. The default makes the calls concurrently; backends that pipeline (Redis) write the whole
+    /// batch in one round trip, and backends that can write both states in one atomic step write
+    /// STARTED alone (RECEIVED could never be seen). A worker keeps each STARTED to become the task's
+    /// final state, so the batch costs no copies of the ids and names.
+    async fn set_started_many(&self, started: &[TaskState]) -> Vec<Result<bool, BackendError>> {
+        futures_util::future::join_all(started.iter().map(|started| async move {
+            let received = started.clone().in_state(State::Received);
+            self.set_received_and_started(&received, started).await
+        }))
         .await
     }
 

@@ -811,16 +811,11 @@ async fn a_batch_of_started_states_answers_for_each_task_on_its_own() {
     let done_before = raw_get(&done).await;
     let mut conn = raw().await;
     let _: () = conn.rpush(&listed, "x").await.unwrap();
-    let pairs: Vec<(TaskState, TaskState)> = [&first, &revoked, &listed, &done, &last]
+    let started: Vec<TaskState> = [&first, &revoked, &listed, &done, &last]
         .into_iter()
-        .map(|uuid| {
-            (
-                TaskState::received(uuid, "add"),
-                TaskState::started(uuid, "add"),
-            )
-        })
+        .map(|uuid| TaskState::started(uuid, "add"))
         .collect();
-    let answers = backend.set_received_and_started_many(&pairs).await;
+    let answers = backend.set_started_many(&started).await;
     assert_eq!(answers.len(), 5);
     assert!(matches!(answers[0], Ok(true)), "{:?}", answers[0]);
     assert!(matches!(answers[1], Ok(false)), "revoked: {:?}", answers[1]);

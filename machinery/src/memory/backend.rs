@@ -191,25 +191,22 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
-    /// The whole batch under one lock: each pair is stored unless its record stops a start.
-    async fn set_received_and_started_many(
-        &self,
-        pairs: &[(TaskState, TaskState)],
-    ) -> Vec<Result<bool, BackendError>> {
+    /// The whole batch under one lock: each STARTED is stored unless its record stops a start (its
+    /// RECEIVED, stored under the same lock, could never be seen).
+    async fn set_started_many(&self, started: &[TaskState]) -> Vec<Result<bool, BackendError>> {
         let now = Instant::now();
         let stored = {
             let mut records = self.shared.lock();
-            pairs
+            started
                 .iter()
-                .map(|(received, started)| {
+                .map(|state| {
                     if records
-                        .live(&received.task_uuid, now)
+                        .live(&state.task_uuid, now)
                         .is_some_and(TaskState::stops_a_start)
                     {
                         return Ok(false);
                     }
-                    records.store(received, now, self.expire_in);
-                    records.store(started, now, self.expire_in);
+                    records.store(state, now, self.expire_in);
                     Ok(true)
                 })
                 .collect()
@@ -399,17 +396,12 @@ mod tests {
             .set_state(&TaskState::revoked("revoked"))
             .await
             .unwrap();
-        let pairs: Vec<_> = ["done", "revoked", "new"]
+        let started: Vec<_> = ["done", "revoked", "new"]
             .into_iter()
-            .map(|id| {
-                (
-                    TaskState::received(id, "add"),
-                    TaskState::started(id, "add"),
-                )
-            })
+            .map(|id| TaskState::started(id, "add"))
             .collect();
         let answers: Vec<bool> = backend
-            .set_received_and_started_many(&pairs)
+            .set_started_many(&started)
             .await
             .into_iter()
             .map(Result::unwrap)

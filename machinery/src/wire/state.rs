@@ -208,6 +208,21 @@ impl TaskState {
         state
     }
 
+    /// The same record in another state, its id, name and the rest kept: what a worker's STARTED
+    /// becomes (its RECEIVED, or its SUCCESS with [`TaskState::succeeded`]) without copying the id or
+    /// the name.
+    pub(crate) fn in_state(mut self, state: State) -> Self {
+        self.state = state;
+        self
+    }
+
+    /// The same record as SUCCESS with these results ([`TaskState::in_state`]).
+    pub(crate) fn succeeded(mut self, results: Vec<TaskResult>) -> Self {
+        self.state = State::Success;
+        self.results = Some(results);
+        self
+    }
+
     /// FAILURE with this error text.
     pub fn failure(task_uuid: &str, task_name: &str, error: impl Into<String>) -> Self {
         let mut state = TaskState::with_state(task_uuid, task_name, State::Failure);

@@ -49,13 +49,11 @@ pub(crate) struct Ready {
 }
 
 impl Ready {
-    /// The RECEIVED and STARTED a worker stores before running it.
-    pub(super) fn start_states(&self) -> (TaskState, TaskState) {
-        let (uuid, name) = (&self.signature.uuid, &self.signature.name);
-        (
-            TaskState::received(uuid, name),
-            TaskState::started(uuid, name),
-        )
+    /// The STARTED a worker stores before running it (with its RECEIVED,
+    /// [`Backend::set_started_many`](crate::backend::Backend::set_started_many)), kept to become its
+    /// SUCCESS.
+    pub(super) fn started_state(&self) -> TaskState {
+        TaskState::started(&self.signature.uuid, &self.signature.name)
     }
 
     /// The task's id.
@@ -148,8 +146,15 @@ pub(crate) enum Start {
     PutBack,
 }
 
-/// Runs a started task (or acknowledges a revoked one without running it) in its span.
-pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slot: Slot) {
+/// Runs a started task (or acknowledges a revoked one without running it) in its span. `started` is the
+/// STARTED stored for it, which becomes its SUCCESS.
+pub(crate) async fn run(
+    ctx: &WorkerContext,
+    ready: Ready,
+    start: Start,
+    started: TaskState,
+    mut slot: Slot,
+) {
     let Ready {
         def,
         mut signature,
@@ -158,12 +163,13 @@ pub(crate) async fn run(ctx: &WorkerContext, ready: Ready, start: Start, mut slo
     } = ready;
     async move {
         match start {
-            Start::Run => run_task(ctx, def, signature, delivery, None, &mut slot).await,
+            Start::Run => run_task(ctx, def, signature, delivery, started, None, &mut slot).await,
             Start::Succeeded(results) => {
                 tracing::info!("the task's SUCCESS is already stored; its follow-ups are sent without running it again");
                 metrics::not_run_again(&signature.name);
                 follow_up::mark_sent_again(&mut signature);
-                run_task(ctx, def, signature, delivery, Some(results), &mut slot).await
+                let earlier = Some(results);
+                run_task(ctx, def, signature, delivery, started, earlier, &mut slot).await
             }
             Start::Revoked => {
                 tracing::info!("task was revoked; acknowledging it without running it");
@@ -217,6 +223,7 @@ async fn run_task(
     def: &'static TaskDef,
     signature: Signature,
     delivery: Delivery,
+    started: TaskState,
     earlier: Option<Vec<TaskResult>>,
     slot: &mut Slot,
 ) {
@@ -248,7 +255,7 @@ async fn run_task(
         Ok(results) if nothing_follows(&signature) => {
             // Nothing to send after this task: its SUCCESS and the acknowledgement can travel together
             // (one round trip where the broker and backend share a server).
-            let state = TaskState::success(&signature.uuid, &signature.name, results);
+            let state = started.succeeded(results);
             match delivery.try_ack_with_state(&state).await {
                 Ok(()) => {
                     done(ctx, def, &signature, &state, took).await;
@@ -258,10 +265,10 @@ async fn run_task(
                 Err(delivery) => (succeeded(ctx, def, &signature, state).await, delivery),
             }
         }
-        Ok(results) => {
-            let state = TaskState::success(&signature.uuid, &signature.name, results);
-            (succeeded(ctx, def, &signature, state).await, delivery)
-        }
+        Ok(results) => (
+            succeeded(ctx, def, &signature, started.succeeded(results)).await,
+            delivery,
+        ),
         // Boxed, as the follow-ups above: failures and retries are the rarer road.
         Err(failure) => (
             Box::pin(failed(ctx, def, &signature, failure)).await,

@@ -253,14 +253,18 @@ async fn run_batch(context: Arc<WorkerContext>, batch: Vec<(Delivery, Slot)>) {
             slots.push(slot);
         }
     }
-    let starts = super::start::start(&context, &ready).await;
+    let started: Vec<_> = ready.iter().map(process::Ready::started_state).collect();
+    let starts = super::start::start(&context, &ready, &started).await;
     let mut runs: FuturesUnordered<_> = ready
         .into_iter()
         .zip(starts)
+        .zip(started)
         .zip(slots)
         // Boxed where it is made: a run's future is a few KB, which FuturesUnordered would otherwise
         // copy on its way into the set.
-        .map(|((task, start), slot)| Box::pin(process::run(&context, task, start, slot)))
+        .map(|(((task, start), started), slot)| {
+            Box::pin(process::run(&context, task, start, started, slot))
+        })
         .collect();
     while runs.next().await.is_some() {}
 }

@@ -8,20 +8,19 @@
 //! finished chord member from the member that completes the chord, which would then fail the callback.
 
 use super::process::{Ready, Start, WorkerContext};
-use crate::wire::state::State;
+use crate::wire::state::{State, TaskState};
 
-/// Stores RECEIVED and STARTED for a batch of tasks in one backend call (one round trip on Redis), and
-/// tells for each whether it may run. A task whose states could not be stored for a transient reason does
+/// Stores RECEIVED and STARTED (`started`, one per task of `ready`) for a batch of tasks in one backend
+/// call (one round trip on Redis), and tells for each whether it may run. A task whose states could not be stored for a transient reason does
 /// not run if the backend is down ([`BackendHealth::failed`](super::health::BackendHealth::failed)): its
 /// message goes back to the queue. If the backend answers, the failure was that write's alone and the
 /// task runs anyway, with a warning.
-pub(crate) async fn start(ctx: &WorkerContext, ready: &[Ready]) -> Vec<Start> {
-    let pairs: Vec<_> = ready.iter().map(Ready::start_states).collect();
-    let stored = ctx
-        .server
-        .backend()
-        .set_received_and_started_many(&pairs)
-        .await;
+pub(crate) async fn start(
+    ctx: &WorkerContext,
+    ready: &[Ready],
+    started: &[TaskState],
+) -> Vec<Start> {
+    let stored = ctx.server.backend().set_started_many(started).await;
     // One probe for the batch, whose writes all went in one call.
     let down = match stored.iter().find_map(|r| r.as_ref().err()) {
         Some(error) => {

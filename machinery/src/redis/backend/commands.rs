@@ -183,13 +183,13 @@ impl RedisBackend {
     }
 
     /// The pieces of a task's STARTED (for [`RedisBackend::start_many_cmd`] or
-    /// [`RedisBackend::started_cmd`]), `None` when RECEIVED and STARTED are not the worker's usual pair.
+    /// [`RedisBackend::started_cmd`]), `None` when `started` is a final state, which is no start: then
+    /// its RECEIVED and it are written in turn.
     pub(super) fn start_pieces(
         &self,
-        received: &TaskState,
         started: &TaskState,
     ) -> Result<Option<[Vec<u8>; 5]>, BackendError> {
-        if !usual_start(received, started) {
+        if started.is_completed() {
             return Ok(None);
         }
         self.pieces(started).map(Some)
@@ -217,7 +217,7 @@ impl RedisBackend {
 /// Whether RECEIVED and STARTED are the worker's usual pair: one task's, differing in their state alone
 /// (then one write of STARTED stands for both: RECEIVED, replaced in the same atomic step, could never be
 /// seen).
-fn usual_start(received: &TaskState, started: &TaskState) -> bool {
+pub(super) fn usual_start(received: &TaskState, started: &TaskState) -> bool {
     let same_task = (
         &received.task_uuid,
         &received.task_name,

@@ -35,7 +35,7 @@ use super::conn::{self, is_noscript, Endpoint, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::wire::state::{GroupMeta, TaskState};
+use crate::wire::state::{GroupMeta, State, TaskState};
 
 /// The channel on which a final state of `task_uuid` is announced.
 pub fn completion_channel(task_uuid: &str) -> String {
@@ -301,30 +301,32 @@ impl Backend for RedisBackend {
         received: &TaskState,
         started: &TaskState,
     ) -> Result<bool, BackendError> {
-        let pair = [(received.clone(), started.clone())];
-        let mut results = self.set_received_and_started_many(&pair).await;
+        if !commands::usual_start(received, started) {
+            return crate::backend::received_then_started(self, received, started).await;
+        }
+        let mut results = self.set_started_many(std::slice::from_ref(started)).await;
         results.pop().unwrap_or(Ok(true))
     }
 
-    async fn set_received_and_started_many(
-        &self,
-        pairs: &[(TaskState, TaskState)],
-    ) -> Vec<Result<bool, BackendError>> {
-        let mut keys = Vec::with_capacity(pairs.len());
-        let mut pieces = Vec::with_capacity(pairs.len());
-        // One entry per pair: its answer already, or `None` for one of the batch's writes below.
-        let mut results = Vec::with_capacity(pairs.len());
-        for (received, started) in pairs {
-            match self.start_pieces(received, started) {
+    async fn set_started_many(&self, started: &[TaskState]) -> Vec<Result<bool, BackendError>> {
+        let mut keys = Vec::with_capacity(started.len());
+        let mut pieces = Vec::with_capacity(started.len());
+        // One entry per task: its answer already, or `None` for one of the batch's writes below.
+        let mut results = Vec::with_capacity(started.len());
+        for state in started {
+            match self.start_pieces(state) {
                 Ok(Some(task_pieces)) => {
-                    keys.push(started.task_uuid.as_str());
+                    keys.push(state.task_uuid.as_str());
                     pieces.push(task_pieces);
                     results.push(None);
                 }
-                // Not the worker's usual pair: the two calls, on their own.
-                Ok(None) => results.push(Some(
-                    crate::backend::received_then_started(self, received, started).await,
-                )),
+                // Not a start: the two calls, on their own.
+                Ok(None) => {
+                    let received = state.clone().in_state(State::Received);
+                    results.push(Some(
+                        crate::backend::received_then_started(self, &received, state).await,
+                    ))
+                }
                 Err(error) => results.push(Some(Err(error))),
             }
         }
