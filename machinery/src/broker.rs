@@ -259,6 +259,14 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Whether this broker holds the result backend's half, so that [`Broker::publish_with_state`] can
+    /// take a state with the message. A broker that overrides `publish_with_state` says `true` here when
+    /// it can; with the default `false` a sender stores the state through its backend and publishes,
+    /// without the call.
+    fn holds_states(&self) -> bool {
+        false
+    }
+
     /// Publishes `message` together with `pending` (the sender's PENDING state) in one step, the state
     /// first, when this broker holds the result backend's half (a Redis broker and backend on one
     /// database, paired by [`crate::connect`]); returns `Ok(None)` then. Gives the message back unsent,
@@ -409,6 +417,13 @@ pub trait Acknowledger: Send + Sync + fmt::Debug {
         Ok(false)
     }
 
+    /// Whether [`Acknowledger::try_ack_with_state`] may store a state (its broker holds the result
+    /// backend's half). An acknowledger that overrides it says `true` here when it can; with the default
+    /// `false` the worker stores the state through its backend and acknowledges, without the call.
+    fn acks_with_state(&self) -> bool {
+        false
+    }
+
     /// The delivery was dropped without being settled (its task cut off, or the code handling it
     /// panicked): give the message back to its queue promptly, without waiting for the consumer to
     /// close. Called from a destructor, so it must not block: a broker that needs a round trip spawns
@@ -471,7 +486,7 @@ impl Delivery {
     /// acknowledged, when the broker cannot do that or it failed: the caller then stores the state and
     /// acknowledges separately (the state may already be stored; storing it again is harmless).
     pub async fn try_ack_with_state(mut self, state: &TaskState) -> Result<(), Delivery> {
-        let Some(acker) = &self.acker else {
+        let Some(acker) = self.acker.as_ref().filter(|acker| acker.acks_with_state()) else {
             return Err(self);
         };
         match acker.try_ack_with_state(state).await {

@@ -219,12 +219,15 @@ impl Server {
         }
         // A broker holding the backend's half stores PENDING with the publish; any other gives the
         // message back, and the state is stored first, then the message published, as Go does.
-        let unsent = self
-            .inner
-            .broker
-            .publish_with_state(&pending, outgoing)
-            .await
-            .map_err(broker_error)?;
+        let broker = &self.inner.broker;
+        let unsent = if broker.holds_states() {
+            broker
+                .publish_with_state(&pending, outgoing)
+                .await
+                .map_err(broker_error)?
+        } else {
+            Some(outgoing)
+        };
         if let Some(outgoing) = unsent {
             self.inner
                 .backend

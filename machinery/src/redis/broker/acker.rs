@@ -131,6 +131,10 @@ impl Acknowledger for RedisAcker {
         self.settle(&self.queue, &body).await
     }
 
+    fn acks_with_state(&self) -> bool {
+        self.states.is_some()
+    }
+
     async fn try_ack_with_state(&self, state: &TaskState) -> Result<bool, BrokerError> {
         // The state first, then the acknowledgement, in one script on the server: if anything fails
         // before the end the message stays in flight and runs again (at-least-once), never the other way

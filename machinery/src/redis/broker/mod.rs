@@ -398,6 +398,10 @@ impl Broker for RedisBroker {
         .await
     }
 
+    fn holds_states(&self) -> bool {
+        self.states.is_some()
+    }
+
     async fn publish_with_state(
         &self,
         pending: &TaskState,
