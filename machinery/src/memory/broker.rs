@@ -89,16 +89,21 @@ impl State {
     }
 
     fn push(&mut self, queue: &str, body: Vec<u8>) {
-        let id = self.next_id();
-        self.queues
-            .entry(queue.to_owned())
-            .or_default()
-            .ready
-            .push_back(Entry {
-                id,
-                body,
-                redelivered: false,
-            });
+        let entry = Entry {
+            id: self.next_id(),
+            body,
+            redelivered: false,
+        };
+        // Looked up first: the queue's name is copied only when the queue is new.
+        match self.queues.get_mut(queue) {
+            Some(q) => q.ready.push_back(entry),
+            None => self
+                .queues
+                .entry(queue.to_owned())
+                .or_default()
+                .ready
+                .push_back(entry),
+        }
     }
 
     fn promote_due(&mut self, now: DateTime<Utc>) {

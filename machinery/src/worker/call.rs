@@ -35,7 +35,7 @@ pub(super) async fn call(
         .and_then(|v| v.as_u64())
         .map(Duration::from_millis)
         .or(def.options.timeout);
-    let running = ctx.control.register(&signature.uuid);
+    let running = ctx.control.register(&signature);
     if running.token.is_cancelled() {
         // Cancelled while it was on its way here (held for its rate limit, say): it does not run.
         return Err(TaskFailure::new(

@@ -1,7 +1,9 @@
 //! The worker's side of [`Server::cancel`](crate::Server::cancel): a listener for the broker's
 //! cancellation requests, and the cancellation token of each task running in this worker.
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 
 use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -11,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::broker::Broker;
+use crate::wire::signature::Signature;
 
 /// How long a request for a task this worker does not run is remembered, for a task that was about to
 /// start when the request came.
@@ -24,10 +27,36 @@ const REMEMBER_MAX: usize = 10_000;
 pub(crate) struct Control {
     /// How long a cancelled task may take to return before its future is dropped.
     pub(crate) grace: Duration,
-    running: Mutex<HashMap<String, CancellationToken>>,
+    running: Mutex<HashMap<ById, CancellationToken>>,
     heard: Mutex<Heard>,
     /// The listener, stopped with the worker (when the last reference to this goes).
     listener: OnceLock<AbortOnDropHandle<()>>,
+}
+
+/// A running task's key: its signature, shared with the run, found by its id (so that registering a
+/// task copies nothing).
+#[derive(Debug)]
+struct ById(Arc<Signature>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.uuid
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &ById) -> bool {
+        self.0.uuid == other.0.uuid
+    }
+}
+
+impl Eq for ById {}
+
+impl Hash for ById {
+    /// As the id's own hash: a `&str` finds its entry ([`Borrow`]).
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.uuid.as_str().hash(state);
+    }
 }
 
 /// The cancellation requests heard lately: in the order they came (to forget the oldest), and counted
@@ -116,15 +145,15 @@ impl Control {
 
     /// The token of a task about to run, cancelled already if a request for it came lately; dropping
     /// the guard forgets the task.
-    pub(crate) fn register(&self, uuid: &str) -> Running<'_> {
+    pub(crate) fn register<'a>(&'a self, signature: &'a Arc<Signature>) -> Running<'a> {
         let token = CancellationToken::new();
-        lock(&self.running).insert(uuid.to_owned(), token.clone());
-        if lock(&self.heard).contains(uuid) {
+        lock(&self.running).insert(ById(signature.clone()), token.clone());
+        if lock(&self.heard).contains(&signature.uuid) {
             token.cancel();
         }
         Running {
             control: self,
-            uuid: uuid.to_owned(),
+            uuid: &signature.uuid,
             token,
         }
     }
@@ -133,13 +162,13 @@ impl Control {
 /// A task registered as running ([`Control::register`]).
 pub(crate) struct Running<'a> {
     control: &'a Control,
-    uuid: String,
+    uuid: &'a str,
     pub(crate) token: CancellationToken,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        lock(&self.control.running).remove(&self.uuid);
+        lock(&self.control.running).remove(self.uuid);
     }
 }
 
