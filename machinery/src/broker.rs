@@ -432,6 +432,16 @@ pub trait Acknowledger: Send + Sync + fmt::Debug {
     fn abandon(self: Box<Self>) {}
 }
 
+/// The longest [`Broker::cancellations`] waits for its listener's first subscription: a broker that
+/// does not answer by then is left to the listener's own retries, and the worker starts.
+const LISTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until a cancellation listener says it listens, or drops the word (its first attempt failed),
+/// or [`LISTEN_WAIT`] passes.
+pub(crate) async fn until_listening(listening: tokio::sync::oneshot::Receiver<()>) {
+    let _ = tokio::time::timeout(LISTEN_WAIT, listening).await;
+}
+
 /// One message handed to the worker.
 ///
 /// Dropping a delivery without settling it ([`ack`](Delivery::ack), [`requeue`](Delivery::requeue),

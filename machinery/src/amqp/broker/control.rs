@@ -11,7 +11,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{AmqpBroker, Inner};
 use crate::amqp::session::{declare_exchange, open_channel, short, AmqpError, Mode};
@@ -45,22 +45,34 @@ impl AmqpBroker {
             .map_err(|e| BrokerError::operation("publish a cancellation", e))
     }
 
-    pub(super) fn listen_for_cancellations(&self) -> CancelReceiver {
+    /// Returns once the private queue is bound and consumed (or once the first attempt failed; the
+    /// listener keeps trying): a worker runs tasks right after, and a request for one of them must find
+    /// the listener in place.
+    pub(super) async fn listen_for_cancellations(&self) -> CancelReceiver {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(listen(self.inner.clone(), sender));
+        let (ready, listening) = oneshot::channel();
+        tokio::spawn(listen(self.inner.clone(), sender, ready));
+        crate::broker::until_listening(listening).await;
         receiver
     }
 }
 
 /// Binds a private queue to [`CANCEL_EXCHANGE`] and forwards each id, again after a lost connection,
 /// until the receiver is dropped.
-async fn listen(inner: Arc<Inner>, sender: mpsc::UnboundedSender<String>) {
+async fn listen(
+    inner: Arc<Inner>,
+    sender: mpsc::UnboundedSender<String>,
+    ready: oneshot::Sender<()>,
+) {
+    // Told once consuming (or dropped after a first attempt that failed).
+    let mut ready = Some(ready);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let consumed = tokio::select! {
-            consumed = consume(&inner, &sender) => consumed,
+            consumed = consume(&inner, &sender, &mut ready) => consumed,
             () = sender.closed() => return,
         };
+        ready = None;
         match consumed {
             Ok(()) => {
                 backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -76,7 +88,11 @@ async fn listen(inner: Arc<Inner>, sender: mpsc::UnboundedSender<String>) {
 }
 
 /// One life of the listener: until its channel or connection goes.
-async fn consume(inner: &Inner, sender: &mpsc::UnboundedSender<String>) -> Result<(), AmqpError> {
+async fn consume(
+    inner: &Inner,
+    sender: &mpsc::UnboundedSender<String>,
+    ready: &mut Option<oneshot::Sender<()>>,
+) -> Result<(), AmqpError> {
     let live = inner.session.live().await?;
     let channel = open_channel(&live, Mode::Plain).await?;
     declare_exchange(&channel, CANCEL_EXCHANGE, "fanout").await?;
@@ -114,6 +130,9 @@ async fn consume(inner: &Inner, sender: &mpsc::UnboundedSender<String>) -> Resul
         )
         .await
         .map_err(|e| AmqpError::lapin("consuming the cancellation queue", e))?;
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
     loop {
         let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut consumer).poll_next(cx)).await;
         let Some(Ok(delivery)) = next else {

@@ -245,7 +245,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn cancellations(&self) -> Result<crate::broker::CancelReceiver, BrokerError> {
-        Ok(self.listen_for_cancellations())
+        Ok(self.listen_for_cancellations().await)
     }
 
     fn kind(&self) -> &'static str {

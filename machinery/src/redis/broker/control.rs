@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::RedisBroker;
 use crate::broker::{BrokerError, CancelReceiver};
@@ -27,9 +27,13 @@ impl RedisBroker {
             .map_err(|e| BrokerError::operation("publish a cancellation", e))
     }
 
-    pub(super) fn listen_for_cancellations(&self) -> CancelReceiver {
+    /// Returns once subscribed (or once the first attempt failed; the listener keeps trying): a worker
+    /// runs tasks right after, and a request for one of them must find the listener in place.
+    pub(super) async fn listen_for_cancellations(&self) -> CancelReceiver {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(listen(self.inner.endpoint.clone(), sender));
+        let (ready, listening) = oneshot::channel();
+        tokio::spawn(listen(self.inner.endpoint.clone(), sender, ready));
+        crate::broker::until_listening(listening).await;
         receiver
     }
 }
@@ -37,7 +41,13 @@ impl RedisBroker {
 /// Subscribes to [`CANCEL_CHANNEL`] and forwards each id, reconnecting after a lost connection (behind
 /// Sentinel to the master named then; on a cluster to the next seed, each of which relays every
 /// `PUBLISH`), until the receiver is dropped.
-async fn listen(endpoint: Endpoint, sender: mpsc::UnboundedSender<String>) {
+async fn listen(
+    endpoint: Endpoint,
+    sender: mpsc::UnboundedSender<String>,
+    ready: oneshot::Sender<()>,
+) {
+    // Told (or dropped) after the first attempt.
+    let mut ready = Some(ready);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0usize;
     loop {
@@ -54,6 +64,9 @@ async fn listen(endpoint: Endpoint, sender: mpsc::UnboundedSender<String>) {
         };
         match opened {
             Ok(Ok(pubsub)) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
                 backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
                 let mut stream = pubsub.into_on_message();
                 loop {
@@ -77,6 +90,7 @@ async fn listen(endpoint: Endpoint, sender: mpsc::UnboundedSender<String>) {
             }
             Err(_) => tracing::debug!("subscribing to the cancellation channel timed out"),
         }
+        ready = None;
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}
             () = sender.closed() => return,

@@ -358,7 +358,7 @@ impl Broker for RedisBroker {
     }
 
     async fn cancellations(&self) -> Result<crate::broker::CancelReceiver, BrokerError> {
-        Ok(self.listen_for_cancellations())
+        Ok(self.listen_for_cancellations().await)
     }
 
     fn kind(&self) -> &'static str {
