@@ -100,6 +100,12 @@ pub(super) fn mark_sent_again(signature: &mut Signature) {
     }
 }
 
+/// Whether `signature` is a chord member (in a group, with a chord callback): only those are checked by
+/// [`impossible_chord_member`].
+pub(super) fn is_chord_member(signature: &Signature) -> bool {
+    !signature.group_uuid.is_empty() && signature.chord_callback.is_some()
+}
+
 /// Why a chord member can never complete its chord correctly, if it cannot (Go's rule: a chord fires
 /// only when every member listed in the group record has finished). The trigger counts members up to the
 /// message's `GroupTaskCount`, so a count of 0 (negative counts read as 0), or one that differs from the
@@ -110,7 +116,7 @@ pub(super) async fn impossible_chord_member(
     ctx: &WorkerContext,
     signature: &Signature,
 ) -> Option<String> {
-    if signature.group_uuid.is_empty() || signature.chord_callback.is_none() {
+    if !is_chord_member(signature) {
         return None;
     }
     let member = |why: String| {

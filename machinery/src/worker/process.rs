@@ -68,24 +68,18 @@ impl Ready {
 }
 
 /// Decodes a delivery. Malformed messages and unknown tasks are settled here (dead-lettered or requeued)
-/// and give `None`.
+/// and give `None`. Those roads are boxed: every delivery's decode would otherwise carry their futures'
+/// size (a few KB, copied for each message).
 pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Ready> {
     let mut signature = match Signature::from_json(&delivery.body) {
         Ok(signature) => signature,
         Err(error) => {
-            let reason = format!("malformed message: cannot decode the task signature: {error}");
-            tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a message that is not a task signature");
-            metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
-            // A sender waiting for the task learns why at once, if the id can be read.
-            if let Some((uuid, name)) = readable_id(&delivery.body) {
-                store_dead_letter_state(ctx, &uuid, &name, &reason).await;
-            }
-            settle("dead-letter", delivery.dead_letter(reason)).await;
+            Box::pin(dead_letter_malformed(ctx, delivery, error)).await;
             return None;
         }
     };
     let Some(registered) = ctx.registry.get(&signature.name) else {
-        super::unknown::unknown_task(ctx, signature, delivery).await;
+        Box::pin(super::unknown::unknown_task(ctx, signature, delivery)).await;
         return None;
     };
     let def = registered.def;
@@ -97,15 +91,20 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         );
         tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a task whose id names its queue");
         metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Unstorable);
-        settle("dead-letter", delivery.dead_letter(reason)).await;
+        Box::pin(settle("dead-letter", delivery.dead_letter(reason))).await;
         return None;
     }
-    if let Some(reason) = follow_up::impossible_chord_member(ctx, &signature).await {
-        tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a chord member that could only fire its chord early");
-        metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
-        store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
-        settle("dead-letter", delivery.dead_letter(reason)).await;
-        return None;
+    if follow_up::is_chord_member(&signature) {
+        if let Some(reason) = Box::pin(follow_up::impossible_chord_member(ctx, &signature)).await {
+            tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a chord member that could only fire its chord early");
+            metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
+            Box::pin(async {
+                store_dead_letter_state(ctx, &signature.uuid, &signature.name, &reason).await;
+                settle("dead-letter", delivery.dead_letter(reason)).await;
+            })
+            .await;
+            return None;
+        }
     }
     let span = tracing::info_span!(
         "task",
@@ -192,6 +191,18 @@ pub(crate) async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Dead-letters a message that does not decode as a signature, saying why.
+async fn dead_letter_malformed(ctx: &WorkerContext, delivery: Delivery, error: serde_json::Error) {
+    let reason = format!("malformed message: cannot decode the task signature: {error}");
+    tracing::warn!(queue = %ctx.queue, %reason, "dead-lettering a message that is not a task signature");
+    metrics::dead_lettered(&ctx.queue, metrics::DeadLetterReason::Malformed);
+    // A sender waiting for the task learns why at once, if the id can be read.
+    if let Some((uuid, name)) = readable_id(&delivery.body) {
+        store_dead_letter_state(ctx, &uuid, &name, &reason).await;
+    }
+    settle("dead-letter", delivery.dead_letter(reason)).await;
 }
 
 /// The task id (and name, if any) of a message that does not decode as a signature, when its JSON is an
