@@ -40,24 +40,31 @@ async fn fill(server: &Server, queue: &str, tasks: u64) -> Result<(), BenchError
     let mut left = tasks;
     while left > 0 {
         let n = left.min(FILL_BATCH as u64);
-        let mut batch = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let mut signature = cluster_noop::signature().erase();
-            signature.uuid = new_task_uuid();
-            signature.routing_key = queue.to_owned();
-            let body = signature
-                .to_json()
-                .map_err(|e| BenchError::Failed(format!("encoding a message: {e}")))?;
-            batch.push(Outgoing {
-                uuid: signature.uuid.clone(),
-                name: signature.name.clone(),
-                routing_key: queue.to_owned(),
-                body,
-                eta: None,
-                priority: 0,
-                headers: machinery::Headers::new(),
-            });
-        }
+        let signatures: Vec<_> = (0..n)
+            .map(|_| {
+                let mut signature = cluster_noop::signature().erase();
+                signature.uuid = new_task_uuid();
+                signature.routing_key = queue.to_owned();
+                signature
+            })
+            .collect();
+        let batch = signatures
+            .iter()
+            .map(|signature| {
+                let body = signature
+                    .to_json()
+                    .map_err(|e| BenchError::Failed(format!("encoding a message: {e}")))?;
+                Ok(Outgoing {
+                    uuid: &signature.uuid,
+                    name: &signature.name,
+                    routing_key: queue,
+                    body,
+                    eta: None,
+                    priority: 0,
+                    headers: machinery::Headers::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, BenchError>>()?;
         server
             .broker()
             .publish_many(batch)

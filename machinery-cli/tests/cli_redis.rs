@@ -88,9 +88,9 @@ impl World {
         );
         self.broker()
             .publish(Outgoing {
-                uuid: uuid.into(),
-                name: name.into(),
-                routing_key: queue.into(),
+                uuid,
+                name,
+                routing_key: queue,
                 body: body.into_bytes(),
                 eta: None,
                 priority: 0,

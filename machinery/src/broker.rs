@@ -87,15 +87,16 @@ impl BrokerError {
     }
 }
 
-/// A message ready to publish.
+/// A message ready to publish. Its id, name and routing key are borrowed from the signature it was
+/// encoded from, which outlives the publish (a send copies none of them).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outgoing {
+pub struct Outgoing<'a> {
     /// The task id, for logs and brokers that index by it.
-    pub uuid: String,
+    pub uuid: &'a str,
     /// The task name, for logs.
-    pub name: String,
+    pub name: &'a str,
     /// The queue / routing key, already adjusted by [`Broker::route`].
-    pub routing_key: String,
+    pub routing_key: &'a str,
     /// The Signature JSON.
     pub body: Vec<u8>,
     /// Deliver no earlier than this.
@@ -249,10 +250,10 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     fn route(&self, routing_key: &str) -> String;
 
     /// Publishes one message; a future ETA delays it.
-    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError>;
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BrokerError>;
 
     /// Publishes several messages (a group); brokers may batch them.
-    async fn publish_many(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+    async fn publish_many(&self, messages: Vec<Outgoing<'_>>) -> Result<(), BrokerError> {
         for message in messages {
             self.publish(message).await?;
         }
@@ -272,11 +273,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// database, paired by [`crate::connect`]); returns `Ok(None)` then. Gives the message back unsent,
     /// `Ok(Some(message))`, when it does not: the caller stores the state through its backend and then
     /// [publishes](Broker::publish). The default gives it back.
-    async fn publish_with_state(
+    async fn publish_with_state<'a>(
         &self,
         pending: &TaskState,
-        message: Outgoing,
-    ) -> Result<Option<Outgoing>, BrokerError> {
+        message: Outgoing<'a>,
+    ) -> Result<Option<Outgoing<'a>>, BrokerError> {
         let _ = pending;
         Ok(Some(message))
     }

@@ -156,8 +156,9 @@ impl Server {
         AsyncResult::new(self.clone(), task_uuid.into(), String::new())
     }
 
-    /// Fills in what Go's `SendTask` fills in (id, routing key, headers) and encodes the message.
-    pub(crate) fn prepare(&self, signature: &mut Signature) -> Result<Outgoing, SendError> {
+    /// Fills in what Go's `SendTask` fills in (id, routing key, headers); then [`Server::encode`] makes
+    /// the message.
+    pub(crate) fn prepare(&self, signature: &mut Signature) -> Result<(), SendError> {
         if let Some(error) = &signature.encode_error {
             return Err(SendError::Encode(error.clone()));
         }
@@ -177,19 +178,23 @@ impl Server {
         }
         let headers = signature.headers.get_or_insert_with(Headers::new);
         crate::telemetry::trace::inject(headers);
-        let headers = headers.clone();
+        Ok(())
+    }
+
+    /// The message of a [prepared](Server::prepare) signature, borrowing its id, name and routing key.
+    pub(crate) fn encode<'a>(&self, signature: &'a Signature) -> Result<Outgoing<'a>, SendError> {
         let body = signature.to_json().map_err(|source| SendError::Json {
             task: signature.name.clone(),
             source,
         })?;
         Ok(Outgoing {
-            uuid: signature.uuid.clone(),
-            name: signature.name.clone(),
-            routing_key: signature.routing_key.clone(),
+            uuid: &signature.uuid,
+            name: &signature.name,
+            routing_key: &signature.routing_key,
             body,
             eta: signature.eta,
             priority: signature.priority,
-            headers,
+            headers: signature.headers.clone().unwrap_or_default(),
         })
     }
 
@@ -200,7 +205,9 @@ impl Server {
     }
 
     async fn publish_one(&self, signature: &mut Signature) -> Result<(), SendError> {
-        let outgoing = self.prepare(signature)?;
+        self.prepare(signature)?;
+        let signature = &*signature;
+        let outgoing = self.encode(signature)?;
         tracing::Span::current().record("task.uuid", signature.uuid.as_str());
         let pending = TaskState::pending(&signature.uuid, &signature.name);
         let broker_error = |source| SendError::Broker {

@@ -539,12 +539,15 @@ impl Server {
         tracing::Span::current().record("group.uuid", group_uuid.as_str());
         let count = u32::try_from(members.len())
             .map_err(|_| SendError::Workflow("group too large".into()))?;
-        let mut outgoing = Vec::with_capacity(members.len());
         for member in members.iter_mut() {
             member.group_uuid.clone_from(&group_uuid);
             member.group_task_count = count;
-            outgoing.push(self.prepare(member)?);
+            self.prepare(member)?;
         }
+        let outgoing = members
+            .iter()
+            .map(|member| self.encode(member))
+            .collect::<Result<Vec<_>, _>>()?;
         let uuids = members.iter().map(|m| m.uuid.clone()).collect();
         let backend = self.backend();
         let meta = GroupMeta::new(group_uuid.clone(), uuids);

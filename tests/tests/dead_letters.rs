@@ -98,9 +98,9 @@ async fn a_message_that_does_not_decode_fails_its_task_when_its_id_can_be_read()
     server
         .broker()
         .publish(Outgoing {
-            uuid: String::new(),
-            name: String::new(),
-            routing_key: "machinery_tasks".into(),
+            uuid: "",
+            name: "",
+            routing_key: "machinery_tasks",
             body,
             eta: None,
             priority: 0,

@@ -173,9 +173,9 @@ async fn a_worker_dead_letters_mangled_messages_with_a_reason_and_keeps_serving(
         server
             .broker()
             .publish(Outgoing {
-                uuid: String::new(),
-                name: String::new(),
-                routing_key: queue.clone(),
+                uuid: "",
+                name: "",
+                routing_key: &queue,
                 body: mangled,
                 eta: None,
                 priority: 0,

@@ -24,11 +24,11 @@ fn options(queue: &str) -> ConsumeOptions {
     }
 }
 
-fn message(broker: &dyn Broker, queue: &str, body: &str) -> Outgoing {
+fn message<'a>(routing_key: &'a str, body: &str) -> Outgoing<'a> {
     Outgoing {
-        uuid: String::new(),
-        name: String::new(),
-        routing_key: broker.route(queue),
+        uuid: "",
+        name: "",
+        routing_key,
         body: body.as_bytes().to_vec(),
         eta: None,
         priority: 0,
@@ -46,7 +46,8 @@ where
 {
     let mut consumer: Box<dyn Consumer> = broker.consume(options(queue)).await.unwrap();
     let body = format!("{{\"redelivery test\":\"{}\"}}", unique("body"));
-    broker.publish(message(broker, queue, &body)).await.unwrap();
+    let routing_key = broker.route(queue);
+    broker.publish(message(&routing_key, &body)).await.unwrap();
     let batch = tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(1))
         .await
         .expect("the message is delivered")

@@ -51,11 +51,11 @@ fn options(queue: &str, tag: &str) -> ConsumeOptions {
     }
 }
 
-fn outgoing(queue: &str, body: &str) -> Outgoing {
+fn outgoing<'a>(queue: &'a str, body: &str) -> Outgoing<'a> {
     Outgoing {
-        uuid: String::new(),
-        name: String::new(),
-        routing_key: queue.into(),
+        uuid: "",
+        name: "",
+        routing_key: queue,
         body: body.as_bytes().to_vec(),
         eta: None,
         priority: 0,

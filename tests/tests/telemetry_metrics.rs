@@ -75,7 +75,7 @@ impl Broker for Flaky {
     fn route(&self, routing_key: &str) -> String {
         self.inner.route(routing_key)
     }
-    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BrokerError> {
         self.inner.publish(message).await
     }
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -159,9 +159,9 @@ async fn counters_histogram_and_gauges_move_as_tasks_run() {
     server
         .broker()
         .publish(Outgoing {
-            uuid: String::new(),
-            name: String::new(),
-            routing_key: "metrics_q".into(),
+            uuid: "",
+            name: "",
+            routing_key: "metrics_q",
             body: b"not json".to_vec(),
             eta: None,
             priority: 0,

@@ -22,7 +22,16 @@ struct Refusing {
     refused: &'static str,
     failures: AtomicUsize,
     /// Every message published, in order.
-    published: std::sync::Mutex<Vec<Outgoing>>,
+    published: std::sync::Mutex<Vec<Published>>,
+}
+
+/// A message as it was published.
+#[derive(Debug, Clone)]
+struct Published {
+    uuid: String,
+    name: String,
+    routing_key: String,
+    body: Vec<u8>,
 }
 
 #[async_trait]
@@ -33,7 +42,7 @@ impl Broker for Refusing {
     fn route(&self, routing_key: &str) -> String {
         self.inner.route(routing_key)
     }
-    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BrokerError> {
         if message.name == self.refused
             && self
                 .failures
@@ -48,7 +57,12 @@ impl Broker for Refusing {
         self.published
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(message.clone());
+            .push(Published {
+                uuid: message.uuid.to_owned(),
+                name: message.name.to_owned(),
+                routing_key: message.routing_key.to_owned(),
+                body: message.body.clone(),
+            });
         self.inner.publish(message).await
     }
     async fn consume(&self, options: ConsumeOptions) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -199,7 +213,7 @@ async fn a_chord_callback_sent_again_after_it_ran_does_not_run_again() {
 
     // Both members come again, as the worker puts a message back (the one that completed the chord is
     // told so again by the backend).
-    let members: Vec<Outgoing> = broker
+    let members: Vec<Published> = broker
         .published
         .lock()
         .unwrap()
@@ -215,7 +229,15 @@ async fn a_chord_callback_sent_again_after_it_ran_does_not_run_again() {
         let body = again.to_json().unwrap();
         broker
             .inner
-            .publish(Outgoing { body, ..member })
+            .publish(Outgoing {
+                uuid: &member.uuid,
+                name: &member.name,
+                routing_key: &member.routing_key,
+                body,
+                eta: None,
+                priority: 0,
+                headers: Default::default(),
+            })
             .await
             .unwrap();
     }

@@ -357,11 +357,11 @@ async fn retries_run_out_and_the_last_error_is_the_failure() {
     running.shutdown(WAIT).await.unwrap();
 }
 
-fn raw(queue: &str, body: &[u8]) -> Outgoing {
+fn raw<'a>(queue: &'a str, body: &[u8]) -> Outgoing<'a> {
     Outgoing {
-        uuid: String::new(),
-        name: String::new(),
-        routing_key: queue.into(),
+        uuid: "",
+        name: "",
+        routing_key: queue,
         body: body.to_vec(),
         eta: None,
         priority: 0,

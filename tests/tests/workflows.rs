@@ -318,9 +318,9 @@ async fn a_go_style_chain_runs_on_our_worker(server: &Server, setup: Setup) {
     server
         .broker()
         .publish(Outgoing {
-            uuid: sig.uuid.clone(),
-            name: sig.name.clone(),
-            routing_key: queue,
+            uuid: &sig.uuid,
+            name: &sig.name,
+            routing_key: &queue,
             body: body.into_bytes(),
             eta: None,
             priority: 0,

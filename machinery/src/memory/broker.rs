@@ -188,7 +188,7 @@ impl Broker for MemoryBroker {
         }
     }
 
-    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BrokerError> {
         {
             let mut state = self.shared.lock();
             match message.eta {
@@ -196,9 +196,9 @@ impl Broker for MemoryBroker {
                     let seq = state.next_id();
                     state
                         .delayed
-                        .insert((eta, seq), (message.routing_key, message.body));
+                        .insert((eta, seq), (message.routing_key.to_owned(), message.body));
                 }
-                _ => state.push(&message.routing_key, message.body),
+                _ => state.push(message.routing_key, message.body),
             }
         }
         self.shared.changed.notify_waiters();
@@ -534,11 +534,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn message(queue: &str, body: &str) -> Outgoing {
+    fn message<'a>(queue: &'a str, body: &str) -> Outgoing<'a> {
         Outgoing {
-            uuid: String::new(),
-            name: String::new(),
-            routing_key: queue.into(),
+            uuid: "",
+            name: "",
+            routing_key: queue,
             body: body.as_bytes().to_vec(),
             eta: None,
             priority: 0,
@@ -631,7 +631,7 @@ mod tests {
         );
     }
 
-    fn task(queue: &str, uuid: &str) -> Outgoing {
+    fn task<'a>(queue: &'a str, uuid: &str) -> Outgoing<'a> {
         let body = format!(r#"{{"UUID":"{uuid}","Name":"add","RoutingKey":"{queue}"}}"#);
         message(queue, &body)
     }

@@ -23,10 +23,10 @@ impl Inner {
     /// that no queue is bound for.
     pub(super) async fn send_delayed(
         &self,
-        message: &Outgoing,
+        message: &Outgoing<'_>,
         delay_ms: i64,
     ) -> Result<session::Sent, AmqpError> {
-        self.ensure_route(&message.routing_key).await?;
+        self.ensure_route(message.routing_key).await?;
         let s = &self.settings;
         let (live, topology) = self.topology.get(&self.session).await?;
         self.ensure_exchange(&live, &topology).await?;

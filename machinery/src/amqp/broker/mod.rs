@@ -265,7 +265,7 @@ impl Broker for AmqpBroker {
         }
     }
 
-    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BrokerError> {
         headers_fit(&message, self.inner.session.frame_max())?;
         self.inner
             .publish(&message)
@@ -274,7 +274,7 @@ impl Broker for AmqpBroker {
     }
 
     /// Sends every message before waiting for any confirm, so a group costs about one round trip.
-    async fn publish_many(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+    async fn publish_many(&self, messages: Vec<Outgoing<'_>>) -> Result<(), BrokerError> {
         let frame_max = self.inner.session.frame_max();
         for message in &messages {
             headers_fit(message, frame_max)?;
@@ -305,7 +305,7 @@ const HEADER_FRAME_RESERVE: usize = 512;
 /// the whole connection (`frame_too_large`), and sending it again would do the same, for ever. The size
 /// is estimated from the headers' JSON, which is at least as long as their AMQP table for the strings and
 /// numbers headers carry, plus a few bytes per entry for the table's type and length fields.
-fn headers_fit(message: &Outgoing, frame_max: u32) -> Result<(), BrokerError> {
+fn headers_fit(message: &Outgoing<'_>, frame_max: u32) -> Result<(), BrokerError> {
     if message.headers.is_empty() {
         return Ok(());
     }

@@ -18,7 +18,7 @@ use crate::broker::Outgoing;
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Inner {
-    pub(super) fn properties(&self, message: &Outgoing) -> BasicProperties {
+    pub(super) fn properties(&self, message: &Outgoing<'_>) -> BasicProperties {
         let mut properties = json_properties();
         // amqp091 leaves out a zero priority and an empty header table; so do we.
         if message.priority > 0 {
@@ -87,13 +87,13 @@ impl Inner {
     }
 
     /// Sends a message now (no confirm awaited yet).
-    async fn send_now(&self, message: &Outgoing) -> Result<session::Sent, AmqpError> {
-        self.ensure_route(&message.routing_key).await?;
+    async fn send_now(&self, message: &Outgoing<'_>) -> Result<session::Sent, AmqpError> {
+        self.ensure_route(message.routing_key).await?;
         let (_, channel) = self.publish.get(&self.session).await?;
         session::send(
             &channel,
             &self.settings.exchange,
-            &message.routing_key,
+            message.routing_key,
             &message.body,
             self.properties(message),
         )
@@ -101,7 +101,7 @@ impl Inner {
     }
 
     /// Sends a message now, or parks it until its ETA (no confirm awaited yet).
-    async fn send(&self, message: &Outgoing) -> Result<session::Sent, AmqpError> {
+    async fn send(&self, message: &Outgoing<'_>) -> Result<session::Sent, AmqpError> {
         if let Some(eta) = message.eta {
             let delay_ms = (eta - Utc::now()).num_milliseconds();
             if delay_ms > 0 {
@@ -127,7 +127,7 @@ impl Inner {
 
     /// Publishes one message and awaits its confirm, retrying through a lost connection until
     /// [`PUBLISH_DEADLINE`].
-    pub(super) async fn publish(&self, message: &Outgoing) -> Result<(), AmqpError> {
+    pub(super) async fn publish(&self, message: &Outgoing<'_>) -> Result<(), AmqpError> {
         session::retry_transient("publish", Instant::now() + PUBLISH_DEADLINE, || async {
             self.send(message).await?.confirmed().await
         })
@@ -136,9 +136,9 @@ impl Inner {
 
     /// Sends every message before awaiting any confirm; after a transient failure only the messages that
     /// were not confirmed are sent again.
-    pub(super) async fn publish_many(&self, messages: &[Outgoing]) -> Result<(), AmqpError> {
+    pub(super) async fn publish_many(&self, messages: &[Outgoing<'_>]) -> Result<(), AmqpError> {
         let deadline = Instant::now() + PUBLISH_DEADLINE;
-        let mut todo: Vec<&Outgoing> = messages.iter().collect();
+        let mut todo: Vec<&Outgoing<'_>> = messages.iter().collect();
         let mut backoff =
             crate::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {

@@ -239,12 +239,12 @@ impl RedisBroker {
 
     /// The command that publishes `message`: `RPUSH <queue>`, or `ZADD <delayed key> <eta ns>` for a
     /// future ETA (on a cluster, the queue's own `{<queue>}:delayed`).
-    fn publish_cmd(&self, message: &Outgoing) -> redis::Cmd {
+    fn publish_cmd(&self, message: &Outgoing<'_>) -> redis::Cmd {
         match message.eta {
             Some(eta) if eta > Utc::now() => {
                 let score = eta.timestamp_nanos_opt().unwrap_or(i64::MAX);
                 let mut cmd = redis::cmd("ZADD");
-                match self.inner.keys(&message.routing_key).delayed {
+                match self.inner.keys(message.routing_key).delayed {
                     Some(own) => cmd.arg(own),
                     None => cmd.arg(self.delayed_key()),
                 };
@@ -253,7 +253,7 @@ impl RedisBroker {
             }
             _ => {
                 let mut cmd = redis::cmd("RPUSH");
-                cmd.arg(&message.routing_key).arg(&message.body);
+                cmd.arg(message.routing_key).arg(&message.body);
                 cmd
             }
         }
@@ -373,7 +373,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    async fn publish(&self, message: Outgoing) -> Result<(), BrokerError> {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
         pipe.add_command(self.publish_cmd(&message)).ignore();
         let pipe = &pipe;
@@ -383,7 +383,7 @@ impl Broker for RedisBroker {
         .await
     }
 
-    async fn publish_many(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+    async fn publish_many(&self, messages: Vec<Outgoing<'_>>) -> Result<(), BrokerError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -402,11 +402,11 @@ impl Broker for RedisBroker {
         self.states.is_some()
     }
 
-    async fn publish_with_state(
+    async fn publish_with_state<'a>(
         &self,
         pending: &TaskState,
-        message: Outgoing,
-    ) -> Result<Option<Outgoing>, BrokerError> {
+        message: Outgoing<'a>,
+    ) -> Result<Option<Outgoing<'a>>, BrokerError> {
         // With the backend half on this very database, the PENDING state and the message travel in one
         // pipeline: one round trip, and the state is written first, as Go does.
         let Some(states) = &self.states else {
