@@ -18,6 +18,11 @@
     unreachable_pub
 )]
 
+/// The allocator the bench's worker runs with (see Cargo.toml's features).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod ceiling;
 mod child;
 mod cli;

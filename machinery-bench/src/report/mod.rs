@@ -30,6 +30,13 @@ fn senders_text(senders: usize) -> String {
     }
 }
 
+/// The global allocator of this build (the `mimalloc` feature, on by default).
+const ALLOCATOR: &str = if cfg!(feature = "mimalloc") {
+    "mimalloc as its allocator"
+} else {
+    "the system allocator"
+};
+
 /// The whole report: a heading, the command and machine, and the tables.
 pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) -> String {
     let mut out = String::new();
@@ -87,8 +94,9 @@ pub(crate) fn render(settings: &Settings, machine: &Machine, results: &Results) 
         (BrokerKind::Redis, _) => String::new(),
     };
     line(format!(
-        "The worker process runs on a {}.",
-        settings.worker_runtime.describe()
+        "The worker process runs on a {}, with {}.",
+        settings.worker_runtime.describe(),
+        ALLOCATOR
     ));
     line(format!(
         "Sizes: {} tasks per measurement ({} for one sender and at concurrency 1), {} senders, {}, {} round trips, \
