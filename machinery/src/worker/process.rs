@@ -12,7 +12,7 @@ use super::call;
 use super::follow_up::{self, FollowUpFailed};
 use super::health::BackendHealth;
 use super::log;
-use super::registry::Registry;
+use super::registry::{Registered, Registry};
 use super::slot::Slot;
 use super::Hooks;
 use crate::backend::BackendError;
@@ -41,14 +41,16 @@ pub(crate) struct WorkerContext {
 impl std::error::Error for TaskFailure {}
 
 /// A delivery that decoded into a task this worker knows, with the span it runs in.
-pub(crate) struct Ready {
-    def: &'static TaskDef,
-    signature: Signature,
+pub(crate) struct Ready<'c> {
+    /// The task, with its metrics handles (found once, at decode).
+    task: &'c Registered,
+    /// Shared from here on (with the run's context): what follows moves a pointer, not the message.
+    signature: Arc<Signature>,
     delivery: Delivery,
     span: tracing::Span,
 }
 
-impl Ready {
+impl Ready<'_> {
     /// The STARTED a worker stores before running it (with its RECEIVED,
     /// [`Backend::set_started_many`](crate::backend::Backend::set_started_many)), kept to become its
     /// SUCCESS.
@@ -70,7 +72,7 @@ impl Ready {
 /// Decodes a delivery. Malformed messages and unknown tasks are settled here (dead-lettered or requeued)
 /// and give `None`. Those roads are boxed: every delivery's decode would otherwise carry their futures'
 /// size (a few KB, copied for each message).
-pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Ready> {
+pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Ready<'_>> {
     let mut signature = match Signature::from_json(&delivery.body) {
         Ok(signature) => signature,
         Err(error) => {
@@ -82,7 +84,6 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
         Box::pin(super::unknown::unknown_task(ctx, signature, delivery)).await;
         return None;
     };
-    let def = registered.def;
     if signature.uuid == ctx.queue || signature.uuid == signature.routing_key {
         // Its state, stored by id, would replace the queue (on Redis); nothing it does can be recorded.
         let reason = format!(
@@ -119,8 +120,8 @@ pub(crate) async fn decode(ctx: &WorkerContext, delivery: Delivery) -> Option<Re
     log::received(&signature, delivery.redelivered);
     follow_up::mark_if_redelivered(&mut signature, &delivery);
     Some(Ready {
-        def,
-        signature,
+        task: registered,
+        signature: Arc::new(signature),
         delivery,
         span,
     })
@@ -149,26 +150,27 @@ pub(crate) enum Start {
 /// STARTED stored for it, which becomes its SUCCESS.
 pub(crate) async fn run(
     ctx: &WorkerContext,
-    ready: Ready,
+    ready: Ready<'_>,
     start: Start,
     started: TaskState,
     mut slot: Slot,
 ) {
     let Ready {
-        def,
+        task,
         mut signature,
         delivery,
         span,
     } = ready;
     async move {
         match start {
-            Start::Run => run_task(ctx, def, signature, delivery, started, None, &mut slot).await,
+            Start::Run => run_task(ctx, task, signature, delivery, started, None, &mut slot).await,
             Start::Succeeded(results) => {
                 tracing::info!("the task's SUCCESS is already stored; its follow-ups are sent without running it again");
                 metrics::not_run_again(&signature.name);
-                follow_up::mark_sent_again(&mut signature);
+                // Not shared yet: no copy is made.
+                follow_up::mark_sent_again(Arc::make_mut(&mut signature));
                 let earlier = Some(results);
-                run_task(ctx, def, signature, delivery, started, earlier, &mut slot).await
+                run_task(ctx, task, signature, delivery, started, earlier, &mut slot).await
             }
             Start::Revoked => {
                 tracing::info!("task was revoked; acknowledging it without running it");
@@ -231,25 +233,25 @@ pub(super) async fn store_dead_letter_state(
 
 async fn run_task(
     ctx: &WorkerContext,
-    def: &'static TaskDef,
-    signature: Signature,
+    task: &Registered,
+    signature: Arc<Signature>,
     delivery: Delivery,
     started: TaskState,
     earlier: Option<Vec<TaskResult>>,
     slot: &mut Slot,
 ) {
-    let (signature, delivery) = match earlier {
+    let def = task.def;
+    let delivery = match earlier {
         // Boxed: rate admission is a large future (its sleep, its publish) that most tasks never start,
         // and every run's future would carry its size.
         None if def.options.rate_limit.is_some() => {
-            match Box::pin(super::rate::admit(ctx, def, signature, delivery)).await {
+            match Box::pin(super::rate::admit(ctx, def, &signature, delivery)).await {
                 Some(admitted) => admitted,
                 None => return,
             }
         }
-        _ => (signature, delivery),
+        _ => delivery,
     };
-    let signature = Arc::new(signature);
     let redelivered = delivery.redelivered;
     let started_at = std::time::Instant::now();
     let outcome = match earlier {
@@ -263,23 +265,24 @@ async fn run_task(
     let took = started_at.elapsed();
     slot.handler_done().await;
     let (finish, delivery) = match outcome {
-        Ok(results) if nothing_follows(&signature) => {
-            // Nothing to send after this task: its SUCCESS and the acknowledgement can travel together
-            // (one round trip where the broker and backend share a server).
+        Ok(results) => {
             let state = started.succeeded(results);
-            match delivery.try_ack_with_state(&state).await {
-                Ok(()) => {
-                    done(ctx, def, &signature, &state, took).await;
-                    return;
+            let delivery = if nothing_follows(&signature) {
+                // Nothing to send after this task: its SUCCESS and the acknowledgement can travel
+                // together (one round trip where the broker and backend share a server).
+                match delivery.try_ack_with_state(&state).await {
+                    Ok(()) => {
+                        done(ctx, task, &signature, &state, took).await;
+                        return;
+                    }
+                    // The same state, stored on its own.
+                    Err(delivery) => delivery,
                 }
-                // The same state, stored on its own.
-                Err(delivery) => (succeeded(ctx, def, &signature, state).await, delivery),
-            }
+            } else {
+                delivery
+            };
+            (succeeded(ctx, def, &signature, state).await, delivery)
         }
-        Ok(results) => (
-            succeeded(ctx, def, &signature, started.succeeded(results)).await,
-            delivery,
-        ),
         // Boxed, as the follow-ups above: failures and retries are the rarer road.
         Err(failure) => (
             Box::pin(failed(ctx, def, &signature, failure)).await,
@@ -288,7 +291,7 @@ async fn run_task(
     };
     match finish {
         Finish::Done(state) => {
-            done(ctx, def, &signature, &state, took).await;
+            done(ctx, task, &signature, &state, took).await;
             settle("ack", delivery.ack()).await;
         }
         Finish::NotStored => {
@@ -297,7 +300,7 @@ async fn run_task(
             settle("requeue", delivery.requeue(signature_body(&signature))).await;
         }
         Finish::FollowUpFailed(state, failed) => {
-            done(ctx, def, &signature, &state, took).await;
+            done(ctx, task, &signature, &state, took).await;
             Box::pin(follow_up::requeue(ctx, &signature, delivery, failed)).await;
         }
         Finish::Unstorable(error) => {
@@ -356,12 +359,12 @@ fn nothing_follows(signature: &Signature) -> bool {
 /// state is final.
 async fn done(
     ctx: &WorkerContext,
-    def: &'static TaskDef,
+    task: &Registered,
     signature: &Signature,
     state: &TaskState,
     took: Duration,
 ) {
-    finished(ctx, def, signature, state, took);
+    finished(ctx, task, signature, state, took);
     if state.is_completed() {
         crate::unique::release(ctx.server.backend().as_ref(), signature).await;
     }
@@ -370,7 +373,7 @@ async fn done(
 /// Records a run whose final state is stored: metrics, the span's outcome and the post-task hook.
 fn finished(
     ctx: &WorkerContext,
-    def: &'static TaskDef,
+    task: &Registered,
     signature: &Signature,
     state: &TaskState,
     took: Duration,
@@ -380,9 +383,7 @@ fn finished(
         State::Retry => metrics::Outcome::Retried,
         _ => metrics::Outcome::Failed,
     };
-    if let Some(registered) = ctx.registry.get(def.name) {
-        registered.metrics.finished(outcome, took);
-    }
+    task.metrics.finished(outcome, took);
     ctx.counters.finished(&state.state);
     tracing::Span::current().record("outcome", state.state.as_str());
     log::finished(signature, state, took);

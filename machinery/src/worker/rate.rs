@@ -40,25 +40,26 @@ async fn reserve(ctx: &WorkerContext, name: &str, limit: RateLimit) -> DateTime<
     Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
 }
 
-/// Lets a fetched task run (after waiting up to [`HOLD`] for its start), or sends it back until its
-/// start and settles its delivery, returning `None`. Tasks without a rate limit run at once.
+/// Lets a fetched task run (after waiting up to [`HOLD`] for its start), giving its delivery back, or
+/// sends it back until its start and settles its delivery, returning `None`. Tasks without a rate limit
+/// run at once.
 pub(super) async fn admit(
     ctx: &WorkerContext,
     def: &'static TaskDef,
-    signature: Signature,
+    signature: &Signature,
     delivery: Delivery,
-) -> Option<(Signature, Delivery)> {
+) -> Option<Delivery> {
     let Some(limit) = def.options.rate_limit else {
-        return Some((signature, delivery));
+        return Some(delivery);
     };
-    let start = match reserved(&signature) {
+    let start = match reserved(signature) {
         Some(start) => start,
         None => reserve(ctx, def.name, limit).await,
     };
     let wait = (start - Utc::now()).to_std().unwrap_or_default();
     if wait <= HOLD {
         tokio::time::sleep(wait).await;
-        return Some((signature, delivery));
+        return Some(delivery);
     }
     let mut later = signature.clone().header(
         RATE_SLOT_HEADER,

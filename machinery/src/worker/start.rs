@@ -17,7 +17,7 @@ use crate::wire::state::{State, TaskState};
 /// task runs anyway, with a warning.
 pub(crate) async fn start(
     ctx: &WorkerContext,
-    ready: &[Ready],
+    ready: &[Ready<'_>],
     started: &[TaskState],
 ) -> Vec<Start> {
     let stored = ctx.server.backend().set_started_many(started).await;
@@ -48,7 +48,7 @@ pub(crate) async fn start(
 
 /// Why the backend refused a task's start: the record it kept, read again (rare: a revoked task, or a
 /// copy of a message whose task succeeded).
-async fn refused_start(ctx: &WorkerContext, r: &Ready) -> Start {
+async fn refused_start(ctx: &WorkerContext, r: &Ready<'_>) -> Start {
     match ctx.server.backend().get_state(r.uuid()).await {
         Ok(Some(state)) if state.state == State::Success => {
             Start::Succeeded(state.results.unwrap_or_default())
