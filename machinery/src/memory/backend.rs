@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::states::States;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
 use crate::wire::state::{GroupMeta, TaskState};
@@ -38,7 +39,7 @@ struct Shared {
 
 #[derive(Default)]
 struct Records {
-    states: HashMap<String, (TaskState, Instant)>,
+    states: States,
     groups: HashMap<String, (GroupMeta, Instant)>,
     finished_members: HashMap<String, HashSet<String>>,
     /// The member whose call completed each group (told `true` again when it calls again).
@@ -62,7 +63,7 @@ impl Records {
             return;
         }
         self.writes = 0;
-        self.states.retain(|_, (_, expires)| *expires > now);
+        self.states.retain(|(_, expires)| *expires > now);
         self.groups.retain(|_, (_, expires)| *expires > now);
         let groups = &self.groups;
         self.finished_members
@@ -105,10 +106,7 @@ impl Records {
                 record.clone_from(state);
                 *expires = now + expire_in;
             }
-            None => {
-                self.states
-                    .insert(state.task_uuid.clone(), (state.clone(), now + expire_in));
-            }
+            None => self.states.insert_new((state.clone(), now + expire_in)),
         }
         self.sweep(now);
     }

@@ -216,7 +216,7 @@ impl Broker for MemoryBroker {
         };
         Ok(Box::new(MemoryConsumer {
             shared: self.shared.clone(),
-            queue: options.queue,
+            queue: options.queue.into(),
             id,
         }))
     }
@@ -357,7 +357,8 @@ impl Inspect for MemoryBroker {
 /// A consumer of one in-memory queue.
 struct MemoryConsumer {
     shared: Arc<Shared>,
-    queue: String,
+    /// Shared with the acknowledgers of its deliveries (one copy of the name, not one per message).
+    queue: Arc<str>,
     id: u64,
 }
 
@@ -376,7 +377,14 @@ impl MemoryConsumer {
         let mut state = self.shared.lock();
         state.promote_due(Utc::now());
         let earliest = state.earliest_eta();
-        let queue = state.queues.entry(self.queue.clone()).or_default();
+        if !state.queues.contains_key(&*self.queue) {
+            state
+                .queues
+                .insert(self.queue.to_string(), Default::default());
+        }
+        let Some(queue) = state.queues.get_mut(&*self.queue) else {
+            return (Vec::new(), earliest);
+        };
         let mut batch = Vec::new();
         while batch.len() < max {
             let Some(entry) = queue.ready.pop_front() else {
@@ -447,7 +455,7 @@ impl Drop for MemoryConsumer {
 #[derive(Debug)]
 struct MemoryAcker {
     shared: Arc<Shared>,
-    queue: String,
+    queue: Arc<str>,
     id: u64,
 }
 
@@ -463,7 +471,7 @@ impl Drop for MemoryAcker {
         // head of the queue, marked redelivered.
         let returned = {
             let mut state = self.shared.lock();
-            let Some(queue) = state.queues.get_mut(&self.queue) else {
+            let Some(queue) = state.queues.get_mut(&*self.queue) else {
                 return;
             };
             match queue.in_flight.remove(&self.id) {
@@ -487,7 +495,7 @@ impl MemoryAcker {
     fn settle(&self, state: &mut State) -> bool {
         state
             .queues
-            .get_mut(&self.queue)
+            .get_mut(&*self.queue)
             .is_some_and(|q| q.in_flight.remove(&self.id).is_some())
     }
 }
@@ -517,9 +525,9 @@ impl Acknowledger for MemoryAcker {
     ) -> Result<(), BrokerError> {
         let mut state = self.shared.lock();
         if self.settle(&mut state) {
-            let queue = state.queues.entry(self.queue.clone()).or_default();
+            let queue = state.queues.entry(self.queue.to_string()).or_default();
             queue.dead.push(DeadLetter {
-                queue: self.queue.clone(),
+                queue: self.queue.to_string(),
                 reason,
                 at: Utc::now(),
                 body,

@@ -6,6 +6,7 @@ mod backend;
 mod broker;
 mod lock;
 mod named;
+mod states;
 
 pub use backend::MemoryBackend;
 pub use broker::MemoryBroker;
