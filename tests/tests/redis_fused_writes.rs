@@ -33,6 +33,22 @@ async fn monitor(needle: String) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinH
     (seen, reader)
 }
 
+/// The `LREM`s (acknowledgements) among the lines `monitor` kept, once it has seen the last of them.
+async fn acknowledgements(
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+) -> Vec<String> {
+    // MONITOR's copy of the last command can come after its effect is visible.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reader.abort();
+    let lines = lines.lock().unwrap();
+    lines
+        .iter()
+        .filter(|l| l.contains("\"LREM\""))
+        .cloned()
+        .collect()
+}
+
 /// Sends one `add(2, 3)` through `config` and runs a worker until its result is stored.
 async fn send_and_run(config: Config) -> Server {
     let server = Server::new(config).await.unwrap();
@@ -59,12 +75,8 @@ async fn a_paired_broker_writes_states_with_its_publishes_and_acknowledgements()
     let (lines, reader) = monitor(names.queue.clone()).await;
     let server = send_and_run(names.config()).await;
     assert!(server.broker().holds_states());
-    // MONITOR's copy of the last command can come after its effect is visible.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    reader.abort();
-    let lines = lines.lock().unwrap().clone();
-    let acks: Vec<&String> = lines.iter().filter(|l| l.contains("\"LREM\"")).collect();
-    assert!(!acks.is_empty(), "no acknowledgement seen: {lines:#?}");
+    let acks = acknowledgements(lines, reader).await;
+    assert!(!acks.is_empty(), "no acknowledgement seen");
     assert!(
         acks.iter().all(|l| l.contains(" lua] ")),
         "the acknowledgement is made by the script that stores the SUCCESS: {acks:#?}"
@@ -86,13 +98,10 @@ async fn a_broker_without_the_backends_half_settles_apart_from_the_state() {
     let (lines, reader) = monitor(names.queue.clone()).await;
     let server = send_and_run(config).await;
     assert!(!server.broker().holds_states());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    reader.abort();
-    let lines = lines.lock().unwrap().clone();
-    let acks: Vec<&String> = lines.iter().filter(|l| l.contains("\"LREM\"")).collect();
+    let acks = acknowledgements(lines, reader).await;
     assert!(
         acks.iter().any(|l| !l.contains(" lua] ")),
-        "a plain LREM acknowledges, after the backend stored the state: {lines:#?}"
+        "a plain LREM acknowledges, after the backend stored the state: {acks:#?}"
     );
     names.cleanup().await;
 }
