@@ -173,11 +173,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// STARTED alone (RECEIVED could never be seen). A worker keeps each STARTED to become the task's
     /// final state, so the batch costs no copies of the ids and names.
     async fn set_started_many(&self, started: &[TaskState]) -> Vec<Result<bool, BackendError>> {
-        futures_util::future::join_all(started.iter().map(|started| async move {
-            let received = started.clone().in_state(State::Received);
-            self.set_received_and_started(&received, started).await
-        }))
-        .await
+        futures_util::future::join_all(started.iter().map(|started| start_in_turn(self, started)))
+            .await
     }
 
     /// The stored state of a task, if any.
@@ -303,6 +300,15 @@ pub(crate) async fn existing_group<B: Backend + ?Sized>(
         .get_group(group_uuid)
         .await?
         .ok_or_else(|| BackendError::UnknownGroup(group_uuid.to_owned()))
+}
+
+/// [`Backend::set_received_and_started`] for one task given its STARTED (its RECEIVED made from it).
+pub(crate) async fn start_in_turn<B: Backend + ?Sized>(
+    backend: &B,
+    started: &TaskState,
+) -> Result<bool, BackendError> {
+    let received = started.clone().in_state(State::Received);
+    backend.set_received_and_started(&received, started).await
 }
 
 /// [`Backend::set_received`], then [`Backend::set_state`] for STARTED unless the task was revoked: the

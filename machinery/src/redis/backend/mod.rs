@@ -35,7 +35,7 @@ use super::conn::{self, is_noscript, Endpoint, Healing, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
-use crate::wire::state::{GroupMeta, State, TaskState};
+use crate::wire::state::{GroupMeta, TaskState};
 
 /// The channel on which a final state of `task_uuid` is announced.
 pub fn completion_channel(task_uuid: &str) -> String {
@@ -321,12 +321,7 @@ impl Backend for RedisBackend {
                     results.push(None);
                 }
                 // Not a start: the two calls, on their own.
-                Ok(None) => {
-                    let received = state.clone().in_state(State::Received);
-                    results.push(Some(
-                        crate::backend::received_then_started(self, &received, state).await,
-                    ))
-                }
+                Ok(None) => results.push(Some(crate::backend::start_in_turn(self, state).await)),
                 Err(error) => results.push(Some(Err(error))),
             }
         }
