@@ -437,10 +437,38 @@ pub trait Acknowledger: Send + Sync + fmt::Debug {
 /// does not answer by then is left to the listener's own retries, and the worker starts.
 const LISTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Waits until a cancellation listener says it listens, or drops the word (its first attempt failed),
-/// or [`LISTEN_WAIT`] passes.
-pub(crate) async fn until_listening(listening: tokio::sync::oneshot::Receiver<()>) {
+/// A cancellation listener's word to [`Broker::cancellations`]: it listens ([`Listening::now`]), or its
+/// first attempt failed ([`Listening::attempted`], or dropped) and it keeps trying on its own.
+pub(crate) struct Listening(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Listening {
+    /// The listener is subscribed: requests published from now on reach it.
+    pub(crate) fn now(&mut self) {
+        if let Some(ready) = self.0.take() {
+            let _ = ready.send(());
+        }
+    }
+
+    /// The first attempt is over, whatever came of it: [`Broker::cancellations`] waits no longer.
+    pub(crate) fn attempted(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// Spawns a cancellation listener (`listen`, given where to send the ids it hears) and returns the ids'
+/// receiver once it listens, its first attempt failed, or [`LISTEN_WAIT`] passed: a worker runs tasks right
+/// after, and a request for one of them must find the listener in place.
+pub(crate) async fn spawn_cancel_listener<F>(
+    listen: impl FnOnce(tokio::sync::mpsc::UnboundedSender<String>, Listening) -> F,
+) -> CancelReceiver
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    tokio::spawn(listen(sender, Listening(Some(ready))));
     let _ = tokio::time::timeout(LISTEN_WAIT, listening).await;
+    receiver
 }
 
 /// One message handed to the worker.

@@ -11,11 +11,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::{AmqpBroker, Inner};
 use crate::amqp::session::{declare_exchange, open_channel, short, AmqpError, Mode};
-use crate::broker::{BrokerError, CancelReceiver};
+use crate::broker::{spawn_cancel_listener, BrokerError, CancelReceiver, Listening};
 use crate::retry::Backoff;
 
 /// The fanout exchange of cancellation requests (durable, like every exchange we declare).
@@ -45,15 +45,10 @@ impl AmqpBroker {
             .map_err(|e| BrokerError::operation("publish a cancellation", e))
     }
 
-    /// Returns once the private queue is bound and consumed (or once the first attempt failed; the
-    /// listener keeps trying): a worker runs tasks right after, and a request for one of them must find
-    /// the listener in place.
+    /// Returns once the private queue is bound and consumed (see [`spawn_cancel_listener`]).
     pub(super) async fn listen_for_cancellations(&self) -> CancelReceiver {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let (ready, listening) = oneshot::channel();
-        tokio::spawn(listen(self.inner.clone(), sender, ready));
-        crate::broker::until_listening(listening).await;
-        receiver
+        let inner = self.inner.clone();
+        spawn_cancel_listener(|sender, listening| listen(inner, sender, listening)).await
     }
 }
 
@@ -62,17 +57,15 @@ impl AmqpBroker {
 async fn listen(
     inner: Arc<Inner>,
     sender: mpsc::UnboundedSender<String>,
-    ready: oneshot::Sender<()>,
+    mut listening: Listening,
 ) {
-    // Told once consuming (or dropped after a first attempt that failed).
-    let mut ready = Some(ready);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let consumed = tokio::select! {
-            consumed = consume(&inner, &sender, &mut ready) => consumed,
+            consumed = consume(&inner, &sender, &mut listening) => consumed,
             () = sender.closed() => return,
         };
-        ready = None;
+        listening.attempted();
         match consumed {
             Ok(()) => {
                 backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -91,7 +84,7 @@ async fn listen(
 async fn consume(
     inner: &Inner,
     sender: &mpsc::UnboundedSender<String>,
-    ready: &mut Option<oneshot::Sender<()>>,
+    listening: &mut Listening,
 ) -> Result<(), AmqpError> {
     let live = inner.session.live().await?;
     let channel = open_channel(&live, Mode::Plain).await?;
@@ -130,9 +123,7 @@ async fn consume(
         )
         .await
         .map_err(|e| AmqpError::lapin("consuming the cancellation queue", e))?;
-    if let Some(ready) = ready.take() {
-        let _ = ready.send(());
-    }
+    listening.now();
     loop {
         let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut consumer).poll_next(cx)).await;
         let Some(Ok(delivery)) = next else {

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::RedisBroker;
-use crate::broker::{BrokerError, CancelReceiver};
+use crate::broker::{spawn_cancel_listener, BrokerError, CancelReceiver, Listening};
 use crate::redis::conn::Endpoint;
 use crate::retry::Backoff;
 
@@ -27,14 +27,10 @@ impl RedisBroker {
             .map_err(|e| BrokerError::operation("publish a cancellation", e))
     }
 
-    /// Returns once subscribed (or once the first attempt failed; the listener keeps trying): a worker
-    /// runs tasks right after, and a request for one of them must find the listener in place.
+    /// Returns once subscribed (see [`spawn_cancel_listener`]).
     pub(super) async fn listen_for_cancellations(&self) -> CancelReceiver {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let (ready, listening) = oneshot::channel();
-        tokio::spawn(listen(self.inner.endpoint.clone(), sender, ready));
-        crate::broker::until_listening(listening).await;
-        receiver
+        let endpoint = self.inner.endpoint.clone();
+        spawn_cancel_listener(|sender, listening| listen(endpoint, sender, listening)).await
     }
 }
 
@@ -44,10 +40,8 @@ impl RedisBroker {
 async fn listen(
     endpoint: Endpoint,
     sender: mpsc::UnboundedSender<String>,
-    ready: oneshot::Sender<()>,
+    mut listening: Listening,
 ) {
-    // Told (or dropped) after the first attempt.
-    let mut ready = Some(ready);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0usize;
     loop {
@@ -64,9 +58,7 @@ async fn listen(
         };
         match opened {
             Ok(Ok(pubsub)) => {
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
-                }
+                listening.now();
                 backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
                 let mut stream = pubsub.into_on_message();
                 loop {
@@ -90,7 +82,7 @@ async fn listen(
             }
             Err(_) => tracing::debug!("subscribing to the cancellation channel timed out"),
         }
-        ready = None;
+        listening.attempted();
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}
             () = sender.closed() => return,
