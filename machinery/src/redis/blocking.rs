@@ -1,5 +1,5 @@
 //! Connections of their own for blocking commands ([`Blocking`]), and commands that name no key sent to
-//! the node that holds a key ([`on_node_of`]).
+//! the node that holds a key ([`on_node_of`]), and who a connection is on the server ([`ClientId`]).
 
 use std::time::Duration;
 
@@ -110,5 +110,46 @@ pub(crate) async fn on_node_of<T: redis::FromRedisValue>(
             redis::from_redis_value(cluster::on_node_of(&mut cluster, key, cmd).await?)
                 .map_err(RedisError::from)
         }
+    }
+}
+
+/// Who a connection is on the server, from `CLIENT INFO`: its id and its address as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientId {
+    pub(crate) id: u64,
+    pub(crate) addr: String,
+}
+
+impl ClientId {
+    /// Reads `id=` and `addr=` from a `CLIENT INFO` line.
+    pub(crate) fn parse(info: &str) -> Option<ClientId> {
+        let field = |name: &str| {
+            info.split_ascii_whitespace()
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        };
+        Some(ClientId {
+            id: field("id")?.parse().ok()?,
+            addr: field("addr")?.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientId;
+
+    #[test]
+    fn client_info_gives_the_id_and_the_address_not_the_local_one() {
+        let info =
+            "id=42 addr=127.0.0.1:51234 laddr=127.0.0.1:6379 fd=9 name= age=0 idle=0 flags=N db=0";
+        assert_eq!(
+            ClientId::parse(info),
+            Some(ClientId {
+                id: 42,
+                addr: "127.0.0.1:51234".into()
+            })
+        );
+        assert_eq!(ClientId::parse("laddr=127.0.0.1:6379 idle=0"), None);
+        assert_eq!(ClientId::parse("id=x addr=127.0.0.1:1"), None);
     }
 }

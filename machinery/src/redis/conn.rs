@@ -1,6 +1,5 @@
 //! Connections shared by the Redis broker and result backend: a self-healing multiplexed connection for
-//! ordinary commands ([`Healing`]), dedicated connections for blocking commands, and Lua scripts that
-//! survive a server restart (`NOSCRIPT` reloads them).
+//! ordinary commands ([`Healing`]) and dedicated connections for blocking commands.
 //!
 //! Where the server is comes from an [`Endpoint`]: one fixed address, or the master that Redis Sentinels
 //! name. Behind Sentinel nothing is pinned to one address: every new connection asks the sentinels
@@ -32,6 +31,7 @@ pub(crate) use super::blocking::{blocking_connection, on_node_of, Blocking};
 use super::client::Target;
 use super::cluster;
 pub(crate) use super::endpoint::Endpoint;
+use super::lua::{is_noscript, Lua};
 pub(crate) use super::open::open;
 use crate::config::RedisConfig;
 
@@ -328,6 +328,27 @@ impl Healing {
         not_replicated(acknowledged, wanted)
     }
 
+    /// [`Healing::write`] of a pipeline in which exactly one command keeps its reply, which it returns.
+    pub(crate) async fn write_returning<T: redis::FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+    ) -> RedisResult<T> {
+        let mut conn = self.clone();
+        let wanted = self.wait_replicas();
+        if wanted == 0 {
+            return pipe
+                .query_async(&mut conn)
+                .await
+                .map(|(reply,): (T,)| reply);
+        }
+        let mut pipe = pipe.clone();
+        pipe.cmd("WAIT")
+            .arg(wanted)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let (reply, acknowledged): (T, u32) = pipe.query_async(&mut conn).await?;
+        not_replicated(acknowledged, wanted).map(|()| reply)
+    }
+
     /// Runs `lua` as a durable write (see [`Healing::write`]) and returns its reply.
     pub(crate) async fn run_durably<T: redis::FromRedisValue>(
         &self,
@@ -515,63 +536,6 @@ impl ConnectionLike for Healing {
     }
 }
 
-/// A Lua script run with `EVALSHA`, loaded on first use and again after `NOSCRIPT` (a restarted or
-/// flushed server).
-#[derive(Debug)]
-pub(crate) struct Lua {
-    script: redis::Script,
-}
-
-impl Lua {
-    pub(crate) fn new(source: &str) -> Self {
-        Lua {
-            script: redis::Script::new(source),
-        }
-    }
-
-    /// `EVALSHA` of this script as a plain command, for pipelines.
-    pub(crate) fn cmd<K: redis::ToRedisArgs, A: redis::ToRedisArgs>(
-        &self,
-        keys: &[K],
-        args: &[A],
-    ) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys.len());
-        for key in keys {
-            cmd.arg(key);
-        }
-        for arg in args {
-            cmd.arg(arg);
-        }
-        cmd
-    }
-
-    /// Runs the script.
-    pub(crate) async fn run<T: redis::FromRedisValue, C: redis::aio::ConnectionLike>(
-        &self,
-        conn: &mut C,
-        keys: &[&[u8]],
-        args: &[&[u8]],
-    ) -> RedisResult<T> {
-        let mut invocation = self.script.prepare_invoke();
-        for key in keys {
-            invocation.key(*key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        invocation.invoke_async(conn).await
-    }
-
-    /// Loads the script (after a pipeline that used it failed with `NOSCRIPT`).
-    pub(crate) async fn load<C: redis::aio::ConnectionLike>(
-        &self,
-        conn: &mut C,
-    ) -> RedisResult<()> {
-        self.script.load_async(conn).await.map(drop)
-    }
-}
-
 /// Whether an error means the command may not have run because the connection broke, timed out or was
 /// replaced (worth retrying once the connection is back).
 pub(crate) fn is_transient(error: &RedisError) -> bool {
@@ -583,9 +547,4 @@ pub(crate) fn is_transient(error: &RedisError) -> bool {
         || error.is_connection_refusal()
         || error.is_timeout()
         || error.is_unrecoverable_error()
-}
-
-/// Whether a pipeline failed because the server does not know a script.
-pub(crate) fn is_noscript(error: &redis::RedisError) -> bool {
-    error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }

@@ -12,7 +12,8 @@ use redis::AsyncCommands as _;
 
 use super::broker::card::{self, CARD_PREFIX};
 use super::broker::{dead_letter_key, op, Envelope, Inner, QueueKeys, RedisBroker, SCRIPTS};
-use super::conn::{Healing, Lua};
+use super::conn::Healing;
+use super::lua::Lua;
 use crate::broker::{BrokerError, DeadLetter, DelayedMessage, Inspect, QueueStats, WorkerInfo};
 use crate::wire::signature::Signature;
 

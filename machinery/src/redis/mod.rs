@@ -18,6 +18,7 @@ mod conn;
 mod endpoint;
 mod inspect;
 mod lock;
+mod lua;
 mod named;
 mod open;
 mod sentinel;

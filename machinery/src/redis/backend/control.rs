@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{op, RedisBackend};
 use crate::backend::BackendError;
-use crate::redis::conn::Lua;
+use crate::redis::lua::Lua;
 
 struct Scripts {
     claim: Lua,

@@ -17,6 +17,7 @@
 //!   `TriggerChordMutex` lock.
 
 mod commands;
+pub(crate) use self::commands::FinishEntry;
 mod control;
 mod groups;
 mod notifier;
@@ -31,7 +32,8 @@ use tokio::sync::OnceCell;
 
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
-use super::conn::{self, is_noscript, Endpoint, Healing, Lua};
+use super::conn::{self, Endpoint, Healing};
+use super::lua::{is_noscript, Lua};
 use super::url::RedisUrl;
 use crate::backend::{Backend, BackendError};
 use crate::config::Config;
@@ -75,6 +77,7 @@ impl fmt::Debug for RedisBackend {
 struct Scripts {
     set_state: Lua,
     start_many: Lua,
+    finish_many: Lua,
     complete_member: Lua,
 }
 
@@ -87,6 +90,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     start_many: Lua::new(concat!(
         include_str!("../scripts/state_lib.lua"),
         include_str!("../scripts/start_many.lua")
+    )),
+    finish_many: Lua::new(concat!(
+        include_str!("../scripts/state_lib.lua"),
+        include_str!("../scripts/finish_many.lua")
     )),
     complete_member: Lua::new(include_str!("../scripts/complete_member.lua")),
 });

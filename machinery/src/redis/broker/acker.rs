@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use redis::AsyncCommands as _;
 
+use super::finisher::Finisher;
 use super::{retrying, Envelope, Inner, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{Acknowledger, BrokerError};
 use crate::redis::backend::RedisBackend;
@@ -68,6 +69,8 @@ pub(super) fn body_hash(body: &[u8]) -> u64 {
 pub(super) struct RedisAcker {
     pub(super) inner: Arc<Inner>,
     pub(super) states: Option<RedisBackend>,
+    /// The consumer's group commit of final states (with `states`, on a single Redis).
+    pub(super) finisher: Option<Finisher>,
     pub(super) queue: String,
     pub(super) inflight: String,
     /// The bytes as taken, which identify the message in the in-flight list.
@@ -142,6 +145,11 @@ impl Acknowledger for RedisAcker {
         let Some(states) = &self.states else {
             return Ok(false);
         };
+        if let Some(finisher) = &self.finisher {
+            finisher.finish(state, &self.original).await?;
+            self.settled.store(true, Ordering::SeqCst);
+            return Ok(true);
+        }
         // On a cluster the state and the in-flight list are in different slots (but by chance): the
         // worker then writes the state and acknowledges after it, two ordered steps.
         if self.inner.config.cluster_enabled

@@ -15,10 +15,13 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::acker::{body_hash, Outstanding, RedisAcker};
 use super::card::{CardWriter, GONE_KEPT};
+use super::finisher::Finisher;
 use super::{op, promote, recover, retrying, Inner, QueueKeys, REDELIVERED_MARK_SECS, SCRIPTS};
 use crate::broker::{BrokerError, ConsumeOptions, Consumer, Delivery};
 use crate::redis::backend::RedisBackend;
-use crate::redis::conn::{self, is_noscript, Blocking};
+use crate::redis::blocking::ClientId;
+use crate::redis::conn::{self, Blocking};
+use crate::redis::lua::is_noscript;
 
 /// Most messages one fetch takes, whatever the worker asks.
 const MAX_FETCH: usize = 1000;
@@ -160,32 +163,13 @@ async fn beat(
     Ok(())
 }
 
-/// Who a connection is on the server, from `CLIENT INFO`: its id and its address as the server sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ClientId {
-    id: u64,
-    addr: String,
-}
-
-impl ClientId {
-    /// Reads `id=` and `addr=` from a `CLIENT INFO` line.
-    fn parse(info: &str) -> Option<ClientId> {
-        let field = |name: &str| {
-            info.split_ascii_whitespace()
-                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
-        };
-        Some(ClientId {
-            id: field("id")?.parse().ok()?,
-            addr: field("addr")?.to_owned(),
-        })
-    }
-}
-
 /// A consumer of one Redis queue.
 pub(super) struct RedisConsumer {
     inner: Arc<Inner>,
     /// The backend half, handed to each acknowledger (see [`RedisBroker::with_backend`](super::RedisBroker::with_backend)).
     states: Option<RedisBackend>,
+    /// Final states stored with their acknowledgements in batches (none on a cluster: no shared slot).
+    finisher: Option<Finisher>,
     keys: QueueKeys,
     tag: String,
     inflight: String,
@@ -232,10 +216,15 @@ impl RedisConsumer {
         let keys = inner.keys(&options.queue);
         let tag = options.consumer_tag.clone();
         let heartbeat_timeout = Duration::from_millis(inner.config.heartbeat_timeout.max(500));
+        let inflight = keys.inflight(&tag);
+        let finisher = (states.as_ref())
+            .filter(|_| !inner.config.cluster_enabled)
+            .map(|states| Finisher::new(inner.clone(), states.clone(), &inflight));
         let mut consumer = RedisConsumer {
             inner,
             states,
-            inflight: keys.inflight(&tag),
+            finisher,
+            inflight,
             heartbeat: keys.heartbeat(&tag),
             card_key: keys.card(&tag),
             card: CardWriter::new(options.concurrency),
@@ -349,6 +338,7 @@ impl RedisConsumer {
         let acker = RedisAcker {
             inner: self.inner.clone(),
             states: self.states.clone(),
+            finisher: self.finisher.clone(),
             queue: self.keys.queue.clone(),
             inflight: self.inflight.clone(),
             original: body.clone(),
@@ -568,25 +558,5 @@ impl Drop for RedisConsumer {
     fn drop(&mut self) {
         // Without close(): the heartbeat stops, and live workers return our messages once it expires.
         self.stop.cancel();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ClientId;
-
-    #[test]
-    fn client_info_gives_the_id_and_the_address_not_the_local_one() {
-        let info =
-            "id=42 addr=127.0.0.1:51234 laddr=127.0.0.1:6379 fd=9 name= age=0 idle=0 flags=N db=0";
-        assert_eq!(
-            ClientId::parse(info),
-            Some(ClientId {
-                id: 42,
-                addr: "127.0.0.1:51234".into()
-            })
-        );
-        assert_eq!(ClientId::parse("laddr=127.0.0.1:6379 idle=0"), None);
-        assert_eq!(ClientId::parse("id=x addr=127.0.0.1:1"), None);
     }
 }

@@ -31,6 +31,7 @@ pub(super) mod card;
 mod consumer;
 mod control;
 mod envelope;
+mod finisher;
 mod go_delayed;
 mod keys;
 
@@ -48,7 +49,8 @@ pub(super) use self::envelope::Envelope;
 pub(super) use self::keys::QueueKeys;
 pub use self::keys::{cluster_dead_letter_key, dead_letter_key};
 use super::backend::RedisBackend;
-use super::conn::{self, is_noscript, is_transient, Endpoint, Healing, Lua};
+use super::conn::{self, is_transient, Endpoint, Healing};
+use super::lua::{is_noscript, Lua};
 use super::url::RedisUrl;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Consumer, Inspect, Outgoing};
 use crate::config::{Config, RedisConfig};
