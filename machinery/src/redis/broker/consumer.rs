@@ -219,7 +219,14 @@ impl RedisConsumer {
         let inflight = keys.inflight(&tag);
         let finisher = (states.as_ref())
             .filter(|_| !inner.config.cluster_enabled)
-            .map(|states| Finisher::new(inner.clone(), states.clone(), &inflight));
+            .map(|states| {
+                Finisher::new(
+                    inner.clone(),
+                    states.clone(),
+                    &inflight,
+                    options.concurrency,
+                )
+            });
         let mut consumer = RedisConsumer {
             inner,
             states,

@@ -2,10 +2,11 @@
 //! way store their states and acknowledge their messages together, in one `finish_many` script call,
 //! instead of one round trip (and one script run) each.
 //!
-//! Nothing waits to fill a batch, and no task of its own carries them: a task that finds fewer than
-//! [`MOST_IN_FLIGHT`] calls on their way makes the call itself, with whatever is waiting; a task that
-//! finishes meanwhile waits, and the call that ends next hands the waiting ones over to one of them,
-//! which makes the next call. A lone task therefore goes at once, on its own thread, as it did alone.
+//! Nothing waits to fill a batch, and no task of its own carries them: a task that finds fewer calls on
+//! their way than the worker's concurrency allows ([`SLOTS_PER_CALL`]) makes the call itself, with
+//! whatever is waiting; a task that finishes meanwhile waits, and the call that ends next hands the
+//! waiting ones over to one of them, which makes the next call. A lone task therefore goes at once, on
+//! its own thread, as it did alone.
 //!
 //! Each task still has its state written before its message leaves the in-flight list, in the same
 //! atomic step on the server, and learns its own answer: a task whose write the server refused (its
@@ -27,10 +28,11 @@ use crate::wire::state::TaskState;
 /// Most tasks one `finish_many` call carries (the rest go in the next).
 const MOST_PER_CALL: usize = 128;
 
-/// Most `finish_many` calls of one consumer on their way at once: a second call overlaps the first's
-/// round trip when many tasks finish together (at high concurrency), while tasks that finish during
-/// both wait to go together.
-const MOST_IN_FLIGHT: usize = 2;
+/// Worker slots per `finish_many` call that may be on its way at once: one call at concurrency 10, where
+/// tasks that wait for it make bigger calls (Redis is the busier side); three at concurrency 100, where
+/// more calls overlap their round trips. (`docs/benchmarks.md`, issue 15's sixth session: at 10, one
+/// call drained 50k tasks/s against 47k with two; at 100, three 61k against 52k with one.)
+const SLOTS_PER_CALL: usize = 40;
 
 const OPERATION: &str = "store the states and acknowledge";
 
@@ -64,16 +66,25 @@ pub(super) struct Finisher {
     inner: Arc<Inner>,
     states: RedisBackend,
     inflight: Arc<str>,
+    /// Most calls on their way at once.
+    most_in_flight: usize,
     queue: Arc<Mutex<Queue>>,
 }
 
 impl Finisher {
-    /// The group commit of the consumer whose in-flight list is `inflight`.
-    pub(super) fn new(inner: Arc<Inner>, states: RedisBackend, inflight: &str) -> Finisher {
+    /// The group commit of the consumer whose in-flight list is `inflight`, for a worker running
+    /// `concurrency` tasks at once.
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        states: RedisBackend,
+        inflight: &str,
+        concurrency: usize,
+    ) -> Finisher {
         Finisher {
             inner,
             states,
             inflight: inflight.into(),
+            most_in_flight: 1 + concurrency / SLOTS_PER_CALL,
             queue: Arc::default(),
         }
     }
@@ -96,7 +107,7 @@ impl Finisher {
             .map_err(|error| BrokerError::operation(OPERATION, error))?;
         let turn = {
             let mut queue = self.queue();
-            if queue.in_flight < MOST_IN_FLIGHT {
+            if queue.in_flight < self.most_in_flight {
                 queue.in_flight += 1;
                 let others = take(&mut queue.waiting, MOST_PER_CALL - 1);
                 Ok(Batch { own: entry, others })
