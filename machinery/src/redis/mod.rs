@@ -16,6 +16,7 @@ mod client;
 mod cluster;
 mod conn;
 mod endpoint;
+mod group_commit;
 mod inspect;
 mod lock;
 mod lua;

@@ -47,14 +47,6 @@ fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
     ])
 }
 
-/// A final state and its message, ready for one `finish_many` call with others
-/// ([`RedisBackend::finish_entry`]).
-pub(crate) struct FinishEntry {
-    task_uuid: String,
-    /// The script's seven pieces of this task, in its order (`finish_many.lua`).
-    pieces: [Vec<u8>; 7],
-}
-
 impl RedisBackend {
     /// The one command that stores `state`: a plain `SET … EX` when nothing must come from the previous
     /// record and nobody needs telling, else the `set_state` script.
@@ -122,43 +114,7 @@ impl RedisBackend {
         ))
     }
 
-    /// One task's part of a [`RedisBackend::finish_many_cmd`]: `state` (a final state) and `message`, the
-    /// exact bytes of its message in the consumer's in-flight list.
-    pub(crate) fn finish_entry(
-        &self,
-        state: &TaskState,
-        message: Vec<u8>,
-    ) -> Result<FinishEntry, BackendError> {
-        let channel = if state.is_completed() {
-            completion_channel(&state.task_uuid).into_bytes()
-        } else {
-            Vec::new()
-        };
-        let [prefix, name, middle, created, suffix] = self.pieces(state)?;
-        Ok(FinishEntry {
-            task_uuid: state.task_uuid.clone(),
-            pieces: [prefix, name, created, suffix, channel, middle, message],
-        })
-    }
-
-    /// The `finish_many` script storing each entry's state and then removing its message from the list
-    /// `inflight`, in one call with an answer per entry (1, or the text of the error that refused it).
-    pub(crate) fn finish_many_cmd(&self, inflight: &str, entries: &[FinishEntry]) -> redis::Cmd {
-        let mut keys = Vec::with_capacity(1 + entries.len());
-        keys.push(inflight.as_bytes());
-        keys.extend(entries.iter().map(|entry| entry.task_uuid.as_bytes()));
-        let expire = self.inner.expire_secs.to_string();
-        let mut args = Vec::with_capacity(1 + 7 * entries.len());
-        args.push(expire.as_bytes());
-        args.extend(
-            entries
-                .iter()
-                .flat_map(|entry| entry.pieces.iter().map(Vec::as_slice)),
-        );
-        SCRIPTS.finish_many.cmd(&keys, &args)
-    }
-
-    fn pieces(&self, state: &TaskState) -> Result<[Vec<u8>; 5], BackendError> {
+    pub(super) fn pieces(&self, state: &TaskState) -> Result<[Vec<u8>; 5], BackendError> {
         self.check_key(&state.task_uuid)?;
         state_pieces(state).map_err(|source| BackendError::Decode {
             key: state.task_uuid.clone(),

@@ -17,8 +17,8 @@
 //!   `TriggerChordMutex` lock.
 
 mod commands;
-pub(crate) use self::commands::FinishEntry;
 mod control;
+mod finals;
 mod groups;
 mod notifier;
 
@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use redis::{AsyncCommands as _, RedisError, RedisResult};
 use tokio::sync::OnceCell;
 
+pub(crate) use self::finals::{answers as finish_answers, FinishEntry};
 pub use self::groups::GO_CHORD_LOCK_KEY;
 use self::notifier::Notifier;
 use super::conn::{self, Endpoint, Healing};
