@@ -9,7 +9,7 @@ mod redis_common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use machinery::{Config, Server, Signature, State, Worker};
+use machinery::{AsyncResult, Config, RunningWorker, Server, Signature, State, Worker};
 use machinery_tests::{require, Service};
 use redis::AsyncCommands as _;
 use redis_common::{int, raw, Names, ADD, SLEEP_MS};
@@ -126,16 +126,25 @@ async fn finish_calls(
         .collect()
 }
 
-/// Sends `sleep_ms(ms)` with the id `uuid`.
-async fn send_sleep(
-    server: &Server,
-    uuid: String,
-    ms: i64,
-) -> machinery::AsyncResult<serde_json::Value> {
-    server
-        .send(Signature::with_args("sleep_ms", vec![int(ms)]).with_uuid(uuid))
+/// Sends `sleep_ms(ms)` for each `(id, ms)` of `tasks` on `names`' queue, then starts a worker running
+/// ten at once (so that those sent together start together and end together).
+async fn sleepers(
+    names: &Names,
+    tasks: Vec<(String, i64)>,
+) -> (Server, Vec<AsyncResult<serde_json::Value>>, RunningWorker) {
+    let server = Server::new(names.config()).await.unwrap();
+    let mut sent = Vec::new();
+    for (uuid, ms) in tasks {
+        let signature = Signature::with_args("sleep_ms", vec![int(ms)]).with_uuid(uuid);
+        sent.push(server.send(signature).await.unwrap());
+    }
+    let worker = Worker::new(&server)
+        .register(&SLEEP_MS)
+        .concurrency(10)
+        .start()
         .await
-        .unwrap()
+        .unwrap();
+    (server, sent, worker)
 }
 
 #[tokio::test]
@@ -148,18 +157,8 @@ async fn tasks_finishing_together_store_their_states_in_shared_calls() {
     }
     let names = Names::new("rfw_group");
     let (lines, reader) = monitor(names.queue.clone()).await;
-    let server = Server::new(names.config()).await.unwrap();
-    let mut sent = Vec::new();
-    for n in 0..30 {
-        sent.push(send_sleep(&server, names.task(n), 50).await);
-    }
-    // Ten at a time, started together, so that they end together.
-    let worker = Worker::new(&server)
-        .register(&SLEEP_MS)
-        .concurrency(10)
-        .start()
-        .await
-        .unwrap();
+    let tasks = (0..30).map(|n| (names.task(n), 50)).collect();
+    let (server, sent, worker) = sleepers(&names, tasks).await;
     for result in &sent {
         let state = result.wait(Duration::from_secs(20)).await.unwrap();
         assert_eq!(state.state, State::Success);
@@ -191,20 +190,12 @@ async fn a_refused_write_in_a_shared_call_fails_that_task_alone() {
     }
     let names = Names::new("rfw_refused");
     let (lines, reader) = monitor(names.queue.clone()).await;
-    let server = Server::new(names.config()).await.unwrap();
     let spoilt = names.task("spoilt");
     // Nine end at 300 ms, the spoilt one at 450 ms.
-    let mut sent = Vec::new();
-    for n in 0..9 {
-        sent.push(send_sleep(&server, names.task(n), 300).await);
-    }
-    send_sleep(&server, spoilt.clone(), 450).await;
-    let worker = Worker::new(&server)
-        .register(&SLEEP_MS)
-        .concurrency(10)
-        .start()
-        .await
-        .unwrap();
+    let mut tasks: Vec<_> = (0..9).map(|n| (names.task(n), 300)).collect();
+    tasks.push((spoilt.clone(), 450));
+    let (server, mut sent, worker) = sleepers(&names, tasks).await;
+    sent.pop();
     let mut conn = raw().await;
     redis_common::wait_until("the spoilt task started", Duration::from_secs(10), || {
         let mut conn = conn.clone();
