@@ -214,6 +214,24 @@ async fn name_and_creation_time_come_from_the_top_level_of_any_old_record() {
         (merged["TaskName"].as_str(), merged["CreatedAt"].as_str()),
         (Some("add"), Some("2026-11-26T10:00:00.1Z"))
     );
+    // A record without results whose name holds an escape: decoded, not cut at the escaped quote.
+    let escaped = names.task("escaped");
+    let _: () = conn
+        .set(
+            &escaped,
+            format!(r#"{{"TaskUUID":"{escaped}","TaskName":"say \"hi\"","State":"PENDING","Results":null,"Error":"","CreatedAt":"2026-11-26T10:00:00.2Z","TTL":0}}"#),
+        )
+        .await
+        .unwrap();
+    backend
+        .set_state(&TaskState::started(&escaped, ""))
+        .await
+        .unwrap();
+    let merged: Value = serde_json::from_slice(&raw_get(&escaped).await).unwrap();
+    assert_eq!(
+        (merged["TaskName"].as_str(), merged["CreatedAt"].as_str()),
+        (Some("say \"hi\""), Some("2026-11-26T10:00:00.2Z"))
+    );
     names.cleanup().await;
 }
 

@@ -61,8 +61,15 @@ local function store_state(key, prefix, name, created, suffix, expire, channel, 
   end
   local plain = raw and not string.find(raw, '"Results":[', 1, true)
   local function kept(field, default)
-    local copied = plain and string.match(raw, '"' .. field .. '":("[^"\\]*")')
-    if copied then return copied end
+    if plain then
+      -- Plain searches (a pattern would try every position of the record): the first "field":" is the
+      -- top-level key, as a string value's own quotes are escaped; its value is copied unless escaped.
+      local _, open = string.find(raw, '"' .. field .. '":"', 1, true)
+      local close = open and string.find(raw, '"', open + 1, true)
+      if close and not string.find(string.sub(raw, open, close), '\\', 1, true) then
+        return string.sub(raw, open, close)
+      end
+    end
     local t = decoded()
     local prev = default
     if t and type(t[field]) == 'string' then prev = t[field] end
