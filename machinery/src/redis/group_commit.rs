@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-/// Most entries one call carries (the rest go in the next).
-pub(crate) const MOST_PER_CALL: usize = 128;
+/// Most entries one call carries (the rest go in the next): smaller calls overlap better, and their
+/// buffers stay small (a Redis worker at concurrency 100 drained 65.6k tasks/s and kept 30 MiB with 32,
+/// 61.7k and 50 MiB with 128; `docs/benchmarks.md`, issue 15's sixth session).
+pub(crate) const MOST_PER_CALL: usize = 32;
 
 /// One entry's answer from a call: done, refused by the server (writing it again cannot help), or
 /// failed (its call did not complete: it may or may not be written).

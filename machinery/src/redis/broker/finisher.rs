@@ -20,10 +20,11 @@ use crate::redis::lua::is_noscript;
 use crate::wire::state::TaskState;
 
 /// Worker slots per call that may be on its way at once: one call at concurrency 10, where tasks that
-/// wait for it make bigger calls (Redis is the busier side); three at concurrency 100, where more calls
-/// overlap their round trips. (`docs/benchmarks.md`, issue 15's sixth session: at 10, one call drained
-/// 50k tasks/s against 47k with two; at 100, three 61k against 52k with one.)
-const SLOTS_PER_CALL: usize = 40;
+/// wait for it make bigger calls (Redis is the busier side); nine at concurrency 100, where more,
+/// smaller calls overlap their round trips. (`docs/benchmarks.md`, issue 15's sixth session, three runs
+/// each: at 10, one call drained 50.1k tasks/s against 47.0k with two; at 100, one call in flight
+/// per 12 slots and at most 32 tasks a call drained 65.6k, against 61.7k with one per 40 and 128.)
+const SLOTS_PER_CALL: usize = 12;
 
 const OPERATION: &str = "store the states and acknowledge";
 
