@@ -29,7 +29,31 @@ pub(crate) enum Answer {
 /// What a waiting caller is told: its answer, or that it makes the next call.
 enum Word<E> {
     Answer(Answer),
-    Lead(Batch<E>),
+    Lead(Baton<E>),
+}
+
+/// The next call's batch, handed to the waiting caller that makes it. Dropped untaken (its caller went
+/// away between being told and reading it), it frees the call's place for the callers still waiting,
+/// as a dropped call does.
+struct Baton<E> {
+    batch: Option<Batch<E>>,
+    queue: Arc<Mutex<Queue<E>>>,
+}
+
+impl<E> Baton<E> {
+    fn take(mut self) -> Option<Batch<E>> {
+        self.batch.take()
+    }
+}
+
+impl<E> Drop for Baton<E> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            // Its callers learn nothing (their words go with it), and the place goes on.
+            drop(batch);
+            hand_over(&self.queue);
+        }
+    }
 }
 
 /// A call's entries: the caller's own, and those of the callers it answers.
@@ -102,7 +126,10 @@ impl<E> GroupCommit<E> {
             Ok(batch) => batch,
             Err(told) => match told.await {
                 Ok(Word::Answer(answer)) => return answer,
-                Ok(Word::Lead(batch)) => batch,
+                Ok(Word::Lead(baton)) => match baton.take() {
+                    Some(batch) => batch,
+                    None => return Answer::Failed("an empty baton".into()),
+                },
                 Err(_) => return Answer::Failed("the call that carried it was dropped".into()),
             },
         };
@@ -146,33 +173,41 @@ struct Lead<'a, E> {
 }
 
 impl<E> Lead<'_, E> {
-    /// Hands the waiting callers over to one of them, which makes their call; or, with none waiting,
-    /// frees this call's place.
     fn hand_over(&mut self) {
         self.done = true;
-        let mut queue = self.commit.queue();
-        loop {
-            if queue.waiting.is_empty() {
-                queue.in_flight -= 1;
-                return;
-            }
-            let mut batch = take(&mut queue.waiting, MOST_PER_CALL);
-            let first = batch.remove(0);
-            let lead = Word::Lead(Batch {
+        hand_over(&self.commit.queue);
+    }
+}
+
+/// Hands the waiting callers over to one of them, which makes their call; or, with none waiting, frees
+/// the place of the call that ended.
+fn hand_over<E>(shared: &Arc<Mutex<Queue<E>>>) {
+    let mut queue = shared.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if queue.waiting.is_empty() {
+            queue.in_flight -= 1;
+            return;
+        }
+        let mut batch = take(&mut queue.waiting, MOST_PER_CALL);
+        let first = batch.remove(0);
+        let baton = Baton {
+            batch: Some(Batch {
                 own: first.entry,
                 others: batch,
-            });
-            match first.word.send(lead) {
-                Ok(()) => return,
-                // That caller was dropped: the next one leads the rest (the dropped one's entry goes
-                // unwritten, as its caller is no longer there to tell).
-                Err(Word::Lead(Batch { others, .. })) => {
-                    let rest = std::mem::take(&mut queue.waiting);
-                    queue.waiting = others;
-                    queue.waiting.extend(rest);
-                }
-                Err(Word::Answer(_)) => return,
+            }),
+            queue: Arc::clone(shared),
+        };
+        match first.word.send(Word::Lead(baton)) {
+            Ok(()) => return,
+            // That caller was dropped: the next one leads the rest (the dropped one's entry goes
+            // unwritten, as its caller is no longer there to tell).
+            Err(Word::Lead(baton)) => {
+                let others = baton.take().map(|batch| batch.others).unwrap_or_default();
+                let rest = std::mem::take(&mut queue.waiting);
+                queue.waiting = others;
+                queue.waiting.extend(rest);
             }
+            Err(Word::Answer(_)) => return,
         }
     }
 }
@@ -230,6 +265,32 @@ mod tests {
         }
         // The first goes alone; the other 19 wait for it and go together.
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_caller_dropped_before_it_takes_up_its_call_frees_the_place() {
+        use futures_util::FutureExt as _;
+        let commit = GroupCommit::new(1);
+        let calls = AtomicUsize::new(0);
+        let call = |entries| slow_call(&calls, entries);
+        let mut first = Box::pin(commit.commit(0, call));
+        let mut second = Box::pin(commit.commit(2, call));
+        let mut third = Box::pin(commit.commit(4, call));
+        // The first makes a call; the others wait behind it.
+        assert!((&mut first).now_or_never().is_none());
+        assert!((&mut second).now_or_never().is_none());
+        assert!((&mut third).now_or_never().is_none());
+        assert_eq!(first.await, Answer::Done);
+        // The first handed the next call to the second, which goes away without taking it up.
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(1), third).await;
+        assert!(
+            matches!(third, Ok(Answer::Failed(_))),
+            "the third was in the dropped batch: told it failed, not left waiting ({third:?})"
+        );
+        let later = tokio::time::timeout(Duration::from_secs(1), commit.commit(6, call)).await;
+        assert_eq!(later, Ok(Answer::Done), "a later write still gets a call");
+        assert_eq!(commit.queue().in_flight, 0);
     }
 
     #[tokio::test]
