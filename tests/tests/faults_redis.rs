@@ -410,3 +410,76 @@ async fn a_worker_whose_connections_stall_serves_again_and_loses_nothing() {
     )
     .await;
 }
+
+/// A fetch whose script ran on the server but whose answer never came (the link went silent with the
+/// answer on its way, as when a master dies right after a write) moved the messages into the consumer's
+/// in-flight list: the consumer's next call hands them out. Before, they stayed there unclaimed for as
+/// long as the consumer lived (its heartbeat kept others from recovering them): a chord callback was
+/// lost so in the Sentinel test's master kill.
+#[tokio::test]
+async fn messages_moved_by_a_fetch_whose_answer_was_lost_are_handed_out() {
+    use machinery::broker::redis::RedisBroker;
+    use machinery::broker::{Broker, ConsumeOptions};
+    use redis::AsyncCommands as _;
+
+    if !require(
+        Service::Redis,
+        "messages_moved_by_a_fetch_whose_answer_was_lost_are_handed_out",
+    ) {
+        return;
+    }
+    let names = Names::new("fr_lost_fetch");
+    let proxy = FaultProxy::start(Service::Redis.addr()).await;
+    let mut config = names.config();
+    config.broker = proxy.redis_url();
+    // A call without an answer fails after a second.
+    config.redis.read_timeout = 1;
+    let broker = RedisBroker::connect(&config).await.unwrap();
+    let options = ConsumeOptions {
+        queue: names.queue.clone(),
+        consumer_tag: "lost-fetch".into(),
+        concurrency: 4,
+        prefetch: 4,
+    };
+    let mut consumer = broker.consume(options).await.unwrap();
+    let mut direct = redis_common::raw().await;
+    for n in 0..3 {
+        let _: () = direct
+            .rpush(&names.queue, format!("{{\"n\":{n}}}"))
+            .await
+            .unwrap();
+    }
+    // Each chunk waits 600 ms in the proxy: the fetch reaches Redis at 0.6 s and runs there, but the
+    // link is frozen at 0.3 s, with the request already on its way, so its answer is swallowed.
+    proxy.delay(Duration::from_millis(600));
+    let fetch = tokio::spawn(async move {
+        let result = consumer.next_batch(3).await;
+        (consumer, result.map(|batch| batch.len()))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.freeze_open();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let in_flight: Vec<String> = direct
+        .keys(format!("machinery:inflight:{}:*", names.queue))
+        .await
+        .unwrap();
+    let moved: usize = match in_flight.first() {
+        Some(list) => direct.llen(list).await.unwrap(),
+        None => 0,
+    };
+    assert_eq!(moved, 3, "the fetch ran on the server");
+    proxy.heal();
+    let (mut consumer, lost) = fetch.await.unwrap();
+    assert!(lost.is_err(), "the fetch's answer never came: {lost:?}");
+    // The queue is empty now: only the in-flight list holds the three.
+    let again = tokio::time::timeout(Duration::from_secs(5), consumer.next_batch(3))
+        .await
+        .expect("the moved messages were handed out, not left in flight")
+        .unwrap();
+    assert_eq!(again.len(), 3);
+    for delivery in again {
+        delivery.ack().await.unwrap();
+    }
+    consumer.close().await.unwrap();
+    names.cleanup().await;
+}

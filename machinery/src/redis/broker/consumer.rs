@@ -424,7 +424,16 @@ impl RedisConsumer {
                 return Ok(orphans);
             }
         }
-        let batch = self.fetch(max).await?;
+        let batch = match self.fetch(max).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                // The script may have run and moved messages into our in-flight list without its
+                // answer reaching us (a link that broke or went silent, a master that died right
+                // after): the next call hands out what sits there unclaimed.
+                self.reconcile = true;
+                return Err(error);
+            }
+        };
         if !batch.is_empty() {
             return Ok(batch);
         }
