@@ -7,6 +7,15 @@ use crate::redis::conn::Healing;
 use crate::wire::gotime;
 use crate::wire::state::{TaskState, CANCELLED_ERROR, REVOKED_ERROR};
 
+/// The channel a state is announced on: its completion channel for a final state, none ('') otherwise.
+pub(super) fn announced_on(state: &TaskState) -> Vec<u8> {
+    if state.is_completed() {
+        completion_channel(&state.task_uuid).into_bytes()
+    } else {
+        Vec::new()
+    }
+}
+
 /// A state as the five pieces of JSON text the `set_state` script joins: the TaskName and CreatedAt values
 /// are empty when the previous record should supply them.
 fn state_pieces(state: &TaskState) -> Result<[Vec<u8>; 5], serde_json::Error> {
@@ -74,11 +83,7 @@ impl RedisBackend {
                 .arg("GET");
             return Ok(cmd);
         }
-        let channel = if completed {
-            completion_channel(&state.task_uuid).into_bytes()
-        } else {
-            Vec::new()
-        };
+        let channel = announced_on(state);
         let [prefix, name, middle, created, suffix] = pieces;
         Ok(self.script_cmd(
             &state.task_uuid,
@@ -98,11 +103,7 @@ impl RedisBackend {
         inflight: &str,
         message: &[u8],
     ) -> Result<redis::Cmd, BackendError> {
-        let channel = if state.is_completed() {
-            completion_channel(&state.task_uuid).into_bytes()
-        } else {
-            Vec::new()
-        };
+        let channel = announced_on(state);
         let [prefix, name, middle, created, suffix] = self.pieces(state)?;
         Ok(self.script_cmd(
             &state.task_uuid,

@@ -5,9 +5,10 @@
 //! [`GroupCommit`](crate::redis::group_commit::GroupCommit)); the backend builds the call, as it builds
 //! every state write.
 
-use redis::{RedisResult, Value};
+use redis::Value;
 
-use super::{completion_channel, RedisBackend, SCRIPTS};
+use super::commands::announced_on;
+use super::{RedisBackend, SCRIPTS};
 use crate::backend::BackendError;
 use crate::redis::group_commit::Answer;
 use crate::wire::state::TaskState;
@@ -28,11 +29,7 @@ impl RedisBackend {
         state: &TaskState,
         message: Vec<u8>,
     ) -> Result<FinishEntry, BackendError> {
-        let channel = if state.is_completed() {
-            completion_channel(&state.task_uuid).into_bytes()
-        } else {
-            Vec::new()
-        };
+        let channel = announced_on(state);
         let [prefix, name, middle, created, suffix] = self.pieces(state)?;
         Ok(FinishEntry {
             task_uuid: state.task_uuid.clone(),
@@ -61,13 +58,9 @@ impl RedisBackend {
     }
 }
 
-/// The answers of a `finish_many` call for its `count` tasks: 1 done, a text the server's refusal of
-/// that task's write; a call that failed fails them all.
-pub(crate) fn answers(replies: RedisResult<Vec<Value>>, count: usize) -> Vec<Answer> {
-    let replies = match replies {
-        Ok(replies) => replies,
-        Err(error) => return vec![Answer::Failed(error.to_string()); count],
-    };
+/// The answers of a `finish_many` call, one per task: 1 done, a text the server's refusal of that
+/// task's write. (The group commit fails every task of a call whose answers do not match its tasks.)
+pub(crate) fn answers(replies: Vec<Value>) -> Vec<Answer> {
     replies
         .into_iter()
         .map(|reply| match reply {

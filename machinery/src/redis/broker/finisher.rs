@@ -11,12 +11,11 @@ use std::sync::Arc;
 
 use redis::Value;
 
-use super::{retrying_redis, Inner};
+use super::Inner;
 use crate::broker::BrokerError;
 use crate::redis::backend::{finish_answers, FinishEntry, RedisBackend};
 use crate::redis::conn::Healing;
 use crate::redis::group_commit::{Answer, GroupCommit};
-use crate::redis::lua::is_noscript;
 use crate::wire::state::TaskState;
 
 /// Worker slots per call that may be on its way at once: one call at concurrency 10, where tasks that
@@ -86,14 +85,9 @@ impl Finisher {
         let pipe = &pipe;
         let send =
             move |conn: Healing| async move { conn.write_returning::<Vec<Value>>(pipe).await };
-        let conn = &self.inner.conn;
-        let mut replies = retrying_redis(OPERATION, conn, send).await;
-        if replies.as_ref().is_err_and(is_noscript) {
-            replies = match self.states.load_scripts(&mut conn.clone()).await {
-                Ok(()) => retrying_redis(OPERATION, conn, send).await,
-                Err(error) => return vec![Answer::Failed(error.to_string()); entries.len()],
-            };
+        match self.inner.fused(OPERATION, &self.states, send).await {
+            Ok(replies) => finish_answers(replies),
+            Err(error) => vec![Answer::Failed(error.to_string()); entries.len()],
         }
-        finish_answers(replies, entries.len())
     }
 }

@@ -176,7 +176,24 @@ impl Inner {
         backend: &RedisBackend,
         pipe: &redis::Pipeline,
     ) -> Result<(), BrokerError> {
-        let send = move |conn: Healing| async move { conn.write(pipe).await };
+        self.fused(operation, backend, move |conn: Healing| async move {
+            conn.write(pipe).await
+        })
+        .await
+    }
+
+    /// Runs `send` (retrying on connection errors), loading the backend's scripts and trying again if
+    /// the server did not know them: the road of every write that carries backend scripts.
+    pub(super) async fn fused<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        backend: &RedisBackend,
+        send: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: Fn(Healing) -> Fut + Copy,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
         match retrying_redis(operation, &self.conn, send).await {
             Err(error) if is_noscript(&error) => {
                 backend
