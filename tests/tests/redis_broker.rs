@@ -604,59 +604,6 @@ async fn one_consumer_per_queue_scans_for_dead_consumers_per_period() {
     names.cleanup().await;
 }
 
-/// With `fetch_ahead(0)` a worker holds no message it has no free slot for (a worker of long tasks
-/// sharing a queue leaves the rest to the others); `redis_worker.rs` covers the default, which holds a
-/// few ahead.
-#[tokio::test]
-async fn without_fetch_ahead_a_worker_takes_no_more_messages_than_it_has_free_slots() {
-    if !require(
-        Service::Redis,
-        "without_fetch_ahead_a_worker_takes_no_more_messages_than_it_has_free_slots",
-    ) {
-        return;
-    }
-    let names = Names::new("rb_prefetch");
-    let server = Server::new(names.config()).await.unwrap();
-    for i in 0..8 {
-        let sig: Signature =
-            Signature::with_args("sleep_ms", vec![int(60)]).with_uuid(names.task(i));
-        server.send(sig).await.unwrap();
-    }
-    let running = Worker::new(&server)
-        .register(&SLEEP_MS)
-        .concurrency(2)
-        .fetch_ahead(0)
-        .start()
-        .await
-        .unwrap();
-    // Go's Redis worker pops up to 2 x concurrency + 1 messages ahead; ours, told so, one per free slot.
-    let mut most = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = server
-            .broker()
-            .inspect()
-            .unwrap()
-            .queue_stats(&names.queue)
-            .await
-            .unwrap();
-        let in_flight = stats.in_flight.unwrap_or(0);
-        most = most.max(in_flight);
-        assert!(
-            in_flight <= 2,
-            "{in_flight} messages in flight with concurrency 2"
-        );
-        if stats.pending == 0 && in_flight == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "tasks did not finish: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(most, 2, "both slots were used");
-    running.shutdown(Duration::from_secs(5)).await.unwrap();
-    names.cleanup().await;
-}
-
 #[tokio::test]
 async fn three_consumers_promote_a_thousand_delayed_tasks_exactly_once() {
     if !require(

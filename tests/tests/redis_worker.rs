@@ -3,9 +3,9 @@
 
 mod redis_common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use machinery::{task, Server, TaskContext, TaskError, Worker};
 use machinery_tests::{eventually, require, Service};
@@ -214,6 +214,91 @@ async fn a_script_flush_during_a_drain_loses_no_acknowledgement() {
 /// A worker holds a few messages fetched ahead of its free slots (in its in-flight list, so a crash
 /// hands them back like the running ones); when it stops, those go back to the queue unrun at once,
 /// and only the tasks that were running finish.
+/// The ids of `nap_noted` tasks whose handler has returned (tests run in parallel in one process; ids
+/// are unique).
+static RETURNED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+#[task]
+async fn nap_noted(ctx: &TaskContext, ms: u64) -> Result<u64, TaskError> {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    RETURNED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(ctx.uuid().to_owned());
+    Ok(ms)
+}
+
+/// With `fetch_ahead(0)` a worker holds no message it has no free slot for (a worker of long tasks
+/// sharing a queue leaves the rest to the others). A message whose handler has returned gives its slot
+/// to the next one while its state is stored and it is acknowledged, so the in-flight list may briefly
+/// hold it beside two new ones: what is counted is the messages there whose handler has not returned
+/// (waiting or running). The list is read before the set of returned ones, so a handler that returns in
+/// between is not counted against the worker.
+#[tokio::test]
+async fn without_fetch_ahead_a_worker_takes_no_more_messages_than_it_has_free_slots() {
+    if !require(
+        Service::Redis,
+        "without_fetch_ahead_a_worker_takes_no_more_messages_than_it_has_free_slots",
+    ) {
+        return;
+    }
+    let names = Names::new("rw_no_ahead");
+    let server = Server::new(names.config()).await.unwrap();
+    for _ in 0..8 {
+        nap_noted::send(&server, 60).await.unwrap();
+    }
+    let running = Worker::new(&server)
+        .register(nap_noted::task())
+        .concurrency(2)
+        .fetch_ahead(0)
+        .start()
+        .await
+        .unwrap();
+    // Go's Redis worker pops up to 2 x concurrency + 1 messages ahead; ours, told so, one per free slot.
+    let mut conn = raw().await;
+    let inflight_keys = format!("machinery:inflight:{}:*", names.queue);
+    let (mut most, mut samples) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut held = Vec::new();
+        let keys: Vec<String> = conn.keys(&inflight_keys).await.unwrap();
+        for key in keys {
+            let bodies: Vec<Vec<u8>> = conn.lrange(&key, 0, -1).await.unwrap();
+            for body in bodies {
+                let message: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                held.push(message["UUID"].as_str().unwrap().to_owned());
+            }
+        }
+        let unreturned = {
+            let returned = RETURNED.lock().unwrap_or_else(|p| p.into_inner());
+            let returned = returned.as_ref();
+            held.iter()
+                .filter(|id| !returned.is_some_and(|set| set.contains(*id)))
+                .count()
+        };
+        assert!(
+            unreturned <= 2,
+            "{unreturned} messages waiting or running with concurrency 2 (in flight: {held:?})"
+        );
+        most = most.max(unreturned);
+        samples += 1;
+        let (queued, in_flight) = queue_counts(&server, &names.queue).await;
+        if queued == 0 && in_flight == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tasks did not finish");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        samples > 10,
+        "the in-flight list was sampled while the tasks ran ({samples} samples)"
+    );
+    assert_eq!(most, 2, "both slots were used");
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+    names.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_stopping_worker_returns_the_messages_it_fetched_ahead() {
     if !require(
