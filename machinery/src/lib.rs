@@ -60,6 +60,9 @@ pub mod connect;
 pub mod lock;
 #[cfg(any(feature = "redis", feature = "amqp", feature = "memcache"))]
 pub mod tls;
+// What two rooms share: writes made meanwhile go in one call (Redis final states, RabbitMQ acks).
+#[cfg(any(feature = "redis", feature = "amqp"))]
+mod group_commit;
 
 // One room per transport.
 #[cfg(feature = "amqp")]

@@ -295,6 +295,47 @@ pub fn rabbitmqctl_json(command: &str, columns: &[&str]) -> Vec<Value> {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("rabbitmqctl {args:?}: {e}: {out}"))
 }
 
+/// One `basic.ack` frame a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckFrame {
+    /// The channel it was sent on.
+    pub channel: u16,
+    /// The delivery tag.
+    pub tag: u64,
+    /// Whether it acknowledges every unacknowledged delivery up to `tag`.
+    pub multiple: bool,
+}
+
+/// The `basic.ack` frames in what a client sent on one connection (the protocol header, then frames:
+/// type, channel, size, payload, `0xCE`). Stops at a frame cut short.
+pub fn basic_acks(sent: &[u8]) -> Vec<AckFrame> {
+    const METHOD_FRAME: u8 = 1;
+    const BASIC: u16 = 60;
+    const ACK: u16 = 80;
+    let mut rest = sent.strip_prefix(b"AMQP\x00\x00\x09\x01").unwrap_or(sent);
+    let mut acks = Vec::new();
+    while rest.len() >= 7 {
+        let kind = rest[0];
+        let channel = u16::from_be_bytes([rest[1], rest[2]]);
+        let size = u32::from_be_bytes([rest[3], rest[4], rest[5], rest[6]]) as usize;
+        let Some(payload) = rest.get(7..7 + size) else {
+            break;
+        };
+        let method = |at: usize| u16::from_be_bytes([payload[at], payload[at + 1]]);
+        if kind == METHOD_FRAME && size >= 13 && method(0) == BASIC && method(2) == ACK {
+            let mut tag = [0u8; 8];
+            tag.copy_from_slice(&payload[4..12]);
+            acks.push(AckFrame {
+                channel,
+                tag: u64::from_be_bytes(tag),
+                multiple: payload[12] & 1 == 1,
+            });
+        }
+        rest = rest.get(7 + size + 1..).unwrap_or_default();
+    }
+    acks
+}
+
 /// A queue as `rabbitmqctl list_queues` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueInfo {

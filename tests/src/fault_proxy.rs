@@ -11,6 +11,9 @@
 //!   half-open link, as a failover or a NAT table drop leaves it;
 //! - [`FaultProxy::delay`]: each chunk is held for that long before it is forwarded.
 //!
+//! [`FaultProxy::record_sent`] keeps every byte the client sends on connections opened afterwards, so
+//! that a test can read what went on the wire ([`FaultProxy::sent`]).
+//!
 //! Dropping the proxy aborts its tasks, which closes every connection it holds.
 
 use std::collections::HashMap;
@@ -35,6 +38,8 @@ struct Mode {
 struct Link {
     /// Swallow every byte from now on.
     frozen: AtomicBool,
+    /// What the client sent, when the proxy recorded as the connection opened.
+    sent: Option<Mutex<Vec<u8>>>,
     /// Close both sockets with a reset.
     reset: Notify,
 }
@@ -48,6 +53,9 @@ struct Links {
 struct Shared {
     upstream: SocketAddr,
     refuse: AtomicBool,
+    record: AtomicBool,
+    /// The recorded connections, open or closed, in the order they were accepted.
+    recorded: Mutex<Vec<Arc<Link>>>,
     mode: watch::Sender<Mode>,
     links: Mutex<Links>,
     accepted: AtomicU64,
@@ -93,6 +101,8 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             upstream,
             refuse: AtomicBool::new(false),
+            record: AtomicBool::new(false),
+            recorded: Mutex::new(Vec::new()),
             mode: watch::Sender::new(Mode::default()),
             links: Mutex::new(Links::default()),
             accepted: AtomicU64::new(0),
@@ -159,6 +169,25 @@ impl FaultProxy {
         self.shared.mode.send_modify(|mode| mode.delay = delay);
     }
 
+    /// Records every byte clients send on the connections opened from now on (from their first byte).
+    pub fn record_sent(&self) {
+        self.shared.record.store(true, Ordering::SeqCst);
+    }
+
+    /// What the client sent on each recorded connection, in the order they were opened.
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        let recorded = self
+            .shared
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        recorded
+            .iter()
+            .filter_map(|link| link.sent.as_ref())
+            .map(|sent| sent.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
+    }
+
     /// Ends a stall, a delay and refusing. Frozen connections stay frozen (they are gone for good, as
     /// after a failover); new connections work.
     pub fn heal(&self) {
@@ -195,10 +224,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             drop(client);
             continue;
         }
+        let record = shared.record.load(Ordering::SeqCst);
         let link = Arc::new(Link {
             frozen: AtomicBool::new(false),
+            sent: record.then(|| Mutex::new(Vec::new())),
             reset: Notify::new(),
         });
+        if record {
+            let mut recorded = shared.recorded.lock().unwrap_or_else(|p| p.into_inner());
+            recorded.push(link.clone());
+        }
         let mut links = shared.links();
         let id = links.next;
         links.next += 1;
@@ -251,6 +286,10 @@ async fn forward(client: TcpStream, link: Arc<Link>, shared: Arc<Shared>, id: u6
             tokio::time::sleep(current.delay).await;
         }
         if buf_client > 0 {
+            if let Some(sent) = &link.sent {
+                let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                sent.extend_from_slice(&from_client[..buf_client]);
+            }
             if server_w
                 .write_all(&from_client[..buf_client])
                 .await

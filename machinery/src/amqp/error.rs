@@ -100,6 +100,14 @@ pub(crate) enum AmqpError {
         #[source]
         source: serde_json::Error,
     },
+    /// An acknowledgement could not be sent (its channel or connection failed on the way).
+    #[error("acknowledging a message of queue {queue:?} failed: {reason}")]
+    Unacknowledged {
+        /// The queue.
+        queue: String,
+        /// What lapin said.
+        reason: String,
+    },
     /// The consumer was cancelled by the broker (its queue was deleted) or its channel closed.
     #[error("the consumer of queue {queue:?} was cancelled or its channel closed")]
     ConsumerGone {
@@ -124,7 +132,8 @@ impl AmqpError {
             AmqpError::Connect { .. }
             | AmqpError::ConnectTimeout { .. }
             | AmqpError::Timeout { .. }
-            | AmqpError::ConsumerGone { .. } => true,
+            | AmqpError::ConsumerGone { .. }
+            | AmqpError::Unacknowledged { .. } => true,
             AmqpError::Lapin { source, .. } => lapin_is_transient(source),
             AmqpError::Nacked { .. }
             | AmqpError::Unconfirmed { .. }

@@ -16,7 +16,6 @@ mod client;
 mod cluster;
 mod conn;
 mod endpoint;
-mod group_commit;
 mod inspect;
 mod lock;
 mod lua;

@@ -9,13 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use futures_core::Stream;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use tokio::time::Instant;
 
+use super::acks::{Acks, Tagged};
 use super::ledger::{Admission, Ledger};
 use super::{
     dead_letter_queue, op_error, task_queue_memo, Inner, DEAD_LETTERED_AT_HEADER,
@@ -25,6 +24,7 @@ use crate::amqp::session::{
     self, bind, declare_exchange, declare_queue, open_channel, short, AmqpError, Mode, QueueSpec,
 };
 use crate::broker::{Acknowledger, BrokerError, ConsumeOptions, Consumer, Delivery};
+use crate::group_commit::Answer;
 
 /// A subscription (`basic.consume`) on its own channel with `basic.qos(prefetch)`.
 pub(super) struct AmqpConsumer {
@@ -54,20 +54,14 @@ impl Inner {
 }
 
 /// Acknowledges (`handled`) or returns the copies that were held back while their twin ran.
-async fn settle_parked(parked: Vec<lapin::Acker>, handled: bool) {
-    for acker in parked {
-        let result = if handled {
-            acker.ack(BasicAckOptions::default()).await
-        } else {
-            acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await
-        };
-        if let Err(error) = result {
-            tracing::debug!(%error, "settling a redelivered copy failed; it comes back when its channel closes");
+async fn settle_parked(parked: Vec<Tagged>, handled: bool) {
+    for copy in parked {
+        if handled {
+            if let Answer::Failed(error) | Answer::Refused(error) = copy.ack().await {
+                tracing::debug!(%error, "acknowledging a redelivered copy failed; it comes back when its channel closes");
+            }
+        } else if let Err(error) = copy.give_back().await {
+            tracing::debug!(%error, "returning a redelivered copy failed; it comes back when its channel closes");
         }
     }
 }
@@ -75,6 +69,8 @@ async fn settle_parked(parked: Vec<lapin::Acker>, handled: bool) {
 struct Active {
     channel: Channel,
     consumer: lapin::Consumer,
+    /// The channel's acknowledgements (its delivery tags are its own).
+    acks: Arc<Acks>,
     /// `basic.cancel` was sent ([`Consumer::stop`]).
     cancelled: bool,
 }
@@ -149,28 +145,35 @@ impl AmqpConsumer {
         self.active = Some(Active {
             channel,
             consumer,
+            acks: Arc::default(),
             cancelled: false,
         });
         Ok(())
     }
 
     /// Turns a lapin delivery into one for the worker, unless the ledger holds it back.
-    fn wrap(&self, delivery: lapin::message::Delivery) -> Option<Result<Delivery, lapin::Acker>> {
+    fn wrap(
+        &self,
+        acks: &Arc<Acks>,
+        delivery: lapin::message::Delivery,
+    ) -> Option<Result<Delivery, Tagged>> {
         let lapin::message::Delivery {
+            delivery_tag,
             data,
             redelivered,
             properties,
             acker,
             ..
         } = delivery;
-        match self.ledger.admit(&data, redelivered, acker) {
+        let tagged = acks.delivered(delivery_tag, acker);
+        match self.ledger.admit(&data, redelivered, tagged) {
             Admission::Run(acker) => Some(Ok(Delivery::new(
                 data.clone(),
                 redelivered,
                 Box::new(AmqpAcker {
                     inner: self.inner.clone(),
                     queue: self.options.queue.clone(),
-                    acker,
+                    delivery: acker,
                     properties,
                     ledger: self.ledger.clone(),
                     key: data,
@@ -232,10 +235,11 @@ impl Consumer for AmqpConsumer {
                     Poll::Ready(_) | Poll::Pending => break,
                 }
             }
+            let acks = active.acks.clone();
             let mut batch = Vec::with_capacity(raw.len());
             let mut handled = Vec::new();
             for delivery in raw {
-                match self.wrap(delivery) {
+                match self.wrap(&acks, delivery) {
                     Some(Ok(delivery)) => batch.push(delivery),
                     Some(Err(acker)) => handled.push(acker),
                     None => {}
@@ -314,7 +318,7 @@ impl Consumer for AmqpConsumer {
 struct AmqpAcker {
     inner: Arc<Inner>,
     queue: String,
-    acker: lapin::Acker,
+    delivery: Tagged,
     properties: BasicProperties,
     ledger: Arc<Ledger>,
     /// The body as delivered, the ledger's key.
@@ -334,17 +338,20 @@ impl AmqpAcker {
     /// Acknowledges the message after it was handled (done, or replaced by a republished copy), and
     /// settles the copies held back meanwhile.
     async fn ack_handled(&mut self, operation: &'static str) -> Result<(), BrokerError> {
-        let result = match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
+        let result = match self.delivery.ack().await {
+            Answer::Done => Ok(()),
             // The channel is gone and RabbitMQ has put the message back; the ledger acknowledges the
             // copy when it comes back instead of running it again.
-            Ok(false) => Err(BrokerError::operation(
+            Answer::Refused(_) => Err(BrokerError::operation(
                 operation,
                 AmqpError::ConsumerGone {
                     queue: self.queue.clone(),
                 },
             )),
-            Err(e) => Err(op_error(operation)(AmqpError::lapin("acknowledging", e))),
+            Answer::Failed(reason) => Err(op_error(operation)(AmqpError::Unacknowledged {
+                queue: self.queue.clone(),
+                reason,
+            })),
         };
         self.settled = true;
         let parked = self.ledger.settle(&self.key, true, result.is_ok());
@@ -362,11 +369,7 @@ impl AmqpAcker {
 
     /// Gives the message back to the queue as it was (after a failed requeue or dead-lettering).
     async fn give_back(&self) {
-        let options = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        if let Err(error) = self.acker.nack(options).await {
+        if let Err(error) = self.delivery.give_back().await {
             tracing::debug!(%error, "nack failed; the message returns when the channel closes");
         }
     }
@@ -462,14 +465,10 @@ impl Drop for AmqpAcker {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                 return;
             };
-            let acker = self.acker.clone();
+            let delivery = self.delivery.clone();
             let queue = self.queue.clone();
             runtime.spawn(async move {
-                let options = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                match acker.nack(options).await {
+                match delivery.give_back().await {
                     Ok(_) => tracing::info!(%queue, "an unsettled message was given back to its queue"),
                     Err(error) => tracing::debug!(%error, %queue, "nack of an unsettled message failed; it returns when its channel closes"),
                 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::acks::Tagged;
 use crate::amqp::session;
 
 /// The messages this consumer handed to the worker, so that a copy RabbitMQ delivers again after a lost
@@ -26,10 +27,7 @@ pub(super) struct Ledger {
 enum LedgerEntry {
     /// Handed to the worker (`count` copies, normally one) and not settled yet; `parked`: redelivered
     /// copies held back meanwhile.
-    InFlight {
-        count: usize,
-        parked: Vec<lapin::Acker>,
-    },
+    InFlight { count: usize, parked: Vec<Tagged> },
     /// Handled to the end, but the acknowledgement was lost with its channel: RabbitMQ delivers it again.
     Handled { at: std::time::Instant },
 }
@@ -37,11 +35,11 @@ enum LedgerEntry {
 /// What the ledger says to do with a delivery.
 pub(super) enum Admission {
     /// Hand it to the worker.
-    Run(lapin::Acker),
+    Run(Tagged),
     /// A copy is running here: held back.
     Parked,
     /// A copy was handled here already: acknowledge it.
-    AlreadyHandled(lapin::Acker),
+    AlreadyHandled(Tagged),
 }
 
 /// How long the ledger remembers a handled message whose acknowledgement was lost.
@@ -50,7 +48,7 @@ const LEDGER_MEMORY: Duration = Duration::from_secs(600);
 impl Ledger {
     /// What to do with a delivery: run it, hold it back while its twin runs here, or acknowledge it
     /// because its twin already finished here.
-    pub(super) fn admit(&self, body: &[u8], redelivered: bool, acker: lapin::Acker) -> Admission {
+    pub(super) fn admit(&self, body: &[u8], redelivered: bool, acker: Tagged) -> Admission {
         let mut entries = session::lock(&self.entries);
         if redelivered {
             match entries.get_mut(body) {
@@ -83,7 +81,7 @@ impl Ledger {
     /// The worker is done with one copy: `handled` if it was processed to the end (acknowledged, or
     /// replaced by a republished copy), `acked` if RabbitMQ got the acknowledgement. Returns the parked
     /// copies, to acknowledge if `handled` and to return otherwise.
-    pub(super) fn settle(&self, body: &[u8], handled: bool, acked: bool) -> Vec<lapin::Acker> {
+    pub(super) fn settle(&self, body: &[u8], handled: bool, acked: bool) -> Vec<Tagged> {
         let mut entries = session::lock(&self.entries);
         let Some(LedgerEntry::InFlight { count, parked }) = entries.get_mut(body) else {
             return Vec::new();

@@ -21,6 +21,7 @@
 //! after the binding key that nobody consumes (Go's duplicate-queue trap); and a worker on a custom queue
 //! binds it with its own name rather than the binding key, so default tasks are not copied into it.
 
+mod acks;
 mod consume;
 mod control;
 mod delays;

@@ -2,7 +2,7 @@
 //! states of tasks of one Redis broker consumer that finished while earlier writes were on their way, in
 //! one call, and removing each task's message from the in-flight list after its state, each task with
 //! its own answer. The broker's consumers batch them (`redis/broker/finisher.rs`, with
-//! [`GroupCommit`](crate::redis::group_commit::GroupCommit)); the backend builds the call, as it builds
+//! [`GroupCommit`](crate::group_commit::GroupCommit)); the backend builds the call, as it builds
 //! every state write.
 
 use redis::Value;
@@ -10,7 +10,7 @@ use redis::Value;
 use super::commands::announced_on;
 use super::{RedisBackend, SCRIPTS};
 use crate::backend::BackendError;
-use crate::redis::group_commit::Answer;
+use crate::group_commit::Answer;
 use crate::wire::state::TaskState;
 
 /// A final state (and its message, to acknowledge) ready for one `finish_many` call with others

@@ -13,9 +13,9 @@ use redis::Value;
 
 use super::Inner;
 use crate::broker::BrokerError;
+use crate::group_commit::{Answer, GroupCommit};
 use crate::redis::backend::{finish_answers, FinishEntry, RedisBackend};
 use crate::redis::conn::Healing;
-use crate::redis::group_commit::{Answer, GroupCommit};
 use crate::wire::state::TaskState;
 
 /// Worker slots per call that may be on its way at once: one call at concurrency 10, where tasks that

@@ -1,6 +1,7 @@
 //! Group commit: writes that callers make while earlier calls are on their way go together in the next
 //! call, each caller still waiting for (and getting) its own answer. The Redis broker's consumers store
-//! final states with their acknowledgements this way (`redis/broker/finisher.rs`).
+//! final states with their acknowledgements this way (`redis/broker/finisher.rs`), and RabbitMQ
+//! consumers send their acknowledgements (`amqp/broker/acks.rs`).
 //!
 //! Nothing waits to fill a batch, and no task of its own carries them: a caller that finds fewer calls
 //! on their way than allowed makes the call itself, with whatever is waiting; a caller that comes
