@@ -4,9 +4,10 @@
 //! What went on the wire is read from the bytes the worker sent, through the fault proxy.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use machinery::{Config, Server, Worker};
+use machinery::{task, Config, RunningWorker, Server, TaskError, Worker};
 use machinery_tests::amqp::{self, basic_acks, queue_info, AckFrame, Cleanup};
 use machinery_tests::fault_proxy::FaultProxy;
 use machinery_tests::tasks::{probe, probe_record};
@@ -23,6 +24,45 @@ async fn servers(prefix: &str, proxy: &FaultProxy) -> (Config, Server, Server, C
     through_proxy.broker = format!("amqp://guest:guest@{}/", proxy.addr());
     let worker_server = Server::new(through_proxy).await.unwrap();
     (config, sender, worker_server, cleanup)
+}
+
+/// The keys the test has released `held` tasks of.
+static RELEASED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Runs until the test releases `key` (1), or for a minute at most (0).
+#[task]
+async fn held(key: String) -> Result<i64, TaskError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if RELEASED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            return Ok(1);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(0)
+}
+
+/// A worker of the probe and held tasks at `concurrency` on `server`.
+async fn probe_worker(server: &Server, concurrency: usize) -> RunningWorker {
+    Worker::new(server)
+        .register(probe::task())
+        .register(held::task())
+        .concurrency(concurrency)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Whether `queue` comes to `(ready, unacknowledged)` messages within `within`.
+async fn queue_comes_to(queue: &str, counts: (u64, u64), within: Duration) -> bool {
+    eventually(within, || async {
+        queue_info(queue).is_some_and(|q| (q.ready, q.unacked) == counts)
+    })
+    .await
 }
 
 /// Replays the ack frames of one channel over deliveries `1..=delivered`: every frame must name a tag
@@ -61,19 +101,11 @@ async fn tasks_finishing_together_are_acknowledged_in_shared_frames() {
         // Ten at a time start together and sleep alike, so they finish together.
         results.push(probe::send(&sender, &key, n, 30).await.unwrap());
     }
-    let worker = Worker::new(&worker_server)
-        .register(probe::task())
-        .concurrency(10)
-        .start()
-        .await
-        .unwrap();
+    let worker = probe_worker(&worker_server, 10).await;
     for (n, result) in results.into_iter().enumerate() {
         assert_eq!(result.get(Duration::from_secs(30)).await.unwrap(), n as i64);
     }
-    let acknowledged = eventually(Duration::from_secs(10), || async {
-        queue_info(&config.default_queue).is_some_and(|q| (q.ready, q.unacked) == (0, 0))
-    })
-    .await;
+    let acknowledged = queue_comes_to(&config.default_queue, (0, 0), Duration::from_secs(10)).await;
     assert!(
         acknowledged,
         "every message acknowledged: {:?}",
@@ -117,43 +149,35 @@ async fn a_running_task_is_not_acknowledged_with_those_that_finish_after_it() {
     proxy.record_sent();
     let (config, sender, worker_server, _cleanup) = servers("ackbelow", &proxy).await;
     let key = unique("ackbelow");
-    // The slow one is delivered first (the lowest tag); the quick ones finish while it runs.
-    let slow = probe::send(&sender, &key, -1, 3_000).await.unwrap();
+    // The held one is delivered first (the lowest tag); the quick ones finish while it runs.
+    let slow = held::send(&sender, &key).await.unwrap();
     let mut quick = Vec::new();
     for n in 0..20 {
         quick.push(probe::send(&sender, &key, n, 0).await.unwrap());
     }
-    let worker = Worker::new(&worker_server)
-        .register(probe::task())
-        .concurrency(4)
-        .start()
-        .await
-        .unwrap();
+    let worker = probe_worker(&worker_server, 4).await;
     for (n, result) in quick.into_iter().enumerate() {
         assert_eq!(result.get(Duration::from_secs(20)).await.unwrap(), n as i64);
     }
-    let settled = eventually(Duration::from_secs(2), || async {
-        queue_info(&config.default_queue).is_some_and(|q| (q.ready, q.unacked) == (0, 1))
-    })
-    .await;
-    let queue = queue_info(&config.default_queue);
-    assert_eq!(
-        probe_record(&key).running,
-        1,
-        "the slow task is still running"
-    );
+    let settled = queue_comes_to(&config.default_queue, (0, 1), Duration::from_secs(20)).await;
     assert!(
         settled,
-        "the quick tasks' messages are acknowledged, the slow one's is not: {queue:?}"
+        "the quick tasks' messages are acknowledged, the held one's is not: {:?}",
+        queue_info(&config.default_queue)
     );
-    assert_eq!(slow.get(Duration::from_secs(20)).await.unwrap(), -1);
-    let acknowledged = eventually(Duration::from_secs(10), || async {
-        queue_info(&config.default_queue).is_some_and(|q| (q.ready, q.unacked) == (0, 0))
-    })
-    .await;
+    RELEASED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(key.clone());
+    assert_eq!(
+        slow.get(Duration::from_secs(20)).await.unwrap(),
+        1,
+        "the held task ran until it was released"
+    );
+    let acknowledged = queue_comes_to(&config.default_queue, (0, 0), Duration::from_secs(10)).await;
     assert!(
         acknowledged,
-        "the slow task's message is acknowledged when it ends"
+        "the held task's message is acknowledged when it ends"
     );
     worker.shutdown(Duration::from_secs(10)).await.unwrap();
     let frames: Vec<AckFrame> = proxy
