@@ -167,13 +167,13 @@ impl AmqpConsumer {
         } = delivery;
         let tagged = acks.delivered(delivery_tag, acker);
         match self.ledger.admit(&data, redelivered, tagged) {
-            Admission::Run(acker) => Some(Ok(Delivery::new(
+            Admission::Run(tagged) => Some(Ok(Delivery::new(
                 data.clone(),
                 redelivered,
                 Box::new(AmqpAcker {
                     inner: self.inner.clone(),
                     queue: self.options.queue.clone(),
-                    delivery: acker,
+                    delivery: tagged,
                     properties,
                     ledger: self.ledger.clone(),
                     key: data,
@@ -184,7 +184,7 @@ impl AmqpConsumer {
                 tracing::debug!(queue = %self.options.queue, "holding back a redelivered copy of a task running here");
                 None
             }
-            Admission::AlreadyHandled(acker) => Some(Err(acker)),
+            Admission::AlreadyHandled(copy) => Some(Err(copy)),
         }
     }
 }
@@ -241,7 +241,7 @@ impl Consumer for AmqpConsumer {
             for delivery in raw {
                 match self.wrap(&acks, delivery) {
                     Some(Ok(delivery)) => batch.push(delivery),
-                    Some(Err(acker)) => handled.push(acker),
+                    Some(Err(copy)) => handled.push(copy),
                     None => {}
                 }
             }

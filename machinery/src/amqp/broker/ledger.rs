@@ -48,17 +48,17 @@ const LEDGER_MEMORY: Duration = Duration::from_secs(600);
 impl Ledger {
     /// What to do with a delivery: run it, hold it back while its twin runs here, or acknowledge it
     /// because its twin already finished here.
-    pub(super) fn admit(&self, body: &[u8], redelivered: bool, acker: Tagged) -> Admission {
+    pub(super) fn admit(&self, body: &[u8], redelivered: bool, delivery: Tagged) -> Admission {
         let mut entries = session::lock(&self.entries);
         if redelivered {
             match entries.get_mut(body) {
                 Some(LedgerEntry::InFlight { parked, .. }) => {
-                    parked.push(acker);
+                    parked.push(delivery);
                     return Admission::Parked;
                 }
                 Some(LedgerEntry::Handled { .. }) => {
                     entries.remove(body);
-                    return Admission::AlreadyHandled(acker);
+                    return Admission::AlreadyHandled(delivery);
                 }
                 None => {}
             }
@@ -75,7 +75,7 @@ impl Ledger {
                 );
             }
         }
-        Admission::Run(acker)
+        Admission::Run(delivery)
     }
 
     /// The worker is done with one copy: `handled` if it was processed to the end (acknowledged, or
