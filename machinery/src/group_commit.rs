@@ -22,8 +22,11 @@ pub(crate) const MOST_PER_CALL: usize = 32;
 /// failed (its call did not complete: it may or may not be written).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Answer {
+    /// Written.
     Done,
+    /// The server refused this entry (writing it again cannot help); the text says why.
     Refused(String),
+    /// Its call did not complete (the entry may or may not be written); the text says why.
     Failed(String),
 }
 
