@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::DeliveryTag;
@@ -22,6 +23,13 @@ use crate::group_commit::{Answer, GroupCommit};
 
 /// What an acker that was already used, or whose channel closed, is answered.
 const CHANNEL_GONE: &str = "the channel is gone";
+
+/// How long a call waits for lapin to send its frames. lapin drops an ack whose channel closes between
+/// the acker's own check and its I/O loop, and its promise then never resolves (lapin 4.12,
+/// `internal_rpc.rs`, `channel_ok`); without a bound, every later ack of that channel would wait behind
+/// it for ever, each holding one of the worker's finish slots. Frames are queued long before this, in
+/// order, so a call that gives up cannot let a later `multiple` overtake its frames.
+const FRAMES_SENT_WITHIN: Duration = Duration::from_secs(10);
 
 /// The acknowledgements of one channel (see the module docs).
 pub(super) struct Acks {
@@ -82,7 +90,12 @@ impl Acks {
             acks.push(tagged.acker.ack(BasicAckOptions { multiple }));
             sent_for.push((index, multiple));
         }
-        let results = futures_util::future::join_all(acks).await;
+        let Ok(results) =
+            tokio::time::timeout(FRAMES_SENT_WITHIN, futures_util::future::join_all(acks)).await
+        else {
+            let reason = format!("not sent within {FRAMES_SENT_WITHIN:?}");
+            return vec![Answer::Failed(reason); batch.len()];
+        };
         for ((index, multiple), result) in sent_for.into_iter().zip(results) {
             let answer = match result {
                 Ok(true) => Answer::Done,
