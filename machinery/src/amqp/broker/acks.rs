@@ -68,49 +68,41 @@ impl Acks {
         }
     }
 
-    /// Sends one call's acks: the run that leaves nothing unsettled below it as one `multiple`, the
-    /// rest one by one. Answers each in order.
+    /// Sends one call's acks: the run that leaves nothing unsettled below it as one `multiple` (at its
+    /// highest tag), the rest one by one. Answers each in order.
     async fn send(&self, batch: Vec<Tagged>) -> Vec<Answer> {
-        let covered_up_to = self.plan(&batch);
-        let mut answers = vec![Answer::Done; batch.len()];
-        let covered = |tagged: &Tagged| covered_up_to.is_some_and(|highest| tagged.tag <= highest);
-        let together = batch.iter().filter(|tagged| covered(tagged)).count();
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut sent_for = Vec::with_capacity(batch.len());
-        for (index, tagged) in batch.iter().enumerate() {
-            let multiple = if covered(tagged) {
-                if Some(tagged.tag) != covered_up_to {
-                    // Acknowledged by the `multiple` of the highest.
-                    continue;
-                }
-                together > 1
-            } else {
-                false
-            };
-            acks.push(tagged.acker.ack(BasicAckOptions { multiple }));
-            sent_for.push((index, multiple));
-        }
-        let Ok(results) =
-            tokio::time::timeout(FRAMES_SENT_WITHIN, futures_util::future::join_all(acks)).await
+        let highest = self.plan(&batch);
+        let (run, alone): (Vec<usize>, Vec<usize>) =
+            (0..batch.len()).partition(|&i| highest.is_some_and(|tag| batch[i].tag <= tag));
+        let run_ack = run
+            .iter()
+            .find(|&&i| Some(batch[i].tag) == highest)
+            .map(|&i| {
+                let multiple = run.len() > 1;
+                batch[i].acker.ack(BasicAckOptions { multiple })
+            });
+        let alone_acks = alone
+            .iter()
+            .map(|&i| batch[i].acker.ack(BasicAckOptions { multiple: false }));
+        let sending = futures_util::future::join(
+            futures_util::future::OptionFuture::from(run_ack),
+            futures_util::future::join_all(alone_acks),
+        );
+        let Ok((run_result, alone_results)) =
+            tokio::time::timeout(FRAMES_SENT_WITHIN, sending).await
         else {
             let reason = format!("not sent within {FRAMES_SENT_WITHIN:?}");
             return vec![Answer::Failed(reason); batch.len()];
         };
-        for ((index, multiple), result) in sent_for.into_iter().zip(results) {
-            let answer = match result {
-                Ok(true) => Answer::Done,
-                Ok(false) => Answer::Refused(CHANNEL_GONE.into()),
-                Err(error) => Answer::Failed(error.to_string()),
-            };
-            if multiple {
-                for (slot, tagged) in answers.iter_mut().zip(&batch) {
-                    if covered(tagged) {
-                        *slot = answer.clone();
-                    }
-                }
-            } else {
-                answers[index] = answer;
+        let mut answers = vec![Answer::Done; batch.len()];
+        if let Some(result) = run_result {
+            let answer = answer(result);
+            for &i in &run {
+                answers[i] = answer.clone();
             }
+        }
+        for (&i, result) in alone.iter().zip(alone_results) {
+            answers[i] = answer(result);
         }
         answers
     }
@@ -133,6 +125,15 @@ impl Acks {
 
     fn settled(&self, tag: DeliveryTag) {
         session::lock(&self.unsettled).remove(&tag);
+    }
+}
+
+/// What one `basic.ack` came to.
+fn answer(result: lapin::Result<bool>) -> Answer {
+    match result {
+        Ok(true) => Answer::Done,
+        Ok(false) => Answer::Refused(CHANNEL_GONE.into()),
+        Err(error) => Answer::Failed(error.to_string()),
     }
 }
 
